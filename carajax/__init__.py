@@ -1,0 +1,22 @@
+"""carajax: multi-tenant LoRA serving for Llama-family models on JAX.
+
+Users import from here, not from the private modules:
+
+    engine = carajax.Engine.from_pretrained("llama-test")
+    engine.add_adapter("legal", "/path/to/peft_adapter_dir")
+    outs = engine.generate(["Hello"], adapters=["legal"],
+                           sampling=carajax.SamplingParams(max_tokens=16, temperature=0.0))
+"""
+
+from carajax.config import PRESETS, TARGET_MODULES, EngineConfig, ModelConfig, RopeScaling
+from carajax.engine import Engine, RequestError, RequestOutput
+from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
+from carajax.models.weights import CheckpointError
+from carajax.sampling import SamplingParams
+
+__all__ = [
+    "PRESETS", "TARGET_MODULES", "AdapterError", "CheckpointError", "Engine", "EngineConfig",
+    "LoraAdapter", "ModelConfig", "RequestError", "RequestOutput", "RopeScaling",
+    "SamplingParams", "load_adapter",
+]
+__version__ = "0.1.0"

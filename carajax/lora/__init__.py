@@ -1,0 +1,1 @@
+"""LoRA: PEFT adapter parsing, device slots and the model's LoRA hook."""

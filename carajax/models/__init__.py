@@ -1,0 +1,1 @@
+"""Model definitions: the Llama decoder, its weights and tokenizers."""

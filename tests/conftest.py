@@ -1,0 +1,35 @@
+"""Shared fixtures and the one tolerance table.
+
+Comparisons are made in float32 as a relative Frobenius error: ||ours - ref|| / ||ref||.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carajax.config import ModelConfig
+
+# Relative error bounds by compute dtype.
+TOLERANCE = {
+    # float32 against HF/torch float32: different op order only.
+    "float32": 1e-4,
+    # bfloat16 has an 8-bit mantissa (~4e-3 per rounding); errors compound over layers and the
+    # residual stream, so a tiny model's logits drift by about 1e-2.
+    "bfloat16": 3e-2,
+}
+
+
+def rel_error(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def assert_close(ours, ref, dtype: str = "float32"):
+    err = rel_error(ours, ref)
+    assert err <= TOLERANCE[dtype], f"relative error {err:.2e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ModelConfig:
+    return ModelConfig.from_name("llama-test")
