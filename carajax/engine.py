@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from carajax.config import ModelConfig, EngineConfig
+from carajax.config import EngineConfig, ModelConfig
 from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
 from carajax.models import weights
 from carajax.models.llama import Llama
