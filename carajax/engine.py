@@ -67,6 +67,11 @@ class Engine:
             tokenizer = load_tokenizer(None, model_config)
         return cls(model, tokenizer, config)
 
+    @staticmethod
+    def compiled_variants() -> dict[str, int]:
+        """Compiled variants of each jitted forward in this process ("score", "step")."""
+        return ModelRunner.compiled_variants()
+
     # -- adapters ---------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str | os.PathLike) -> LoraAdapter:
         """Parse, validate and register a PEFT adapter directory under `name`.
