@@ -219,6 +219,8 @@ class EngineConfig:
     max_loras: int = 8  # device adapter slots
     max_lora_rank: int = 64  # largest adapter rank accepted
     min_prefill_bucket: int = 16  # smallest padded prefill length (then powers of two)
+    # LoRA ops: "auto" (Pallas on GPU, jnp references elsewhere), "pallas", "interpret", "reference"
+    lora_impl: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -226,6 +228,9 @@ class EngineConfig:
         for field in ("max_batch_size", "max_loras", "max_lora_rank", "min_prefill_bucket"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"EngineConfig.{field} must be positive")
+        if self.lora_impl not in ("auto", "pallas", "interpret", "reference"):
+            raise ValueError(f"EngineConfig.lora_impl must be auto, pallas, interpret or reference, "
+                             f"got {self.lora_impl!r}")
         if self.max_seq_len is not None and self.max_seq_len <= 0:
             raise ValueError("EngineConfig.max_seq_len must be positive")
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from carajax.config import EngineConfig
-from carajax.lora.hook import LoraWeights, SlotLora
+from carajax.lora.hook import LoraWeights, SlotLora, resolve_lora_impl
 from carajax.lora.slots import DeviceSlots
 from carajax.models.llama import KVCache, Llama
 
@@ -30,26 +30,28 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora"))
-def _score(graphdef, state, lora: LoraWeights, tokens, row_slots, *, use_lora: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl"))
+def _score(graphdef, state, lora: LoraWeights, tokens, row_slots, row_lens, *, use_lora: bool,
+           impl: str):
     """Full-sequence logits [B, T, V] of rows of tokens [B, T] from position 0, no KV cache kept."""
     _TRACES["score"] += 1
     model: Llama = nnx.merge(graphdef, state)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cache = KVCache.zeros(model.config, B, T, model.embed_tokens.value.dtype)
-    hook = SlotLora(lora, row_slots) if use_lora else None
+    hook = SlotLora(lora, row_slots, row_lens, impl) if use_lora else None
     logits, _ = model(tokens, positions, cache, jnp.arange(B, dtype=jnp.int32), hook)
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl"),
+                   donate_argnames=("cache",))
 def _step(graphdef, state, lora: LoraWeights, cache: KVCache, tokens, positions, rows, row_slots,
-          logit_index, *, use_lora: bool):
+          row_lens, logit_index, *, use_lora: bool, impl: str):
     """One prefill chunk or decode step: logits [B, V] at `logit_index`, and the updated cache."""
     _TRACES["step"] += 1
     model: Llama = nnx.merge(graphdef, state)
-    hook = SlotLora(lora, row_slots) if use_lora else None
+    hook = SlotLora(lora, row_slots, row_lens, impl) if use_lora else None
     return model(tokens, positions, cache, rows, hook, logit_index)
 
 
@@ -61,6 +63,7 @@ class ModelRunner:
         self.config = config
         self.graphdef, self.state = nnx.split(model)
         self.dtype = model.embed_tokens.value.dtype
+        self.lora_impl = resolve_lora_impl(config.lora_impl)
         self.seq_len = config.seq_len(model.config)
         self.cache = KVCache.zeros(model.config, config.max_batch_size, self.seq_len, self.dtype)
         self.slots = DeviceSlots(model.config, num_slots=config.max_loras,
@@ -78,7 +81,8 @@ class ModelRunner:
         tokens = np.zeros((1, Tp), np.int32)
         tokens[0, :T] = token_ids
         logits = _score(self.graphdef, self.state, self.slots.weights, tokens,
-                        np.array([slot], np.int32), use_lora=slot >= 0)
+                        np.array([slot], np.int32), np.array([T], np.int32),
+                        use_lora=slot >= 0, impl=self.lora_impl)
         return np.asarray(logits[0, :T])
 
     def prefill(self, row: int, token_ids: list[int], slot: int) -> jax.Array:
@@ -88,7 +92,7 @@ class ModelRunner:
         tokens = np.zeros((1, Tp), np.int32)
         tokens[0, :T] = token_ids
         positions = np.arange(Tp, dtype=np.int32)[None]
-        return self._run(tokens, positions, [row], [slot], [T - 1])
+        return self._run(tokens, positions, [row], [slot], [T], [T - 1])
 
     def decode(self, rows: list[int], last_tokens: list[int], positions: list[int],
                slots: list[int]) -> jax.Array:
@@ -99,12 +103,14 @@ class ModelRunner:
         rows_p = list(rows) + [self.config.max_batch_size] * pad
         tokens = np.array(list(last_tokens) + [0] * pad, np.int32)[:, None]
         pos = np.array(list(positions) + [0] * pad, np.int32)[:, None]
-        return self._run(tokens, pos, rows_p, list(slots) + [-1] * pad, [0] * B)
+        return self._run(tokens, pos, rows_p, list(slots) + [-1] * pad,
+                         [1] * len(rows) + [0] * pad, [0] * B)
 
-    def _run(self, tokens, positions, rows, slots, logit_index) -> jax.Array:
+    def _run(self, tokens, positions, rows, slots, lens, logit_index) -> jax.Array:
         slots = np.array(slots, np.int32)
         logits, self.cache = _step(
             self.graphdef, self.state, self.slots.weights, self.cache, tokens, positions,
-            np.array(rows, np.int32), slots, np.array(logit_index, np.int32),
-            use_lora=bool((slots >= 0).any()))
+            np.array(rows, np.int32), slots, np.array(lens, np.int32),
+            np.array(logit_index, np.int32), use_lora=bool((slots >= 0).any()),
+            impl=self.lora_impl)
         return logits

@@ -1,17 +1,33 @@
 """The model's LoRA hook: device slot weights + the slot of each batch row -> per-projection delta.
 
 Device LoRA weights live in slots padded to `r_max` (see `carajax.lora.slots`). Every batch row
-belongs to one request and so to one slot (-1: no LoRA). The delta for a projection is
-`scale[slot] * (x @ A[slot].T) @ B[slot].T`, computed here by gathering each row's slot weights
-(pure `jnp`). Padded rank rows/columns are zero, so padding changes nothing in the result.
+belongs to one request and so to one slot (-1: no LoRA). Prefill batches ([B, Tq > 1]) are
+flattened into B segments of Tq tokens and go through `sgmv`; decode batches ([B, 1]) through
+`bgmv`. Which implementation runs is decided here, in `resolve_lora_impl`, and nowhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+
+from carajax.lora import kernels
+
+LORA_IMPLS = ("auto", "pallas", "interpret", "reference")
+
+
+def resolve_lora_impl(name: str = "auto") -> str:
+    """"auto": Pallas kernels on a GPU; the pure-jnp references elsewhere (on CPU, Pallas only
+    runs in interpret mode, several times slower than jnp). "interpret" forces the kernels in
+    interpret mode (for tests)."""
+    if name not in LORA_IMPLS:
+        raise ValueError(f"lora impl must be one of {LORA_IMPLS}, got {name!r}")
+    if name == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return name
 
 
 @jax.tree_util.register_dataclass
@@ -25,33 +41,37 @@ class LoraWeights:
     scales: dict[str, jax.Array]  # module -> float32 [L, S]
 
 
-def lora_delta_gather(
-    x: jax.Array,  # [B, T, d_in]
-    a: jax.Array,  # [S, r_max, d_in]
-    b: jax.Array,  # [S, d_out, r_max]
-    row_slots: jax.Array,  # int32 [B], -1: no LoRA for that row
-    scales: jax.Array,  # float32 [S]
-) -> jax.Array:  # [B, T, d_out]
-    """for each row i with slot s >= 0: out[i] = scales[s] * (x[i] @ a[s].T) @ b[s].T; else 0."""
-    valid = row_slots >= 0
-    s = jnp.where(valid, row_slots, 0)
-    a_rows, b_rows = a[s], b[s]  # [B, r_max, d_in], [B, d_out, r_max]
-    xa = jnp.einsum("btd,brd->btr", x, a_rows.astype(x.dtype), preferred_element_type=jnp.float32)
-    y = jnp.einsum("btr,bor->bto", xa, b_rows.astype(jnp.float32))
-    y = y * jnp.where(valid, scales[s], 0.0)[:, None, None]
-    return y.astype(x.dtype)
+def _ops(impl: str):
+    """(sgmv, bgmv) callables for a resolved implementation name."""
+    if impl == "reference":
+        return kernels.sgmv_reference, kernels.bgmv_reference
+    interpret = impl == "interpret"
+    return (functools.partial(kernels.sgmv, interpret=interpret),
+            functools.partial(kernels.bgmv, interpret=interpret))
 
 
 class SlotLora:
     """A `LoraHook` over the device slot pool for one batch (built inside the jitted step)."""
 
-    def __init__(self, weights: LoraWeights, row_slots: jax.Array):
+    def __init__(self, weights: LoraWeights, row_slots: jax.Array, row_lens: jax.Array,
+                 impl: str):
         self.weights = weights
-        self.row_slots = row_slots  # int32 [B]
+        self.row_slots = row_slots  # int32 [B]; -1: no LoRA
+        self.row_lens = row_lens  # int32 [B]: valid tokens per row (the rest is padding)
+        self.sgmv, self.bgmv = _ops(impl)
 
     def __call__(self, layer: int, module: str, x: jax.Array) -> jax.Array | None:
         w = self.weights
         if module not in w.a:
             return None
-        return lora_delta_gather(x, w.a[module][layer], w.b[module][layer], self.row_slots,
-                                 w.scales[module][layer])
+        B, Tq, d_in = x.shape
+        a, b = w.a[module][layer], w.b[module][layer]  # [S, r_max, d_in], [S, d_out, r_max]
+        ranks, scales = w.ranks[module][layer], w.scales[module][layer]  # [S], [S]
+        flat = x.reshape(B * Tq, d_in)
+        if Tq == 1:  # decode: one token per row
+            y = self.bgmv(flat, a, b, jnp.where(self.row_lens > 0, self.row_slots, -1),
+                          ranks, scales)
+        else:  # prefill: row i is the segment [i * Tq, i * Tq + row_lens[i])
+            starts = jnp.arange(B, dtype=jnp.int32) * Tq
+            y = self.sgmv(flat, a, b, starts, self.row_lens, self.row_slots, ranks, scales)
+        return y.reshape(B, Tq, -1)

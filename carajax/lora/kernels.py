@@ -72,7 +72,9 @@ def bgmv_reference(
             r = ranks[s]
             y[t] = scales[s] * (x[t] @ a[s, :r].T) @ b[s, :, :r].T
     """
-    a, b = _masked(a, b, ranks)
+    x, token_slots = jnp.asarray(x), jnp.asarray(token_slots, jnp.int32)
+    a, b = _masked(jnp.asarray(a), jnp.asarray(b), jnp.asarray(ranks))
+    scales = jnp.asarray(scales)
     valid = token_slots >= 0
     s = jnp.where(valid, token_slots, 0)
     xa = jnp.einsum("td,trd->tr", x, a[s].astype(x.dtype), preferred_element_type=jnp.float32)
@@ -112,18 +114,21 @@ def sgmv_reference(
     so memory stays O(T * d) whatever G is (work is G * T * r * d: fine for the few segments of
     a prefill batch; the kernel does T * r * d).
     """
-    a, b = _masked(a, b, ranks)
+    x, seg = jnp.asarray(x), tuple(jnp.asarray(v, jnp.int32) for v in (seg_starts, seg_lens, seg_slots))
+    a, b = _masked(jnp.asarray(a), jnp.asarray(b), jnp.asarray(ranks))
+    scales = jnp.asarray(scales)
     t = jnp.arange(x.shape[0])
 
-    def one_segment(y, g):
-        s = jnp.maximum(seg_slots[g], 0)
-        inside = (t >= seg_starts[g]) & (t < seg_starts[g] + seg_lens[g]) & (seg_slots[g] >= 0)
+    def one_segment(y, seg):
+        start, length, slot = seg
+        s = jnp.maximum(slot, 0)
+        inside = (t >= start) & (t < start + length) & (slot >= 0)
         xa = jnp.dot(x, a[s].astype(x.dtype).T, preferred_element_type=jnp.float32)  # [T, r]
         ys = jnp.dot(xa, b[s].astype(jnp.float32).T) * scales[s]  # [T, d_out]
         return y + jnp.where(inside[:, None], ys, 0.0), None
 
     y0 = jnp.zeros((x.shape[0], b.shape[1]), jnp.float32)
-    y, _ = jax.lax.scan(one_segment, y0, jnp.arange(seg_starts.shape[0]))
+    y, _ = jax.lax.scan(one_segment, y0, seg)
     return y.astype(x.dtype)
 
 
