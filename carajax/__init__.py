@@ -9,14 +9,16 @@ Users import from here, not from the private modules:
 """
 
 from carajax.config import PRESETS, TARGET_MODULES, EngineConfig, ModelConfig, RopeScaling
-from carajax.engine import Engine, RequestError, RequestOutput
+from carajax.engine import Engine
 from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
 from carajax.models.weights import CheckpointError
+from carajax.request import QueueFullError, RequestError, RequestHandle, RequestMetrics, RequestOutput
 from carajax.sampling import SamplingParams
 
 __all__ = [
     "PRESETS", "TARGET_MODULES", "AdapterError", "CheckpointError", "Engine", "EngineConfig",
-    "LoraAdapter", "ModelConfig", "RequestError", "RequestOutput", "RopeScaling",
+    "LoraAdapter", "ModelConfig", "QueueFullError", "RequestError", "RequestHandle",
+    "RequestMetrics", "RequestOutput", "RopeScaling",
     "SamplingParams", "load_adapter",
 ]
 __version__ = "0.1.0"

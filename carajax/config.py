@@ -209,31 +209,65 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+COLD_START_POLICIES = ("cpu_assist", "wait", "cached")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    """Budgets of one serving engine (one base model on one device)."""
+    """Budgets and policies of one serving engine (one base model on one device)."""
 
     dtype: str = "float32"  # compute and weight dtype of the base model
     max_seq_len: int | None = None  # KV cache length per request; None: min(model max, 4096)
-    max_batch_size: int = 8  # KV cache rows: requests that can run at once
-    max_loras: int = 8  # device adapter slots
-    max_lora_rank: int = 64  # largest adapter rank accepted
+    max_batch_size: int = 8  # KV cache rows: requests that run at once
+    max_queue: int = 1024  # waiting requests beyond the batch; over it: QueueFullError
+    prefill_chunk: int = 256  # prompt tokens per request per step (chunked prefill)
+    max_prefill_tokens: int = 2048  # prompt tokens per step over all requests
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     min_prefill_bucket: int = 16  # smallest padded prefill length (then powers of two)
+    # Adapters.
+    max_loras: int = 64  # device slots (adapters resident at once; metadata only)
+    max_lora_rank: int = 64  # largest adapter rank accepted
+    lora_page_rank: int = 16  # device pool granularity: an adapter of rank r takes ceil(r/16) pages
+    device_lora_budget_bytes: int | None = None  # None: room for 8 adapters of max_lora_rank
+    host_lora_budget_bytes: int | None = None  # None: unlimited
+    # Cold starts: "cpu_assist" (CaraServe), "wait" (on-demand, S-LoRA/vLLM), "cached" (ideal).
+    cold_start: str = "cpu_assist"
+    cpu_threads: int | None = None  # CPU LoRA threads; None: all cores
+    # Emulated host->device link (machines without an accelerator): readiness of a copy is
+    # delayed to latency + bytes / bandwidth. Results from it are labelled emulated.
+    emulated_link_gbps: float | None = None
+    emulated_link_latency_ms: float = 0.0
     # LoRA ops: "auto" (Pallas on GPU, jnp references elsewhere), "pallas", "interpret", "reference"
     lora_impl: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        for field in ("max_batch_size", "max_loras", "max_lora_rank", "min_prefill_bucket"):
+        for field in ("max_batch_size", "max_loras", "max_lora_rank", "min_prefill_bucket",
+                      "max_queue", "prefill_chunk", "max_prefill_tokens", "max_tokens_limit",
+                      "lora_page_rank"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"EngineConfig.{field} must be positive")
+        if self.cold_start not in COLD_START_POLICIES:
+            raise ValueError(f"EngineConfig.cold_start must be one of {COLD_START_POLICIES}, "
+                             f"got {self.cold_start!r}")
         if self.lora_impl not in ("auto", "pallas", "interpret", "reference"):
             raise ValueError(f"EngineConfig.lora_impl must be auto, pallas, interpret or reference, "
                              f"got {self.lora_impl!r}")
+        if self.max_lora_rank % self.lora_page_rank:
+            raise ValueError("max_lora_rank must be a multiple of lora_page_rank")
         if self.max_seq_len is not None and self.max_seq_len <= 0:
             raise ValueError("EngineConfig.max_seq_len must be positive")
+        if self.emulated_link_gbps is not None and self.emulated_link_gbps <= 0:
+            raise ValueError("EngineConfig.emulated_link_gbps must be positive")
 
     def seq_len(self, model: ModelConfig) -> int:
         limit = min(model.max_position_embeddings, 4096)
         return limit if self.max_seq_len is None else min(self.max_seq_len, model.max_position_embeddings)
+
+    def lora_budget_bytes(self, model: ModelConfig, itemsize: int) -> int:
+        """Device bytes for adapter pages (default: 8 adapters of max_lora_rank)."""
+        if self.device_lora_budget_bytes is not None:
+            return self.device_lora_budget_bytes
+        per_rank = sum(sum(model.projection_shape(m)) for m in TARGET_MODULES) * model.num_layers
+        return 8 * self.max_lora_rank * per_rank * itemsize

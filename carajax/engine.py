@@ -1,13 +1,22 @@
-"""The serving engine's public face: load a model, register adapters, score and generate.
+"""The serving engine: one base model, many LoRA adapters, continuous batching on one device.
 
-In this version `generate` runs requests one after another with the KV cache (prefill, then one
-decode step per token); the continuous-batching loop replaces its inside without changing the API.
+    engine = Engine.from_pretrained("llama-test", config=EngineConfig(cold_start="cpu_assist"))
+    engine.add_adapter("legal", "/path/to/peft_adapter")
+    handle = engine.submit("Hello", adapter="legal", sampling=SamplingParams(max_tokens=16))
+    for token in handle: ...                      # streams; `async for` works too
+    out = handle.result()                         # RequestOutput with .metrics
+
+A loop thread runs `step()` while there is work. Each step reads top to bottom:
+    poll the adapter pool (non-blocking) -> plan (host only) -> load synchronously if the policy
+    is `wait` -> run one forward per batch kind on the device -> sample -> stream and retire.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
+import threading
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -15,28 +24,26 @@ import numpy as np
 
 from carajax.config import EngineConfig, ModelConfig
 from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
+from carajax.lora.cpu_assist import CpuAssistBridge, CpuLoraWorker
+from carajax.lora.pool import AdapterPool
 from carajax.models import weights
 from carajax.models.llama import Llama
 from carajax.models.tokenizer import Tokenizer, load_tokenizer
+from carajax.request import (
+    QueueFullError,
+    Request,
+    RequestError,
+    RequestHandle,
+    RequestMetrics,
+    RequestOutput,
+    now,
+)
 from carajax.runner import ModelRunner
-from carajax.sampling import SamplingParams, sample, sampling_arrays
+from carajax.sampling import SamplingParams
+from carajax.scheduler import Scheduler
 
 Prompt = str | Sequence[int]
-
-
-class RequestError(ValueError):
-    """A request that cannot be served as given (empty or too long prompt, bad token ids)."""
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    """The result of one request."""
-
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # generated tokens (a stop token, if hit, is the last)
-    text: str  # generated text, special tokens left out ("" without a tokenizer)
-    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens or the context is full)
-    adapter: str | None
+__all__ = ["Engine", "QueueFullError", "RequestError", "RequestOutput"]
 
 
 class Engine:
@@ -44,12 +51,28 @@ class Engine:
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None = None,
                  config: EngineConfig | None = None):
-        self.config = config or EngineConfig()
+        self.config = config = config or EngineConfig()
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model, self.config)
+        dtype = model.embed_tokens.value.dtype
+        self.pool = AdapterPool(
+            model.config, dtype=dtype, max_lora_rank=config.max_lora_rank,
+            device_budget_bytes=config.lora_budget_bytes(model.config, np.dtype(dtype).itemsize),
+            host_budget_bytes=config.host_lora_budget_bytes, max_slots=config.max_loras,
+            page_rank=config.lora_page_rank, emulated_link_gbps=config.emulated_link_gbps,
+            emulated_link_latency_ms=config.emulated_link_latency_ms)
+        self.bridge = CpuAssistBridge(CpuLoraWorker(max_threads=config.cpu_threads), model.config)
+        self.runner = ModelRunner(model, config, self.pool, self.bridge)
+        self.scheduler = Scheduler(config, self.runner.seq_len, self.pool, self._decode_text)
         self._adapters: dict[str, LoraAdapter] = {}
+        self._cpu_ids: dict[str, int] = {}
         self._rng = np.random.default_rng()
+        self._ids = itertools.count()
+        self._lock = threading.RLock()  # engine state: scheduler, pool, runner
+        self._work = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.steps = 0
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: str = "float32",
@@ -73,25 +96,53 @@ class Engine:
         return ModelRunner.compiled_variants()
 
     # -- adapters ---------------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str | os.PathLike) -> LoraAdapter:
+    def add_adapter(self, name: str, path: str | os.PathLike, *, pin: bool = False) -> LoraAdapter:
         """Parse, validate and register a PEFT adapter directory under `name`.
 
-        Raises `AdapterError` (nothing is registered) if it is malformed, unsupported, does not
-        fit the base model, has a rank over `max_lora_rank`, or the name is taken.
+        Raises `AdapterError` (and registers nothing) if it is malformed, unsupported, does not
+        fit the base model, has a rank over `max_lora_rank`, the name is taken, or (`cached`
+        policy) it does not fit on the device.
         """
         if not name:
             raise AdapterError("adapter name must be a non-empty string")
-        if name in self._adapters:
-            raise AdapterError(f"adapter {name!r} is already registered; remove it first")
         adapter = load_adapter(path, self.model_config, max_rank=self.config.max_lora_rank,
-                               name=name)
-        self._adapters[name] = adapter
+                               name=name)  # host work, outside the lock
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"adapter {name!r} is already registered; remove it first")
+            self.pool.register(adapter)
+            try:
+                if self.config.cold_start == "cached":
+                    self.pool.load_now(name)
+                if pin:
+                    self.pool.pin(name)
+            except Exception:
+                self.pool.unregister(name)
+                raise
+            self._adapters[name] = adapter
+            self._cpu_ids[name] = self.bridge.register(adapter)
         return adapter
 
     def remove_adapter(self, name: str) -> None:
-        self._adapter(name)
-        self.runner.slots.evict(name)
-        del self._adapters[name]
+        """Unregister an adapter; raises `AdapterError` while running requests use it."""
+        with self._lock:
+            self._adapter(name)
+            self.pool.unregister(name)  # raises if in use
+            self.scheduler.fail_waiting(lambda r: r.adapter == name,
+                                        f"adapter {name!r} was removed")
+            self.bridge.unregister(self._cpu_ids.pop(name))
+            del self._adapters[name]
+
+    def pin_adapter(self, name: str) -> None:
+        """Keep an adapter on the device (loaded now if needed); never evicted until unpinned."""
+        with self._lock:
+            self._adapter(name)
+            self.pool.load_now(name)
+            self.pool.pin(name)
+
+    def unpin_adapter(self, name: str) -> None:
+        with self._lock:
+            self.pool.unpin(self._adapter(name).name)
 
     @property
     def adapters(self) -> dict[str, LoraAdapter]:
@@ -101,9 +152,6 @@ class Engine:
         if name not in self._adapters:
             raise AdapterError(f"unknown adapter {name!r}; registered: {sorted(self._adapters)}")
         return self._adapters[name]
-
-    def _slot(self, name: str | None) -> int:
-        return -1 if name is None else self.runner.slots.slot_for(self._adapter(name))
 
     # -- requests ---------------------------------------------------------------------------
     def _token_ids(self, prompt: Prompt, limit: int) -> list[int]:
@@ -123,53 +171,143 @@ class Engine:
             raise RequestError(f"prompt has {len(ids)} tokens; the context length is {limit}")
         return ids
 
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
     def logits(self, token_ids: Prompt, adapter: str | None = None) -> np.ndarray:
         """float32 [len(token_ids), vocab]: next-token logits at every position of the sequence."""
         ids = self._token_ids(token_ids, self.model_config.max_position_embeddings)
-        return self.runner.score(ids, self._slot(adapter))
+        with self._lock:
+            slot = -1
+            if adapter is not None:
+                self._adapter(adapter)
+                self.pool.load_now(adapter)
+                slot = self.pool.slot(adapter)
+            return self.runner.score(ids, slot)
+
+    def _make_request(self, prompt: Prompt, adapter: str | None, sampling: SamplingParams | None,
+                      request_id: str | None) -> Request:
+        arrival = now()
+        sampling = sampling or SamplingParams()
+        ids = self._token_ids(prompt, self.runner.seq_len - 1)
+        if sampling.max_tokens > self.config.max_tokens_limit:
+            raise RequestError(f"max_tokens {sampling.max_tokens} is over the limit "
+                               f"{self.config.max_tokens_limit}")
+        if adapter is not None:
+            self._adapter(adapter)
+        seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(2**31))
+        stop = (sampling.stop_token_ids if sampling.stop_token_ids is not None
+                else self.model_config.eos_token_ids)
+        rid = request_id or f"req-{next(self._ids)}"
+        cold = adapter is not None and self.pool.slot(adapter) is None
+        return Request(request_id=rid, prompt_ids=ids, adapter=adapter, sampling=sampling,
+                       seed=seed, stop_ids=frozenset(stop),
+                       metrics=RequestMetrics(arrival_time=arrival, prompt_tokens=len(ids),
+                                              cold_start=cold),
+                       handle=RequestHandle(rid))
+
+    def submit(self, prompt: Prompt, adapter: str | None = None,
+               sampling: SamplingParams | None = None, request_id: str | None = None,
+               ) -> RequestHandle:
+        """Queue one request; returns a handle that streams its tokens.
+
+        Raises `RequestError` / `AdapterError` for a bad request and `QueueFullError` when the
+        waiting queue is at `max_queue`; nothing else is affected.
+        """
+        return self._submit_all([self._make_request(prompt, adapter, sampling, request_id)])[0]
+
+    def _submit_all(self, requests: list[Request]) -> list[RequestHandle]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            if len(self.scheduler.waiting) + len(requests) > self.config.max_queue:
+                raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
+            for r in requests:
+                self.scheduler.add(r)
+            self._ensure_loop()
+            self._work.notify()
+        return [r.handle for r in requests]
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  adapters: str | None | Sequence[str | None] = None,
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
-        """Generate a completion for each prompt with its adapter (None: the base model)."""
+        """Generate a completion for each prompt with its adapter (None: the base model).
+
+        All requests are validated first (a bad one raises before any work) and enter the
+        engine together, so they share batches.
+        """
         if isinstance(prompts, str) or (prompts and all(isinstance(t, (int, np.integer))
                                                         for t in prompts)):
             prompts = [prompts]
         n = len(prompts)
         adapters = [adapters] * n if adapters is None or isinstance(adapters, str) else list(adapters)
-        sampling = [sampling or SamplingParams()] * n if not isinstance(sampling, Sequence) \
-            else list(sampling)
+        sampling = ([sampling or SamplingParams()] * n if not isinstance(sampling, Sequence)
+                    else list(sampling))
         if len(adapters) != n or len(sampling) != n:
             raise RequestError(f"{n} prompts but {len(adapters)} adapters and "
                                f"{len(sampling)} sampling params")
-        # Validate everything before running anything, so a bad request costs no work.
-        ids = [self._token_ids(p, self.runner.seq_len - 1) for p in prompts]
-        for a in adapters:
-            if a is not None:
-                self._adapter(a)
-        return [self._generate_one(i, a, s) for i, a, s in zip(ids, adapters, sampling)]
+        reqs = [self._make_request(p, a, s, None) for p, a, s in zip(prompts, adapters, sampling)]
+        return [h.result() for h in self._submit_all(reqs)]
 
-    def _generate_one(self, prompt_ids: list[int], adapter: str | None,
-                      params: SamplingParams) -> RequestOutput:
-        slot = self._slot(adapter)
-        seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
-        stop = set(params.stop_token_ids if params.stop_token_ids is not None
-                   else self.model_config.eos_token_ids)
-        logits = self.runner.prefill(0, prompt_ids, slot)
-        out: list[int] = []
-        finish = "length"
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Run one engine iteration; returns False when there was nothing to do."""
+        with self._lock:
+            self.pool.poll()  # install finished copies; never blocks
+            plan = self.scheduler.schedule()
+            if plan.empty:
+                return False
+            stalled = sum(self.pool.load_now(name) for name in plan.sync_loads)
+            tokens, failed = self.runner.run(plan, self._cpu_ids)
+            self.scheduler.postprocess(plan, tokens, stalled, failed)
+            self.steps += 1
+            return True
+
+    def _ensure_loop(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="carajax-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
         while True:
-            tok = int(sample(logits, *sampling_arrays([params], [seed], [len(out)]))[0])
-            out.append(tok)
-            if tok in stop:
-                finish = "stop"
-                break
-            pos = len(prompt_ids) + len(out) - 1  # where `tok` goes in the cache
-            if len(out) >= params.max_tokens or pos >= self.runner.seq_len:
-                break
-            logits = self.runner.decode([0], [tok], [pos], [slot])
-        text = self.tokenizer.decode(out) if self.tokenizer is not None else ""
-        return RequestOutput(prompt_token_ids=prompt_ids, token_ids=out, text=text,
-                             finish_reason=finish, adapter=adapter)
+            with self._work:
+                while not self._closed and not self.scheduler.has_work:
+                    self._work.wait()
+                if self._closed:
+                    return
+                try:
+                    self.step()
+                except Exception as e:  # a bug must not hang callers: fail what was running
+                    self.scheduler.fail_all(f"engine step failed: {type(e).__name__}: {e}")
 
+    def stats(self) -> dict:
+        """Queue, running batch (with ranks), adapter residency, bytes used, counters."""
+        with self._lock:
+            running = [{"request_id": r.request_id, "adapter": r.adapter,
+                        "rank": self._adapters[r.adapter].rank if r.adapter else 0,
+                        "phase": r.phase.value, "prompt_tokens": len(r.prompt_ids),
+                        "computed": r.num_computed, "output_tokens": len(r.output_ids)}
+                       for r in self.scheduler.running]
+            return {"waiting": len(self.scheduler.waiting), "running": running,
+                    "cold_start": self.config.cold_start,
+                    "emulated_link": self.config.emulated_link_gbps is not None,
+                    "steps": self.steps, "compiled_variants": self.compiled_variants(),
+                    "adapters": self.pool.stats(), "cpu_assist": self.bridge.stats()}
+
+    def close(self) -> None:
+        """Stop the loop thread (queued requests fail) and the pool's loader."""
+        with self._work:
+            self._closed = True
+            self.scheduler.fail_all("engine closed")
+            self._work.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.pool.close()
+        self.bridge.worker.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

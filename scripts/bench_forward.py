@@ -49,7 +49,10 @@ def bench_model(name: str, tokens: int, repeats: int, dtype: str, tmp: str) -> l
     runner = engine.runner
     rows = []
     for adapter in (None, "r16"):
-        slot = engine._slot(adapter)
+        slot = -1
+        if adapter is not None:
+            engine.pool.load_now(adapter)
+            slot = engine.pool.slot(adapter)
         before = dict(engine.compiled_variants())
         first, med = _timed(lambda s=slot: runner.prefill(0, ids, s), repeats)
         pos = len(ids)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from carajax.lora.kernels import bgmv, bgmv_reference, sgmv, sgmv_reference
+from carajax.lora.kernels import bgmv, bgmv_reference, gather_pages, sgmv, sgmv_reference
 from tests.conftest import TOLERANCE, rel_error
 
 # ---------------------------------------------------------------------------------------------
@@ -44,6 +44,24 @@ def test_sgmv_reference_by_hand():
     # token 1: as in the bgmv case = [1, 3]
     y = sgmv_reference(X, A, B, np.array([0, 2], np.int32), np.array([2, 0], np.int32),
                        np.array([1, 0], np.int32), RANKS, SCALES)
+    np.testing.assert_array_equal(np.asarray(y), [[1.5, 3.5], [1, 3], [0, 0]])
+
+
+def test_paged_references_by_hand():
+    # The same two slots in pages of one rank row (page_rank 1), scattered over 5 pages:
+    #   slot 0 (rank 1): row 0 in page 3; its table entry for row 1 is garbage (-7, never used).
+    #   slot 1 (rank 2): row 0 in page 4, row 1 in page 0.
+    # Pages 1 and 2 belong to nobody and hold 100s that must never leak.
+    pa = np.full((5, 1, 2), 100, np.float32)
+    pb = np.full((5, 2, 1), 100, np.float32)
+    pa[3, 0], pb[3, :, 0] = A[0, 0], B[0, :, 0]
+    pa[4, 0], pb[4, :, 0] = A[1, 0], B[1, :, 0]
+    pa[0, 0], pb[0, :, 0] = A[1, 1], B[1, :, 1]
+    table = np.array([[3, -7], [4, 0]], np.int32)
+    y = bgmv_reference(X, pa, pb, np.array([0, 1, -1], np.int32), RANKS, SCALES, page_table=table)
+    np.testing.assert_array_equal(np.asarray(y), [[6, 18], [1, 3], [0, 0]])  # as by hand above
+    y = sgmv_reference(X, pa, pb, np.array([0, 2], np.int32), np.array([2, 0], np.int32),
+                       np.array([1, 0], np.int32), RANKS, SCALES, page_table=table)
     np.testing.assert_array_equal(np.asarray(y), [[1.5, 3.5], [1, 3], [0, 0]])
 
 
@@ -87,6 +105,71 @@ def seg_token_slots(starts, lens, slots, T):
     for s0, n, sl in zip(starts, lens, slots):
         out[s0:s0 + n] = sl
     return out
+
+
+def paginate(a, b, ranks, page_rank: int, seed: int, spare_pages: int = 3):
+    """The slot layout (a [S, r_max, d_in], b [S, d_out, r_max]) as pages: each slot's
+    ceil(rank / page_rank) pages are drawn at random from the page array, so one slot's pages are
+    neither contiguous nor in order. Pages nobody owns hold large garbage, and so do the
+    page-table entries past each slot's rank (out-of-range page numbers included).
+
+    Returns pages a [P, page_rank, d_in], b [P, d_out, page_rank] (a's dtype) and the table
+    int32 [S, r_max // page_rank]."""
+    rng = np.random.default_rng(seed)
+    a, b, ranks = np.asarray(a, np.float32), np.asarray(b, np.float32), np.asarray(ranks)
+    S, r_max, d_in = a.shape
+    needed = -(-ranks // page_rank)  # pages per slot
+    P = int(needed.sum()) + spare_pages
+    pa = rng.standard_normal((P, page_rank, d_in)).astype(np.float32) * 100
+    pb = rng.standard_normal((P, b.shape[1], page_rank)).astype(np.float32) * 100
+    table = rng.integers(-3, P + 3, (S, r_max // page_rank)).astype(np.int32)
+    free = iter(rng.permutation(P))
+    for s in range(S):
+        for k in range(needed[s]):
+            page = next(free)
+            table[s, k] = page
+            rows = slice(k * page_rank, (k + 1) * page_rank)
+            pa[page], pb[page] = a[s, rows], b[s, :, rows]
+    cast = functools.partial(jnp.asarray, dtype=jnp.asarray(a).dtype)
+    return cast(pa), cast(pb), table
+
+
+def is_scattered(table, ranks, page_rank) -> bool:
+    """Some slot's pages are not consecutive ascending page numbers."""
+    return any(np.any(np.diff(table[s, :-(-r // page_rank)]) != 1) for s, r in enumerate(ranks))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_paged_references_equal_slot_layout(seed):
+    rng = np.random.default_rng(seed)
+    T, S, r_max, pr = 37, 5, 64, 16
+    x, a, b, ranks, scales = make_inputs(seed, T, 24, 40, S, r_max)
+    pa, pb, table = paginate(a, b, ranks, pr, seed)
+    assert is_scattered(table, np.asarray(ranks), pr)
+    token_slots = rng.integers(-1, S, T).astype(np.int32)
+    np.testing.assert_array_equal(
+        bgmv_reference(x, pa, pb, token_slots, ranks, scales, page_table=table),
+        bgmv_reference(x, a, b, token_slots, ranks, scales))
+    starts, lens, slots = random_segments(rng, T, S, G=4)
+    np.testing.assert_array_equal(
+        sgmv_reference(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table),
+        sgmv_reference(x, a, b, starts, lens, slots, ranks, scales))
+    # The gather itself: every slot's rows below its rank come back where the slot layout has them.
+    ga, gb = gather_pages(pa, pb, table)
+    for s, r in enumerate(np.asarray(ranks)):
+        np.testing.assert_array_equal(ga[s, :r], a[s, :r])
+        np.testing.assert_array_equal(gb[s, :, :r], b[s, :, :r])
+
+
+def test_paged_kernels_need_block_r_equal_page_rank():
+    x, a, b, ranks, scales = make_inputs(0, 4, 16, 16, 2, 32)
+    pa, pb, table = paginate(a, b, ranks, 16, 0)
+    with pytest.raises(ValueError, match="block_r == page_rank"):
+        bgmv(x, pa, pb, np.zeros(4, np.int32), ranks, scales, page_table=table, interpret=True,
+             block_r=32)
+    with pytest.raises(ValueError, match="block_r == page_rank"):
+        sgmv(x, pa, pb, np.zeros(1, np.int32), np.ones(1, np.int32), np.zeros(1, np.int32), ranks,
+             scales, page_table=table, interpret=True, block_r=8)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -164,6 +247,34 @@ class KernelSuite:
         uncovered = seg_token_slots(starts, lens, slots, T) < 0
         assert np.all(np.asarray(got)[uncovered] == 0)
 
+    @pytest.mark.parametrize("shape", SHAPES)
+    @pytest.mark.parametrize("pad", [False, True])
+    def test_paged_equals_slot_layout(self, shape, pad):
+        """Shuffled pages, mixed ranks (one is r_max), slot -1 tokens/segments: the paged kernels
+        give bit-for-bit the slot layout's result (same blocks, same order of operations)."""
+        T, d_in, d_out, S, r_max = shape
+        pr = 16
+        ranks = np.random.default_rng(S).integers(1, r_max + 1, S).astype(np.int32)
+        ranks[-1] = r_max
+        x, a, b, ranks, scales = make_inputs(T + 1, T, d_in, d_out, S, r_max, ranks=ranks)
+        pa, pb, table = paginate(a, b, ranks, pr, seed=T)
+        blocks = {**self.BLOCKS, "block_r": pr}
+        rng = np.random.default_rng(T + 2)
+        tok = rng.integers(-1, S, T).astype(np.int32)
+        got = bgmv(x, pa, pb, tok, ranks, scales, page_table=table, interpret=self.INTERPRET,
+                   pad_to_max_rank=pad, **blocks)
+        np.testing.assert_array_equal(got, bgmv(x, a, b, tok, ranks, scales,
+                                                interpret=self.INTERPRET, pad_to_max_rank=pad,
+                                                **blocks))
+        self.check(got, bgmv_reference(x, a, b, tok, ranks, scales), np.float32)
+        seg = random_segments(rng, T, S, G=min(6, T + 1))
+        got = sgmv(x, pa, pb, *seg, ranks, scales, page_table=table, interpret=self.INTERPRET,
+                   pad_to_max_rank=pad, **blocks)
+        np.testing.assert_array_equal(got, sgmv(x, a, b, *seg, ranks, scales,
+                                                interpret=self.INTERPRET, pad_to_max_rank=pad,
+                                                **blocks))
+        self.check(got, sgmv_reference(x, a, b, *seg, ranks, scales), np.float32)
+
     @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(data=st.data())
     def test_sgmv_drawn_segments(self, data):
@@ -201,15 +312,21 @@ class TestKernelsInterpret(KernelSuite):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_lower_to_triton_for_nvidia(dtype):
     """Without a GPU, lowering for CUDA still runs Pallas' Triton lowering and its checks (block
-    shapes, supported ops) on Llama-2-7B q_proj shapes."""
-    T, d, S, r_max = 64, 4096, 8, 64
+    shapes, supported ops) on Llama-2-7B q_proj shapes, in the slot layout and the paged one
+    (40 pages of rank 16)."""
+    T, d, S, r_max, P, pr = 64, 4096, 8, 64, 40, 16
     sds = jax.ShapeDtypeStruct
-    i32 = lambda n: sds((n,), jnp.int32)  # noqa: E731
-    x, a, b = sds((T, d), dtype), sds((S, r_max, d), dtype), sds((S, d, r_max), dtype)
-    for pad in (False, True):
-        for fn, args in ((functools.partial(sgmv, pad_to_max_rank=pad),
-                          (x, a, b, i32(4), i32(4), i32(4), i32(S), sds((S,), jnp.float32))),
-                         (functools.partial(bgmv, pad_to_max_rank=pad),
-                          (x, a, b, i32(T), i32(S), sds((S,), jnp.float32)))):
-            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-            assert "triton" in text.lower()
+    i32 = lambda *n: sds(n, jnp.int32)  # noqa: E731
+    x = sds((T, d), dtype)
+    layouts = {"slot": (sds((S, r_max, d), dtype), sds((S, d, r_max), dtype), {}),
+               "paged": (sds((P, pr, d), dtype), sds((P, d, pr), dtype),
+                         {"page_table": i32(S, r_max // pr)})}
+    for a, b, table in layouts.values():
+        for pad in (False, True):
+            for fn, args in ((functools.partial(sgmv, pad_to_max_rank=pad),
+                              (x, a, b, i32(4), i32(4), i32(4), i32(S), sds((S,), jnp.float32))),
+                             (functools.partial(bgmv, pad_to_max_rank=pad),
+                              (x, a, b, i32(T), i32(S), sds((S,), jnp.float32)))):
+                traced = jax.jit(fn).trace(*args, **table)
+                text = traced.lower(lowering_platforms=("cuda",)).as_text()
+                assert "triton" in text.lower()

@@ -25,12 +25,19 @@ def engine(tmp_path_factory, tiny_config):
     return engine
 
 
+def _slot(engine, adapter):
+    if adapter is None:
+        return -1
+    engine.pool.load_now(adapter)
+    return engine.pool.slot(adapter)
+
+
 @pytest.mark.parametrize("adapter", [None, "r4", "r16"])
 def test_kv_cache_decode_equals_full_forward(engine, adapter):
     """Prefill a prefix, then decode the rest one token at a time: every step's logits equal the
     full-sequence forward's logits at that position."""
     full = engine.logits(SEQ, adapter=adapter)
-    slot = engine._slot(adapter)
+    slot = _slot(engine, adapter)
     prefix = 5
     logits = engine.runner.prefill(2, SEQ[:prefix], slot)
     assert_close(np.asarray(logits[0]), full[prefix - 1])
@@ -44,7 +51,7 @@ def test_batched_decode_rows_are_independent(engine):
     each row's logits equal that request's own full forward."""
     requests = [(SEQ[:7], None), (SEQ[3:15], "r4"), (SEQ[:11], "r16")]
     full = [engine.logits(toks, adapter=a) for toks, a in requests]
-    rows, slots = [0, 1, 2], [engine._slot(a) for _, a in requests]
+    rows, slots = [0, 1, 2], [_slot(engine, a) for _, a in requests]
     for row, (toks, _), slot in zip(rows, requests, slots):
         engine.runner.prefill(row, toks[:-1], slot)
     logits = engine.runner.decode(rows, [t[-1] for t, _ in requests],

@@ -1,14 +1,14 @@
 """The model's LoRA hook: device slot weights + the slot of each batch row -> per-projection delta.
 
-Device LoRA weights live in slots padded to `r_max` (see `carajax.lora.slots`). Every batch row
-belongs to one request and so to one slot (-1: no LoRA). Prefill batches ([B, Tq > 1]) are
-flattened into B segments of Tq tokens and go through `sgmv`; decode batches ([B, 1]) through
-`bgmv`. Which implementation runs is decided here, in `resolve_lora_impl`, and nowhere else.
+Device LoRA weights live in the adapter pool's pages (see `carajax.lora.pool`); a slot is a row of
+its page table. Every batch row belongs to one request and so to one slot (-1: no device LoRA).
+Prefill batches ([B, Tq > 1]) are flattened into B segments of Tq tokens and go through `sgmv`;
+decode batches ([B, 1]) through `bgmv`. Which implementation runs is decided here, in
+`resolve_lora_impl`, and nowhere else.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -30,17 +30,6 @@ def resolve_lora_impl(name: str = "auto") -> str:
     return name
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class LoraWeights:
-    """The device slot pool of every target projection (stacked over layers)."""
-
-    a: dict[str, jax.Array]  # module -> [L, S, r_max, d_in]
-    b: dict[str, jax.Array]  # module -> [L, S, d_out, r_max]
-    ranks: dict[str, jax.Array]  # module -> int32 [L, S] (0: slot unused at that layer)
-    scales: dict[str, jax.Array]  # module -> float32 [L, S]
-
-
 def _ops(impl: str):
     """(sgmv, bgmv) callables for a resolved implementation name."""
     if impl == "reference":
@@ -50,28 +39,47 @@ def _ops(impl: str):
             functools.partial(kernels.bgmv, interpret=interpret))
 
 
-class SlotLora:
-    """A `LoraHook` over the device slot pool for one batch (built inside the jitted step)."""
+class BatchLora:
+    """A `LoraHook` for one batch (built inside the jitted step).
 
-    def __init__(self, weights: LoraWeights, row_slots: jax.Array, row_lens: jax.Array,
-                 impl: str):
-        self.weights = weights
-        self.row_slots = row_slots  # int32 [B]; -1: no LoRA
+    Device part: the pool's paged weights (`PagedLoraWeights`) and each row's slot (-1: none).
+    CPU part (optional): `(bridge, cpu_ids)`: rows whose adapter is still being copied get their
+    delta from the host through a callback (`CpuAssistBridge.delta`); their slot is -1.
+    """
+
+    def __init__(self, weights, row_slots: jax.Array, row_lens: jax.Array, impl: str, cpu=None):
+        self.weights = weights  # PagedLoraWeights | None
+        self.row_slots = row_slots  # int32 [B]; -1: no device LoRA
         self.row_lens = row_lens  # int32 [B]: valid tokens per row (the rest is padding)
+        self.impl = impl
         self.sgmv, self.bgmv = _ops(impl)
+        self.cpu = cpu
 
     def __call__(self, layer: int, module: str, x: jax.Array) -> jax.Array | None:
+        y = None if self.weights is None else self._device(layer, module, x)
+        if self.cpu is not None:
+            bridge, cpu_ids = self.cpu
+            c = bridge.delta(layer, module, x, cpu_ids, self.row_lens)
+            y = c if y is None else y + c
+        return y
+
+    def _device(self, layer: int, module: str, x: jax.Array) -> jax.Array:
         w = self.weights
-        if module not in w.a:
-            return None
         B, Tq, d_in = x.shape
-        a, b = w.a[module][layer], w.b[module][layer]  # [S, r_max, d_in], [S, d_out, r_max]
+        a, b = w.a[module][layer], w.b[module][layer]  # pages [P, pr, d_in], [P, d_out, pr]
         ranks, scales = w.ranks[module][layer], w.scales[module][layer]  # [S], [S]
+        slots, table = self.row_slots, w.page_table  # [B], [S, r_max // pr]
+        if self.impl == "reference":
+            # Gather only this batch's slots (B of them), not the whole pool: row i uses slot i.
+            safe = jnp.maximum(slots, 0)
+            table, ranks, scales = table[safe], ranks[safe], scales[safe]
+            slots = jnp.where(slots >= 0, jnp.arange(B, dtype=jnp.int32), -1)
         flat = x.reshape(B * Tq, d_in)
         if Tq == 1:  # decode: one token per row
-            y = self.bgmv(flat, a, b, jnp.where(self.row_lens > 0, self.row_slots, -1),
-                          ranks, scales)
+            y = self.bgmv(flat, a, b, jnp.where(self.row_lens > 0, slots, -1), ranks, scales,
+                          page_table=table)
         else:  # prefill: row i is the segment [i * Tq, i * Tq + row_lens[i])
             starts = jnp.arange(B, dtype=jnp.int32) * Tq
-            y = self.sgmv(flat, a, b, starts, self.row_lens, self.row_slots, ranks, scales)
+            y = self.sgmv(flat, a, b, starts, self.row_lens, slots, ranks, scales,
+                          page_table=table)
         return y.reshape(B, Tq, -1)

@@ -14,6 +14,16 @@ Shared argument shapes (S device slots, each padded to r_max):
     scales  float32 [S]           alpha / r (or alpha / sqrt(r) with rsLoRA)
 Both return the LoRA delta [T, d_out] in x's dtype; the caller adds it to x @ W.
 
+Paged layout (keyword `page_table`, on all four ops): the adapter pool (`carajax.lora.pool`) keeps
+rank rows in pages of `page_rank` rows, so a slot costs what its rank weighs instead of r_max:
+    a           [P, page_rank, d_in]              P pages of A rows
+    b           [P, d_out, page_rank]             P pages of B columns
+    page_table  int32 [S, r_max // page_rank]     rank rows [k * page_rank, (k + 1) * page_rank)
+                                                  of slot s live in page page_table[s, k]
+r_max is then page_table.shape[1] * page_rank. Entries for rank blocks past a slot's rank never
+contribute (they may hold anything, even out-of-range pages); the kernels run one rank block per
+page (`block_r == page_rank`).
+
 Two ways to handle mixed ranks, as in the CaraServe paper's Fig. 5:
 - default (MBGMV-like, S-LoRA): each token/segment does ceil(rank / block_r) rank blocks of its
   own slot: cost ~ sum of ranks;
@@ -24,9 +34,9 @@ A and B never leaks into the result (whatever it holds).
 
 Lowering: on NVIDIA GPUs the kernels lower through Pallas' Triton backend (selected by
 `plgpu.CompilerParams`): every block dimension must then be a power of two and >= 16 where it
-feeds a matrix product, and r_max must be a multiple of block_r. On CPU they run with
-`interpret=True`. Inputs are whole-array refs indexed with masked dynamic slices, so T, d_in and
-d_out need not be multiples of any block size.
+feeds a matrix product (in the paged layout that includes page_rank, the rank block), and r_max
+must be a multiple of block_r. On CPU they run with `interpret=True`. Inputs are whole-array refs
+indexed with masked dynamic slices, so T, d_in and d_out need not be multiples of any block size.
 """
 
 from __future__ import annotations
@@ -56,13 +66,32 @@ def _masked(a, b, ranks):
     return jnp.where(keep[:, :, None], a, 0), jnp.where(keep[:, None, :], b, 0)
 
 
+def gather_pages(
+    a: jax.Array,  # [P, page_rank, d_in]
+    b: jax.Array,  # [P, d_out, page_rank]
+    page_table: jax.Array,  # int32 [S, n]
+) -> tuple[jax.Array, jax.Array]:  # [S, n * page_rank, d_in], [S, d_out, n * page_rank]
+    """The slot layout of a paged pool: each slot's pages concatenated in page-table order."""
+    page_table = jnp.asarray(page_table, jnp.int32)
+    S, n = page_table.shape
+    _, pr, d_in = a.shape
+    # mode="clip": entries past a slot's rank may hold anything; `_masked` zeroes what they fetch.
+    a = jnp.take(jnp.asarray(a), page_table, axis=0, mode="clip")  # [S, n, pr, d_in]
+    b = jnp.take(jnp.asarray(b), page_table, axis=0, mode="clip")  # [S, n, d_out, pr]
+    a = a.reshape(S, n * pr, d_in)
+    b = jnp.transpose(b, (0, 2, 1, 3)).reshape(S, b.shape[2], n * pr)
+    return a, b
+
+
 def bgmv_reference(
     x: jax.Array,  # [T, d_in]
-    a: jax.Array,  # [S, r_max, d_in]
-    b: jax.Array,  # [S, d_out, r_max]
+    a: jax.Array,  # [S, r_max, d_in]; paged: [P, page_rank, d_in]
+    b: jax.Array,  # [S, d_out, r_max]; paged: [P, d_out, page_rank]
     token_slots: jax.Array,  # int32 [T]; -1: no LoRA for that token
     ranks: jax.Array,  # int32 [S]
     scales: jax.Array,  # float32 [S]
+    *,
+    page_table: jax.Array | None = None,  # int32 [S, r_max // page_rank]
 ) -> jax.Array:  # [T, d_out]
     """Per-token LoRA (decode: one slot per token), as a naive loop:
 
@@ -71,8 +100,12 @@ def bgmv_reference(
             if s < 0: y[t] = 0; continue
             r = ranks[s]
             y[t] = scales[s] * (x[t] @ a[s, :r].T) @ b[s, :, :r].T
+
+    With `page_table`, `a` and `b` are pages, gathered into the slot layout first (`gather_pages`).
     """
     x, token_slots = jnp.asarray(x), jnp.asarray(token_slots, jnp.int32)
+    if page_table is not None:
+        a, b = gather_pages(a, b, page_table)
     a, b = _masked(jnp.asarray(a), jnp.asarray(b), jnp.asarray(ranks))
     scales = jnp.asarray(scales)
     valid = token_slots >= 0
@@ -92,13 +125,15 @@ def segment_token_slots(seg_starts, seg_lens, seg_slots, num_tokens: int) -> jax
 
 def sgmv_reference(
     x: jax.Array,  # [T, d_in]
-    a: jax.Array,  # [S, r_max, d_in]
-    b: jax.Array,  # [S, d_out, r_max]
+    a: jax.Array,  # [S, r_max, d_in]; paged: [P, page_rank, d_in]
+    b: jax.Array,  # [S, d_out, r_max]; paged: [P, d_out, page_rank]
     seg_starts: jax.Array,  # int32 [G]: first token of each segment
     seg_lens: jax.Array,  # int32 [G]: tokens in each segment (0 allowed)
     seg_slots: jax.Array,  # int32 [G]: slot of each segment; -1: no LoRA
     ranks: jax.Array,  # int32 [S]
     scales: jax.Array,  # float32 [S]
+    *,
+    page_table: jax.Array | None = None,  # int32 [S, r_max // page_rank]
 ) -> jax.Array:  # [T, d_out]
     """Segmented LoRA (prefill: G disjoint segments of contiguous tokens, one slot each):
 
@@ -112,9 +147,12 @@ def sgmv_reference(
 
     Tokens outside every segment get 0. Computed segment by segment over all tokens with a mask,
     so memory stays O(T * d) whatever G is (work is G * T * r * d: fine for the few segments of
-    a prefill batch; the kernel does T * r * d).
+    a prefill batch; the kernel does T * r * d). With `page_table`, `a` and `b` are pages,
+    gathered into the slot layout first (`gather_pages`).
     """
     x, seg = jnp.asarray(x), tuple(jnp.asarray(v, jnp.int32) for v in (seg_starts, seg_lens, seg_slots))
+    if page_table is not None:
+        a, b = gather_pages(a, b, page_table)
     a, b = _masked(jnp.asarray(a), jnp.asarray(b), jnp.asarray(ranks))
     scales = jnp.asarray(scales)
     t = jnp.arange(x.shape[0])
@@ -154,6 +192,51 @@ def _rank_blocks(rank, batch_max_rank, block_r: int, pad_to_max_rank: bool):
     return (padded if pad_to_max_rank else own).astype(jnp.int32)
 
 
+def _layout(a, page_table, block_r: int | None, default_r: int) -> tuple[int, int]:
+    """(r_max, block_r) of the slot layout or of the paged one, checked."""
+    if page_table is None:
+        r_max = a.shape[1]
+        br = min(block_r or default_r, r_max)
+        if r_max % br:
+            raise ValueError(f"r_max={r_max} must be a multiple of block_r={br}")
+        return r_max, br
+    page_rank = a.shape[1]
+    if block_r is not None and block_r != page_rank:
+        raise ValueError(f"paged LoRA weights need block_r == page_rank ({page_rank}), got "
+                         f"block_r={block_r}: a rank block is one page")
+    if page_table.ndim != 2:
+        raise ValueError(f"page_table must be [S, r_max // page_rank], got shape {page_table.shape}")
+    return page_table.shape[1] * page_rank, page_rank
+
+
+def _page(pt_ref, slot, rb, num_pages):
+    # Clamped: with pad_to_max_rank a slot runs rank blocks past its own rank (fully masked),
+    # whose page-table entries may hold anything; the clamp keeps even masked addresses in bounds.
+    return jnp.clip(pt_ref[slot, rb], 0, num_pages - 1)
+
+
+def _a_block(a_ref, pt_ref, slot, rb, br: int, cols):
+    """A's rank rows [rb * br, (rb + 1) * br) of `slot`, columns `cols`: a [br, cols] view.
+    `pt_ref` None: slot layout; else the rows are page `page_table[slot, rb]` (br == page_rank)."""
+    if pt_ref is None:
+        return a_ref.at[slot, pl.ds(rb * br, br), cols]
+    return a_ref.at[_page(pt_ref, slot, rb, a_ref.shape[0]), :, cols]
+
+
+def _b_block(b_ref, pt_ref, slot, rb, br: int, rows):
+    """B's rank columns [rb * br, (rb + 1) * br) of `slot`, rows `rows`: a [rows, br] view."""
+    if pt_ref is None:
+        return b_ref.at[slot, rows, pl.ds(rb * br, br)]
+    return b_ref.at[_page(pt_ref, slot, rb, b_ref.shape[0]), rows, :]
+
+
+def _split_page_table(refs):
+    """Kernel refs after the weights are `(page_table?, out)`: the page table is only passed
+    in the paged layout, so the one kernel body serves both layouts."""
+    *pt, out_ref = refs
+    return (pt[0] if pt else None), out_ref
+
+
 def _call(kernel, out_shape, grid, interpret, *args):
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid,
@@ -167,7 +250,8 @@ def _call(kernel, out_shape, grid, interpret, *args):
 # SGMV: segments of contiguous tokens (prefill)
 # ----------------------------------------------------------------------------------------------
 def _sgmv_shrink_kernel(lo_ref, hi_ref, start_ref, end_ref, slot_ref, rank_ref, nrb_ref,
-                        x_ref, a_ref, xa_ref, *, T, d_in, r_max, bt, br, bd):
+                        x_ref, a_ref, *refs, T, d_in, r_max, bt, br, bd):
+    pt_ref, xa_ref = _split_page_table(refs)
     i = pl.program_id(0)
     rows = i * bt + jnp.arange(bt)
     row_ok = (rows < T)[:, None]
@@ -188,7 +272,7 @@ def _sgmv_shrink_kernel(lo_ref, hi_ref, start_ref, end_ref, slot_ref, rank_ref, 
                 d_ok = (dcols < d_in)[None, :]
                 xt = plgpu.load(x_ref.at[pl.ds(i * bt, bt), pl.ds(k * bd, bd)],
                                 mask=row_ok & d_ok, other=0)  # [bt, bd]
-                at = plgpu.load(a_ref.at[slot, pl.ds(rb * br, br), pl.ds(k * bd, bd)],
+                at = plgpu.load(_a_block(a_ref, pt_ref, slot, rb, br, pl.ds(k * bd, bd)),
                                 mask=(rcols < rank)[:, None] & d_ok, other=0)  # [br, bd]
                 return acc + _dot_t(xt, at.astype(xt.dtype), prec)
 
@@ -203,7 +287,8 @@ def _sgmv_shrink_kernel(lo_ref, hi_ref, start_ref, end_ref, slot_ref, rank_ref, 
 
 
 def _sgmv_expand_kernel(lo_ref, hi_ref, start_ref, end_ref, slot_ref, rank_ref, nrb_ref,
-                        scale_ref, xa_ref, b_ref, y_ref, *, T, d_out, bt, br, bo):
+                        scale_ref, xa_ref, b_ref, *refs, T, d_out, bt, br, bo):
+    pt_ref, y_ref = _split_page_table(refs)
     i, j = pl.program_id(0), pl.program_id(1)
     rows = i * bt + jnp.arange(bt)
     row_ok = (rows < T)[:, None]
@@ -219,7 +304,7 @@ def _sgmv_expand_kernel(lo_ref, hi_ref, start_ref, end_ref, slot_ref, rank_ref, 
             rcols = rb * br + jnp.arange(br)
             xt = plgpu.load(xa_ref.at[pl.ds(i * bt, bt), pl.ds(rb * br, br)],
                             mask=row_ok, other=0)  # [bt, br] float32
-            bt_ = plgpu.load(b_ref.at[slot, pl.ds(j * bo, bo), pl.ds(rb * br, br)],
+            bt_ = plgpu.load(_b_block(b_ref, pt_ref, slot, rb, br, pl.ds(j * bo, bo)),
                              mask=o_ok & (rcols < rank)[None, :], other=0)  # [bo, br]
             return part + _dot_t(xt.astype(bt_.dtype), bt_, prec)
 
@@ -235,14 +320,15 @@ def _sgmv_expand_kernel(lo_ref, hi_ref, start_ref, end_ref, slot_ref, rank_ref, 
     "pad_to_max_rank", "interpret", "block_t", "block_r", "block_d", "block_o"))
 def sgmv(
     x: jax.Array,  # [T, d_in]
-    a: jax.Array,  # [S, r_max, d_in]
-    b: jax.Array,  # [S, d_out, r_max]
+    a: jax.Array,  # [S, r_max, d_in]; paged: [P, page_rank, d_in]
+    b: jax.Array,  # [S, d_out, r_max]; paged: [P, d_out, page_rank]
     seg_starts: jax.Array,  # int32 [G]
     seg_lens: jax.Array,  # int32 [G]
     seg_slots: jax.Array,  # int32 [G]; -1: no LoRA
     ranks: jax.Array,  # int32 [S]
     scales: jax.Array,  # float32 [S]
     *,
+    page_table: jax.Array | None = None,  # int32 [S, r_max // page_rank]
     pad_to_max_rank: bool = False,
     interpret: bool = False,
     block_t: int | None = None,
@@ -256,17 +342,16 @@ def sgmv(
             y[t] = scales[s] * (x[t] @ a[s, :r].T) @ b[s, :, :r].T     (0 elsewhere)
 
     Token tiles of `block_t` rows are the programs; each loops over the (sorted) segments that
-    overlap it, so work is ~ (T / block_t + G) * block_t * rank * d.
+    overlap it, so work is ~ (T / block_t + G) * block_t * rank * d. With `page_table` (paged
+    layout, see the module docstring) `block_r` must be None or `page_rank`.
     """
     blocks = default_blocks()
-    bt, br = block_t or blocks["block_t"], block_r or blocks["block_r"]
+    bt = block_t or blocks["block_t"]
     bd, bo = block_d or blocks["block_d"], block_o or blocks["block_o"]
     T, d_in = x.shape
-    S, r_max, _ = a.shape
+    r_max, br = _layout(a, page_table, block_r, blocks["block_r"])
     d_out = b.shape[1]
-    br = min(br, r_max)
-    if r_max % br:
-        raise ValueError(f"r_max={r_max} must be a multiple of block_r={br}")
+    pt = () if page_table is None else (page_table.astype(jnp.int32),)
 
     # Normalise segments: empty or LoRA-less ones move past the end; sort by start so each token
     # tile's overlapping segments form one contiguous range [lo, hi).
@@ -289,16 +374,17 @@ def sgmv(
     xa = _call(functools.partial(_sgmv_shrink_kernel, T=T, d_in=d_in, r_max=r_max, bt=bt,
                                  br=br, bd=bd),
                jax.ShapeDtypeStruct((T, r_max), jnp.float32), (n_tiles,), interpret,
-               *meta, x, a)
+               *meta, x, a, *pt)
     return _call(functools.partial(_sgmv_expand_kernel, T=T, d_out=d_out, bt=bt, br=br, bo=bo),
                  jax.ShapeDtypeStruct((T, d_out), x.dtype), (n_tiles, pl.cdiv(d_out, bo)),
-                 interpret, *meta, seg_scale, xa, b)
+                 interpret, *meta, seg_scale, xa, b, *pt)
 
 
 # ----------------------------------------------------------------------------------------------
 # BGMV: one slot per token (decode)
 # ----------------------------------------------------------------------------------------------
-def _bgmv_shrink_kernel(slot_ref, rank_ref, nrb_ref, x_ref, a_ref, xa_ref, *, d_in, br, bd):
+def _bgmv_shrink_kernel(slot_ref, rank_ref, nrb_ref, x_ref, a_ref, *refs, d_in, br, bd):
+    pt_ref, xa_ref = _split_page_table(refs)
     t, rb = pl.program_id(0), pl.program_id(1)
     out = xa_ref.at[pl.ds(t, 1), pl.ds(rb * br, br)]
 
@@ -311,7 +397,7 @@ def _bgmv_shrink_kernel(slot_ref, rank_ref, nrb_ref, x_ref, a_ref, xa_ref, *, d_
             dcols = k * bd + jnp.arange(bd)
             d_ok = (dcols < d_in)[None, :]
             xt = plgpu.load(x_ref.at[pl.ds(t, 1), pl.ds(k * bd, bd)], mask=d_ok, other=0)
-            at = plgpu.load(a_ref.at[slot, pl.ds(rb * br, br), pl.ds(k * bd, bd)],
+            at = plgpu.load(_a_block(a_ref, pt_ref, slot, rb, br, pl.ds(k * bd, bd)),
                             mask=(rcols < rank)[:, None] & d_ok, other=0)  # [br, bd]
             # One token: a matrix-vector product, as a broadcast multiply and row sum.
             prod = at.astype(jnp.float32) * xt.astype(jnp.float32)  # [br, bd]
@@ -324,8 +410,9 @@ def _bgmv_shrink_kernel(slot_ref, rank_ref, nrb_ref, x_ref, a_ref, xa_ref, *, d_
         out[...] = jnp.zeros((1, br), jnp.float32)
 
 
-def _bgmv_expand_kernel(slot_ref, rank_ref, nrb_ref, scale_ref, xa_ref, b_ref, y_ref, *,
+def _bgmv_expand_kernel(slot_ref, rank_ref, nrb_ref, scale_ref, xa_ref, b_ref, *refs,
                         d_out, br, bo):
+    pt_ref, y_ref = _split_page_table(refs)
     t, j = pl.program_id(0), pl.program_id(1)
     slot, rank = slot_ref[t], rank_ref[t]
     ocols = j * bo + jnp.arange(bo)
@@ -334,7 +421,7 @@ def _bgmv_expand_kernel(slot_ref, rank_ref, nrb_ref, scale_ref, xa_ref, b_ref, y
     def rank_block(rb, acc):
         rcols = rb * br + jnp.arange(br)
         xt = xa_ref[pl.ds(t, 1), pl.ds(rb * br, br)]  # [1, br] float32
-        bt_ = plgpu.load(b_ref.at[slot, pl.ds(j * bo, bo), pl.ds(rb * br, br)],
+        bt_ = plgpu.load(_b_block(b_ref, pt_ref, slot, rb, br, pl.ds(j * bo, bo)),
                          mask=o_ok & (rcols < rank)[None, :], other=0)  # [bo, br]
         return acc + jnp.sum(bt_.astype(jnp.float32) * xt, axis=1)[None, :]
 
@@ -347,12 +434,13 @@ def _bgmv_expand_kernel(slot_ref, rank_ref, nrb_ref, scale_ref, xa_ref, b_ref, y
     "pad_to_max_rank", "interpret", "block_r", "block_d", "block_o"))
 def bgmv(
     x: jax.Array,  # [T, d_in]
-    a: jax.Array,  # [S, r_max, d_in]
-    b: jax.Array,  # [S, d_out, r_max]
+    a: jax.Array,  # [S, r_max, d_in]; paged: [P, page_rank, d_in]
+    b: jax.Array,  # [S, d_out, r_max]; paged: [P, d_out, page_rank]
     token_slots: jax.Array,  # int32 [T]; -1: no LoRA
     ranks: jax.Array,  # int32 [S]
     scales: jax.Array,  # float32 [S]
     *,
+    page_table: jax.Array | None = None,  # int32 [S, r_max // page_rank]
     pad_to_max_rank: bool = False,
     interpret: bool = False,
     block_r: int | None = None,
@@ -365,17 +453,15 @@ def bgmv(
             y[t] = scales[s] * (x[t] @ a[s, :r].T) @ b[s, :, :r].T
 
     Programs are (token, rank block) for shrink and (token, d_out block) for expand; a token's
-    rank blocks past its own rank (or past the batch's max rank when padded) do nothing.
+    rank blocks past its own rank (or past the batch's max rank when padded) do nothing. With
+    `page_table` (paged layout, see the module docstring) `block_r` must be None or `page_rank`.
     """
     blocks = default_blocks()
-    br, bd = block_r or blocks["block_r"], block_d or blocks["block_d"]
-    bo = block_o or blocks["block_o"]
+    bd, bo = block_d or blocks["block_d"], block_o or blocks["block_o"]
     T, d_in = x.shape
-    S, r_max, _ = a.shape
+    r_max, br = _layout(a, page_table, block_r, blocks["block_r"])
     d_out = b.shape[1]
-    br = min(br, r_max)
-    if r_max % br:
-        raise ValueError(f"r_max={r_max} must be a multiple of block_r={br}")
+    pt = () if page_table is None else (page_table.astype(jnp.int32),)
     valid = token_slots >= 0
     slots = jnp.where(valid, token_slots, 0).astype(jnp.int32)
     tok_rank = jnp.where(valid, ranks[slots], 0).astype(jnp.int32)
@@ -383,7 +469,7 @@ def bgmv(
     tok_scale = jnp.where(valid, scales[slots], 0.0).astype(jnp.float32)
     xa = _call(functools.partial(_bgmv_shrink_kernel, d_in=d_in, br=br, bd=bd),
                jax.ShapeDtypeStruct((T, r_max), jnp.float32), (T, r_max // br), interpret,
-               slots, tok_rank, nrb, x, a)
+               slots, tok_rank, nrb, x, a, *pt)
     return _call(functools.partial(_bgmv_expand_kernel, d_out=d_out, br=br, bo=bo),
                  jax.ShapeDtypeStruct((T, d_out), x.dtype), (T, pl.cdiv(d_out, bo)), interpret,
-                 slots, tok_rank, nrb, tok_scale, xa, b)
+                 slots, tok_rank, nrb, tok_scale, xa, b, *pt)

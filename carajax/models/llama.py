@@ -14,6 +14,7 @@ rotary convention, llama3 frequency scaling.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Protocol
 
@@ -83,8 +84,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 class Linear(nnx.Module):
     """y = x @ kernel, kernel [d_in, d_out] (HF stores the transpose); no bias, as in Llama."""
 
-    def __init__(self, d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_in, d_out), dtype))
+    def __init__(self, d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs, std: float = 0.02):
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (d_in, d_out), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x @ self.kernel.value
@@ -109,14 +110,15 @@ def _project(proj: Linear, x: jax.Array, lora: LoraHook | None, layer: int, name
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, std: float):
         c = config
         self.layer, self.heads, self.kv_heads, self.head_dim = (
             layer, c.num_heads, c.num_kv_heads, c.head_dim)
-        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, dtype=dtype, rngs=rngs)
+        lin = functools.partial(Linear, dtype=dtype, rngs=rngs, std=std)
+        self.q_proj = lin(c.hidden_size, c.num_heads * c.head_dim)
+        self.k_proj = lin(c.hidden_size, c.num_kv_heads * c.head_dim)
+        self.v_proj = lin(c.hidden_size, c.num_kv_heads * c.head_dim)
+        self.o_proj = lin(c.num_heads * c.head_dim, c.hidden_size)
 
     def __call__(self, x, positions, rows, k_cache, v_cache, inv_freq, lora):
         B, T, _ = x.shape
@@ -147,12 +149,11 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, std: float):
         d, f = config.hidden_size, config.intermediate_size
         self.layer = layer
-        self.gate_proj = Linear(d, f, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, f, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(f, d, dtype=dtype, rngs=rngs)
+        lin = functools.partial(Linear, dtype=dtype, rngs=rngs, std=std)
+        self.gate_proj, self.up_proj, self.down_proj = lin(d, f), lin(d, f), lin(f, d)
 
     def __call__(self, x, lora):
         i = self.layer
@@ -162,12 +163,12 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, std: float):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(config, layer, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(config, layer, dtype=dtype, rngs=rngs, std=std)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 dtype=dtype)
-        self.mlp = MLP(config, layer, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(config, layer, dtype=dtype, rngs=rngs, std=std)
 
     def __call__(self, x, positions, rows, k_cache, v_cache, inv_freq, lora):
         h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), positions, rows,
@@ -180,15 +181,17 @@ class Block(nnx.Module):
 class Llama(nnx.Module):
     """Llama for causal LM. Parameter names mirror HF's so checkpoints map one to one."""
 
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 init_std: float = 0.02):
         self.config = config
-        self.embed_tokens = nnx.Param(
-            0.02 * jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
-        self.layers = nnx.List([Block(config, i, dtype=dtype, rngs=rngs)
+        self.embed_tokens = nnx.Param(init_std * jax.random.normal(
+            rngs.params(), (config.vocab_size, config.hidden_size), dtype))
+        self.layers = nnx.List([Block(config, i, dtype=dtype, rngs=rngs, std=init_std)
                                 for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs,
+                                  std=init_std)
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(config)))  # a constant, not a Param
 
     def __call__(

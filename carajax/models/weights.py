@@ -57,9 +57,10 @@ def abstract_model(config: ModelConfig, dtype) -> Llama:
     return nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def random_model(config: ModelConfig, *, dtype=jnp.float32, seed: int = 0) -> Llama:
-    """A model with random weights (normal, std 0.02) for a preset or any config."""
-    return Llama(config, dtype=dtype, rngs=nnx.Rngs(seed))
+def random_model(config: ModelConfig, *, dtype=jnp.float32, seed: int = 0,
+                 init_std: float = 0.02) -> Llama:
+    """A model with random weights (normal, std `init_std`) for a preset or any config."""
+    return Llama(config, dtype=dtype, rngs=nnx.Rngs(seed), init_std=init_std)
 
 
 def load_hf(path: str | os.PathLike, config: ModelConfig | None = None, *,

@@ -1,0 +1,170 @@
+"""Cold-start benchmark: CPU-assisted prefill vs wait-for-load vs all adapters cached.
+
+The paper's synthetic setting (CaraServe section 7.2): Poisson arrivals, every request its own
+adapter (so every request is a cold start unless cached), rank 64 (`--ranks 8 16 32 64` for the
+mixed-rank variant), prompt and output lengths drawn from the Azure LLM 2023 conversation trace
+(clipped to `--max-prompt` / `--max-output`). All policies run in one invocation on the same
+request stream; each policy first runs a warm-up stream (other adapters) so compilation is not
+measured.
+
+    python scripts/bench_cold_start.py [--model llama-test] [--requests 40] [--rate 4]
+
+On a machine without an accelerator the host->device link is emulated (`--link-gbps`,
+`--link-latency-ms`): results are labelled "emulated". Prints mean / p50 / p99 of TTFT, time per
+output token and latency, each policy's overhead against `cached`, and writes JSON (and a PNG
+latency CDF when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import tempfile
+import threading
+import time
+
+import jax
+import numpy as np
+
+import carajax
+from carajax.config import ATTENTION_MODULES, TARGET_MODULES
+from carajax.testing import write_random_adapter
+
+TRACE = os.path.join(os.path.dirname(__file__), "..", "data", "traces", "azure_llm_2023",
+                     "azure2023_conv.jsonl")
+
+
+def make_stream(args, rng) -> list[dict]:
+    """Requests: Poisson arrivals, trace lengths (clipped), one adapter each, ranks from --ranks."""
+    with open(args.trace) as f:
+        rows = [json.loads(line) for line in f]
+    picks = rng.choice(len(rows), args.requests, replace=False)
+    gaps = rng.exponential(1.0 / args.rate, args.requests)
+    return [{"arrival_s": float(t), "prompt_tokens": min(rows[i]["prompt_tokens"], args.max_prompt),
+             "output_tokens": max(1, min(rows[i]["output_tokens"], args.max_output)),
+             "rank": int(rng.choice(args.ranks)), "adapter": f"req{k}"}
+            for k, (i, t) in enumerate(zip(picks, np.cumsum(gaps) - gaps[0]))]
+
+
+def run_stream(engine, stream, rng, vocab) -> list:
+    """Open loop: submit each request at its arrival time; return the outputs in order."""
+    handles, t0 = [], time.monotonic()
+    for r in stream:
+        delay = t0 + r["arrival_s"] - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        prompt = [2, *rng.integers(4, vocab, r["prompt_tokens"] - 1).tolist()]
+        sampling = carajax.SamplingParams(max_tokens=r["output_tokens"], temperature=0.0,
+                                          stop_token_ids=())
+        handles.append(engine.submit(prompt, adapter=r["adapter"], sampling=sampling))
+    return [h.result() for h in handles]
+
+
+def summarize(outs) -> dict:
+    def stats(values):
+        v = np.array([x for x in values if x is not None])
+        return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)),
+                "p99": float(np.percentile(v, 99))} if len(v) else None
+
+    return {"ttft_s": stats([o.metrics.ttft_s for o in outs]),
+            "tpot_s": stats([o.metrics.tpot_s for o in outs]),
+            "latency_s": stats([o.metrics.latency_s for o in outs]),
+            "cold_starts": sum(o.metrics.cold_start for o in outs),
+            "cpu_prefill_tokens": sum(o.metrics.cpu_prefill_tokens for o in outs),
+            "stalled_s": float(sum(o.metrics.stalled_s for o in outs)),
+            "errors": sum(o.finish_reason == "error" for o in outs)}
+
+
+def _all_pages_bytes(args, requests) -> int:
+    """Device bytes for every adapter's pages (page = 16 rank rows of all seven projections)."""
+    c = carajax.ModelConfig.from_name(args.model)
+    page = 16 * c.num_layers * sum(sum(c.projection_shape(m)) for m in TARGET_MODULES)
+    pages = sum(-(-r["rank"] // 16) for r in requests)
+    return pages * page * np.dtype(args.dtype).itemsize
+
+
+def bench_policy(policy, args, stream, warmup, adapter_dir) -> tuple[dict, list]:
+    emulate = jax.default_backend() == "cpu" or args.emulate
+    config = carajax.EngineConfig(
+        cold_start=policy, max_batch_size=args.batch, prefill_chunk=args.chunk,
+        max_lora_rank=max(args.ranks), max_loras=len(stream) + len(warmup),
+        # `cached` holds every adapter (the ideal); the others get the default budget.
+        device_lora_budget_bytes=_all_pages_bytes(args, [*warmup, *stream]) if policy == "cached" else None,
+        emulated_link_gbps=args.link_gbps if emulate else None,
+        emulated_link_latency_ms=args.link_latency_ms if emulate else 0.0)
+    engine = carajax.Engine.from_pretrained(args.model, dtype=args.dtype, config=config)
+    with engine:
+        for r in [*warmup, *stream]:
+            engine.add_adapter(r["adapter"], os.path.join(adapter_dir, f"{r['adapter']}-r{r['rank']}"))
+        vocab = engine.model_config.vocab_size
+        run_stream(engine, warmup, np.random.default_rng(1), vocab)
+        outs = run_stream(engine, stream, np.random.default_rng(2), vocab)
+        return summarize(outs), outs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama-test")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--policies", nargs="+", default=["cached", "wait", "cpu_assist"])
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
+    p.add_argument("--ranks", type=int, nargs="+", default=[64])
+    p.add_argument("--max-prompt", type=int, default=256)
+    p.add_argument("--max-output", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--link-gbps", type=float, default=25.0)
+    p.add_argument("--link-latency-ms", type=float, default=0.0)
+    p.add_argument("--emulate", action="store_true", help="emulate the link even on a GPU")
+    p.add_argument("--trace", default=TRACE)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/bench_cold_start.json")
+    args = p.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    stream = make_stream(args, rng)
+    warmup = [{**r, "adapter": f"warm{k}", "arrival_s": 0.2 * k}
+              for k, r in enumerate(make_stream(argparse.Namespace(**{**vars(args), "requests": 6}),
+                                                np.random.default_rng(args.seed + 1)))]
+    model_config = carajax.ModelConfig.from_name(args.model)
+    emulated = jax.default_backend() == "cpu" or args.emulate
+    results = {}
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        for k, r in enumerate([*warmup, *stream]):
+            write_random_adapter(os.path.join(adapter_dir, f"{r['adapter']}-r{r['rank']}"),
+                                 model_config, rank=r["rank"], seed=k, target_modules=ATTENTION_MODULES)
+        for policy in args.policies:
+            print(f"running {policy} ({len(stream)} requests, {args.rate} req/s) ...", flush=True)
+            results[policy], _ = bench_policy(policy, args, stream, warmup, adapter_dir)
+
+    link = (f"emulated link {args.link_gbps} GB/s + {args.link_latency_ms} ms" if emulated
+            else "real host->device copies")
+    print(f"\n{args.model} {args.dtype} on {jax.devices()[0].platform}; {link}; "
+          f"{len(stream)} requests, Poisson {args.rate}/s, ranks {args.ranks}, prompts <= "
+          f"{args.max_prompt}, outputs <= {args.max_output} (Azure conv lengths, clipped)")
+    print(f"{'policy':<11} {'TTFT mean/p50/p99 (ms)':>26} {'TPOT mean (ms)':>15} "
+          f"{'latency mean/p99 (s)':>21} {'TTFT vs cached':>15} {'lat. vs cached':>15} "
+          f"{'cpu tok':>8} {'stalled s':>10}")
+    base = results.get("cached")
+    for policy, r in results.items():
+        t, lat = r["ttft_s"], r["latency_s"]
+        over_t = f"{100 * (t['mean'] / base['ttft_s']['mean'] - 1):+.0f}%" if base else "-"
+        over_l = f"{100 * (lat['mean'] / base['latency_s']['mean'] - 1):+.0f}%" if base else "-"
+        tpot = r["tpot_s"]["mean"] * 1e3 if r["tpot_s"] else float("nan")
+        print(f"{policy:<11} {t['mean']*1e3:>8.1f}/{t['p50']*1e3:>7.1f}/{t['p99']*1e3:>8.1f} "
+              f"{tpot:>15.2f} {lat['mean']:>10.3f}/{lat['p99']:>9.3f} {over_t:>15} {over_l:>15} "
+              f"{r['cpu_prefill_tokens']:>8} {r['stalled_s']:>10.3f}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0]),
+                   "cpu_count": os.cpu_count(), "jax": jax.__version__, "emulated": emulated,
+                   "args": vars(args), "results": results}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    threading.excepthook = lambda a: print(f"thread error: {a.exc_value}")
+    main()

@@ -1,0 +1,207 @@
+"""The continuous-batching engine: same greedy tokens under every batch mix and cold-start policy,
+CPU-assisted prefill that hands over mid-prompt, eviction, and bad input that fails alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import carajax
+from carajax.config import ATTENTION_MODULES, TARGET_MODULES, EngineConfig
+from carajax.lora.adapter import LoraAdapter, LoraModule
+from carajax.models import weights
+from carajax.models.tokenizer import ByteTokenizer
+from carajax.testing import write_random_adapter
+
+RANKS = [8, 16, 32, 64, 8, 16, 32, 64]
+NAMES = [f"a{i}" for i in range(len(RANKS))]
+GREEDY = carajax.SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=())
+
+
+def _prompt(i: int, n: int) -> list[int]:
+    rng = np.random.default_rng(100 + i)
+    return [2, *rng.integers(4, 256, n - 1).tolist()]
+
+
+# Ten requests: 8 adapters of mixed ranks, the base model, one adapter twice; prompt lengths
+# from 5 to 96 tokens (several chunks of 16).
+REQUESTS = [(_prompt(i, n), a) for i, (n, a) in enumerate(zip(
+    [96, 5, 40, 17, 64, 33, 9, 80, 21, 50], [*NAMES, None, "a3"]))]
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory, tiny_config):
+    root = tmp_path_factory.mktemp("engine-adapters")
+    return {name: write_random_adapter(root / name, tiny_config, rank=r, seed=i,
+                                       target_modules=TARGET_MODULES if i % 2 else ATTENTION_MODULES)
+            for i, (name, r) in enumerate(zip(NAMES, RANKS))}
+
+
+def make_engine(adapter_dirs=None, **config) -> carajax.Engine:
+    # init_std 0.1: peaked logits, so greedy choices are far from ties.
+    model = weights.random_model(carajax.ModelConfig.from_name("llama-test"), seed=0, init_std=0.1)
+    engine = carajax.Engine(model, ByteTokenizer(),
+                            EngineConfig(**{"max_batch_size": 8, "prefill_chunk": 16, **config}))
+    for name, path in (adapter_dirs or {}).items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def alone(adapter_dirs):
+    """Each request served alone with its adapter cached: the reference tokens."""
+    with make_engine(adapter_dirs, cold_start="cached") as engine:
+        return [engine.generate([p], adapters=[a], sampling=GREEDY)[0].token_ids
+                for p, a in REQUESTS]
+
+
+@pytest.mark.parametrize("policy", ["cached", "wait", "cpu_assist"])
+def test_mixed_batch_gives_the_same_tokens_under_every_policy(adapter_dirs, alone, policy):
+    # A link slow enough (20 ms per copy) that cold prefills start on the CPU.
+    link = {} if policy == "cached" else dict(emulated_link_gbps=1.0, emulated_link_latency_ms=20)
+    with make_engine(adapter_dirs, cold_start=policy, **link) as engine:
+        outs = engine.generate([p for p, _ in REQUESTS], adapters=[a for _, a in REQUESTS],
+                               sampling=GREEDY)
+        stats = engine.stats()
+    assert [o.token_ids for o in outs] == alone
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 10 for o in outs)
+    assert stats["running"] == [] and stats["waiting"] == 0
+    cpu_tokens = [o.metrics.cpu_prefill_tokens for o in outs]
+    if policy != "cpu_assist":
+        assert cpu_tokens == [0] * len(outs)
+        return
+    # Every cold adapter's first chunk ran on the CPU; at least one long prompt handed over to
+    # the device mid-prefill, exactly where its CPU tokens end.
+    assert all(cpu_tokens[i] >= min(16, len(p)) for i, (p, a) in enumerate(REQUESTS[:8]))
+    handed = [o for o, (p, _) in zip(outs, REQUESTS)
+              if o.metrics.handover_token is not None and o.metrics.handover_token < len(p)]
+    assert handed, cpu_tokens
+    assert all(o.metrics.handover_token == o.metrics.cpu_prefill_tokens for o in handed)
+    assert outs[8].metrics.cpu_prefill_tokens == 0  # the base-model request
+
+
+def test_streaming_handle_and_metrics(adapter_dirs, alone):
+    with make_engine(adapter_dirs, cold_start="cached") as engine:
+        prompt, adapter = REQUESTS[2]
+        handle = engine.submit(prompt, adapter=adapter, sampling=GREEDY)
+        streamed = list(handle)
+        out = handle.result()
+    assert streamed == out.token_ids == alone[2]
+    m = out.metrics
+    assert m.prompt_tokens == len(prompt) and m.output_tokens == 10
+    assert 0 < m.ttft_s <= m.latency_s
+    assert m.tpot_s == pytest.approx((m.finish_time - m.first_token_time) / 9)
+
+
+def test_async_streaming(adapter_dirs, alone):
+    import asyncio
+
+    async def run(engine):
+        prompt, adapter = REQUESTS[4]
+        handle = engine.submit(prompt, adapter=adapter, sampling=GREEDY)
+        return [t async for t in handle], await handle.aresult()
+
+    with make_engine(adapter_dirs, cold_start="cached") as engine:
+        streamed, out = asyncio.run(run(engine))
+    assert streamed == out.token_ids == alone[4]
+
+
+def test_cpu_assist_lowers_cold_ttft_and_stalls_nobody(adapter_dirs):
+    """A warm request is decoding when a cold one arrives over a slow emulated link (1 s per
+    copy). `wait` blocks the whole batch for the copy; `cpu_assist` starts the cold prefill on the
+    CPU at once. Asserted from the requests' metrics."""
+    results = {}
+    for policy in ("wait", "cpu_assist"):
+        with make_engine(cold_start=policy, emulated_link_gbps=1.0,
+                         emulated_link_latency_ms=1000) as engine:
+            for name in ("warm", "cold", "warmup"):
+                engine.add_adapter(name, adapter_dirs[{"warm": "a0", "cold": "a1",
+                                                       "warmup": "a2"}[name]])
+            engine.pin_adapter("warm")
+            # Compile the step variants this scenario uses, so timings are not compile times.
+            engine.generate([REQUESTS[0][0]], adapters=["warmup"], sampling=GREEDY)
+            long = dataclasses.replace(GREEDY, max_tokens=60)
+            warm = engine.submit(REQUESTS[1][0], adapter="warm", sampling=long)
+            next(iter(warm))  # the warm request is decoding
+            cold = engine.submit(REQUESTS[3][0], adapter="cold", sampling=GREEDY)
+            results[policy] = (warm.result(), cold.result())
+    (w_warm, w_cold), (c_warm, c_cold) = results["wait"], results["cpu_assist"]
+    assert w_cold.metrics.cold_start and c_cold.metrics.cold_start
+    assert c_cold.metrics.ttft_s < w_cold.metrics.ttft_s
+    assert w_cold.metrics.ttft_s >= 0.9  # it waited for its own copy ...
+    assert w_warm.metrics.stalled_s >= 0.9  # ... and so did the request already running
+    assert c_warm.metrics.stalled_s == 0.0 and c_cold.metrics.stalled_s == 0.0
+    assert c_cold.metrics.cpu_prefill_tokens == len(REQUESTS[3][0])
+    assert w_cold.metrics.cpu_prefill_tokens == 0
+    assert c_cold.token_ids == w_cold.token_ids
+
+
+def test_eviction_respects_lru_pins_and_running_requests(adapter_dirs, alone, tiny_config):
+    """A device budget of 3 pages holds three rank-16-or-less adapters (one page each; a rank-32
+    adapter takes two). a0 is pinned; a1 runs a long request while others come and go."""
+    page_bytes = 16 * tiny_config.num_layers * sum(
+        sum(tiny_config.projection_shape(m)) for m in TARGET_MODULES) * 4
+    small = {n: adapter_dirs[n] for n in ("a0", "a1", "a4", "a5")}  # ranks 8, 16, 8, 16
+    with make_engine(small, cold_start="wait", device_lora_budget_bytes=3 * page_bytes) as engine:
+        pool = engine.pool
+        assert pool.stats()["pages_total"] == 3
+        engine.pin_adapter("a0")
+        long = engine.submit(REQUESTS[1][0], adapter="a1",
+                             sampling=dataclasses.replace(GREEDY, max_tokens=1000))
+        next(iter(long))  # a1 is in use now, for ~1000 decode steps
+        for name in ("a4", "a5", "a4"):  # each needs the third page: evicts the other one
+            idx = NAMES.index(name)
+            out = engine.generate([REQUESTS[idx][0]], adapters=[name], sampling=GREEDY)[0]
+            assert out.token_ids == alone[idx]
+            on_device = set(pool.stats()["on_device"])
+            assert {"a0", "a1", name} == on_device
+        assert not long.done  # a1 was in use throughout
+        assert long.result().token_ids[:10] == alone[1]
+
+
+def test_bad_requests_fail_alone(adapter_dirs, alone, tmp_path, tiny_config):
+    with make_engine({n: adapter_dirs[n] for n in ("a0", "a2")}, cold_start="cpu_assist",
+                     max_queue=3, max_batch_size=1, max_tokens_limit=60) as engine:
+        # One KV row: this request holds it for 60 decode steps while the others queue.
+        first = engine.submit(REQUESTS[2][0], adapter="a2",
+                              sampling=dataclasses.replace(GREEDY, max_tokens=60))
+        next(iter(first))
+        queued = [engine.submit(REQUESTS[0][0], adapter="a0", sampling=GREEDY)
+                  for _ in range(3)]
+        with pytest.raises(carajax.QueueFullError, match="3 requests"):
+            engine.submit(REQUESTS[0][0], adapter="a0", sampling=GREEDY)
+        with pytest.raises(carajax.AdapterError, match="unknown adapter 'nope'"):
+            engine.submit([2, 3], adapter="nope")
+        with pytest.raises(carajax.RequestError, match="context length"):
+            engine.submit([5] * engine.runner.seq_len)
+        with pytest.raises(carajax.RequestError, match="max_tokens 61 is over the limit"):
+            engine.submit([2, 3], sampling=carajax.SamplingParams(max_tokens=61))
+        big = write_random_adapter(tmp_path / "big", tiny_config, rank=128)
+        with pytest.raises(carajax.AdapterError, match="max_lora_rank=64"):
+            engine.add_adapter("big", big)
+        assert "big" not in engine.adapters
+        assert first.result().token_ids[:10] == alone[2]
+        assert all(h.result().token_ids == alone[0] for h in queued)
+
+
+def test_cpu_worker_exception_fails_only_its_request(adapter_dirs, alone, tiny_config):
+    with make_engine({"a0": adapter_dirs["a0"]}, cold_start="cpu_assist",
+                     emulated_link_gbps=1.0, emulated_link_latency_ms=5000) as engine:
+        # A host copy of "bad" whose q_proj A has the wrong width: the CPU LoRA raises inside
+        # the host callback. (The device copy never lands within the test: 5 s link.)
+        good_weights = carajax.load_adapter(adapter_dirs["a1"], tiny_config, max_rank=64)
+        engine.add_adapter("bad", adapter_dirs["a1"])
+        broken = dict(good_weights.modules)
+        m = broken[(0, "q_proj")]
+        broken[(0, "q_proj")] = LoraModule(a=np.ones((m.rank, 7), np.float32), b=m.b, scale=1.0)
+        engine.bridge.unregister(engine._cpu_ids["bad"])
+        engine._cpu_ids["bad"] = engine.bridge.register(LoraAdapter("bad", "", broken))
+        outs = engine.generate([REQUESTS[1][0], REQUESTS[0][0], REQUESTS[8][0]],
+                               adapters=["bad", "a0", None], sampling=GREEDY)
+        assert outs[0].finish_reason == "error" and "CPU LoRA" in outs[0].error
+        assert outs[1].token_ids == alone[0] and outs[2].token_ids == alone[8]
+        # The engine keeps serving.
+        again = engine.generate([REQUESTS[8][0]], sampling=GREEDY)[0]
+        assert again.token_ids == alone[8]
