@@ -16,13 +16,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import statistics
 import threading
+import time
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from carajax.config import EngineConfig, ModelConfig
+from carajax.config import TARGET_MODULES, EngineConfig, ModelConfig
 from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
 from carajax.lora.cpu_assist import CpuAssistBridge, CpuLoraWorker
 from carajax.lora.pool import AdapterPool
@@ -43,6 +46,7 @@ from carajax.sampling import SamplingParams
 from carajax.scheduler import Scheduler
 
 Prompt = str | Sequence[int]
+_CPU_PROFILES: dict[tuple, float] = {}  # see Engine._profile_cpu_assist
 __all__ = ["Engine", "QueueFullError", "RequestError", "RequestOutput"]
 
 
@@ -73,6 +77,27 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0
+        if config.cold_start == "cpu_assist":
+            self._profile_cpu_assist()
+
+    def _profile_cpu_assist(self) -> None:
+        """CaraServe's profiling-guided CPU parallelism: c = tokens one core handles within the
+        device's time for one projection of a prefill chunk; a cold request of L tokens then gets
+        ceil(L / c) threads. Measured once per model shape, dtype and chunk in a process."""
+        c = self.model_config
+        key = (c, str(self.runner.dtype), self.config.prefill_chunk, self.config.max_lora_rank)
+        if key not in _CPU_PROFILES:
+            ids = [c.bos_token_id or 0] * min(self.config.prefill_chunk, self.runner.seq_len - 1)
+            jax.block_until_ready(self.runner.prefill(0, ids, -1))  # compile
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                jax.block_until_ready(self.runner.prefill(0, ids, -1))
+                times.append(time.perf_counter() - t0)
+            budget = statistics.median(times) / (c.num_layers * len(TARGET_MODULES))
+            _CPU_PROFILES[key] = self.bridge.worker.profile(
+                c.hidden_size, c.hidden_size, self.config.max_lora_rank, budget, repeats=3)
+        self.bridge.worker.tokens_per_core = _CPU_PROFILES[key]
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: str = "float32",
@@ -94,6 +119,13 @@ class Engine:
     def compiled_variants() -> dict[str, int]:
         """Compiled variants of each jitted forward in this process ("score", "step")."""
         return ModelRunner.compiled_variants()
+
+    def warmup(self) -> int:
+        """Compile every bucketed step variant now (seconds per variant on CPU), so that serving
+        never pauses to compile; returns how many were compiled."""
+        with self._lock:
+            self.pool.warmup()  # adapter installs, one variant per page count
+            return self.runner.warmup(cpu=self.config.cold_start == "cpu_assist")
 
     # -- adapters ---------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str | os.PathLike, *, pin: bool = False) -> LoraAdapter:

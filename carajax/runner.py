@@ -22,7 +22,7 @@ from carajax.config import EngineConfig
 from carajax.lora.hook import BatchLora, resolve_lora_impl
 from carajax.models.llama import KVCache, Llama
 from carajax.request import Request
-from carajax.sampling import sample, sampling_arrays
+from carajax.sampling import SamplingParams, sample, sampling_arrays
 from carajax.scheduler import Schedule
 
 # Incremented at trace time only: one count per compiled variant.
@@ -165,9 +165,44 @@ class ModelRunner:
         logits, self.cache = _step(
             self.graphdef, self.state, self.pool.weights, self.cache, ids, positions, rows,
             slots, cpu, lens, np.maximum(lens - 1, 0),
-            use_lora=bool((slots >= 0).any()), impl=self.lora_impl,
+            use_lora=self._use_lora(slots), impl=self.lora_impl,
             bridge=self.bridge if use_cpu else None)
         return logits
+
+    def _use_lora(self, slots: np.ndarray) -> bool:
+        # With adapters registered, every step takes the LoRA variant (rows without a device
+        # adapter pass slot -1 and cost ~nothing: the kernels skip their rank blocks). One
+        # variant instead of two per shape halves compilation; base-only engines never pay.
+        return bool((slots >= 0).any()) or len(self.pool) > 0
+
+    def warmup(self, cpu: bool) -> int:
+        """Compile every step variant the bucketing allows (batch rows and prefill lengths are
+        powers of two; with and without CPU assist; with LoRA if adapters are registered, see
+        `_use_lora`: call it after registering them), plus the sampler, by
+        running each once on padding rows (their cache writes are dropped). Returns how many
+        variants this compiled. Serving then never stops to compile."""
+        before = sum(_TRACES.values())
+        top = bucket(self.config.max_batch_size, 1)
+        batches = [1 << i for i in range(top.bit_length())]
+        lengths = [1] + [1 << i for i in range(self.config.min_prefill_bucket.bit_length() - 1,
+                                                bucket(self.config.prefill_chunk, 1).bit_length())]
+        for use_lora in (len(self.pool) > 0,):  # as `_use_lora` will choose
+            for bridge in ((None, self.bridge) if cpu else (None,)):
+                for B in batches:
+                    for Tq in sorted(set(lengths)):
+                        none = np.full(B, -1, np.int32)
+                        _, self.cache = _step(
+                            self.graphdef, self.state, self.pool.weights, self.cache,
+                            np.zeros((B, Tq), np.int32), np.zeros((B, Tq), np.int32),
+                            np.full(B, self.config.max_batch_size, np.int32), none, none,
+                            np.ones(B, np.int32), np.zeros(B, np.int32), use_lora=use_lora,
+                            impl=self.lora_impl, bridge=bridge)
+        for B in batches:
+            params = [SamplingParams()] * B
+            sample(jnp.zeros((B, self.model_config.vocab_size)),
+                   *sampling_arrays(params, [0] * B, [0] * B))
+        jax.block_until_ready(self.cache.k[0])
+        return sum(_TRACES.values()) - before
 
     def _sample(self, logits: jax.Array, reqs: list[Request], rows) -> dict[Request, int]:
         if not reqs:

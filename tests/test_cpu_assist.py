@@ -70,8 +70,9 @@ def test_worker_delta_matches_float64(threads):
             y = w.delta(x, m)
             assert y.shape == (n, 80) and y.dtype == np.float32
             assert_close(y, _numpy_delta(x, m))
-            # Slicing over threads (and the padding of each slice) does not change results.
-            np.testing.assert_allclose(y, one.delta(x, m), rtol=1e-6, atol=1e-6)
+            # Slicing over threads (and the padding of each slice) does not change results
+            # beyond float32 rounding (BLAS blocks a [3, 96] slice differently from [300, 96]).
+            np.testing.assert_allclose(y, one.delta(x, m), rtol=1e-5, atol=1e-5)
         one.close()
 
 
@@ -92,7 +93,9 @@ def test_worker_delta_many_isolates_failures():
         cursed = _module(rng, 32, 16, 4, scale=7.0)
 
         def flaky(x, weights):
-            if float(weights[2]) == 7.0:
+            # Small jobs carry the host module (numpy path), big ones CPU-backend arrays.
+            scale = weights.scale if isinstance(weights, LoraModule) else float(weights[2])
+            if scale == 7.0:
                 raise RuntimeError("XLA:CPU fell over")
             return compute(x, weights)
 
@@ -202,8 +205,11 @@ def test_bridge_deltas_share_one_callback(setup):
     assert [y.shape for y in ys] == [(4, 8, 64), (4, 8, 32), (4, 8, 32)]
     for module, y in zip(qkv, ys):
         assert_close(y, _expected(config, by_row, 1, module, x, row_lens))
-        np.testing.assert_array_equal(np.asarray(y), np.asarray(
-            jax.jit(lambda x, m=module: bridge.delta(1, m, x, cpu_ids, row_lens))(x)))
+        # Same as a call of its own, to float32 rounding (numpy/BLAS may block the two
+        # calls' products differently).
+        np.testing.assert_allclose(np.asarray(y), np.asarray(
+            jax.jit(lambda x, m=module: bridge.delta(1, m, x, cpu_ids, row_lens))(x)),
+            rtol=1e-5, atol=1e-6)
 
 
 def test_bridge_in_scan_over_layers(setup):

@@ -49,6 +49,11 @@ MAX_BUCKET = 4096  # longer slices are cut into pieces of at most this many toke
 _ALIGN = 64  # bytes; XLA:CPU aliases (does not copy) numpy buffers aligned like this
 
 
+# Below this many multiply-adds a job runs in numpy on the calling thread: dispatching a jitted
+# JAX CPU computation costs ~0.3-0.4 ms here, far more than a tiny LoRA product (~0.05 ms).
+SMALL_JOB_FLOPS = 1 << 20
+
+
 def bucket(n: int) -> int:
     """The padded length of an n-token slice: the smallest of 8, 12, 16, 24, 32, 48, ... >= n."""
     if n <= MIN_BUCKET:
@@ -187,7 +192,8 @@ class CpuLoraWorker:
                 _check_job(x, module)
                 results[j] = np.zeros((x.shape[0], np.shape(module.b)[0]), np.float32)
                 if x.shape[0]:
-                    work.append((j, x, self._weights(module)))
+                    small = x.shape[0] * module.rank * sum(np.shape(module.b)) < SMALL_JOB_FLOPS
+                    work.append((j, x, module if small else self._weights(module)))
             except Exception as e:  # reported per job
                 results[j] = e
         total = sum(x.shape[0] for _, x, _ in work)
@@ -251,6 +257,8 @@ class CpuLoraWorker:
 
     def _compute(self, x: np.ndarray, weights) -> np.ndarray:
         """One slice on the calling thread: x [n, d_in] -> float32 [n, d_out] (padded to a bucket)."""
+        if isinstance(weights, LoraModule):  # a small job: numpy, no JAX dispatch
+            return (np.asarray(x, np.float32) @ weights.a.T) @ weights.b.T * np.float32(weights.scale)
         a, b, scale = weights
         n = x.shape[0]
         xp = _aligned_zeros((bucket(n), x.shape[1]))  # [bucket, d_in]; padding rows stay 0

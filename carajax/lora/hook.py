@@ -55,13 +55,15 @@ class BatchLora:
         self.sgmv, self.bgmv = _ops(impl)
         self.cpu = cpu
 
-    def __call__(self, layer: int, module: str, x: jax.Array) -> jax.Array | None:
-        y = None if self.weights is None else self._device(layer, module, x)
-        if self.cpu is not None:
+    def __call__(self, layer: int, modules: tuple[str, ...], x: jax.Array
+                 ) -> tuple[jax.Array | None, ...]:
+        ys = [None if self.weights is None or m not in self.weights.a
+              else self._device(layer, m, x) for m in modules]
+        if self.cpu is not None:  # one host callback for all projections sharing x
             bridge, cpu_ids = self.cpu
-            c = bridge.delta(layer, module, x, cpu_ids, self.row_lens)
-            y = c if y is None else y + c
-        return y
+            cs = bridge.deltas(layer, modules, x, cpu_ids, self.row_lens)
+            ys = [c if y is None else y + c for y, c in zip(ys, cs)]
+        return tuple(ys)
 
     def _device(self, layer: int, module: str, x: jax.Array) -> jax.Array:
         w = self.weights

@@ -217,6 +217,35 @@ class AdapterPool:
             del self._entries[name]
             self._host_bytes -= e.adapter.nbytes
 
+    def warmup(self) -> int:
+        """Compile the install step for every page count now (one variant each, ~0.5 s apiece on
+        CPU), so that no load stalls a serving step for compilation. Must run on the engine
+        thread. Writes zeros into free pages and a free slot, which nothing references.
+        Returns how many page counts were compiled."""
+        with self._lock:
+            pages, slots = sorted(self._free_pages), sorted(self._free_slots)
+        if not slots:
+            return 0
+        L, done = self.config.num_layers, 0
+        for n in range(1, min(self.pages_per_slot, len(pages)) + 1):
+            a, b = {}, {}
+            for m in TARGET_MODULES:
+                d_in, d_out = self.config.projection_shape(m)
+                a[m] = jnp.zeros((L, n, self.page_rank, d_in), self.dtype)
+                b[m] = jnp.zeros((L, n, d_out, self.page_rank), self.dtype)
+            self._weights = _install(
+                self._weights, np.int32(slots[0]), np.asarray(pages[:n], np.int32),
+                np.zeros(self.pages_per_slot, np.int32), a, b,
+                {m: np.zeros(L, np.int32) for m in TARGET_MODULES},
+                {m: np.zeros(L, np.float32) for m in TARGET_MODULES})
+            done += 1
+        return done
+
+    def __len__(self) -> int:
+        """How many adapters are registered (in any tier)."""
+        with self._lock:
+            return len(self._entries)
+
     def where(self, name: str) -> str:
         """"host", "loading" (pages reserved, copy in flight) or "device" (ready to serve)."""
         with self._lock:

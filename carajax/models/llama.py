@@ -27,10 +27,12 @@ from carajax.config import ModelConfig
 
 
 class LoraHook(Protocol):
-    """What the model asks of the LoRA side: the delta to add to one projection's output."""
+    """What the model asks of the LoRA side: the deltas to add to projections' outputs."""
 
-    def __call__(self, layer: int, module: str, x: jax.Array) -> jax.Array | None:
-        """x: [B, Tq, d_in] -> delta [B, Tq, d_out] (or None: no LoRA on this projection)."""
+    def __call__(self, layer: int, modules: tuple[str, ...], x: jax.Array
+                 ) -> tuple[jax.Array | None, ...]:
+        """x: [B, Tq, d_in], the input shared by `modules` (q/k/v, gate/up, or one of o/down)
+        -> per module a delta [B, Tq, d_out] (or None: no LoRA on that projection)."""
         ...
 
 
@@ -102,11 +104,13 @@ class RMSNorm(nnx.Module):
         return self.weight.value * x32.astype(x.dtype)
 
 
-def _project(proj: Linear, x: jax.Array, lora: LoraHook | None, layer: int, name: str):
-    """The LoRA hook point: y = x W (+ s (x A) B for each row's adapter)."""
-    y = proj(x)
-    delta = None if lora is None else lora(layer, name, x)
-    return y if delta is None else y + delta.astype(y.dtype)
+def _project(projs: tuple[Linear, ...], x: jax.Array, lora: LoraHook | None, layer: int,
+             names: tuple[str, ...]) -> tuple[jax.Array, ...]:
+    """The LoRA hook point of projections that read the same x: y = x W (+ s (x A) B for each
+    row's adapter). Asked together, so a host callback can serve all of them in one call."""
+    ys = tuple(p(x) for p in projs)
+    deltas = (None,) * len(ys) if lora is None else lora(layer, names, x)
+    return tuple(y if d is None else y + d.astype(y.dtype) for y, d in zip(ys, deltas))
 
 
 class Attention(nnx.Module):
@@ -123,9 +127,11 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, rows, k_cache, v_cache, inv_freq, lora):
         B, T, _ = x.shape
         i = self.layer
-        q = _project(self.q_proj, x, lora, i, "q_proj").reshape(B, T, self.heads, self.head_dim)
-        k = _project(self.k_proj, x, lora, i, "k_proj").reshape(B, T, self.kv_heads, self.head_dim)
-        v = _project(self.v_proj, x, lora, i, "v_proj").reshape(B, T, self.kv_heads, self.head_dim)
+        q, k, v = _project((self.q_proj, self.k_proj, self.v_proj), x, lora, i,
+                           ("q_proj", "k_proj", "v_proj"))
+        q = q.reshape(B, T, self.heads, self.head_dim)
+        k = k.reshape(B, T, self.kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
         # Write this step's keys/values into the cache; out-of-range rows/positions are dropped.
@@ -145,7 +151,8 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
         out = out.reshape(B, T, self.heads * self.head_dim)
-        return _project(self.o_proj, out, lora, i, "o_proj"), k_cache, v_cache
+        (out,) = _project((self.o_proj,), out, lora, i, ("o_proj",))
+        return out, k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -157,9 +164,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x, lora):
         i = self.layer
-        h = (jax.nn.silu(_project(self.gate_proj, x, lora, i, "gate_proj"))
-             * _project(self.up_proj, x, lora, i, "up_proj"))
-        return _project(self.down_proj, h, lora, i, "down_proj")
+        gate, up = _project((self.gate_proj, self.up_proj), x, lora, i, ("gate_proj", "up_proj"))
+        (down,) = _project((self.down_proj,), jax.nn.silu(gate) * up, lora, i, ("down_proj",))
+        return down
 
 
 class Block(nnx.Module):
