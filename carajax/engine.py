@@ -145,6 +145,7 @@ class Engine:
             self.pool.register(adapter)
             try:
                 if self.config.cold_start == "cached":
+                    self._check_fits_cached(adapter)
                     self.pool.load_now(name)
                 if pin:
                     self.pool.pin(name)
@@ -154,6 +155,18 @@ class Engine:
             self._adapters[name] = adapter
             self._cpu_ids[name] = self.bridge.register(adapter)
         return adapter
+
+    def _check_fits_cached(self, adapter: LoraAdapter) -> None:
+        """`cached` keeps every adapter on the device: one that does not fit in the free pages
+        is refused (never by evicting another)."""
+        st = self.pool.stats()
+        need = -(-adapter.rank // self.config.lora_page_rank)
+        if st["pages_free"] < need or st["slots_free"] < 1:
+            raise AdapterError(
+                f"cold_start='cached' keeps every adapter on the device, but {adapter.name!r} "
+                f"needs {need} pages ({need * st['page_bytes']} bytes) and {st['pages_free']} of "
+                f"{st['pages_total']} pages ({st['slots_free']} slots) are free; raise "
+                f"device_lora_budget_bytes ({st['device_budget_bytes']}) or use another policy")
 
     def remove_adapter(self, name: str) -> None:
         """Unregister an adapter; raises `AdapterError` while running requests use it."""

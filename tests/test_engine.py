@@ -205,3 +205,18 @@ def test_cpu_worker_exception_fails_only_its_request(adapter_dirs, alone, tiny_c
         # The engine keeps serving.
         again = engine.generate([REQUESTS[8][0]], sampling=GREEDY)[0]
         assert again.token_ids == alone[8]
+
+
+def test_cached_policy_refuses_adapters_that_do_not_fit(adapter_dirs, alone, tiny_config):
+    page_bytes = 16 * tiny_config.num_layers * sum(
+        sum(tiny_config.projection_shape(m)) for m in TARGET_MODULES) * 4
+    # 3 pages: a0 (rank 8, 1 page) fits, a2 (rank 32, 2 pages) fits, a1 (rank 16) does not.
+    with make_engine({"a0": adapter_dirs["a0"], "a2": adapter_dirs["a2"]}, cold_start="cached",
+                     device_lora_budget_bytes=3 * page_bytes) as engine:
+        with pytest.raises(carajax.AdapterError, match="needs 1 pages .* 0 of 3 pages"):
+            engine.add_adapter("a1", adapter_dirs["a1"])
+        assert "a1" not in engine.adapters
+        assert set(engine.pool.stats()["on_device"]) == {"a0", "a2"}  # nothing was evicted
+        outs = engine.generate([REQUESTS[0][0], REQUESTS[2][0]], adapters=["a0", "a2"],
+                               sampling=GREEDY)
+        assert [o.token_ids for o in outs] == [alone[0], alone[2]]
