@@ -122,10 +122,12 @@ def test_cpu_assist_lowers_cold_ttft_and_stalls_nobody(adapter_dirs):
             engine.pin_adapter("warm")
             # Compile the step variants this scenario uses, so timings are not compile times.
             engine.generate([REQUESTS[0][0]], adapters=["warmup"], sampling=GREEDY)
-            long = dataclasses.replace(GREEDY, max_tokens=60)
+            # ~600 decode steps: still running when the cold request arrives, even on a busy box.
+            long = dataclasses.replace(GREEDY, max_tokens=600)
             warm = engine.submit(REQUESTS[1][0], adapter="warm", sampling=long)
             next(iter(warm))  # the warm request is decoding
             cold = engine.submit(REQUESTS[3][0], adapter="cold", sampling=GREEDY)
+            assert not warm.done
             results[policy] = (warm.result(), cold.result())
     (w_warm, w_cold), (c_warm, c_cold) = results["wait"], results["cpu_assist"]
     assert w_cold.metrics.cold_start and c_cold.metrics.cold_start
@@ -163,21 +165,22 @@ def test_eviction_respects_lru_pins_and_running_requests(adapter_dirs, alone, ti
 
 def test_bad_requests_fail_alone(adapter_dirs, alone, tmp_path, tiny_config):
     with make_engine({n: adapter_dirs[n] for n in ("a0", "a2")}, cold_start="cpu_assist",
-                     max_queue=3, max_batch_size=1, max_tokens_limit=60) as engine:
-        # One KV row: this request holds it for 60 decode steps while the others queue.
+                     max_queue=3, max_batch_size=1, max_tokens_limit=600) as engine:
+        # One KV row: this request holds it for 600 decode steps while the others queue.
         first = engine.submit(REQUESTS[2][0], adapter="a2",
-                              sampling=dataclasses.replace(GREEDY, max_tokens=60))
+                              sampling=dataclasses.replace(GREEDY, max_tokens=600))
         next(iter(first))
         queued = [engine.submit(REQUESTS[0][0], adapter="a0", sampling=GREEDY)
                   for _ in range(3)]
         with pytest.raises(carajax.QueueFullError, match="3 requests"):
             engine.submit(REQUESTS[0][0], adapter="a0", sampling=GREEDY)
+        assert not first.done  # the queue was full because the row was taken
         with pytest.raises(carajax.AdapterError, match="unknown adapter 'nope'"):
             engine.submit([2, 3], adapter="nope")
         with pytest.raises(carajax.RequestError, match="context length"):
             engine.submit([5] * engine.runner.seq_len)
-        with pytest.raises(carajax.RequestError, match="max_tokens 61 is over the limit"):
-            engine.submit([2, 3], sampling=carajax.SamplingParams(max_tokens=61))
+        with pytest.raises(carajax.RequestError, match="max_tokens 601 is over the limit"):
+            engine.submit([2, 3], sampling=carajax.SamplingParams(max_tokens=601))
         big = write_random_adapter(tmp_path / "big", tiny_config, rank=128)
         with pytest.raises(carajax.AdapterError, match="max_lora_rank=64"):
             engine.add_adapter("big", big)
