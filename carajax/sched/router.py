@@ -1,0 +1,412 @@
+"""Routing policies: which worker serves a new request.
+
+One interface serves both the simulator (virtual time) and the gRPC router (wall time): a policy
+sees a list of `WorkerState`s, what a router knows about each worker, and returns one of them. The
+policies only *read* worker state; whoever owns the states (simulator or router) applies the
+dispatch afterwards, so a policy is tested once and used twice.
+
+Policies (`POLICIES`, built by `make_policy(name, **kw)`):
+    caraserve    the paper's Algorithm 1 (rank-aware, priced with the worker's own cost model);
+    carajax      ours: caraserve's price plus cold start, queueing delay, KV headroom, locality;
+    random, round_robin, first_fit, most_idle   the paper's baselines.
+
+Every policy first restricts itself to the *candidates*: healthy workers that host the base model
+and have adapter memory for the request (`candidates`). With no candidate it raises
+`NoWorkerError`, because routing to a worker that cannot run the request only moves the failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import random as _random
+from typing import Protocol
+
+try:
+    from carajax.sched.cost_model import Batch
+except ImportError:  # the cost model module is written separately; keep this module usable alone
+
+    @dataclasses.dataclass(frozen=True)
+    class Batch:  # type: ignore[no-redef]
+        """One step's batch as the cost model sees it (mirror of `carajax.sched.cost_model.Batch`)."""
+
+        ranks: tuple[int, ...]  # LoRA rank of each request (0 = base only)
+        tokens: int  # tokens computed this step (prefill: prompt tokens; decode: len(ranks))
+        context: int = 0  # total KV tokens read over the batch
+
+
+class CostModel(Protocol):
+    """What a router needs from a worker's fitted cost model (duck-typed)."""
+
+    def prefill_time(self, batch: Batch) -> float: ...
+
+    def decode_time(self, batch: Batch) -> float: ...
+
+    def load_seconds(self, rank: int) -> float: ...
+
+
+class NoWorkerError(LookupError):
+    """No healthy worker hosts the base model with memory for the request's adapter."""
+
+
+@dataclasses.dataclass
+class WorkerState:
+    """What a router knows about one worker, from its own dispatches or the worker's Stats.
+
+    `queue` holds waiting/prefilling requests as (prompt_tokens, rank); `batch` holds decoding
+    requests as (context_len, rank). `pages_free` counts adapter pages that are free *or* hold an
+    idle adapter the worker may evict (LRU): with thousands of adapters the pool is always full, so
+    counting only empty pages would rule every worker out after warm-up. An adapter of rank r
+    needs ceil(r / page_rank) pages. `kv_free_rows` is the KV-cache token rows not reserved.
+
+    The Batch/time helpers below read the lists; the simulator subclasses this class and answers
+    them from running totals so that routing stays O(workers) per request.
+    """
+
+    name: str
+    cost: CostModel
+    hosts_base: bool = True
+    queue: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    batch: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    resident: set[str] = dataclasses.field(default_factory=set)
+    pages_free: int = 1 << 30
+    page_rank: int = 8
+    kv_free_rows: int = 1 << 30
+    max_batch: int = 32
+    healthy: bool = True
+
+    def pages_needed(self, rank: int) -> int:
+        """Adapter pages one adapter of `rank` occupies (0 for the base model)."""
+        return -(-rank // self.page_rank) if rank > 0 else 0
+
+    def has_memory_for(self, adapter: str, rank: int) -> bool:
+        """True if the adapter is resident or its pages fit in free/evictable memory."""
+        return rank <= 0 or adapter in self.resident or self.pages_needed(rank) <= self.pages_free
+
+    def n_requests(self) -> int:
+        """Requests on the worker: queued plus decoding."""
+        return len(self.queue) + len(self.batch)
+
+    def n_decoding(self) -> int:
+        return len(self.batch)
+
+    def prefill_batch(self, extra: tuple[int, int] | None = None) -> Batch:
+        """The queue as one prefill batch, optionally with one more (prompt_tokens, rank)."""
+        items = self.queue if extra is None else [*self.queue, extra]
+        toks = sum(p for p, _ in items)
+        # A prefill reads the KV it writes, so its context is its own prompt tokens.
+        return Batch(ranks=tuple(r for _, r in items), tokens=toks, context=toks)
+
+    def decode_batch(self, extra: tuple[int, int] | None = None) -> Batch:
+        """The running batch as one decode step, optionally with one more (context_len, rank)."""
+        items = self.batch if extra is None else [*self.batch, extra]
+        return Batch(ranks=tuple(r for _, r in items), tokens=len(items), context=sum(c for c, _ in items))
+
+    def queued_prefill_seconds(self) -> float:
+        """Pre(queue); 0 when the queue is empty (no prefill step would run at all)."""
+        return self.cost.prefill_time(self.prefill_batch()) if self.queue else 0.0
+
+    def decode_seconds(self) -> float:
+        """Dec(batch); 0 when nothing decodes (no decode step would run at all)."""
+        return self.cost.decode_time(self.decode_batch()) if self.batch else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteRequest:
+    """What the router knows about an arriving request."""
+
+    adapter: str
+    rank: int
+    prompt_tokens: int
+    expected_output_tokens: int
+
+
+class Policy(Protocol):
+    """A routing policy: picks one of `workers` for `request` (raises NoWorkerError if none fits)."""
+
+    name: str
+
+    def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState: ...
+
+
+def candidates(request: RouteRequest, workers: list[WorkerState]) -> list[int]:
+    """Indices of workers that may serve the request: healthy, hosting the base, with adapter memory."""
+    out = [
+        i
+        for i, w in enumerate(workers)
+        if w.healthy and w.hosts_base and w.has_memory_for(request.adapter, request.rank)
+    ]
+    if not out:
+        raise NoWorkerError(f"no worker can serve adapter {request.adapter!r} (rank {request.rank})")
+    return out
+
+
+def _marginal(request: RouteRequest, w: WorkerState) -> tuple[float, float, float, float, float]:
+    """Algorithm 1's inputs for adding `request` to `w`: (Δprefill, Δdecode, Pre(queue + r),
+    Dec(batch + r), Dec(batch)). A plain tuple: this runs once per worker per request."""
+    cost, p, r = w.cost, request.prompt_tokens, request.rank
+    pre_with = cost.prefill_time(w.prefill_batch((p, r)))
+    # The new request joins decoding with its prompt (+ first token) as context.
+    dec_with = cost.decode_time(w.decode_batch((p + 1, r)))
+    dec_now = w.decode_seconds()
+    return pre_with - w.queued_prefill_seconds(), dec_with - dec_now, pre_with, dec_with, dec_now
+
+
+def _argmin(request: RouteRequest, workers: list[WorkerState], score) -> WorkerState:
+    """The eligible worker with the lowest score (ties: lowest index), in one pass: this loop runs
+    per arrival over every worker, so it avoids building the candidate list first."""
+    best, best_s = None, math.inf
+    adapter, rank = request.adapter, request.rank
+    for w in workers:
+        if w.healthy and w.hosts_base and w.has_memory_for(adapter, rank):
+            s = score(request, w)
+            if s < best_s or best is None:
+                best, best_s = w, s
+    if best is None:
+        candidates(request, workers)  # raises NoWorkerError with the message
+    return best
+
+
+def _request_weight(n: int, mode: str) -> int:
+    if mode == "n_plus_1":
+        return n + 1
+    if mode == "n":
+        return n
+    if mode == "max1":
+        return max(1, n)
+    raise ValueError(f"unknown weight mode {mode!r}")
+
+
+class CaraServePolicy:
+    """The paper's rank-aware Algorithm 1.
+
+    For each candidate worker, with r the new request and its own fitted cost model:
+        Δprefill = Pre(queue + r) − Pre(queue),    Δdecode = Dec(batch + r) − Dec(batch)
+        cost     = Δprefill / avg_output_len + Δdecode   (prefill amortised over the tokens it buys)
+        cost    += slo_penalty                  if Dec(batch + r) > slo_tpot
+        total    = cost × weight(n),  n = requests on the worker (queue + batch)
+    and route to the argmin (ties: lowest index). Pre/Dec of an empty set are 0: no step runs.
+
+    weight(n): the paper multiplies by the worker's request count. Taken literally (`"n"`) every
+    idle worker scores 0 and ties, which throws away the rank information exactly when it is
+    cheapest to use, and a penalised idle worker would look free. We default to `"n_plus_1"`:
+    the number of requests whose time per token the placement changes, the new one included.
+    `"n"` (literal) and `"max1"` are kept for comparison.
+    """
+
+    name = "caraserve"
+
+    def __init__(
+        self,
+        slo_tpot: float = 0.1,
+        avg_output_len: float = 128.0,
+        slo_penalty: float = 10.0,
+        weight: str = "n_plus_1",
+    ):
+        _request_weight(0, weight)  # validate early
+        self.slo_tpot = slo_tpot
+        self.avg_output_len = avg_output_len
+        self.slo_penalty = slo_penalty
+        self.weight = weight
+
+    def score(self, request: RouteRequest, w: WorkerState) -> float:
+        """Algorithm 1's total cost of placing `request` on `w` (lower is better)."""
+        d_pre, d_dec, _, dec_with, _ = _marginal(request, w)
+        cost = d_pre / self.avg_output_len + d_dec
+        if dec_with > self.slo_tpot:
+            cost += self.slo_penalty
+        return cost * _request_weight(w.n_requests(), self.weight)
+
+    def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState:
+        return _argmin(request, workers, self.score)
+
+
+class CarajaxPolicy:
+    """Ours: caraserve's rank-aware price plus what it leaves out.
+
+        score = tpot_impact + ttft_weight × ttft + kv_penalty·[kv_free_rows == 0]
+                − locality_bonus·[adapter resident]
+
+    tpot_impact — caraserve's cost × (n + 1) with its SLO penalty (the rank-aware part), plus,
+        under `cold_start="wait"`, the cold load's stall load_seconds(r) / avg_output_len inside
+        the bracket: a synchronous load stalls every request in the batch for one step, which
+        costs each of them that much per output token.
+    ttft — what the new request waits for its first token:
+        Pre(queue + r)            the prefill work already queued ahead is batched with ours;
+        + Dec(batch)              the step in flight (prefill and decode share a step);
+        + cold                    load_seconds(r) under "wait"; under "cpu_assist" there is no
+                                  stall, only the slower CPU-side LoRA prefill,
+                                  cpu_slowdown × Pre([r]);
+        + batch-full wait         if queue + batch ≥ max_batch, the request waits for slots:
+                                  ≈ Dec(batch) × avg_output_len × (overflow + 1) / max_batch.
+    kv_penalty — a worker with no KV rows free cannot admit anything; it is heavily penalised
+        rather than dropped so that a cluster with every worker full still routes somewhere.
+    locality_bonus — a small preference for a worker already holding the adapter beyond the
+        load time itself: it also keeps the adapter's other requests there (fewer evictions).
+
+    `ttft_weight` converts seconds of TTFT into the TPOT units of the first term; its default
+    1/avg_output_len amortises the wait over the request's tokens, as caraserve does for prefill.
+    """
+
+    name = "carajax"
+
+    def __init__(
+        self,
+        slo_tpot: float = 0.1,
+        avg_output_len: float = 128.0,
+        slo_penalty: float = 10.0,
+        ttft_weight: float | None = None,
+        cold_start: str = "wait",
+        cpu_slowdown: float = 0.5,
+        kv_penalty: float = 1e3,
+        locality_bonus: float = 0.0,
+    ):
+        if cold_start not in ("wait", "cpu_assist", "cached"):
+            raise ValueError(f"unknown cold_start {cold_start!r}")
+        self.slo_tpot = slo_tpot
+        self.avg_output_len = avg_output_len
+        self.slo_penalty = slo_penalty
+        self.ttft_weight = 1.0 / avg_output_len if ttft_weight is None else ttft_weight
+        self.cold_start = cold_start
+        self.cpu_slowdown = cpu_slowdown
+        self.kv_penalty = kv_penalty
+        self.locality_bonus = locality_bonus
+
+    def score(self, request: RouteRequest, w: WorkerState) -> float:
+        """Predicted TPOT impact + ttft_weight × predicted TTFT (+ KV / locality terms)."""
+        d_pre, d_dec, pre_with, dec_with, dec_now = _marginal(request, w)
+        n = w.n_requests()
+        resident = request.rank <= 0 or request.adapter in w.resident
+        cold_ttft = stall = 0.0
+        if not resident:
+            if self.cold_start == "wait":
+                cold_ttft = w.cost.load_seconds(request.rank)
+                stall = cold_ttft / self.avg_output_len
+            elif self.cold_start == "cpu_assist":
+                toks = request.prompt_tokens
+                alone = Batch(ranks=(request.rank,), tokens=toks, context=toks)
+                cold_ttft = self.cpu_slowdown * w.cost.prefill_time(alone)
+        cost = d_pre / self.avg_output_len + d_dec + stall
+        if dec_with > self.slo_tpot:
+            cost += self.slo_penalty
+        tpot_impact = cost * (n + 1)
+        ttft = pre_with + dec_now + cold_ttft
+        overflow = n - w.max_batch
+        if overflow >= 0:
+            ttft += dec_now * self.avg_output_len * (overflow + 1) / w.max_batch
+        score = tpot_impact + self.ttft_weight * ttft
+        if w.kv_free_rows <= 0:
+            score += self.kv_penalty
+        if resident:
+            score -= self.locality_bonus
+        return score
+
+    def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState:
+        return _argmin(request, workers, self.score)
+
+
+class RandomPolicy:
+    """Uniform among the candidates; seeded so runs repeat."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self._rng = _random.Random(seed)
+
+    def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState:
+        idx = candidates(request, workers)
+        return workers[idx[self._rng.randrange(len(idx))]]
+
+
+class RoundRobinPolicy:
+    """Cycles through the workers by index, skipping non-candidates.
+
+    The cursor is a worker index, not a position among candidates, so a worker dropping out of
+    the candidate set does not shift everyone else's turn.
+    """
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState:
+        idx = candidates(request, workers)
+        start = self._next % len(workers)
+        pick = next((i for i in idx if i >= start), idx[0])  # first candidate at/after the cursor
+        self._next = pick + 1
+        return workers[pick]
+
+
+class FirstFitPolicy:
+    """The first candidate (by index) with room: queue + batch < max_batch and KV rows free.
+
+    Our reading of the paper's first-fit: fill workers in a fixed order, moving on only when a
+    worker's batch is full. That packs load onto the first workers, which is why it does worst
+    on time-per-token SLOs. If no candidate has room, the first candidate gets the request.
+    """
+
+    name = "first_fit"
+
+    def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState:
+        idx = candidates(request, workers)
+        for i in idx:
+            w = workers[i]
+            if w.n_requests() < w.max_batch and w.kv_free_rows > 0:
+                return w
+        return workers[idx[0]]
+
+
+class MostIdlePolicy:
+    """The candidate with the fewest requests (queue + batch); ties: lowest index."""
+
+    name = "most_idle"
+
+    def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState:
+        idx = candidates(request, workers)
+        return workers[min(idx, key=lambda i: (workers[i].n_requests(), i))]
+
+
+_REGISTRY: dict[str, type] = {
+    "caraserve": CaraServePolicy,
+    "carajax": CarajaxPolicy,
+    "random": RandomPolicy,
+    "round_robin": RoundRobinPolicy,
+    "first_fit": FirstFitPolicy,
+    "most_idle": MostIdlePolicy,
+}
+POLICIES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def make_policy(name: str, **kw) -> Policy:
+    """Builds a policy by name; keyword arguments the policy does not take are ignored.
+
+    Ignoring extras lets one call site pass the shared knobs (slo_tpot, avg_output_len, seed)
+    to whichever policy is being compared.
+    """
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {POLICIES}") from None
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kw.items() if k in params})
+
+
+__all__ = [
+    "POLICIES",
+    "Batch",
+    "CaraServePolicy",
+    "CarajaxPolicy",
+    "CostModel",
+    "FirstFitPolicy",
+    "MostIdlePolicy",
+    "NoWorkerError",
+    "Policy",
+    "RandomPolicy",
+    "RoundRobinPolicy",
+    "RouteRequest",
+    "WorkerState",
+    "candidates",
+    "make_policy",
+]

@@ -1,0 +1,631 @@
+"""A discrete-event simulator of a LoRA serving cluster, in virtual time.
+
+It answers "what at 60 workers and 40k adapters" with the same routing code the gRPC router uses
+(`carajax.sched.router`). Each worker is modelled like the engine:
+
+* continuous batching: at the start of every step the worker admits requests from its FIFO queue
+  (up to `max_batch` running, KV rows reserved for prompt + output, adapter pages available);
+* one step = prefill of the requests admitted this step, then one decode token for every request
+  already running; its duration is Pre(admitted) + Dec(running) from the worker's cost model;
+* adapters: a per-worker page budget with LRU eviction of adapters no running request uses; a cold
+  adapter under `cold_start="wait"` is loaded synchronously inside the step (the whole step waits
+  `load_seconds(rank)`), as in the engine's `wait` policy; `"cached"` makes every load free.
+
+A request's first token comes at the end of its prefill step; each later decode step yields one
+more. TTFT = first token − arrival; TPOT = (finish − first token) / (output_tokens − 1) (0 for a
+one-token output); latency = finish − arrival.
+
+Speed: token bookkeeping is lazy. A running request's finish is known when it joins (the decode
+step count it will finish at), so a step costs O(1) plus its completions, and the running batch's
+ranks tuple and context sum are kept as running totals for both the step and the router.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import json
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from carajax.sched.router import (
+    Batch,
+    CostModel,
+    NoWorkerError,
+    Policy,
+    RouteRequest,
+    WorkerState,
+    make_policy,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimRequest:
+    """One request of a workload: arrival time (s), prompt/output token counts, adapter and rank."""
+
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    adapter: str = ""
+    rank: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    """Cluster shape and SLOs (seconds).
+
+    `adapter_pages` pages of `page_rank` rank each per worker (an adapter of rank r needs
+    ceil(r / page_rank)); `kv_rows` KV-cache token rows per worker.
+    """
+
+    n_workers: int = 4
+    max_batch: int = 32
+    kv_rows: int = 1 << 20
+    adapter_pages: int = 256
+    page_rank: int = 8
+    cold_start: str = "wait"  # "wait" | "cached"
+    slo_tpot: float = 0.1
+    slo_ttft: float = 2.0
+    # What `slo_tpot` bounds. "latency_per_token" = latency / output_tokens, the end-to-end time per
+    # token (queueing included): with it, first-fit's pile-up fails its SLO as in the paper's
+    # evaluation. "tpot" = decode-only time per token after the first, which ignores queueing.
+    slo_metric: str = "latency_per_token"
+
+    def __post_init__(self):
+        if self.slo_metric not in ("latency_per_token", "tpot"):
+            raise ValueError(f"slo_metric must be 'latency_per_token' or 'tpot', got {self.slo_metric!r}")
+        if self.cold_start not in ("wait", "cached"):
+            raise ValueError(f"cold_start must be 'wait' or 'cached', got {self.cold_start!r}")
+        if self.n_workers < 1 or self.max_batch < 1:
+            raise ValueError("need at least one worker and a batch of at least one")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyticCost:
+    """A closed-form step-latency model for benchmarks and tests when no fitted model is at hand.
+
+    prefill = beta + pre_tok·tokens + alpha·R·tokens/|S|
+    decode  = beta + dec_tok·|S| + ctx·context + alpha·R
+    with R = |S|·max_rank when `padded` (BGMV) else Σrank (MBGMV); load = load_fixed + load_per_rank·r.
+    The defaults are in the range of the paper's A10 numbers (Llama-2-7B: ~30 ms decode steps,
+    5-50 ms loads); they are a placeholder, not a fit.
+    """
+
+    beta: float = 0.02
+    pre_tok: float = 1e-4
+    dec_tok: float = 2e-4
+    ctx: float = 5e-8
+    alpha: float = 5e-6
+    padded: bool = False
+    load_fixed: float = 2e-3
+    load_per_rank: float = 3.5e-4
+
+    def _rank_term(self, ranks: tuple[int, ...]) -> float:
+        if not ranks:
+            return 0.0
+        return len(ranks) * max(ranks) if self.padded else sum(ranks)
+
+    def prefill_time(self, batch: Batch) -> float:
+        n = max(1, len(batch.ranks))
+        lora = self.alpha * self._rank_term(batch.ranks) * batch.tokens / n
+        return self.beta + self.pre_tok * batch.tokens + lora
+
+    def decode_time(self, batch: Batch) -> float:
+        return (
+            self.beta
+            + self.dec_tok * len(batch.ranks)
+            + self.ctx * batch.context
+            + self.alpha * self._rank_term(batch.ranks)
+        )
+
+    def load_seconds(self, rank: int) -> float:
+        return self.load_fixed + self.load_per_rank * rank
+
+
+_new = object.__new__
+
+
+def _batch(ranks: tuple[int, ...], tokens: int, context: int) -> Batch:
+    """A Batch without re-validating its ranks: the simulator's ranks are already checked ints, and
+    the validation in `Batch.__post_init__` was the largest single cost of routing a request.
+    (Frozen dataclasses only block attribute *assignment*; filling __dict__ is how copy does it.)"""
+    b = _new(Batch)
+    b.__dict__.update(ranks=ranks, tokens=tokens, context=context)
+    return b
+
+
+class _Running:
+    """One admitted request on a worker (slots keep attribute access fast)."""
+
+    __slots__ = ("rid", "prompt", "out", "adapter", "rank", "rows")
+
+    def __init__(self, rid: int, prompt: int, out: int, adapter: str, rank: int, rows: int):
+        self.rid, self.prompt, self.out = rid, prompt, out
+        self.adapter, self.rank, self.rows = adapter, rank, rows
+
+
+class SimWorker(WorkerState):
+    """A simulated worker: the router's `WorkerState`, answered from running totals.
+
+    The inherited `queue`/`batch` lists stay empty: the FIFO lives in `waiting`, and the decoding
+    set is kept as a rank multiset, a context sum and a count instead of per-request contexts,
+    because those change every step and the router only needs their totals. Policies read the
+    state through `n_requests`, `prefill_batch`, `decode_batch` and the `*_seconds` helpers, which
+    this class overrides. `resident` is an LRU-ordered dict (membership tests work as on a set).
+    """
+
+    def __init__(self, index: int, cost: CostModel, cfg: SimConfig):
+        super().__init__(
+            name=f"w{index}",
+            cost=cost,
+            pages_free=cfg.adapter_pages,
+            page_rank=cfg.page_rank,
+            kv_free_rows=cfg.kv_rows,
+            max_batch=cfg.max_batch,
+        )
+        self.index = index
+        self.ignore_memory = False  # set while re-routing a request no worker has pages for now
+        self.resident = collections.OrderedDict()  # type: ignore[assignment]  # adapter -> pages, LRU first
+        self.pinned: dict[str, int] = {}  # adapter -> running requests using it
+        self.pages_total = cfg.adapter_pages
+        self.pages_used = 0  # pages holding adapters (pinned or not)
+        self.pages_pinned = 0
+        self.waiting: collections.deque[tuple[int, SimRequest]] = collections.deque()
+        self.rank_count: dict[int, int] = {}
+        self.n_run = 0
+        self.ctx_sum = 0
+        self.decode_steps = 0
+        self.done_heap: list[tuple[int, int, _Running]] = []  # (finish decode step, rid, request)
+        self.busy = False
+        self._ranks: tuple[int, ...] = ()
+        self._ranks_dirty = False
+        self._qranks: tuple[int, ...] = ()
+        self._qtokens = 0
+        self._qdirty = False
+        self._pre_cache: float | None = None
+        self._dec_cache: float | None = None
+
+    # -- what the router reads ------------------------------------------------------------------
+    def n_requests(self) -> int:
+        return len(self.waiting) + self.n_run
+
+    def n_decoding(self) -> int:
+        return self.n_run
+
+    def _run_ranks(self) -> tuple[int, ...]:
+        if self._ranks_dirty:
+            self._ranks = tuple(r for r, c in self.rank_count.items() for _ in range(c))
+            self._ranks_dirty = False
+        return self._ranks
+
+    def _queue_ranks(self) -> tuple[int, ...]:
+        if self._qdirty:
+            self._qranks = tuple(r.rank for _, r in self.waiting)
+            self._qdirty = False
+        return self._qranks
+
+    def prefill_batch(self, extra: tuple[int, int] | None = None) -> Batch:
+        ranks, toks = self._queue_ranks(), self._qtokens
+        if extra is not None:
+            ranks, toks = ranks + (extra[1],), toks + extra[0]
+        return _batch(ranks, toks, toks)
+
+    def decode_batch(self, extra: tuple[int, int] | None = None) -> Batch:
+        ranks, ctx = self._run_ranks(), self.ctx_sum
+        if extra is not None:
+            ranks, ctx = ranks + (extra[1],), ctx + extra[0]
+        return _batch(ranks, len(ranks), ctx)
+
+    def queued_prefill_seconds(self) -> float:
+        # Cached until the queue changes: many arrivals are priced between two queue changes.
+        if self._pre_cache is None:
+            self._pre_cache = self.cost.prefill_time(self.prefill_batch()) if self.waiting else 0.0
+        return self._pre_cache
+
+    def decode_seconds(self) -> float:
+        if self._dec_cache is None:
+            self._dec_cache = self.cost.decode_time(self.decode_batch()) if self.n_run else 0.0
+        return self._dec_cache
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def enqueue(self, rid: int, req: SimRequest) -> None:
+        self.waiting.append((rid, req))
+        self._qtokens += req.prompt_tokens
+        self._qdirty = True
+        self._pre_cache = None
+
+    def _dequeue(self) -> tuple[int, SimRequest]:
+        rid, req = self.waiting.popleft()
+        self._qtokens -= req.prompt_tokens
+        self._qdirty = True
+        self._pre_cache = None
+        return rid, req
+
+    def _sync_pages_free(self) -> None:
+        # Free or evictable: everything not pinned by a running request.
+        self.pages_free = self.pages_total - self.pages_pinned
+
+    def has_memory_for(self, adapter: str, rank: int) -> bool:
+        # Inlined (no super() call): this runs once per worker per arrival.
+        if self.ignore_memory or rank <= 0 or adapter in self.resident:
+            return True
+        return -(-rank // self.page_rank) <= self.pages_free
+
+    def acquire(self, adapter: str, rank: int) -> bool | None:
+        """Pins the adapter for one more request: True if it had to be loaded, False if resident,
+        None if its pages cannot be freed now (every page is pinned by running requests)."""
+        if rank <= 0:
+            return False
+        cold = adapter not in self.resident
+        if cold:
+            pages = self.pages_needed(rank)
+            if self.pages_total - self.pages_pinned < pages:
+                return None
+            while self.pages_total - self.pages_used < pages:  # evict LRU adapters nobody uses
+                victim = next(a for a in self.resident if a not in self.pinned)
+                self.pages_used -= self.resident.pop(victim)
+            self.resident[adapter] = pages
+            self.pages_used += pages
+        else:
+            self.resident.move_to_end(adapter)
+            pages = self.resident[adapter]  # what it occupies, even if a caller names another rank
+        n = self.pinned.get(adapter, 0)
+        if n == 0:
+            self.pages_pinned += pages
+        self.pinned[adapter] = n + 1
+        self._sync_pages_free()
+        return cold
+
+    def release(self, adapter: str, rank: int) -> None:
+        if rank <= 0:
+            return
+        n = self.pinned[adapter] - 1
+        if n == 0:
+            del self.pinned[adapter]
+            self.pages_pinned -= self.resident[adapter]  # pinned adapters are never evicted
+            self._sync_pages_free()
+        else:
+            self.pinned[adapter] = n
+
+    def join(self, r: _Running) -> None:
+        self.rank_count[r.rank] = self.rank_count.get(r.rank, 0) + 1
+        self._ranks_dirty = True
+        self.n_run += 1
+        self.ctx_sum += r.prompt + 1
+        self._dec_cache = None
+        heapq.heappush(self.done_heap, (self.decode_steps + r.out - 1, r.rid, r))
+
+    def leave(self, r: _Running) -> None:
+        c = self.rank_count[r.rank] - 1
+        if c:
+            self.rank_count[r.rank] = c
+        else:
+            del self.rank_count[r.rank]
+        self._ranks_dirty = True
+        self.n_run -= 1
+        self.ctx_sum -= r.prompt + r.out
+        self._dec_cache = None
+
+
+@dataclasses.dataclass
+class SimResult:
+    """Per-request timings of one simulation (seconds; index = request index) and the summary."""
+
+    policy: str
+    ttft: np.ndarray
+    tpot: np.ndarray
+    latency: np.ndarray
+    tokens: np.ndarray  # output tokens generated per request
+    worker: np.ndarray  # worker index each request went to
+    loads: int  # adapter loads performed
+    memory_fallbacks: int  # arrivals routed while no worker had free adapter pages (they queued)
+    wall_s: float  # host seconds the simulation took
+    cfg: SimConfig
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able dict: SLO attainment, mean/p99 TTFT, TPOT, latency, loads, wall time."""
+
+        def stats(x: np.ndarray) -> dict[str, float]:
+            p50, p99 = np.percentile(x, [50, 99])
+            return {"mean": float(np.mean(x)), "p50": float(p50), "p99": float(p99)}
+
+        per_token = self.latency / np.maximum(self.tokens, 1)
+        metric = per_token if self.cfg.slo_metric == "latency_per_token" else self.tpot
+        ok_tpot = metric <= self.cfg.slo_tpot
+        ok_ttft = self.ttft <= self.cfg.slo_ttft
+        return {
+            "policy": self.policy,
+            "requests": int(len(self.ttft)),
+            "slo_tpot_s": self.cfg.slo_tpot,
+            "slo_ttft_s": self.cfg.slo_ttft,
+            "slo_metric": self.cfg.slo_metric,
+            "slo_attainment": float(np.mean(ok_tpot)),
+            "ttft_slo_attainment": float(np.mean(ok_ttft)),
+            "both_slo_attainment": float(np.mean(ok_tpot & ok_ttft)),
+            "ttft": stats(self.ttft),
+            "tpot": stats(self.tpot),
+            "latency": stats(self.latency),
+            "latency_per_token": stats(per_token),
+            "adapter_loads": self.loads,
+            "memory_fallbacks": self.memory_fallbacks,
+            "workers_used": int(len(np.unique(self.worker))),
+            "wall_s": self.wall_s,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.summary(), indent=2)
+
+
+def simulate(
+    requests: Sequence[SimRequest],
+    policy: Policy | str,
+    cost: CostModel | Sequence[CostModel] | None = None,
+    cfg: SimConfig = SimConfig(),  # noqa: B008 - frozen, so a shared default is safe
+    **policy_kw: Any,
+) -> SimResult:
+    """Runs `requests` (sorted by arrival or not) through a cluster routed by `policy`.
+
+    `cost` is one cost model for every worker or one per worker (heterogeneous clusters);
+    None uses `AnalyticCost()`. A policy given by name is built with `make_policy(policy,
+    slo_tpot=cfg.slo_tpot, avg_output_len=<mean output of the workload>, **policy_kw)`.
+    Deterministic: the only randomness is the policy's own seed.
+    """
+    t0 = time.perf_counter()
+    n = len(requests)
+    order = sorted(range(n), key=lambda i: (requests[i].arrival_s, i))
+    if isinstance(policy, str):
+        avg_out = float(np.mean([r.output_tokens for r in requests])) if n else 128.0
+        kw = {"slo_tpot": cfg.slo_tpot, "avg_output_len": avg_out, **policy_kw}
+        policy = make_policy(policy, **kw)
+    costs = [cost or AnalyticCost()] * cfg.n_workers if not isinstance(cost, Sequence) else list(cost)
+    if len(costs) != cfg.n_workers:
+        raise ValueError(f"{len(costs)} cost models for {cfg.n_workers} workers")
+    workers = [SimWorker(i, c, cfg) for i, c in enumerate(costs)]
+    for r in requests:  # a request that can never fit would stall its worker forever
+        if r.prompt_tokens + r.output_tokens > cfg.kv_rows or (
+            r.rank > 0 and -(-r.rank // cfg.page_rank) > cfg.adapter_pages
+        ):
+            raise ValueError(f"request {r} can never fit a worker ({cfg})")
+        if r.output_tokens < 1 or r.prompt_tokens < 0:
+            raise ValueError(f"request {r} needs output_tokens >= 1")
+
+    first = np.full(n, np.nan)
+    finish = np.full(n, np.nan)
+    tokens = np.zeros(n, dtype=np.int64)
+    placed = np.full(n, -1, dtype=np.int64)
+    loads = fallbacks = 0
+    wait_loads = cfg.cold_start == "wait"
+    events: list[tuple[float, int, int, list[_Running]]] = []  # (end time, seq, worker, admitted)
+    seq = 0
+
+    def start_step(wi: int, now: float) -> None:
+        nonlocal seq, loads
+        w = workers[wi]
+        admitted: list[_Running] = []
+        load_s = 0.0
+        room = w.max_batch - w.n_run
+        while w.waiting and len(admitted) < room:
+            rid, req = w.waiting[0]
+            rows = req.prompt_tokens + req.output_tokens
+            if rows > w.kv_free_rows:
+                break  # FIFO: the head waits for KV rows; later requests do not overtake it
+            got = w.acquire(req.adapter, req.rank)
+            if got is None:
+                break  # no adapter pages until a running request releases its adapter
+            if got:
+                loads += 1
+                if wait_loads:
+                    load_s += w.cost.load_seconds(req.rank)
+            w._dequeue()
+            w.kv_free_rows -= rows
+            admitted.append(_Running(rid, req.prompt_tokens, req.output_tokens, req.adapter, req.rank, rows))
+        dur = load_s
+        if admitted:
+            toks = sum(a.prompt for a in admitted)
+            ranks = tuple(a.rank for a in admitted)
+            dur += w.cost.prefill_time(Batch(ranks=ranks, tokens=toks, context=toks))
+        if w.n_run:
+            dur += w.decode_seconds()
+        if not admitted and not w.n_run:
+            w.busy = False  # nothing runnable: wait for an arrival (or a release, which cannot be pending)
+            return
+        w.busy = True
+        seq += 1
+        heapq.heappush(events, (now + dur, seq, wi, admitted))
+
+    def end_step(now: float, wi: int, admitted: list[_Running]) -> None:
+        w = workers[wi]
+        if w.n_run:
+            w.decode_steps += 1
+            w.ctx_sum += w.n_run
+            w._dec_cache = None
+            heap = w.done_heap
+            while heap and heap[0][0] <= w.decode_steps:
+                _, rid, r = heapq.heappop(heap)
+                finish[rid] = now
+                tokens[rid] = r.out
+                w.leave(r)
+                w.kv_free_rows += r.rows
+                w.release(r.adapter, r.rank)
+        for r in admitted:
+            first[r.rid] = now
+            if r.out == 1:
+                finish[r.rid] = now
+                tokens[r.rid] = 1
+                w.kv_free_rows += r.rows
+                w.release(r.adapter, r.rank)
+            else:
+                w.join(r)
+        start_step(wi, now)
+
+    for rid in order:
+        req = requests[rid]
+        t = req.arrival_s
+        while events and events[0][0] <= t:  # finish steps first so the router sees fresh state
+            end, _, wi, adm = heapq.heappop(events)
+            end_step(end, wi, adm)
+        rr = RouteRequest(req.adapter, req.rank, req.prompt_tokens, req.output_tokens)
+        try:
+            w = policy.choose(rr, workers)
+        except NoWorkerError:
+            # Every worker's adapter pages are pinned by running requests right now. The request
+            # is not lost: the policy routes it as if memory were free and it waits in that
+            # worker's queue until a release frees pages. Counted in the summary.
+            fallbacks += 1
+            for x in workers:
+                x.ignore_memory = True
+            try:
+                w = policy.choose(rr, workers)
+            finally:
+                for x in workers:
+                    x.ignore_memory = False
+        wi = w.index
+        placed[rid] = wi
+        w.enqueue(rid, req)
+        if not w.busy:
+            start_step(wi, t)
+    while events:
+        end, _, wi, adm = heapq.heappop(events)
+        end_step(end, wi, adm)
+
+    arrival = np.array([r.arrival_s for r in requests], dtype=np.float64)
+    out = np.array([r.output_tokens for r in requests], dtype=np.float64)
+    ttft = first - arrival
+    tpot = np.where(out > 1, (finish - first) / np.maximum(out - 1, 1), 0.0)
+    return SimResult(
+        policy=getattr(policy, "name", type(policy).__name__),
+        ttft=ttft,
+        tpot=tpot,
+        latency=finish - arrival,
+        tokens=tokens,
+        worker=placed,
+        loads=loads,
+        memory_fallbacks=fallbacks,
+        wall_s=time.perf_counter() - t0,
+        cfg=cfg,
+    )
+
+
+def compare(
+    requests: Sequence[SimRequest],
+    policies: Iterable[str],
+    cost: CostModel | Sequence[CostModel] | None = None,
+    cfg: SimConfig = SimConfig(),  # noqa: B008
+    **policy_kw: Any,
+) -> dict[str, dict[str, Any]]:
+    """`simulate` for each named policy on the same workload; {policy: summary}."""
+    return {p: simulate(requests, p, cost, cfg, **policy_kw).summary() for p in policies}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workloads
+
+
+def zipf_probabilities(n_adapters: int, exponent: float) -> np.ndarray:
+    """P(adapter k) ∝ k^-exponent for k = 1..n (rank 1 is the most popular)."""
+    w = np.arange(1, n_adapters + 1, dtype=np.float64) ** -exponent
+    return w / w.sum()
+
+
+def assign_adapters(
+    n_requests: int,
+    n_adapters: int,
+    exponent: float = 1.8,
+    ranks: Sequence[int] = (8, 16, 32, 64),
+    seed: int = 0,
+) -> tuple[list[str], list[int]]:
+    """Zipf-popular adapter names ("a0" most popular) for each request, and their ranks.
+
+    Each adapter's rank is drawn once (uniform over `ranks`) so an adapter always has one rank.
+    Adapter "a{k}" has popularity rank k + 1, which keeps the statistics easy to check; the
+    router only sees names, so the ordering cannot leak into routing.
+    """
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(n_adapters, size=n_requests, p=zipf_probabilities(n_adapters, exponent))
+    adapter_rank = rng.choice(np.asarray(ranks), size=n_adapters)
+    return [f"a{i}" for i in ids.tolist()], adapter_rank[ids].tolist()
+
+
+def load_trace(
+    path: str,
+    *,
+    n_requests: int | None = None,
+    rate_scale: float = 1.0,
+    n_adapters: int = 100,
+    exponent: float = 1.8,
+    ranks: Sequence[int] = (8, 16, 32, 64),
+    seed: int = 0,
+    max_prompt: int | None = None,
+    max_output: int | None = None,
+) -> list[SimRequest]:
+    """Reads a JSONL trace (`arrival_s`, `prompt_tokens`, `output_tokens`, optional `adapter`, `rank`).
+
+    `rate_scale` multiplies the arrival rate (arrival times are divided by it). `n_requests` cuts
+    the trace, or tiles it back to back (each copy shifted by the trace's span plus its mean gap)
+    when the trace is shorter. Requests without an adapter get a Zipf(`exponent`) adapter over
+    `n_adapters` with a rank from `ranks` (see `assign_adapters`). Prompt/output lengths can be
+    clipped to fit a worker. Deterministic for a seed.
+    """
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    if not rows:
+        return []
+    base_t = np.array([float(r["arrival_s"]) for r in rows])
+    base_t -= base_t.min()
+    total = len(rows) if n_requests is None else n_requests
+    span = float(base_t.max()) + (float(base_t.max()) / max(1, len(rows) - 1))
+    names, rks = assign_adapters(total, n_adapters, exponent, ranks, seed)
+    out = []
+    for i in range(total):
+        r = rows[i % len(rows)]
+        t = (base_t[i % len(rows)] + span * (i // len(rows))) / rate_scale
+        p, o = int(r["prompt_tokens"]), max(1, int(r["output_tokens"]))
+        if max_prompt is not None:
+            p = min(p, max_prompt)
+        if max_output is not None:
+            o = min(o, max_output)
+        ad, rk = (r["adapter"], int(r.get("rank", 8))) if "adapter" in r else (names[i], rks[i])
+        out.append(SimRequest(float(t), p, o, ad, rk))
+    return out
+
+
+def poisson_workload(
+    n_requests: int,
+    rate: float,
+    *,
+    prompt_tokens: int = 256,
+    output_tokens: int = 64,
+    n_adapters: int = 100,
+    exponent: float = 1.8,
+    ranks: Sequence[int] = (8, 16, 32, 64),
+    seed: int = 0,
+) -> list[SimRequest]:
+    """Synthetic Poisson arrivals at `rate` req/s with fixed lengths and Zipf adapters."""
+    rng = np.random.default_rng(seed + 1)
+    t = np.cumsum(rng.exponential(1.0 / rate, size=n_requests)) if n_requests else np.zeros(0)
+    names, rks = assign_adapters(n_requests, n_adapters, exponent, ranks, seed)
+    return [
+        SimRequest(float(t[i]), prompt_tokens, output_tokens, names[i], rks[i]) for i in range(n_requests)
+    ]
+
+
+__all__ = [
+    "AnalyticCost",
+    "SimConfig",
+    "SimRequest",
+    "SimResult",
+    "SimWorker",
+    "assign_adapters",
+    "compare",
+    "load_trace",
+    "poisson_workload",
+    "simulate",
+    "zipf_probabilities",
+]
