@@ -1,0 +1,129 @@
+"""Policy x load sweep of the cluster simulator on the Azure LLM 2023 traces (a10_paper cost model).
+
+    python scripts/sim_results.py                                  # 60 workers, 40k adapters, 20k requests
+    python scripts/sim_results.py --requests 3000 --workers 16 --adapters 2000 --scales 2 4 8   # quick
+
+Prints a Markdown table of SLO attainment (the simulator's TPOT-SLO metric) per policy and load scale,
+then, per policy, the highest load at which attainment >= the target (default 99%), and the ratio
+carajax / caraserve of those loads (the paper-style "sustainable load" comparison; goal >= 1.2x).
+Writes everything to results/sim_results.json. The cost model is derived from published numbers
+(datasheet roofline + CaraServe's load times), NOT measured on an A10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from carajax.sched import cost_model as cm
+from carajax.sched.simulator import SimConfig, load_trace, simulate
+
+REPO = Path(__file__).resolve().parents[1]
+TRACES = {
+    "conv": REPO / "data" / "traces" / "azure_llm_2023" / "azure2023_conv.jsonl",
+    "code": REPO / "data" / "traces" / "azure_llm_2023" / "azure2023_code.jsonl",
+}
+POLICIES = ("caraserve", "carajax", "most_idle", "random", "first_fit")
+
+
+def max_sustained(table: dict[float, float], target: float) -> float | None:
+    """The highest load scale whose attainment >= target (None if none)."""
+    ok = [s for s, a in table.items() if a >= target]
+    return max(ok) if ok else None
+
+
+def markdown(trace: str, att: dict[str, dict[float, float]], scales: list[float], target: float) -> str:
+    lines = [f"**{trace}** — TPOT-SLO attainment by load scale (x trace rate)", "",
+             "| policy | " + " | ".join(f"x{s:g}" for s in scales) + f" | max load @ >= {target:.0%} |",
+             "|---|" + "---:|" * (len(scales) + 1)]
+    for p, row in att.items():
+        best = max_sustained(row, target)
+        lines.append(f"| {p} | " + " | ".join(f"{row[s]:.3f}" for s in scales)
+                     + f" | {'-' if best is None else f'x{best:g}'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--traces", nargs="+", default=["conv"], choices=sorted(TRACES))
+    ap.add_argument("--scales", nargs="+", type=float, default=[4, 8, 12, 16, 20, 24])
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES))
+    ap.add_argument("--workers", type=int, default=60)
+    ap.add_argument("--adapters", type=int, default=40_000)
+    ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument("--zipf", type=float, default=1.8)
+    ap.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32, 64])
+    ap.add_argument("--slo-tpot-ms", type=float, default=40.0)
+    ap.add_argument("--slo-ttft-s", type=float, default=5.0)
+    ap.add_argument("--slo-metric", default="latency_per_token", choices=["latency_per_token", "tpot"])
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--kv-rows", type=int, default=40_000)
+    ap.add_argument("--adapter-pages", type=int, default=64)
+    ap.add_argument("--max-prompt", type=int, default=4096)
+    ap.add_argument("--max-output", type=int, default=1024)
+    ap.add_argument("--target", type=float, default=0.99, help="attainment needed to sustain a load")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cost-model", default=str(REPO / "data" / "cost_models" / "a10_paper.json"))
+    ap.add_argument("--out", default=str(REPO / "results" / "sim_results.json"))
+    args = ap.parse_args(argv)
+
+    cost = cm.load(args.cost_model)
+    cfg = SimConfig(n_workers=args.workers, max_batch=args.max_batch, kv_rows=args.kv_rows,
+                    adapter_pages=args.adapter_pages, slo_tpot=args.slo_tpot_ms / 1e3,
+                    slo_ttft=args.slo_ttft_s, slo_metric=args.slo_metric)
+    jobs = [(t, s, p) for t in args.traces for s in args.scales for p in args.policies]
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="simulate", unit="run")
+    except ImportError:
+        bar = None
+    t0 = time.perf_counter()
+    runs: dict[str, dict[str, dict[str, dict]]] = {}  # trace -> scale -> policy -> summary
+    for trace in args.traces:
+        runs[trace] = {}
+        for scale in args.scales:
+            reqs = load_trace(str(TRACES[trace]), n_requests=args.requests, rate_scale=scale,
+                              n_adapters=args.adapters, exponent=args.zipf, ranks=args.ranks,
+                              seed=args.seed, max_prompt=args.max_prompt, max_output=args.max_output)
+            runs[trace][f"{scale:g}"] = {}
+            for p in args.policies:
+                runs[trace][f"{scale:g}"][p] = simulate(reqs, p, cost, cfg).summary()
+                if bar is not None:
+                    bar.set_postfix_str(f"{trace} x{scale:g} {p}")
+                    bar.update()
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t0
+
+    print(f"\n{args.workers} workers, {args.adapters} adapters (Zipf {args.zipf:g}, ranks {args.ranks}), "
+          f"{args.requests} requests per run, SLO {args.slo_metric} <= {args.slo_tpot_ms:g} ms; "
+          f"cost model {Path(args.cost_model).name} (derived from published numbers, NOT measured); "
+          f"{wall:.0f} s\n")
+    summary: dict[str, dict] = {}
+    for trace in args.traces:
+        att = {p: {s: runs[trace][f"{s:g}"][p]["slo_attainment"] for s in args.scales} for p in args.policies}
+        best = {p: max_sustained(att[p], args.target) for p in args.policies}
+        cj, cs = best.get("carajax"), best.get("caraserve")
+        ratio = cj / cs if cj is not None and cs else None
+        print(markdown(trace, att, args.scales, args.target))
+        print("\ncarajax / caraserve max sustained load: "
+              + (f"{ratio:.2f}x (goal >= 1.2x)" if ratio is not None else
+                 f"n/a (carajax {cj}, caraserve {cs}: a policy never reached the target)") + "\n")
+        summary[trace] = {"attainment": {p: {f"{s:g}": a for s, a in row.items()} for p, row in att.items()},
+                          "max_sustained_scale": best, "carajax_over_caraserve": ratio}
+    doc = {"args": vars(args), "wall_s": wall, "target": args.target,
+           "cost_model_note": "derived from published numbers (datasheet roofline + paper load times), "
+                              "not measured",
+           "summary": summary, "runs": runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=2)
+    print(f"wrote {args.out}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
