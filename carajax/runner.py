@@ -4,8 +4,9 @@ It holds the model's parameters (split from the NNX module, so the hot path is p
 and the KV cache, reads the adapter pool's device weights, and runs a `Schedule`: one forward for
 the step's prefill chunks and one for its decode tokens, then sampling. Shapes are bucketed to
 powers of two so compiled variants stay few; `compiled_variants` counts them (each trace of a
-jitted function is one compilation). Steps with no LoRA, or no CPU-assisted rows, use variants
-without that code, so warm steps pay nothing for the host callbacks.
+jitted function is one compilation). Steps without CPU-assisted rows use variants without the
+host callbacks, so warm steps pay nothing for them; engines with no adapter registered use
+variants without LoRA.
 """
 
 from __future__ import annotations

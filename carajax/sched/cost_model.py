@@ -120,8 +120,22 @@ class _LinearForm:
         return {"form": self.name, "feature_names": list(self.feature_names), "coef": list(self.coef)}
 
 
+class _AlphaBeta:
+    """The paper's two-coefficient forms: t = alpha * feature + beta, coef = (alpha, beta)."""
+
+    coef: tuple[float, ...]
+
+    @property
+    def alpha(self) -> float:
+        return self.coef[0]
+
+    @property
+    def beta(self) -> float:
+        return self.coef[1]
+
+
 @dataclasses.dataclass(frozen=True)
-class PaddedForm(_LinearForm):
+class PaddedForm(_AlphaBeta, _LinearForm):
     """Punica BGMV (the paper): t = alpha * |S| * max_rank + beta. coef = (alpha, beta)."""
 
     name: ClassVar[str] = "padded"
@@ -136,17 +150,9 @@ class PaddedForm(_LinearForm):
         ranks = batch.ranks
         return (float(len(ranks) * max(ranks, default=0)), 1.0)
 
-    @property
-    def alpha(self) -> float:
-        return self.coef[0]
-
-    @property
-    def beta(self) -> float:
-        return self.coef[1]
-
 
 @dataclasses.dataclass(frozen=True)
-class UnpaddedForm(_LinearForm):
+class UnpaddedForm(_AlphaBeta, _LinearForm):
     """S-LoRA MBGMV (the paper): t = alpha * sum(rank) + beta. coef = (alpha, beta)."""
 
     name: ClassVar[str] = "unpadded"
@@ -159,14 +165,6 @@ class UnpaddedForm(_LinearForm):
     @staticmethod
     def py_features(batch: Batch) -> tuple[float, ...]:
         return (float(sum(batch.ranks)), 1.0)
-
-    @property
-    def alpha(self) -> float:
-        return self.coef[0]
-
-    @property
-    def beta(self) -> float:
-        return self.coef[1]
 
 
 @dataclasses.dataclass(frozen=True)
