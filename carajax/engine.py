@@ -249,7 +249,7 @@ class Engine:
                        seed=seed, stop_ids=frozenset(stop),
                        metrics=RequestMetrics(arrival_time=arrival, prompt_tokens=len(ids),
                                               cold_start=cold),
-                       handle=RequestHandle(rid))
+                       handle=RequestHandle(rid, on_cancel=self.cancel))
 
     def submit(self, prompt: Prompt, adapter: str | None = None,
                sampling: SamplingParams | None = None, request_id: str | None = None,
@@ -272,6 +272,13 @@ class Engine:
             self._ensure_loop()
             self._work.notify()
         return [r.handle for r in requests]
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request (e.g. its client went away): it finishes with
+        reason "cancelled" and frees its KV-cache row at once; the others do not notice.
+        Returns False if the engine holds no such request (unknown or already finished)."""
+        with self._lock:
+            return self.scheduler.cancel(request_id)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  adapters: str | None | Sequence[str | None] = None,

@@ -8,7 +8,7 @@ import enum
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from carajax.sampling import SamplingParams
 
@@ -72,7 +72,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens (a stop token, if hit, is the last)
     text: str  # generated text, special tokens left out ("" without a tokenizer)
-    finish_reason: str  # "stop", "length" (max_tokens or context full) or "error"
+    finish_reason: str  # "stop", "length" (max_tokens or context full), "cancelled" or "error"
     adapter: str | None
     metrics: RequestMetrics
     error: str | None = None
@@ -112,11 +112,12 @@ class RequestHandle:
     Iterate it (`for tok in handle`) or, in asyncio, `async for tok in handle`.
     """
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, on_cancel: Callable[[str], bool] | None = None):
         self.request_id = request_id
         self._tokens: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._output: RequestOutput | None = None
+        self._on_cancel = on_cancel
 
     # -- engine side ----------------------------------------------------------------------
     def _push(self, token: int) -> None:
@@ -131,6 +132,11 @@ class RequestHandle:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def cancel(self) -> bool:
+        """Stop the request: it finishes with reason "cancelled" and its KV-cache row is freed
+        before the engine's next step. False if it had already finished."""
+        return not self.done and self._on_cancel is not None and self._on_cancel(self.request_id)
 
     def result(self, timeout: float | None = None) -> RequestOutput:
         if not self._done.wait(timeout):

@@ -162,6 +162,17 @@ class Scheduler:
             self.waiting.remove(req)
             self._finish(req, "error", t, error=reason)
 
+    def cancel(self, request_id: str) -> bool:
+        """Finish a queued or running request now ("cancelled"): its KV row and adapter reference
+        are free for the next step. False if no such request is in the engine."""
+        for req in [*self.waiting, *self.running]:
+            if req.request_id == request_id:
+                if req in self.waiting:
+                    self.waiting.remove(req)
+                self._finish(req, "cancelled", now())
+                return True
+        return False
+
     def fail_all(self, reason: str) -> None:
         """Finish every queued and running request with an error."""
         t = now()

@@ -4,6 +4,7 @@ CPU-assisted prefill that hands over mid-prompt, eviction, and bad input that fa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -18,6 +19,13 @@ from carajax.testing import write_random_adapter
 RANKS = [8, 16, 32, 64, 8, 16, 32, 64]
 NAMES = [f"a{i}" for i in range(len(RANKS))]
 GREEDY = carajax.SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=())
+# A request that runs until the test cancels it (4000 decode steps take seconds even here).
+LONG = dataclasses.replace(GREEDY, max_tokens=4000)
+
+
+def take(handle, n: int) -> list[int]:
+    """The next n streamed tokens of a running request."""
+    return list(itertools.islice(iter(handle), n))
 
 
 def _prompt(i: int, n: int) -> list[int]:
@@ -122,13 +130,13 @@ def test_cpu_assist_lowers_cold_ttft_and_stalls_nobody(adapter_dirs):
             engine.pin_adapter("warm")
             # Compile the step variants this scenario uses, so timings are not compile times.
             engine.generate([REQUESTS[0][0]], adapters=["warmup"], sampling=GREEDY)
-            # ~600 decode steps: still running when the cold request arrives, even on a busy box.
-            long = dataclasses.replace(GREEDY, max_tokens=600)
-            warm = engine.submit(REQUESTS[1][0], adapter="warm", sampling=long)
+            # 4000 decode steps: running until cancelled below, even on a fast or busy box.
+            warm = engine.submit(REQUESTS[1][0], adapter="warm", sampling=LONG)
             next(iter(warm))  # the warm request is decoding
             cold = engine.submit(REQUESTS[3][0], adapter="cold", sampling=GREEDY)
-            assert not warm.done
-            results[policy] = (warm.result(), cold.result())
+            cold_out = cold.result()
+            assert warm.cancel()  # it was still running: it shared every step with the cold one
+            results[policy] = (warm.result(), cold_out)
     (w_warm, w_cold), (c_warm, c_cold) = results["wait"], results["cpu_assist"]
     assert w_cold.metrics.cold_start and c_cold.metrics.cold_start
     assert c_cold.metrics.ttft_s < w_cold.metrics.ttft_s
@@ -150,26 +158,24 @@ def test_eviction_respects_lru_pins_and_running_requests(adapter_dirs, alone, ti
         pool = engine.pool
         assert pool.stats()["pages_total"] == 3
         engine.pin_adapter("a0")
-        long = engine.submit(REQUESTS[1][0], adapter="a1",
-                             sampling=dataclasses.replace(GREEDY, max_tokens=1000))
-        next(iter(long))  # a1 is in use now, for ~1000 decode steps
+        long = engine.submit(REQUESTS[1][0], adapter="a1", sampling=LONG)
+        take(long, 10)  # a1 is in use now, until cancelled
         for name in ("a4", "a5", "a4"):  # each needs the third page: evicts the other one
             idx = NAMES.index(name)
             out = engine.generate([REQUESTS[idx][0]], adapters=[name], sampling=GREEDY)[0]
             assert out.token_ids == alone[idx]
             on_device = set(pool.stats()["on_device"])
             assert {"a0", "a1", name} == on_device
-        assert not long.done  # a1 was in use throughout
+        assert long.cancel()  # a1 was in use throughout
         assert long.result().token_ids[:10] == alone[1]
 
 
 def test_bad_requests_fail_alone(adapter_dirs, alone, tmp_path, tiny_config):
     with make_engine({n: adapter_dirs[n] for n in ("a0", "a2")}, cold_start="cpu_assist",
-                     max_queue=3, max_batch_size=1, max_tokens_limit=600) as engine:
-        # One KV row: this request holds it for 600 decode steps while the others queue.
-        first = engine.submit(REQUESTS[2][0], adapter="a2",
-                              sampling=dataclasses.replace(GREEDY, max_tokens=600))
-        next(iter(first))
+                     max_queue=3, max_batch_size=1, max_tokens_limit=4000) as engine:
+        # One KV row: this request holds it until cancelled while the others queue.
+        first = engine.submit(REQUESTS[2][0], adapter="a2", sampling=LONG)
+        take(first, 10)
         queued = [engine.submit(REQUESTS[0][0], adapter="a0", sampling=GREEDY)
                   for _ in range(3)]
         with pytest.raises(carajax.QueueFullError, match="3 requests"):
@@ -179,14 +185,37 @@ def test_bad_requests_fail_alone(adapter_dirs, alone, tmp_path, tiny_config):
             engine.submit([2, 3], adapter="nope")
         with pytest.raises(carajax.RequestError, match="context length"):
             engine.submit([5] * engine.runner.seq_len)
-        with pytest.raises(carajax.RequestError, match="max_tokens 601 is over the limit"):
-            engine.submit([2, 3], sampling=carajax.SamplingParams(max_tokens=601))
+        with pytest.raises(carajax.RequestError, match="max_tokens 4001 is over the limit"):
+            engine.submit([2, 3], sampling=carajax.SamplingParams(max_tokens=4001))
         big = write_random_adapter(tmp_path / "big", tiny_config, rank=128)
         with pytest.raises(carajax.AdapterError, match="max_lora_rank=64"):
             engine.add_adapter("big", big)
         assert "big" not in engine.adapters
-        assert first.result().token_ids[:10] == alone[2]
+        assert first.cancel()
+        assert first.result().token_ids[:10] == alone[2]  # (cancelled after >= 10 tokens)
         assert all(h.result().token_ids == alone[0] for h in queued)
+
+
+def test_cancel_frees_the_row_at_once_and_nobody_else_notices(adapter_dirs, alone):
+    with make_engine({n: adapter_dirs[n] for n in ("a0", "a2")}, cold_start="cached",
+                     max_batch_size=1) as engine:
+        running = engine.submit(REQUESTS[2][0], adapter="a2", sampling=LONG)
+        take(running, 10)
+        queued = engine.submit(REQUESTS[0][0], adapter="a0", sampling=GREEDY)
+        doomed = engine.submit(REQUESTS[8][0], sampling=GREEDY)
+        assert engine.stats()["waiting"] == 2
+        assert doomed.cancel()  # still queued: leaves the queue without running
+        assert running.cancel()  # holds the only row: frees it for `queued`
+        out = running.result(timeout=5)
+        assert out.finish_reason == "cancelled" and 0 < len(out.token_ids) < 4000
+        assert out.token_ids[:10] == alone[2]
+        assert queued.result(timeout=30).token_ids == alone[0]
+        gone = doomed.result(timeout=5)
+        assert gone.finish_reason == "cancelled" and gone.token_ids == []
+        assert not running.cancel() and not engine.cancel("no-such-request")
+        stats = engine.stats()
+        assert stats["running"] == [] and stats["waiting"] == 0
+        assert engine.pool.stats()["in_use"] == {}  # no adapter reference left behind
 
 
 def test_cpu_worker_exception_fails_only_its_request(adapter_dirs, alone, tiny_config):

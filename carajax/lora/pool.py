@@ -372,6 +372,7 @@ class AdapterPool:
                 "host_budget_bytes": self.host_budget_bytes, "host_bytes_used": self._host_bytes,
                 "on_device": names("device"), "loading": names("loading"), "host_only": names("host"),
                 "pinned": [n for n, e in self._entries.items() if e.pinned],
+                "in_use": {n: e.refcount for n, e in self._entries.items() if e.refcount},
             }
 
     def close(self) -> None:
