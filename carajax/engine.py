@@ -54,8 +54,11 @@ class Engine:
     """One base model with many LoRA adapters on one device."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer | None = None,
-                 config: EngineConfig | None = None):
+                 config: EngineConfig | None = None, *, background: bool = True):
+        """`background=False`: no loop thread; the caller drives the engine with `step()` (and
+        `generate` steps until its requests finish). Deterministic, for tests and simulations."""
         self.config = config = config or EngineConfig()
+        self.background = background
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
         dtype = model.embed_tokens.value.dtype
@@ -300,7 +303,11 @@ class Engine:
             raise RequestError(f"{n} prompts but {len(adapters)} adapters and "
                                f"{len(sampling)} sampling params")
         reqs = [self._make_request(p, a, s, None) for p, a, s in zip(prompts, adapters, sampling)]
-        return [h.result() for h in self._submit_all(reqs)]
+        handles = self._submit_all(reqs)
+        if not self.background:
+            while not all(h.done for h in handles) and self.step():
+                pass
+        return [h.result() for h in handles]
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> bool:
@@ -317,6 +324,8 @@ class Engine:
             return True
 
     def _ensure_loop(self) -> None:
+        if not self.background:
+            return
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="carajax-engine", daemon=True)
             self._thread.start()

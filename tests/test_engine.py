@@ -4,7 +4,6 @@ CPU-assisted prefill that hands over mid-prompt, eviction, and bad input that fa
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 import pytest
@@ -19,13 +18,23 @@ from carajax.testing import write_random_adapter
 RANKS = [8, 16, 32, 64, 8, 16, 32, 64]
 NAMES = [f"a{i}" for i in range(len(RANKS))]
 GREEDY = carajax.SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=())
-# A request that runs until the test cancels it (4000 decode steps take seconds even here).
+# A request that runs until the test cancels it: ~1000 tokens (the context), and the tests that
+# use it step the engine themselves (background=False), far fewer times than that.
 LONG = dataclasses.replace(GREEDY, max_tokens=4000)
 
 
-def take(handle, n: int) -> list[int]:
-    """The next n streamed tokens of a running request."""
-    return list(itertools.islice(iter(handle), n))
+def run_until(engine: carajax.Engine, done, max_steps: int = 2000) -> None:
+    """Drive an engine built with background=False until `done()`: no clock in the test."""
+    for _ in range(max_steps):
+        if done():
+            return
+        assert engine.step(), "the engine went idle first"
+    raise AssertionError(f"not done after {max_steps} steps")
+
+
+def tokens_so_far(engine: carajax.Engine, handle) -> int:
+    return next((r["output_tokens"] for r in engine.stats()["running"]
+                 if r["request_id"] == handle.request_id), 0)
 
 
 def _prompt(i: int, n: int) -> list[int]:
@@ -47,11 +56,12 @@ def adapter_dirs(tmp_path_factory, tiny_config):
             for i, (name, r) in enumerate(zip(NAMES, RANKS))}
 
 
-def make_engine(adapter_dirs=None, **config) -> carajax.Engine:
+def make_engine(adapter_dirs=None, background: bool = True, **config) -> carajax.Engine:
     # init_std 0.1: peaked logits, so greedy choices are far from ties.
     model = weights.random_model(carajax.ModelConfig.from_name("llama-test"), seed=0, init_std=0.1)
     engine = carajax.Engine(model, ByteTokenizer(),
-                            EngineConfig(**{"max_batch_size": 8, "prefill_chunk": 16, **config}))
+                            EngineConfig(**{"max_batch_size": 8, "prefill_chunk": 16, **config}),
+                            background=background)
     for name, path in (adapter_dirs or {}).items():
         engine.add_adapter(name, path)
     return engine
@@ -122,7 +132,7 @@ def test_cpu_assist_lowers_cold_ttft_and_stalls_nobody(adapter_dirs):
     CPU at once. Asserted from the requests' metrics."""
     results = {}
     for policy in ("wait", "cpu_assist"):
-        with make_engine(cold_start=policy, emulated_link_gbps=1.0,
+        with make_engine(cold_start=policy, emulated_link_gbps=1.0, background=False,
                          emulated_link_latency_ms=1000) as engine:
             for name in ("warm", "cold", "warmup"):
                 engine.add_adapter(name, adapter_dirs[{"warm": "a0", "cold": "a1",
@@ -130,13 +140,12 @@ def test_cpu_assist_lowers_cold_ttft_and_stalls_nobody(adapter_dirs):
             engine.pin_adapter("warm")
             # Compile the step variants this scenario uses, so timings are not compile times.
             engine.generate([REQUESTS[0][0]], adapters=["warmup"], sampling=GREEDY)
-            # 4000 decode steps: running until cancelled below, even on a fast or busy box.
             warm = engine.submit(REQUESTS[1][0], adapter="warm", sampling=LONG)
-            next(iter(warm))  # the warm request is decoding
+            run_until(engine, lambda w=warm: tokens_so_far(engine, w) >= 2)  # warm is decoding
             cold = engine.submit(REQUESTS[3][0], adapter="cold", sampling=GREEDY)
-            cold_out = cold.result()
-            assert warm.cancel()  # it was still running: it shared every step with the cold one
-            results[policy] = (warm.result(), cold_out)
+            run_until(engine, lambda c=cold: c.done)
+            assert warm.cancel()  # still running: it shared every step with the cold one
+            results[policy] = (warm.result(), cold.result())
     (w_warm, w_cold), (c_warm, c_cold) = results["wait"], results["cpu_assist"]
     assert w_cold.metrics.cold_start and c_cold.metrics.cold_start
     assert c_cold.metrics.ttft_s < w_cold.metrics.ttft_s
@@ -154,12 +163,13 @@ def test_eviction_respects_lru_pins_and_running_requests(adapter_dirs, alone, ti
     page_bytes = 16 * tiny_config.num_layers * sum(
         sum(tiny_config.projection_shape(m)) for m in TARGET_MODULES) * 4
     small = {n: adapter_dirs[n] for n in ("a0", "a1", "a4", "a5")}  # ranks 8, 16, 8, 16
-    with make_engine(small, cold_start="wait", device_lora_budget_bytes=3 * page_bytes) as engine:
+    with make_engine(small, cold_start="wait", device_lora_budget_bytes=3 * page_bytes,
+                     background=False) as engine:
         pool = engine.pool
         assert pool.stats()["pages_total"] == 3
         engine.pin_adapter("a0")
         long = engine.submit(REQUESTS[1][0], adapter="a1", sampling=LONG)
-        take(long, 10)  # a1 is in use now, until cancelled
+        run_until(engine, lambda: tokens_so_far(engine, long) >= 10)  # a1 in use until cancelled
         for name in ("a4", "a5", "a4"):  # each needs the third page: evicts the other one
             idx = NAMES.index(name)
             out = engine.generate([REQUESTS[idx][0]], adapters=[name], sampling=GREEDY)[0]
@@ -172,10 +182,10 @@ def test_eviction_respects_lru_pins_and_running_requests(adapter_dirs, alone, ti
 
 def test_bad_requests_fail_alone(adapter_dirs, alone, tmp_path, tiny_config):
     with make_engine({n: adapter_dirs[n] for n in ("a0", "a2")}, cold_start="cpu_assist",
-                     max_queue=3, max_batch_size=1, max_tokens_limit=4000) as engine:
+                     max_queue=3, max_batch_size=1, max_tokens_limit=4000, background=False) as engine:
         # One KV row: this request holds it until cancelled while the others queue.
         first = engine.submit(REQUESTS[2][0], adapter="a2", sampling=LONG)
-        take(first, 10)
+        run_until(engine, lambda: tokens_so_far(engine, first) >= 10)
         queued = [engine.submit(REQUESTS[0][0], adapter="a0", sampling=GREEDY)
                   for _ in range(3)]
         with pytest.raises(carajax.QueueFullError, match="3 requests"):
@@ -193,24 +203,26 @@ def test_bad_requests_fail_alone(adapter_dirs, alone, tmp_path, tiny_config):
         assert "big" not in engine.adapters
         assert first.cancel()
         assert first.result().token_ids[:10] == alone[2]  # (cancelled after >= 10 tokens)
+        run_until(engine, lambda: all(h.done for h in queued))
         assert all(h.result().token_ids == alone[0] for h in queued)
 
 
 def test_cancel_frees_the_row_at_once_and_nobody_else_notices(adapter_dirs, alone):
     with make_engine({n: adapter_dirs[n] for n in ("a0", "a2")}, cold_start="cached",
-                     max_batch_size=1) as engine:
+                     max_batch_size=1, background=False) as engine:
         running = engine.submit(REQUESTS[2][0], adapter="a2", sampling=LONG)
-        take(running, 10)
+        run_until(engine, lambda: tokens_so_far(engine, running) >= 10)
         queued = engine.submit(REQUESTS[0][0], adapter="a0", sampling=GREEDY)
         doomed = engine.submit(REQUESTS[8][0], sampling=GREEDY)
         assert engine.stats()["waiting"] == 2
         assert doomed.cancel()  # still queued: leaves the queue without running
         assert running.cancel()  # holds the only row: frees it for `queued`
-        out = running.result(timeout=5)
-        assert out.finish_reason == "cancelled" and 0 < len(out.token_ids) < 4000
+        out = running.result(timeout=0)  # finished at once, without a step
+        assert out.finish_reason == "cancelled" and 10 <= len(out.token_ids) < 4000
         assert out.token_ids[:10] == alone[2]
-        assert queued.result(timeout=30).token_ids == alone[0]
-        gone = doomed.result(timeout=5)
+        run_until(engine, lambda: queued.done)
+        assert queued.result().token_ids == alone[0]
+        gone = doomed.result(timeout=0)
         assert gone.finish_reason == "cancelled" and gone.token_ids == []
         assert not running.cancel() and not engine.cancel("no-such-request")
         stats = engine.stats()
