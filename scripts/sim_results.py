@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 32, 64])
     ap.add_argument("--slo-tpot-ms", type=float, default=40.0)
     ap.add_argument("--slo-ttft-s", type=float, default=5.0)
-    ap.add_argument("--slo-metric", default="latency_per_token", choices=["latency_per_token", "tpot"])
+    ap.add_argument("--slo-metric", default="tpot", choices=["latency_per_token", "tpot"])
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--kv-rows", type=int, default=40_000)
     ap.add_argument("--adapter-pages", type=int, default=64)

@@ -72,36 +72,37 @@ def _fig5(padded: bool) -> list[WorkerState]:
 
 def test_fig5_padded_and_unpadded_kernels_prefer_opposite_workers():
     # Paper Fig. 5: A decodes ranks [64], B decodes [8, 8, 8]; a new rank-8 request, empty queues,
-    # avg_output_len = 100, weight = n + 1 (A: 2, B: 4), SLO loose (no penalty).
+    # avg_output_len = 100, weight = n (A: 1, B: 3), SLO loose (no penalty).
     # Δprefill is the same on both: Pre([8]) − Pre(∅) = beta + 8α = 0.018 → /100 = 0.00018.
-    # Padded:   ΔdecA = α(2·64 − 64) = 64α = 0.064 → (0.00018 + 0.064)·2 = 0.12836
-    #           ΔdecB = α(4·8 − 3·8) =  8α = 0.008 → (0.00018 + 0.008)·4 = 0.03272  → B
-    # Unpadded: ΔdecA = ΔdecB = 8α = 0.008 → A: 0.00818·2 = 0.01636, B: 0.00818·4 = 0.03272 → A
+    # Padded:   ΔdecA = α(2·64 − 64) = 64α = 0.064 → (0.00018 + 0.064)·1 = 0.06418
+    #           ΔdecB = α(4·8 − 3·8) =  8α = 0.008 → (0.00018 + 0.008)·3 = 0.02454  → B
+    # Unpadded: ΔdecA = ΔdecB = 8α = 0.008 → A: 0.00818·1 = 0.00818, B: 0.00818·3 = 0.02454 → A
     pol = CaraServePolicy(slo_tpot=1.0, avg_output_len=100)
     padded = _fig5(True)
-    assert pol.score(REQ8, padded[0]) == pytest.approx(0.12836)
-    assert pol.score(REQ8, padded[1]) == pytest.approx(0.03272)
+    assert pol.score(REQ8, padded[0]) == pytest.approx(0.06418)
+    assert pol.score(REQ8, padded[1]) == pytest.approx(0.02454)
     assert pol.choose(REQ8, padded).name == "B"
     unpadded = _fig5(False)
-    assert pol.score(REQ8, unpadded[0]) == pytest.approx(0.01636)
-    assert pol.score(REQ8, unpadded[1]) == pytest.approx(0.03272)
+    assert pol.score(REQ8, unpadded[0]) == pytest.approx(0.00818)
+    assert pol.score(REQ8, unpadded[1]) == pytest.approx(0.02454)
     assert pol.choose(REQ8, unpadded).name == "A"
 
 
 def test_caraserve_slo_penalty_overrides_the_cheaper_marginal():
     # Unpadded again, but slo_tpot = 0.05: Dec(A + r) = 0.01 + 72α = 0.082 > 0.05 → +10 penalty;
-    # Dec(B + r) = 0.01 + 32α = 0.042 ≤ 0.05 → no penalty. A: (0.00818 + 10)·2, B: 0.03272 → B.
+    # Dec(B + r) = 0.01 + 32α = 0.042 ≤ 0.05 → no penalty. A: (0.00818 + 10)·1, B: 0.02454 → B.
     pol = CaraServePolicy(slo_tpot=0.05, avg_output_len=100, slo_penalty=10.0)
     ws = _fig5(False)
-    assert pol.score(REQ8, ws[0]) == pytest.approx(20.01636)
+    assert pol.score(REQ8, ws[0]) == pytest.approx(10.00818)
     assert pol.choose(REQ8, ws).name == "B"
 
 
 def test_caraserve_literal_weight_makes_idle_workers_free():
-    # weight="n": an idle worker scores 0·cost = 0 whatever the rank; n+1 keeps its real price.
+    # weight="n" (the paper's, our default): an idle worker scores 0·cost = 0 whatever the rank;
+    # n+1 keeps its real price.
     cost = FakeCost()
     idle = _w("idle", cost)
-    assert CaraServePolicy(weight="n").score(REQ8, idle) == 0.0
+    assert CaraServePolicy().score(REQ8, idle) == 0.0
     # n+1: Δprefill = Pre([8]) = 0.01 + 0.008 = 0.018 → /128; Δdecode = Dec([8]) = 0.018.
     assert CaraServePolicy(weight="n_plus_1").score(REQ8, idle) == pytest.approx(0.018 / 128 + 0.018)
     with pytest.raises(ValueError):
@@ -110,15 +111,15 @@ def test_caraserve_literal_weight_makes_idle_workers_free():
 
 def test_carajax_prefers_the_worker_holding_the_adapter_when_loads_are_expensive():
     # Two idle, identical workers; only B holds "x" (rank 64). load = 0.01·64 = 0.64 s.
-    # caraserve ignores residency: equal scores, tie → lowest index (A).
-    # carajax on A adds the stall 0.64/100 inside the weighted term (·1) and 0.64 s of TTFT ·(1/100):
-    # A − B = 0.0064 + 0.0064 = 0.0128 → B.
+    # caraserve ignores residency: both idle score 0, tie → lowest index (A).
+    # carajax: the stall 0.64/100 inside the bracket is weighted by n = 0, but A's TTFT carries the
+    # 0.64 s load ·(1/100): A − B = 0.0064 → B.
     cost = FakeCost(load_per_rank=0.01)
     req = RouteRequest("x", 64, 100, 100)
     ws = [_w("A", cost), _w("B", cost, resident={"x"})]
     assert CaraServePolicy(avg_output_len=100, slo_tpot=1.0).choose(req, ws).name == "A"
     pol = CarajaxPolicy(avg_output_len=100, slo_tpot=1.0)
-    assert pol.score(req, ws[0]) - pol.score(req, ws[1]) == pytest.approx(0.0128)
+    assert pol.score(req, ws[0]) - pol.score(req, ws[1]) == pytest.approx(0.0064)
     assert pol.choose(req, ws).name == "B"
     # Under CPU-assisted cold start there is no stall, only cpu_slowdown × Pre([64]) of TTFT:
     # Pre([64], 100 tokens) = 0.01 + 0.01 + 0.064 = 0.084 → 0.5·0.084/100 = 0.00042 more on A.
@@ -130,11 +131,11 @@ def test_carajax_counts_the_prefill_queued_ahead():
     # Unpadded, avg_output_len = 100, new request: 100 prompt tokens, rank 8, resident on both.
     # A: queue [(4000, 8)], batch [(100, 8)] (n = 2);  B: queue [], batch [(100, 8), (100, 8)] (n = 2).
     # caraserve A: ΔPre = (0.01 + 0.41 + 0.016) − (0.01 + 0.40 + 0.008) = 0.018 → /100 = 0.00018,
-    #              ΔDec = 8α = 0.008 → 0.00818·3 = 0.02454
+    #              ΔDec = 8α = 0.008 → 0.00818·2 = 0.01636
     # caraserve B: ΔPre = Pre([8], 100 tok) = 0.01 + 0.01 + 0.008 = 0.028 → 0.00028, ΔDec = 0.008
-    #              → 0.00828·3 = 0.02484  → caraserve picks A (batching with A's queue looks cheap).
-    # carajax TTFT: A = Pre(q + r) + Dec(batch) = 0.436 + 0.018 = 0.454 → +0.00454 → 0.02908
-    #               B = Pre([r]) + Dec(batch)  = 0.028 + 0.026 = 0.054 → +0.00054 → 0.02538 → B.
+    #              → 0.00828·2 = 0.01656  → caraserve picks A (batching with A's queue looks cheap).
+    # carajax TTFT: A = Pre(q + r) + Dec(batch) = 0.436 + 0.018 = 0.454 → +0.00454 → 0.02090
+    #               B = Pre([r]) + Dec(batch)  = 0.028 + 0.026 = 0.054 → +0.00054 → 0.01710 → B.
     cost = FakeCost()
     req = RouteRequest("x", 8, 100, 100)
     ws = [
@@ -142,12 +143,12 @@ def test_carajax_counts_the_prefill_queued_ahead():
         _w("B", cost, batch=[(100, 8), (100, 8)], resident={"x"}),
     ]
     cs = CaraServePolicy(avg_output_len=100, slo_tpot=1.0)
-    assert cs.score(req, ws[0]) == pytest.approx(0.02454)
-    assert cs.score(req, ws[1]) == pytest.approx(0.02484)
+    assert cs.score(req, ws[0]) == pytest.approx(0.01636)
+    assert cs.score(req, ws[1]) == pytest.approx(0.01656)
     assert cs.choose(req, ws).name == "A"
     cj = CarajaxPolicy(avg_output_len=100, slo_tpot=1.0)
-    assert cj.score(req, ws[0]) == pytest.approx(0.02908)
-    assert cj.score(req, ws[1]) == pytest.approx(0.02538)
+    assert cj.score(req, ws[0]) == pytest.approx(0.02090)
+    assert cj.score(req, ws[1]) == pytest.approx(0.01710)
     assert cj.choose(req, ws).name == "B"
 
 

@@ -23,17 +23,7 @@ import math
 import random as _random
 from typing import Protocol
 
-try:
-    from carajax.sched.cost_model import Batch
-except ImportError:  # the cost model module is written separately; keep this module usable alone
-
-    @dataclasses.dataclass(frozen=True)
-    class Batch:  # type: ignore[no-redef]
-        """One step's batch as the cost model sees it (mirror of `carajax.sched.cost_model.Batch`)."""
-
-        ranks: tuple[int, ...]  # LoRA rank of each request (0 = base only)
-        tokens: int  # tokens computed this step (prefill: prompt tokens; decode: len(ranks))
-        context: int = 0  # total KV tokens read over the batch
+from carajax.sched.cost_model import Batch
 
 
 class CostModel(Protocol):
@@ -188,11 +178,14 @@ class CaraServePolicy:
         total    = cost × weight(n),  n = requests on the worker (queue + batch)
     and route to the argmin (ties: lowest index). Pre/Dec of an empty set are 0: no step runs.
 
-    weight(n): the paper multiplies by the worker's request count. Taken literally (`"n"`) every
-    idle worker scores 0 and ties, which throws away the rank information exactly when it is
-    cheapest to use, and a penalised idle worker would look free. We default to `"n_plus_1"`:
-    the number of requests whose time per token the placement changes, the new one included.
-    `"n"` (literal) and `"max1"` are kept for comparison.
+    weight(n): the paper multiplies by the worker's request count, and so do we by default
+    (`"n"`): an idle worker scores 0 and the first idle worker (lowest index) wins, so the policy
+    spreads requests while there are idle workers and prices placements by rank only once every
+    worker is busy. We first read that as a flaw and defaulted to `"n_plus_1"` (the new request
+    counted too, so idle workers keep their real price); in the simulator on the Azure trace that
+    variant consolidates requests onto busy workers (the decode intercept is paid once per step, so
+    joining a batch looks cheap) and lost 3 points of SLO attainment at every load (see
+    BENCHMARKS.md). `"n_plus_1"` and `"max1"` are kept for comparison.
     """
 
     name = "caraserve"
@@ -202,7 +195,7 @@ class CaraServePolicy:
         slo_tpot: float = 0.1,
         avg_output_len: float = 128.0,
         slo_penalty: float = 10.0,
-        weight: str = "n_plus_1",
+        weight: str = "n",
     ):
         _request_weight(0, weight)  # validate early
         self.slo_tpot = slo_tpot
@@ -223,16 +216,16 @@ class CaraServePolicy:
 
 
 class CarajaxPolicy:
-    """Ours: caraserve's rank-aware price plus what it leaves out.
+    """Ours: caraserve's rank-aware price, plus the costs it does not see.
 
-        score = tpot_impact + ttft_weight × ttft + kv_penalty·[kv_free_rows == 0]
-                − locality_bonus·[adapter resident]
+        score = n × bracket + ttft_weight × ttft + slo_penalty·[Dec(batch + r) > slo_tpot]
+                + kv_penalty·[kv_free_rows == 0] − locality_bonus·[adapter resident]
 
-    tpot_impact — caraserve's cost × (n + 1) with its SLO penalty (the rank-aware part), plus,
-        under `cold_start="wait"`, the cold load's stall load_seconds(r) / avg_output_len inside
-        the bracket: a synchronous load stalls every request in the batch for one step, which
-        costs each of them that much per output token.
-    ttft — what the new request waits for its first token:
+    bracket — caraserve's Δprefill / avg_output_len + Δdecode, plus, under `cold_start="wait"`,
+        the cold load's stall load_seconds(r) / avg_output_len: a synchronous load stalls every
+        request in the batch for one step, which costs each of them that much per output token.
+        Weighted by n, the requests already on the worker, as in Algorithm 1.
+    ttft — what the new request itself waits for its first token:
         Pre(queue + r)            the prefill work already queued ahead is batched with ours;
         + Dec(batch)              the step in flight (prefill and decode share a step);
         + cold                    load_seconds(r) under "wait"; under "cpu_assist" there is no
@@ -240,12 +233,17 @@ class CarajaxPolicy:
                                   cpu_slowdown × Pre([r]);
         + batch-full wait         if queue + batch ≥ max_batch, the request waits for slots:
                                   ≈ Dec(batch) × avg_output_len × (overflow + 1) / max_batch.
+        Unlike the bracket it does not vanish on an idle worker, so among idle workers the one
+        that already holds the adapter (no load) and has nothing queued wins, where caraserve
+        takes the lowest index.
+    slo_penalty — outside the n weight, so it also counts on an idle worker: the new request's
+        own time per token is at risk there, not only the others'.
     kv_penalty — a worker with no KV rows free cannot admit anything; it is heavily penalised
         rather than dropped so that a cluster with every worker full still routes somewhere.
-    locality_bonus — a small preference for a worker already holding the adapter beyond the
-        load time itself: it also keeps the adapter's other requests there (fewer evictions).
+    locality_bonus — an optional extra preference for a worker holding the adapter (fewer evictions
+        of its other requests' adapter later); 0 by default.
 
-    `ttft_weight` converts seconds of TTFT into the TPOT units of the first term; its default
+    `ttft_weight` converts seconds of TTFT into the TPOT units of the bracket; its default
     1/avg_output_len amortises the wait over the request's tokens, as caraserve does for prefill.
     """
 
@@ -274,7 +272,7 @@ class CarajaxPolicy:
         self.locality_bonus = locality_bonus
 
     def score(self, request: RouteRequest, w: WorkerState) -> float:
-        """Predicted TPOT impact + ttft_weight × predicted TTFT (+ KV / locality terms)."""
+        """n × (caraserve bracket + cold stall) + ttft_weight × predicted TTFT (+ penalties)."""
         d_pre, d_dec, pre_with, dec_with, dec_now = _marginal(request, w)
         n = w.n_requests()
         resident = request.rank <= 0 or request.adapter in w.resident
@@ -287,15 +285,14 @@ class CarajaxPolicy:
                 toks = request.prompt_tokens
                 alone = Batch(ranks=(request.rank,), tokens=toks, context=toks)
                 cold_ttft = self.cpu_slowdown * w.cost.prefill_time(alone)
-        cost = d_pre / self.avg_output_len + d_dec + stall
-        if dec_with > self.slo_tpot:
-            cost += self.slo_penalty
-        tpot_impact = cost * (n + 1)
+        bracket = d_pre / self.avg_output_len + d_dec + stall
         ttft = pre_with + dec_now + cold_ttft
         overflow = n - w.max_batch
         if overflow >= 0:
             ttft += dec_now * self.avg_output_len * (overflow + 1) / w.max_batch
-        score = tpot_impact + self.ttft_weight * ttft
+        score = bracket * n + self.ttft_weight * ttft
+        if dec_with > self.slo_tpot:
+            score += self.slo_penalty
         if w.kv_free_rows <= 0:
             score += self.kv_penalty
         if resident:
