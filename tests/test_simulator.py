@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -128,16 +129,21 @@ def test_slo_attainment_tiny_load_vs_overload():
     tiny = [SimRequest(5.0 * i, 256, 64, f"a{i % 3}", 16) for i in range(20)]
     s = simulate(tiny, "caraserve", None, cfg).summary()
     assert s["slo_attainment"] == 1.0 and s["ttft_slo_attainment"] == 1.0
-    # 600 req/s on two workers (each serves < 40 such requests per second): queues explode.
+    # 600 req/s on two workers (each serves < 40 such requests per second): queues explode. The
+    # batch is capped, so time per token stays bounded; time to first token is what fails.
     over = poisson_workload(3000, rate=600.0, n_adapters=20)
     s = simulate(over, "caraserve", None, cfg).summary()
-    assert s["slo_attainment"] < 0.2 and s["ttft_slo_attainment"] < 0.2
+    assert s["ttft_slo_attainment"] < 0.2 and s["ttft"]["mean"] > 10.0
+    per_token = simulate(over, "caraserve", None,
+                         dataclasses.replace(cfg, slo_metric="latency_per_token")).summary()
+    assert per_token["slo_attainment"] < 0.2  # queueing counts against latency per token
 
 
 def test_carajax_beats_caraserve_when_cold_starts_matter():
     # 400 adapters (Zipf 1.1), 24 pages per worker (3 rank-64 adapters), 50-180 ms loads, 30 req/s on
-    # 8 workers: caraserve ignores residency and queueing, so it reloads more and queues behind
-    # loads. Measured when written: attainment 0.545 (carajax) vs 0.133 (caraserve), loads 1480 vs 2019.
+    # 8 workers: caraserve ignores residency, so it reloads more and its requests wait behind loads.
+    # Measured when written: TTFT-SLO attainment 0.996 (carajax) vs 0.814 (caraserve), TPOT-SLO
+    # 0.884 vs 0.853, loads 1388 vs 2077, mean TTFT 0.38 s vs 1.21 s.
     reqs = poisson_workload(
         3000, rate=30.0, prompt_tokens=256, output_tokens=32, n_adapters=400, exponent=1.1
     )
@@ -145,9 +151,10 @@ def test_carajax_beats_caraserve_when_cold_starts_matter():
     cfg = SimConfig(n_workers=8, adapter_pages=24, slo_tpot=0.05)
     res = compare(reqs, ["caraserve", "carajax"], cost, cfg)
     print({p: (s["slo_attainment"], s["adapter_loads"], round(s["ttft"]["mean"], 3)) for p, s in res.items()})
-    assert res["carajax"]["adapter_loads"] < res["caraserve"]["adapter_loads"]
-    assert res["carajax"]["slo_attainment"] > res["caraserve"]["slo_attainment"] + 0.2
-    assert res["carajax"]["ttft"]["mean"] < res["caraserve"]["ttft"]["mean"]
+    assert res["carajax"]["adapter_loads"] < 0.8 * res["caraserve"]["adapter_loads"]
+    assert res["carajax"]["ttft_slo_attainment"] > res["caraserve"]["ttft_slo_attainment"] + 0.1
+    assert res["carajax"]["slo_attainment"] > res["caraserve"]["slo_attainment"]
+    assert res["carajax"]["ttft"]["mean"] < 0.5 * res["caraserve"]["ttft"]["mean"]
 
 
 def test_zipf_assignment_statistics():
@@ -194,3 +201,12 @@ def test_azure_trace_timing_60_workers_40k_adapters():
         f"attainment {s['slo_attainment']:.3f}"
     )
     assert s["requests"] == 2000
+
+
+def test_a_worker_in_a_long_prefill_is_not_idle():
+    # Request 0's 4096-token prefill takes ~0.4 s (AnalyticCost); request 1 arrives 50 ms in. The
+    # router must see request 0 on worker 0 (it left the queue but is not decoding yet).
+    reqs = [SimRequest(0.0, 4096, 8, "a", 8), SimRequest(0.05, 16, 8, "b", 8)]
+    for policy in ("most_idle", "caraserve", "carajax"):
+        res = simulate(reqs, policy, None, SimConfig(n_workers=2))
+        assert res.worker.tolist() == [0, 1], policy

@@ -190,11 +190,17 @@ class SimWorker(WorkerState):
         self._qtokens = 0
         self._qdirty = False
         self._pre_cache: float | None = None
-        self._dec_cache: float | None = None
+        self._dec_cache: float | None = None  # the router's Dec(batch): running + prefilling now
+        self._step_dec_cache: float | None = None  # this step's decode: running only
+        # Admitted this step, prefilling now: gone from the queue, not yet decoding. The router
+        # must see them (a worker in a long prefill is not idle), as the batch they are joining.
+        self.n_pend = 0
+        self.pend_ranks: tuple[int, ...] = ()
+        self.pend_ctx = 0
 
     # -- what the router reads ------------------------------------------------------------------
     def n_requests(self) -> int:
-        return len(self.waiting) + self.n_run
+        return len(self.waiting) + self.n_run + self.n_pend
 
     def n_decoding(self) -> int:
         return self.n_run
@@ -218,7 +224,7 @@ class SimWorker(WorkerState):
         return _batch(ranks, toks, toks)
 
     def decode_batch(self, extra: tuple[int, int] | None = None) -> Batch:
-        ranks, ctx = self._run_ranks(), self.ctx_sum
+        ranks, ctx = self._run_ranks() + self.pend_ranks, self.ctx_sum + self.pend_ctx
         if extra is not None:
             ranks, ctx = ranks + (extra[1],), ctx + extra[0]
         return _batch(ranks, len(ranks), ctx)
@@ -231,8 +237,22 @@ class SimWorker(WorkerState):
 
     def decode_seconds(self) -> float:
         if self._dec_cache is None:
-            self._dec_cache = self.cost.decode_time(self.decode_batch()) if self.n_run else 0.0
+            busy = self.n_run or self.n_pend
+            self._dec_cache = self.cost.decode_time(self.decode_batch()) if busy else 0.0
         return self._dec_cache
+
+    def step_decode_seconds(self) -> float:
+        """The decode part of the step starting now: the requests already decoding."""
+        if self._step_dec_cache is None:
+            batch = _batch(self._run_ranks(), self.n_run, self.ctx_sum)
+            self._step_dec_cache = self.cost.decode_time(batch) if self.n_run else 0.0
+        return self._step_dec_cache
+
+    def set_pending(self, admitted: list[_Running]) -> None:
+        self.n_pend = len(admitted)
+        self.pend_ranks = tuple(a.rank for a in admitted)
+        self.pend_ctx = sum(a.prompt + 1 for a in admitted)
+        self._dec_cache = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def enqueue(self, rid: int, req: SimRequest) -> None:
@@ -299,7 +319,7 @@ class SimWorker(WorkerState):
         self._ranks_dirty = True
         self.n_run += 1
         self.ctx_sum += r.prompt + 1
-        self._dec_cache = None
+        self._dec_cache = self._step_dec_cache = None
         heapq.heappush(self.done_heap, (self.decode_steps + r.out - 1, r.rid, r))
 
     def leave(self, r: _Running) -> None:
@@ -311,7 +331,7 @@ class SimWorker(WorkerState):
         self._ranks_dirty = True
         self.n_run -= 1
         self.ctx_sum -= r.prompt + r.out
-        self._dec_cache = None
+        self._dec_cache = self._step_dec_cache = None
 
 
 @dataclasses.dataclass
@@ -432,7 +452,8 @@ def simulate(
             ranks = tuple(a.rank for a in admitted)
             dur += w.cost.prefill_time(Batch(ranks=ranks, tokens=toks, context=toks))
         if w.n_run:
-            dur += w.decode_seconds()
+            dur += w.step_decode_seconds()
+        w.set_pending(admitted)
         if not admitted and not w.n_run:
             w.busy = False  # nothing runnable: wait for an arrival (or a release, which cannot be pending)
             return
@@ -442,10 +463,11 @@ def simulate(
 
     def end_step(now: float, wi: int, admitted: list[_Running]) -> None:
         w = workers[wi]
+        w.set_pending([])
         if w.n_run:
             w.decode_steps += 1
             w.ctx_sum += w.n_run
-            w._dec_cache = None
+            w._dec_cache = w._step_dec_cache = None
             heap = w.done_heap
             while heap and heap[0][0] <= w.decode_steps:
                 _, rid, r = heapq.heappop(heap)
