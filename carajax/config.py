@@ -16,6 +16,7 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 DTYPES = ("float32", "bfloat16", "float16")
+LORA_KERNELS = ("unpadded", "padded")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -239,6 +240,11 @@ class EngineConfig:
     emulated_link_latency_ms: float = 0.0
     # LoRA ops: "auto" (Pallas on GPU, jnp references elsewhere), "pallas", "interpret", "reference"
     lora_impl: str = "auto"
+    # How the Pallas kernels treat mixed ranks in a batch (CaraServe Fig. 5): "unpadded" (each
+    # request does its own rank's work, S-LoRA MBGMV) or "padded" (every request does the batch's
+    # max rank, Punica BGMV). The jnp references ignore it: they run every slot at the pool's
+    # page-padded shape (max_lora_rank), so on CPU with references both settings cost the same.
+    lora_kernel: str = "unpadded"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -254,6 +260,9 @@ class EngineConfig:
         if self.lora_impl not in ("auto", "pallas", "interpret", "reference"):
             raise ValueError(f"EngineConfig.lora_impl must be auto, pallas, interpret or reference, "
                              f"got {self.lora_impl!r}")
+        if self.lora_kernel not in LORA_KERNELS:
+            raise ValueError(f"EngineConfig.lora_kernel must be one of {LORA_KERNELS}, "
+                             f"got {self.lora_kernel!r}")
         if self.max_lora_rank % self.lora_page_rank:
             raise ValueError("max_lora_rank must be a multiple of lora_page_rank")
         if self.max_seq_len is not None and self.max_seq_len <= 0:

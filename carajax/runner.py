@@ -35,34 +35,36 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
-def _hook(lora, row_slots, cpu_ids, row_lens, use_lora, impl, bridge):
+def _hook(lora, row_slots, cpu_ids, row_lens, use_lora, impl, bridge, pad=False):
     if not use_lora and bridge is None:
         return None
     return BatchLora(lora if use_lora else None, row_slots, row_lens, impl,
-                     cpu=(bridge, cpu_ids) if bridge is not None else None)
+                     cpu=(bridge, cpu_ids) if bridge is not None else None, pad_to_max_rank=pad)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl"))
-def _score(graphdef, state, lora, tokens, row_slots, row_lens, *, use_lora: bool, impl: str):
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "pad"))
+def _score(graphdef, state, lora, tokens, row_slots, row_lens, *, use_lora: bool, impl: str,
+           pad: bool = False):
     """Full-sequence logits [B, T, V] of rows of tokens [B, T] from position 0, no KV cache kept."""
     _TRACES["score"] += 1
     model: Llama = nnx.merge(graphdef, state)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cache = KVCache.zeros(model.config, B, T, model.embed_tokens.value.dtype)
-    hook = _hook(lora, row_slots, None, row_lens, use_lora, impl, None)
+    hook = _hook(lora, row_slots, None, row_lens, use_lora, impl, None, pad)
     logits, _ = model(tokens, positions, cache, jnp.arange(B, dtype=jnp.int32), hook)
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "bridge"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "bridge", "pad"),
                    donate_argnames=("cache",))
 def _step(graphdef, state, lora, cache: KVCache, tokens, positions, rows, row_slots, cpu_ids,
-          row_lens, logit_index, *, use_lora: bool, impl: str, bridge):
-    """One prefill chunk or decode step: logits [B, V] at `logit_index`, and the updated cache."""
+          row_lens, logit_index, *, use_lora: bool, impl: str, bridge, pad: bool = False):
+    """One prefill chunk or decode step: logits [B, V] at `logit_index`, and the updated cache.
+    `pad`: the Pallas kernels pad every row to the batch's max rank (EngineConfig.lora_kernel)."""
     _TRACES["step"] += 1
     model: Llama = nnx.merge(graphdef, state)
-    hook = _hook(lora, row_slots, cpu_ids, row_lens, use_lora, impl, bridge)
+    hook = _hook(lora, row_slots, cpu_ids, row_lens, use_lora, impl, bridge, pad)
     return model(tokens, positions, cache, rows, hook, logit_index)
 
 
@@ -77,6 +79,8 @@ class ModelRunner:
         self.graphdef, self.state = nnx.split(model)
         self.dtype = model.embed_tokens.value.dtype
         self.lora_impl = resolve_lora_impl(config.lora_impl)
+        # Static per engine (one compiled variant set); the jnp references ignore it.
+        self.pad = config.lora_kernel == "padded"
         self.seq_len = config.seq_len(model.config)
         self.cache = KVCache.zeros(model.config, config.max_batch_size, self.seq_len, self.dtype)
 
@@ -92,7 +96,7 @@ class ModelRunner:
         tokens[0, :T] = token_ids
         logits = _score(self.graphdef, self.state, self.pool.weights, tokens,
                         np.array([slot], np.int32), np.array([T], np.int32),
-                        use_lora=slot >= 0, impl=self.lora_impl)
+                        use_lora=slot >= 0, impl=self.lora_impl, pad=self.pad)
         return np.asarray(logits[0, :T])
 
     def prefill(self, row: int, token_ids: list[int], slot: int, start: int = 0) -> jax.Array:
@@ -166,7 +170,7 @@ class ModelRunner:
         logits, self.cache = _step(
             self.graphdef, self.state, self.pool.weights, self.cache, ids, positions, rows,
             slots, cpu, lens, np.maximum(lens - 1, 0),
-            use_lora=self._use_lora(slots), impl=self.lora_impl,
+            use_lora=self._use_lora(slots), impl=self.lora_impl, pad=self.pad,
             bridge=self.bridge if use_cpu else None)
         return logits
 
@@ -197,7 +201,7 @@ class ModelRunner:
                             np.zeros((B, Tq), np.int32), np.zeros((B, Tq), np.int32),
                             np.full(B, self.config.max_batch_size, np.int32), none, none,
                             np.ones(B, np.int32), np.zeros(B, np.int32), use_lora=use_lora,
-                            impl=self.lora_impl, bridge=bridge)
+                            impl=self.lora_impl, pad=self.pad, bridge=bridge)
         for B in batches:
             params = [SamplingParams()] * B
             sample(jnp.zeros((B, self.model_config.vocab_size)),

@@ -30,13 +30,16 @@ def resolve_lora_impl(name: str = "auto") -> str:
     return name
 
 
-def _ops(impl: str):
-    """(sgmv, bgmv) callables for a resolved implementation name."""
+def _ops(impl: str, pad_to_max_rank: bool = False):
+    """(sgmv, bgmv) callables for a resolved implementation name.
+
+    `pad_to_max_rank` (EngineConfig.lora_kernel == "padded") goes to the Pallas kernels as their
+    static flag. The references have no such flag and ignore it: they gather every slot at the
+    pool's page-padded r_max (max_lora_rank), i.e. always pad, and further than the batch's max."""
     if impl == "reference":
         return kernels.sgmv_reference, kernels.bgmv_reference
-    interpret = impl == "interpret"
-    return (functools.partial(kernels.sgmv, interpret=interpret),
-            functools.partial(kernels.bgmv, interpret=interpret))
+    kw = dict(interpret=impl == "interpret", pad_to_max_rank=bool(pad_to_max_rank))
+    return functools.partial(kernels.sgmv, **kw), functools.partial(kernels.bgmv, **kw)
 
 
 class BatchLora:
@@ -45,14 +48,17 @@ class BatchLora:
     Device part: the pool's paged weights (`PagedLoraWeights`) and each row's slot (-1: none).
     CPU part (optional): `(bridge, cpu_ids)`: rows whose adapter is still being copied get their
     delta from the host through a callback (`CpuAssistBridge.delta`); their slot is -1.
+    `pad_to_max_rank`: the Pallas kernels' padded (BGMV-like) mode; see `_ops`.
     """
 
-    def __init__(self, weights, row_slots: jax.Array, row_lens: jax.Array, impl: str, cpu=None):
+    def __init__(self, weights, row_slots: jax.Array, row_lens: jax.Array, impl: str, cpu=None,
+                 pad_to_max_rank: bool = False):
         self.weights = weights  # PagedLoraWeights | None
         self.row_slots = row_slots  # int32 [B]; -1: no device LoRA
         self.row_lens = row_lens  # int32 [B]: valid tokens per row (the rest is padding)
         self.impl = impl
-        self.sgmv, self.bgmv = _ops(impl)
+        self.pad_to_max_rank = pad_to_max_rank
+        self.sgmv, self.bgmv = _ops(impl, pad_to_max_rank)
         self.cpu = cpu
 
     def __call__(self, layer: int, modules: tuple[str, ...], x: jax.Array

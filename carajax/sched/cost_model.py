@@ -21,6 +21,7 @@ import json
 import operator
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -455,6 +456,21 @@ def load(path: str | os.PathLike) -> CostModel:
     """Read a CostModel written by `CostModel.save`."""
     with open(path) as f:
         return CostModel.from_json(f.read())
+
+
+COST_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "cost_models"
+DEFAULT_COST_MODELS = ("cpu_llama-test.json", "a10_paper.json")  # first found wins
+
+
+def default_cost_model() -> CostModel:
+    """The shipped model used when none is given: fitted on a CPU for llama-test by
+    `carajax profile` (what the built-in demo cluster runs), else the derived A10 model.
+    Both live in the repository's data/cost_models/ with their provenance."""
+    for name in DEFAULT_COST_MODELS:
+        if (COST_MODEL_DIR / name).exists():
+            return load(COST_MODEL_DIR / name)
+    raise FileNotFoundError(f"no cost model in {COST_MODEL_DIR} (looked for {DEFAULT_COST_MODELS}); "
+                            "pass one (carajax profile --fit FILE writes one)")
 
 
 def fit_cost_model(

@@ -1,0 +1,464 @@
+"""Profile real engine steps on this device, for fitting step-latency cost models (CaraServe §5).
+
+`profile(model, grid)` builds an engine for the model (random weights for a preset, or a local HF
+checkpoint) with in-memory random adapters of the ranks the grid needs, and times what serving
+runs: `ModelRunner.run(Schedule)` (the forward plus sampling) for
+
+- prefill steps: B requests, each a chunk of T prompt tokens starting at context offset c;
+- decode steps: B requests, one token each, with c tokens already in the KV cache;
+
+for every rank mix and LoRA kernel mode of a `ProfileGrid`. Each point runs `warmup` times (the
+first compiles), then `repeats` timed times (`jax.block_until_ready`) interleaved with the other
+points of its rank mix (`time_interleaved`); rows keep the median and every repeat. The engine
+always has adapters registered, so base-model rows run the LoRA variant as in serving (the
+references do LoRA work for them too). It also measures adapter load time vs rank through the
+pool (`load_now`: host page layout, `jax.device_put`, install). The result is a JSON-able dict
+(`save_profile`) whose rows `cost_model.fit_cost_model` reads; `fit_profile` adds provenance and
+the load table."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from carajax.config import TARGET_MODULES, EngineConfig, ModelConfig
+from carajax.engine import Engine
+from carajax.lora.adapter import LoraAdapter, LoraModule
+from carajax.lora.hook import resolve_lora_impl
+from carajax.models import weights
+from carajax.request import Request, RequestHandle, RequestMetrics
+from carajax.runner import bucket
+from carajax.sampling import SamplingParams
+from carajax.sched import cost_model as cm
+from carajax.scheduler import DecodeItem, PrefillChunk, Schedule
+
+FORMAT = "carajax.profile/v1"
+_MIXED = re.compile(r"^mixed\s*(\d+)\s*\.\.\s*(\d+)$")
+_UNIFORM = re.compile(r"^uniform(\d+)$")
+
+
+def mix_ranks(mix: str, batch_size: int) -> tuple[int, ...]:
+    """The LoRA rank of each of `batch_size` requests under a named rank mix.
+
+    "base": no adapter (0). "uniformN": all rank N. "mixed A..B": the powers of two from B down to
+    A, cycled; starting at the largest keeps max_rank = B at every size, so the padded kernel's
+    cost (|S| * max_rank) and the unpadded one's (sum of ranks) differ as much as they can."""
+    if mix == "base":
+        return (0,) * batch_size
+    if m := _UNIFORM.match(mix):
+        return (int(m.group(1)),) * batch_size
+    if m := _MIXED.match(mix):
+        lo, hi = int(m.group(1)), int(m.group(2))
+        levels = [r for r in (1 << i for i in range(hi.bit_length() + 1)) if lo <= r <= hi][::-1]
+        if not levels:
+            raise ValueError(f"rank mix {mix!r}: no power of two in [{lo}, {hi}]")
+        return tuple(levels[i % len(levels)] for i in range(batch_size))
+    raise ValueError(f"unknown rank mix {mix!r}; use 'base', 'uniformN' or 'mixed A..B'")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileGrid:
+    """What to measure. Every (batch size, prompt tokens, context) is a prefill point and every
+    (batch size, context) a decode point, for each rank mix and kernel mode; `load_ranks` are the
+    adapter ranks whose load time is measured (`load_repeats` each, after one warm-up load)."""
+
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    prompt_tokens: tuple[int, ...] = (16, 64)  # per request per prefill step (one chunk)
+    contexts: tuple[int, ...] = (0, 256)  # prefill: chunk offset; decode: tokens already cached
+    rank_mixes: tuple[str, ...] = ("base", "uniform8", "uniform64", "mixed 8..64")
+    kernels: tuple[str, ...] = ("unpadded", "padded")
+    warmup: int = 1
+    repeats: int = 5
+    load_ranks: tuple[int, ...] = (8, 16, 32, 64)
+    load_repeats: int = 5
+    # KV-cache row length. Attention reads whole rows (masked), so it sets every step's attention
+    # cost; None profiles what a serving engine uses by default (EngineConfig.max_seq_len=None).
+    seq_len: int | None = None
+
+    def __post_init__(self):
+        for f in ("batch_sizes", "prompt_tokens", "contexts", "rank_mixes", "kernels", "load_ranks"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+        for f in ("batch_sizes", "prompt_tokens", "load_ranks"):
+            if not getattr(self, f) or min(getattr(self, f)) <= 0:
+                raise ValueError(f"ProfileGrid.{f} must be non-empty and positive")
+        if not self.contexts or min(self.contexts) < 0:
+            raise ValueError("ProfileGrid.contexts must be non-empty and >= 0")
+        if self.seq_len is not None and self.seq_len < max(self.contexts) + max(self.prompt_tokens):
+            raise ValueError("ProfileGrid.seq_len must hold max(contexts) + max(prompt_tokens)")
+        if self.warmup < 1 or self.repeats < 1 or self.load_repeats < 1:
+            raise ValueError("ProfileGrid needs warmup >= 1 (compilation) and repeats >= 1")
+        if not self.kernels or any(k not in cm.KERNELS for k in self.kernels):
+            raise ValueError(f"ProfileGrid.kernels must be drawn from {cm.KERNELS}")
+        if not self.rank_mixes:
+            raise ValueError("ProfileGrid.rank_mixes must be non-empty")
+        for mix in self.rank_mixes:
+            mix_ranks(mix, 1)  # fails early on a bad name
+
+    @property
+    def max_rank(self) -> int:
+        """The largest adapter rank any point or load needs."""
+        ranks = [r for mix in self.rank_mixes for r in mix_ranks(mix, 8)] + list(self.load_ranks)
+        return max(ranks)
+
+    def points(self) -> list[tuple[str, str, int, int, int]]:
+        """(phase, mix, batch size, tokens per request, context) for one kernel mode."""
+        pts = [("prefill", mix, b, t, c) for mix in self.rank_mixes for b in self.batch_sizes
+               for t in self.prompt_tokens for c in self.contexts]
+        return pts + [("decode", mix, b, 1, c) for mix in self.rank_mixes for b in self.batch_sizes
+                      for c in self.contexts]
+
+
+GRIDS = {
+    # ~1-2 minutes for llama-test on a 2-core CPU (most of it compiling 12 step variants).
+    "quick": ProfileGrid(warmup=2),
+    # Minutes to hours depending on the model: a fit worth committing on a GPU.
+    "full": ProfileGrid(batch_sizes=(1, 2, 4, 8, 16, 32), prompt_tokens=(16, 64, 128, 256, 512),
+                        contexts=(0, 128, 256), warmup=2, repeats=7, load_ranks=(8, 16, 32, 64, 128),
+                        rank_mixes=("base", "uniform8", "uniform16", "uniform64", "uniform128",
+                                    "mixed 8..64", "mixed 8..128")),
+}
+
+
+def random_adapter(name: str, config: ModelConfig, rank: int, seed: int = 0,
+                   target_modules: tuple[str, ...] = TARGET_MODULES) -> LoraAdapter:
+    """An in-memory random adapter (what `load_adapter` returns), with no files involved."""
+    rng = np.random.default_rng(seed)
+    mods = {}
+    for layer in range(config.num_layers):
+        for m in target_modules:
+            d_in, d_out = config.projection_shape(m)
+            mods[(layer, m)] = LoraModule(
+                a=(rng.standard_normal((rank, d_in), np.float32) * 0.02),
+                b=(rng.standard_normal((d_out, rank), np.float32) * 0.02), scale=2.0)
+    return LoraAdapter(name=name, path="<random>", modules=mods)
+
+
+def time_interleaved(fns: list[Callable[[], Any]], warmup: int, repeats: int, seed: int = 0,
+                     tick: Callable[[], Any] = lambda: None) -> list[list[float]]:
+    """Seconds of `repeats` calls of each fn (`jax.block_until_ready` on its result), after
+    `warmup` untimed calls each (the first compiles). The timed calls go in rounds, every fn once
+    per round in a fresh random order, so a burst of load from elsewhere on the machine spreads
+    over many points instead of inflating every repeat of one."""
+    for fn in fns:
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+            tick()
+    times: list[list[float]] = [[] for _ in fns]
+    rng = np.random.default_rng(seed)
+    for _ in range(repeats):
+        for i in rng.permutation(len(fns)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[i]())
+            times[i].append(time.perf_counter() - t0)
+            tick()
+    return times
+
+
+def _request(i: int, prompt: list[int], adapter: str | None, output: list[int]) -> Request:
+    rid = f"profile-{i}"
+    return Request(request_id=rid, prompt_ids=prompt, adapter=adapter, sampling=SamplingParams(),
+                   seed=i, stop_ids=frozenset(), handle=RequestHandle(rid), row=i,
+                   metrics=RequestMetrics(arrival_time=0.0, prompt_tokens=len(prompt)),
+                   output_ids=output)
+
+
+class _Session:
+    """One engine (one kernel mode) plus lazily registered adapters: request i of rank r uses
+    adapter "r{r}-{i}", so every request in a batch has its own adapter (the paper's workload)."""
+
+    def __init__(self, engine: Engine, cache: dict[str, LoraAdapter], seed: int):
+        self.engine, self.cache = engine, cache  # `cache`: host adapters, shared across engines
+        self.registered: set[str] = set()
+        self.rng = np.random.default_rng(seed)
+        # A serving engine with adapters registered runs the LoRA variant for every step, base
+        # rows included (`ModelRunner._use_lora`); one adapter kept registered makes the base mix
+        # measure that, not the LoRA-free variant of an engine that has none.
+        self.adapters((self.engine.config.lora_page_rank,))
+
+    def adapters(self, ranks: tuple[int, ...]) -> list[str | None]:
+        names = [None if r == 0 else f"r{r}-{i}" for i, r in enumerate(ranks)]
+        pool = self.engine.pool
+        for i, (name, r) in enumerate(zip(names, ranks)):
+            if name is None:
+                continue
+            if name not in self.cache:
+                self.cache[name] = random_adapter(name, self.engine.model_config, r, seed=1000 * r + i)
+            if name not in self.registered:
+                pool.register(self.cache[name])
+                self.registered.add(name)
+            pool.load_now(name)  # before timing: the step measures compute, not copies
+        return names
+
+    def step(self, phase: str, ranks: tuple[int, ...], tokens: int, context: int) -> Callable:
+        names = self.adapters(ranks)
+        vocab = self.engine.model_config.vocab_size
+        ids = lambda n: self.rng.integers(4, vocab, n).tolist()  # noqa: E731
+        paths = ["base" if n is None else "device" for n in names]
+        if phase == "prefill":
+            chunks = tuple(PrefillChunk(_request(i, ids(context + tokens), n, []), context, tokens, p)
+                           for i, (n, p) in enumerate(zip(names, paths)))
+            plan = Schedule(prefill=chunks, decode=(), sync_loads=())
+        else:  # `context` tokens cached; the newest generated token sits at position `context`
+            items = tuple(DecodeItem(_request(i, ids(max(context, 1)), n, ids(1)), p)
+                          for i, (n, p) in enumerate(zip(names, paths)))
+            plan = Schedule(prefill=(), decode=items, sync_loads=())
+        runner = self.engine.runner
+        # `run` returns host ints (it syncs on the sampled tokens); the cache is the rest of the step.
+        return lambda: (runner.run(plan, {}), runner.cache)[1]
+
+
+def engine_config(grid: ProfileGrid, model_config: ModelConfig, dtype: str, impl: str, kernel: str,
+                  page_rank: int = 16) -> EngineConfig:
+    """An engine sized for the grid: a KV-cache row per request of the largest batch, prefill
+    chunks as long as the longest, and device pages for one max-rank adapter per request."""
+    max_b, max_t = max(grid.batch_sizes), max(grid.prompt_tokens)
+    r_max = -(-grid.max_rank // page_rank) * page_rank
+    # As EngineConfig.lora_budget_bytes, but for max_b adapters of the largest rank rather than 8.
+    per_rank = sum(sum(model_config.projection_shape(m)) for m in TARGET_MODULES)
+    itemsize = np.dtype(jax.numpy.dtype(dtype)).itemsize
+    budget = max_b * r_max * per_rank * model_config.num_layers * itemsize
+    return EngineConfig(dtype=dtype, max_seq_len=grid.seq_len, max_batch_size=max_b,
+                        prefill_chunk=max_t, max_prefill_tokens=max_b * max_t, max_lora_rank=r_max,
+                        lora_page_rank=page_rank, max_loras=max(64, max_b + 1),
+                        device_lora_budget_bytes=budget, cold_start="wait", lora_impl=impl,
+                        lora_kernel=kernel)
+
+
+def measure_loads(engine: Engine, ranks: tuple[int, ...], repeats: int) -> list[dict]:
+    """Median seconds of `pool.load_now` per rank (host page layout + device_put + install), from
+    the host tier each time (unregister + register between loads); one warm-up load per rank."""
+    pool, rows = engine.pool, []
+    for r in ranks:
+        adapter = random_adapter(f"load-r{r}", engine.model_config, r, seed=r)
+        times = []
+        for k in range(1 + repeats):
+            pool.register(adapter)
+            t0 = time.perf_counter()
+            pool.load_now(adapter.name)
+            jax.block_until_ready(pool.weights)
+            if k:  # the first load compiles the install for this page count
+                times.append(time.perf_counter() - t0)
+            pool.unregister(adapter.name)
+        pages = -(-r // pool.page_rank)
+        rows.append({"rank": r, "pages": pages, "bytes": pages * pool.page_bytes,
+                     "seconds": statistics.median(times), "repeats": times})
+    return rows
+
+
+def _host() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu, "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def _measure(session: _Session, grid: ProfileGrid, kernel: str, seed: int, tick) -> list[dict]:
+    """The rows of every grid point on one engine (one kernel mode)."""
+    cfg, impl, rows = session.engine.config, session.engine.runner.lora_impl, []
+    points = grid.points()
+    for mix in grid.rank_mixes:  # one mix at a time: its adapters (one per request) fit the pool
+        group = [p for p in points if p[1] == mix]
+        fns = [session.step(ph, mix_ranks(mix, b), t, c) for ph, _, b, t, c in group]
+        for (phase, _, b, t, c), times in zip(group, time_interleaved(fns, grid.warmup, grid.repeats,
+                                                                      seed, tick)):
+            times = [round(x, 7) for x in times]  # 0.1 us: far below the noise
+            read = c + t if phase == "prefill" else max(c, 1) + 1  # KV positions each row reads
+            shape = [bucket(b, 1), bucket(t, cfg.min_prefill_bucket) if phase == "prefill" else 1]
+            rows.append({"phase": phase, "kernel": kernel, "impl": impl, "mix": mix, "batch_size": b,
+                         "ranks": list(mix_ranks(mix, b)), "chunk": t, "tokens": b * t,
+                         "context_per_request": c, "context": b * read, "padded_shape": shape,
+                         "seconds": statistics.median(times), "repeats": times})
+    return rows
+
+
+def _notes(impl: str, seq_len: int, r_max: int) -> list[str]:
+    notes = [
+        "seconds: median of `repeats` timed ModelRunner.run(Schedule) calls (forward + sampling, "
+        "jax.block_until_ready), after `warmup` untimed calls that include compilation; timed "
+        "calls interleave the points of one rank mix in shuffled rounds.",
+        "Every request has its own adapter (all seven projections); rank-0 rows are base-model "
+        "rows, which still run the LoRA variant, as the engine does once adapters are registered.",
+        f"Attention reads the whole KV-cache row (seq_len {seq_len}) under a mask, so step time "
+        "does not depend on the context length in this implementation.",
+        "load_time: pool.load_now from the host tier (host page layout + jax.device_put + "
+        "install), median of load_repeats after one warm-up load per rank.",
+    ]
+    if impl == "reference":
+        notes.append(
+            f"lora_impl=reference (jnp): it ignores lora_kernel and gathers every slot at the pool's "
+            f"page-padded rank (max_lora_rank {r_max}), so LoRA work does not depend on the requests' "
+            "ranks; only one kernel mode was profiled, labelled 'padded' (the closer description). "
+            "Profile with --impl interpret/pallas to compare the kernels.")
+    if jax.devices()[0].platform == "cpu":
+        notes.append("On CPU jax.device_put is a host memcpy: load_time is not a PCIe transfer.")
+    return notes
+
+
+def profile(model: str = "llama-test", grid: ProfileGrid = GRIDS["quick"], *, dtype: str = "float32",
+            lora_impl: str = "auto", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Time real engine steps and adapter loads for `model` (a preset name, random weights, or a
+    local HF checkpoint dir) over `grid`; returns the profile document (see `save_profile`).
+
+    With the jnp references (CPU, `lora_impl` "auto"/"reference") the kernel mode changes nothing,
+    so only one mode is profiled and labelled "padded" (the references pad every slot to the
+    pool's max rank, further than the batch's max): see the document's `metadata.notes`."""
+    from tqdm.auto import tqdm
+
+    t0, load_before = time.monotonic(), os.getloadavg()
+    impl = resolve_lora_impl(lora_impl)
+    kernels = grid.kernels
+    if impl == "reference":
+        kernels = ("padded",) if "padded" in kernels else kernels[:1]
+    jdtype = jax.numpy.dtype(dtype)
+    if os.path.isdir(model):
+        mcfg = ModelConfig.from_hf(model)
+        llama = weights.load_hf(model, mcfg, dtype=jdtype)
+    else:
+        mcfg = ModelConfig.from_name(model)
+        llama = weights.random_model(mcfg, dtype=jdtype, seed=seed)
+    rows: list[dict] = []
+    loads: list[dict] = []
+    cache: dict[str, LoraAdapter] = {}  # host adapters, shared by the engines of each kernel mode
+    calls = len(grid.points()) * len(kernels) * (grid.warmup + grid.repeats) + 1
+    bar = tqdm(total=calls, desc=f"profile {mcfg.name}", disable=not progress)
+    for kernel in kernels:
+        cfg = engine_config(grid, mcfg, dtype, impl, kernel)
+        with Engine(llama, None, cfg) as engine:
+            seq_len = engine.runner.seq_len
+            if seq_len < max(grid.contexts) + max(grid.prompt_tokens):
+                raise ValueError(f"the grid's longest prefill ends past the KV-cache row ({seq_len} "
+                                 f"tokens for {mcfg.name}); lower contexts or prompt_tokens")
+            if not loads:
+                loads = measure_loads(engine, grid.load_ranks, grid.load_repeats)
+                bar.update(1)
+            rows += _measure(_Session(engine, cache, seed), grid, kernel, seed, lambda: bar.update(1))
+    bar.close()
+    dev = jax.devices()[0]
+    meta = {
+        "device": {"platform": dev.platform, "device_kind": dev.device_kind,
+                   "count": jax.device_count()},
+        "host": {**_host(), "loadavg_1_5_15_before": load_before,
+                 "loadavg_1_5_15_after": os.getloadavg()},
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - t0, 1),
+        "model_name": mcfg.name, "model_config": dataclasses.asdict(mcfg),
+        "model_params": mcfg.num_params(), "dtype": dtype, "lora_impl_requested": lora_impl,
+        "lora_impl": impl, "kernels_profiled": list(kernels), "seq_len": seq_len,
+        "lora_page_rank": cfg.lora_page_rank, "max_lora_rank": cfg.max_lora_rank, "seed": seed,
+        "grid": dataclasses.asdict(grid), "notes": _notes(impl, seq_len, cfg.max_lora_rank),
+    }
+    return {"format": FORMAT, "metadata": meta, "measurements": rows, "load_time": loads}
+
+
+def save_profile(doc: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a profile document as JSON: metadata indented, one measurement per line (diffable
+    and a fraction of the size of indenting every repeat)."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    head = json.dumps({k: v for k, v in doc.items() if k != "measurements"}, indent=1)
+    rows = ",\n".join("  " + json.dumps(r) for r in doc["measurements"])
+    with open(path, "w") as f:
+        f.write(f'{head[:-2]},\n "measurements": [\n{rows}\n ]\n}}\n')
+
+
+def load_profile(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a document written by `save_profile`."""
+    with open(path) as f:
+        doc = json.load(f)
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} document (format={doc.get('format')!r})")
+    return doc
+
+
+def device_label(meta: Mapping[str, Any]) -> str:
+    d, h = meta["device"], meta["host"]
+    return f"{d['platform']}: {d['device_kind']} ({h['cpu_model']}, {h['cpu_count']} host CPUs)"
+
+
+def fit_profile(doc: Mapping[str, Any], form: str = "rich", kernel: str | None = None) -> cm.CostModel:
+    """Fit a CostModel of `form` to a profile's rows of one kernel (default: the first profiled),
+    with provenance metadata and the measured load-time table."""
+    meta = doc["metadata"]
+    kernel = kernel or meta["kernels_profiled"][0]
+    loads = doc.get("load_time", [])
+    # Loads move whole pages: bytes per unit of page capacity, not per rank (rank 8 moves a
+    # 16-rank page), so that `load_seconds(nbytes=...)` prices bytes as the pool moves them.
+    per_rank = [row["bytes"] / (row["pages"] * meta["lora_page_rank"]) for row in loads]
+    notes = " ".join([f"form={form}, kernel={kernel}, lora_impl={meta['lora_impl']}, "
+                      f"dtype={meta['dtype']}, jax {meta['jax_version']}, "
+                      f"{len(doc['measurements'])} measured steps."] + meta["notes"])
+    return cm.fit_cost_model(
+        doc["measurements"], form=form, kernel=kernel, source="profiled by carajax profile",
+        device=device_label(meta), model_name=meta["model_name"], date=meta["date"], notes=notes,
+        load_time=tuple((row["rank"], row["seconds"]) for row in loads),
+        load_bytes_per_rank=float(np.mean(per_rank)) if per_rank else None)
+
+
+def report(doc: Mapping[str, Any], forms: tuple[str, ...] = tuple(cm.FORMS), seed: int = 0) -> dict:
+    """{kernel: {form: {phase: {r2, mape, n_train, n_test}}}}: held-out (20%) fit quality."""
+    rows = doc["measurements"]
+    return {k: {f: cm.fit_report(rows, form=f, seed=seed, kernel=k) for f in forms}
+            for k in doc["metadata"]["kernels_profiled"]}
+
+
+def format_report(rep: Mapping[str, Any]) -> str:
+    """A plain-text table of `report`'s R^2 and MAPE."""
+    lines = [f"{'kernel':<9} {'form':<9} {'phase':<8} {'R2':>7} {'MAPE %':>7} {'train':>6} {'test':>5}"]
+    lines.append("-" * len(lines[0]))
+    for kernel, forms in rep.items():
+        for form, phases in forms.items():
+            for phase, m in phases.items():
+                lines.append(f"{kernel:<9} {form:<9} {phase:<8} {m['r2']:>7.3f} "
+                             f"{100 * m['mape']:>7.1f} {m['n_train']:>6} {m['n_test']:>5}")
+    return "\n".join(lines)
+
+
+def plot_profile(doc: Mapping[str, Any], model: cm.CostModel, path: str | os.PathLike) -> bool:
+    """Predicted vs measured (log-log, y = x) for prefill and decode side by side, points coloured
+    by rank mix; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in doc["measurements"] if r["kernel"] == model.kernel]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, phase in zip(axes, cm.PHASES):
+        sub = [r for r in rows if r["phase"] == phase]
+        form = getattr(model, phase)
+        batches = [cm.Batch(tuple(r["ranks"]), r["tokens"], r["context"]) for r in sub]
+        y = np.array([r["seconds"] for r in sub]) * 1e3
+        pred = form.predict_many(batches) * 1e3
+        for mix in dict.fromkeys(r["mix"] for r in sub):
+            keep = np.array([r["mix"] == mix for r in sub])
+            ax.scatter(y[keep], pred[keep], s=10, alpha=0.7, label=mix)
+        lo, hi = min(y.min(), pred.min()), max(y.max(), pred.max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        m = cm.evaluate(form, batches, y / 1e3)
+        ax.set(xscale="log", yscale="log", xlabel="measured (ms)", ylabel="predicted (ms)",
+               title=f"{phase}: R2={m['r2']:.3f}, MAPE={100 * m['mape']:.1f}% (all rows)")
+        ax.legend(fontsize=7)
+    meta = doc["metadata"]
+    fig.suptitle(f"{meta['model_name']} on {meta['device']['device_kind']}, {model.prefill.name} form, "
+                 f"kernel {model.kernel} ({meta['lora_impl']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,184 @@
+"""The profiler: real engine steps over a tiny grid give well-formed, plausible rows; fits round-trip;
+the CLI writes its three files."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carajax import cli
+from carajax.sched import cost_model as cm
+from carajax.sched import profiler
+from carajax.sched.profiler import ProfileGrid, mix_ranks
+
+# Compilation dominates on CPU (seconds per step variant), so as few variants as give a 64x
+# spread in tokens: prefill chunks of 16 and 1024 (llama-test's whole KV row), and decode.
+TINY = ProfileGrid(batch_sizes=(1,), prompt_tokens=(16, 1024), contexts=(0,),
+                   rank_mixes=("base", "uniform8", "mixed 8..32"), kernels=("unpadded", "padded"),
+                   warmup=1, repeats=3, load_ranks=(8, 32), load_repeats=2)
+
+
+@pytest.fixture(scope="module")
+def doc():
+    return profiler.profile("llama-test", TINY, progress=False)
+
+
+def test_mix_ranks():
+    assert mix_ranks("base", 3) == (0, 0, 0)
+    assert mix_ranks("uniform16", 2) == (16, 16)
+    assert mix_ranks("mixed 8..64", 6) == (64, 32, 16, 8, 64, 32)
+    assert mix_ranks("mixed8..8", 2) == (8, 8)
+    for bad in ("uniform", "mixed 9..15", "zipf"):
+        with pytest.raises(ValueError):
+            mix_ranks(bad, 2)
+    with pytest.raises(ValueError):
+        ProfileGrid(rank_mixes=("nope",))
+    with pytest.raises(ValueError):
+        ProfileGrid(warmup=0)  # the first run compiles: it must never be timed
+    with pytest.raises(ValueError):
+        ProfileGrid(kernels=("bgmv",))
+    with pytest.raises(ValueError):
+        ProfileGrid(seq_len=100, contexts=(64,), prompt_tokens=(64,))
+    assert ProfileGrid(rank_mixes=("uniform8", "mixed 8..128"), load_ranks=(8,)).max_rank == 128
+
+
+def test_time_interleaved_counts_and_blocks():
+    import time
+
+    calls = []
+
+    def fn(i, sleep):
+        def call():
+            calls.append(i)
+            time.sleep(sleep)
+            return np.zeros(1)
+        return call
+
+    ticks = []
+    times = profiler.time_interleaved([fn(0, 0.0), fn(1, 0.02)], warmup=2, repeats=3,
+                                      tick=lambda: ticks.append(1))
+    assert calls[:4] == [0, 0, 1, 1] and sorted(calls[4:]) == [0, 0, 0, 1, 1, 1]
+    assert len(ticks) == 10 and [len(t) for t in times] == [3, 3]
+    assert min(times[1]) >= 0.02 > max(times[0])
+
+
+def test_every_grid_point_measured_once(doc):
+    rows = doc["measurements"]
+    # On CPU the references ignore the kernel mode: one mode is profiled, and said to be.
+    assert doc["metadata"]["lora_impl"] == "reference"
+    assert doc["metadata"]["kernels_profiled"] == ["padded"]
+    assert any("ignores lora_kernel" in n for n in doc["metadata"]["notes"])
+    got = sorted((r["phase"], r["mix"], r["batch_size"], r["chunk"], r["context_per_request"])
+                 for r in rows)
+    assert got == sorted(TINY.points())
+    for r in rows:
+        assert r["kernel"] == "padded" and r["impl"] == "reference"
+        assert tuple(r["ranks"]) == mix_ranks(r["mix"], r["batch_size"])
+        assert r["tokens"] == r["batch_size"] * r["chunk"]
+        assert len(r["repeats"]) == TINY.repeats and all(t > 0 for t in r["repeats"])
+        assert r["seconds"] == statistics.median(r["repeats"])
+        per_row = r["context_per_request"] + (r["chunk"] if r["phase"] == "prefill" else 1)
+        assert r["context"] == r["batch_size"] * max(per_row, 2 if r["phase"] == "decode" else 0)
+
+
+def test_base_rows_run_the_lora_variant():
+    """As in serving with adapters registered: the profiler's engine is never LoRA-free."""
+    from carajax.config import ModelConfig
+    from carajax.engine import Engine
+    from carajax.models import weights
+
+    model = weights.random_model(ModelConfig.from_name("llama-test"))
+    cfg = profiler.engine_config(TINY, model.config, "float32", "reference", "padded")
+    with Engine(model, None, cfg) as engine:
+        profiler._Session(engine, {}, seed=0)
+        assert engine.runner._use_lora(np.full(4, -1, np.int32))  # an all-base batch
+
+
+def test_metadata(doc):
+    meta = doc["metadata"]
+    assert doc["format"] == profiler.FORMAT
+    assert meta["device"]["platform"] == "cpu" and meta["device"]["device_kind"]
+    assert meta["host"]["cpu_count"] >= 1 and len(meta["host"]["loadavg_1_5_15_before"]) == 3
+    assert datetime.datetime.fromisoformat(meta["date"]).tzinfo is not None
+    assert meta["jax_version"] and meta["model_name"] == "llama-test"
+    assert meta["model_config"]["hidden_size"] == 64 and meta["dtype"] == "float32"
+    assert json.loads(json.dumps(meta["grid"])) == json.loads(json.dumps(dataclasses.asdict(TINY)))
+    assert meta["seq_len"] == 1024  # the serving default for llama-test, not a profiling shortcut
+
+
+def test_load_table(doc):
+    loads = doc["load_time"]
+    assert [row["rank"] for row in loads] == [8, 32]
+    assert all(row["seconds"] > 0 and len(row["repeats"]) == TINY.load_repeats for row in loads)
+    assert loads[0]["pages"] == 1 and loads[1]["pages"] == 2
+    assert loads[1]["bytes"] == 2 * loads[0]["bytes"]
+
+
+def test_bigger_steps_measure_slower(doc):
+    """64x the prompt tokens (1024 vs 16): several times slower on any box; asking only for 2x
+    leaves a wide margin for noise. A profiler that timed the asynchronous dispatch instead of
+    the work would see about the same time for both."""
+    def median(phase, tokens):
+        return statistics.median(r["seconds"] for r in doc["measurements"]
+                                 if r["phase"] == phase and r["tokens"] == tokens)
+    assert median("prefill", 1024) > 2 * median("prefill", 16)
+    assert median("prefill", 1024) > 2 * median("decode", 1)
+
+
+def test_fit_round_trips(doc, tmp_path):
+    path = tmp_path / "profile.json"
+    profiler.save_profile(doc, path)
+    assert profiler.load_profile(path) == json.loads(json.dumps(doc))
+    model = profiler.fit_profile(doc, form="rich")
+    assert model.kernel == "padded" and model.source == "profiled by carajax profile"
+    assert "cpu" in model.device and model.model_name == "llama-test"
+    assert model.date == doc["metadata"]["date"]
+    assert [r for r, _ in model.load_time] == [8, 32]
+    assert model.load_bytes_per_rank == doc["load_time"][0]["bytes"] / 16  # one 16-rank page
+    model.save(tmp_path / "cm.json")
+    back = cm.load(tmp_path / "cm.json")
+    assert back == model and back.to_json() == model.to_json()
+    batch = cm.Batch((8, 8), 256, 256)
+    assert back.prefill_time(batch) == model.prefill_time(batch) > 0
+    rep = profiler.report(doc)
+    assert set(rep["padded"]) == set(cm.FORMS)
+    assert "rich" in profiler.format_report(rep)
+
+
+def test_cli_writes_profile_fit_and_plot(doc, tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_profile(model, grid, **kw):
+        seen.update(model=model, grid=grid, **kw)
+        return doc
+
+    monkeypatch.setattr(profiler, "profile", fake_profile)
+    out, fit, png = tmp_path / "p.json", tmp_path / "c" / "cm.json", tmp_path / "plot.png"
+    cli.main(["profile", "--grid", "quick", "--batch-sizes", "1,8", "--mixes", "base, mixed 8..32",
+              "--repeats", "2", "--out", str(out), "--fit", str(fit), "--plot", str(png),
+              "--form", "unpadded", "--no-progress"])
+    assert seen["grid"] == dataclasses.replace(profiler.GRIDS["quick"], batch_sizes=(1, 8),
+                                               rank_mixes=("base", "mixed 8..32"), repeats=2)
+    assert seen["progress"] is False and seen["model"] == "llama-test"
+    assert profiler.load_profile(out)["measurements"] == doc["measurements"]
+    model = cm.load(fit)
+    assert isinstance(model.prefill, cm.UnpaddedForm) and model.source == "profiled by carajax profile"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    assert "R2" in text and "MAPE" in text and "rich" in text and "unpadded" in text
+    np.testing.assert_allclose(model.load_time[0][1], doc["load_time"][0]["seconds"])
+
+
+@pytest.mark.parametrize("model", ["llama-test", "llama-100m"])
+def test_committed_cost_models_are_fits_of_committed_profiles(model):
+    """data/cost_models/cpu_<model>.json is exactly `fit_profile` of data/profiles/cpu_<model>.json."""
+    root = Path(__file__).resolve().parents[1] / "data"
+    doc = profiler.load_profile(root / "profiles" / f"cpu_{model}.json")
+    assert doc["metadata"]["model_name"] == model and doc["metadata"]["device"]["platform"] == "cpu"
+    assert (root / "cost_models" / f"cpu_{model}.json").read_text() == profiler.fit_profile(doc).to_json()
