@@ -3,6 +3,17 @@
     carajax demo [--model llama-test] [--max-tokens 24]   generate with two adapters and the base
     carajax simulate [--workers 60] [--adapters 40000] [--scale 1.0] [--json OUT]
                                                           route a trace through the cluster simulator
+    carajax serve [--model llama-test] [--adapters DIR] [--port 50051] [--metrics-port 9100]
+                                                          a gRPC worker; prints one line when ready:
+                                                          "carajax worker NAME ready on HOST:PORT ..."
+    carajax profile [--model llama-test] [--grid quick] [--out P.json] [--fit C.json] [--plot F.png]
+                                                          time real engine steps, fit cost models
+    carajax route --workers HOST:PORT,HOST:PORT [--policy carajax] [--port 50050]
+                                                          the router in front of workers; prints
+                                                          "carajax router ready on HOST:PORT ..."
+    carajax replay [--scale 6] [--cold-starts cached,wait,cpu_assist] [--mode cluster|engine]
+                                                          replay a trace open-loop, compare policies:
+                                                          table, JSON and plots in results/replay
 """
 
 from __future__ import annotations
@@ -158,7 +169,7 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo-tpot-ms", type=float, default=40.0)
     p.add_argument("--slo-ttft-s", type=float, default=5.0)
-    p.add_argument("--slo-metric", default="latency_per_token", choices=["latency_per_token", "tpot"])
+    p.add_argument("--slo-metric", default="tpot", choices=["latency_per_token", "tpot"])
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--kv-rows", type=int, default=40_000, help="KV-cache token rows per worker")
     p.add_argument("--adapter-pages", type=int, default=64, help="adapter pages per worker")
@@ -167,6 +178,171 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt", type=int, default=4096, help="clip prompts (tokens)")
     p.add_argument("--max-output", type=int, default=1024, help="clip outputs (tokens)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the summaries as JSON")
+
+
+def serve_cmd(args: argparse.Namespace) -> None:
+    """Run one gRPC worker until SIGTERM/SIGINT, then drain: refuse new requests, let streams in
+    flight finish within --grace seconds, exit 0."""
+    import json
+    import signal
+    import threading
+
+    from carajax.lora.adapter import AdapterError
+    from carajax.server.worker import serve
+
+    fields = dict(cold_start=args.cold_start, max_batch_size=args.max_batch, max_queue=args.max_queue,
+                  emulated_link_gbps=args.link_gbps, emulated_link_latency_ms=args.link_latency_ms)
+    try:  # --engine-config: any other EngineConfig field (the replay sizes pools and chunks so)
+        config = EngineConfig(**{**fields, **json.loads(args.engine_config or "{}")})
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"carajax serve: bad --engine-config: {e}") from None
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, config=config)
+    if args.adapters:
+        dirs = sorted(d for d in Path(args.adapters).iterdir() if (d / "adapter_config.json").is_file())
+        for d in dirs:
+            try:
+                engine.add_adapter(d.name, d)
+            except AdapterError as e:
+                engine.close()
+                raise SystemExit(f"carajax serve: cannot register adapter {d.name!r}: {e}") from None
+    if args.warmup:
+        engine.warmup()
+    worker = serve(engine, args.port, host=args.host, name=args.name, metrics_port=args.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    metrics = f"; metrics on :{worker.metrics_port}/metrics" if worker.metrics_port is not None else ""
+    print(f"carajax worker {worker.name} ready on {worker.address} ({len(engine.adapters)} adapters, "
+          f"cold start {args.cold_start}){metrics}", flush=True)
+    while not stop.wait(0.1):  # a timed wait, so the signal handler gets to run promptly
+        pass
+    print(f"carajax worker {worker.name}: draining (grace {args.grace:g} s)", flush=True)
+    worker.stop(grace=args.grace)
+    engine.close()
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama-test", help="preset name or HF checkpoint dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--adapters", default=None, metavar="DIR",
+                   help="register every PEFT adapter directory under DIR by its folder name")
+    p.add_argument("--host", default="[::]", help="address to bind")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here")
+    p.add_argument("--name", default=None, help="worker name in metrics and stats (default: hostname)")
+    p.add_argument("--cold-start", default="cpu_assist", choices=["cpu_assist", "wait", "cached"])
+    p.add_argument("--max-batch", type=int, default=8, help="KV-cache rows (requests running at once)")
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--link-gbps", type=float, default=None, help="emulate the host->device link")
+    p.add_argument("--link-latency-ms", type=float, default=0.0)
+    p.add_argument("--engine-config", default=None, metavar="JSON",
+                   help='more EngineConfig fields, e.g. \'{"prefill_chunk": 64, "max_loras": 128}\'')
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile every step variant before serving")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds streams get to finish on SIGTERM")
+
+
+def profile_cmd(args: argparse.Namespace) -> dict:
+    """Profile real engine steps, print held-out R^2/MAPE per form and phase, save the raw
+    measurements, the fitted CostModel (`--form`) and a predicted-vs-measured plot."""
+    import dataclasses
+
+    from carajax.sched import profiler
+
+    ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
+    names = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
+    over = {f: conv(v) for f, v, conv in (
+        ("batch_sizes", args.batch_sizes, ints), ("prompt_tokens", args.prompt_tokens, ints),
+        ("contexts", args.contexts, ints), ("rank_mixes", args.mixes, names),
+        ("kernels", args.kernels, names), ("load_ranks", args.load_ranks, ints),
+        ("warmup", args.warmup, int), ("repeats", args.repeats, int)) if v is not None}
+    grid = dataclasses.replace(profiler.GRIDS[args.grid], **over)
+    doc = profiler.profile(args.model, grid, dtype=args.dtype, lora_impl=args.impl,
+                           progress=args.progress)
+    meta = doc["metadata"]
+    profiler.save_profile(doc, args.out)
+    print(f"{len(doc['measurements'])} steps of {meta['model_name']} on "
+          f"{profiler.device_label(meta)} (lora_impl {meta['lora_impl']}); wrote {args.out}")
+    for note in meta["notes"]:
+        print(f"  note: {note}")
+    print("\nadapter load time (pool.load_now):")
+    for row in doc["load_time"]:
+        print(f"  rank {row['rank']:>4}: {row['bytes'] / 2**20:8.2f} MiB  {row['seconds'] * 1e3:8.2f} ms")
+    print("\nheld-out fit quality (random 20% of the points):")
+    print(profiler.format_report(profiler.report(doc)))
+    model = profiler.fit_profile(doc, form=args.form, kernel=args.kernel)
+    if args.fit:
+        Path(args.fit).parent.mkdir(parents=True, exist_ok=True)
+        model.save(args.fit)
+        print(f"\nwrote {args.fit} ({args.form} form, kernel {model.kernel}, fitted on all points)")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        wrote = profiler.plot_profile(doc, model, args.plot)
+        print(f"wrote {args.plot}" if wrote else "matplotlib is not installed: no plot")
+    return doc
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    from carajax.sched.cost_model import FORMS, KERNELS
+    from carajax.sched.profiler import GRIDS
+
+    p.add_argument("--model", default="llama-test", help="preset name (random weights) or HF checkpoint dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--grid", default="quick", choices=sorted(GRIDS), help="preset ProfileGrid")
+    p.add_argument("--impl", default="auto", choices=["auto", "pallas", "interpret", "reference"],
+                   help="LoRA ops (auto: Pallas on GPU, jnp references on CPU: one kernel mode only)")
+    p.add_argument("--out", default="profile.json", help="raw measurements JSON")
+    p.add_argument("--fit", default=None, metavar="COSTMODEL.json", help="write the fitted CostModel")
+    p.add_argument("--plot", default=None, metavar="PNG", help="predicted vs measured plot")
+    p.add_argument("--form", default="rich", choices=sorted(FORMS), help="form of the saved fit")
+    p.add_argument("--kernel", default=None, choices=KERNELS, help="kernel of the saved fit "
+                   "(default: the first profiled)")
+    for flag in ("batch-sizes", "prompt-tokens", "contexts", "load-ranks"):
+        p.add_argument(f"--{flag}", default=None, help="override the grid: comma-separated ints")
+    p.add_argument("--mixes", default=None, help="override rank mixes: e.g. 'base,uniform8,mixed 8..64'")
+    p.add_argument("--kernels", default=None, help="override kernel modes: unpadded,padded")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per point (>= 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per point")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def route_cmd(args: argparse.Namespace) -> None:
+    """Run the router until SIGTERM/SIGINT, then drain like a worker does."""
+    import signal
+    import threading
+
+    from carajax.sched import cost_model as cm
+    from carajax.server.router import serve_router
+
+    cost = cm.load(args.cost_model) if args.cost_model else cm.default_cost_model()
+    router = serve_router(args.workers.split(","), args.port, policy=args.policy, cost=cost,
+                          slo_tpot=args.slo_tpot_ms / 1e3, host=args.host,
+                          poll_interval=args.poll_interval, metrics_port=args.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    up = sum(w.healthy for w in router.servicer.links)
+    print(f"carajax router ready on {router.address} (policy {args.policy}, {up}/"
+          f"{len(router.servicer.links)} workers up, cost model {cost.model_name or '?'} on "
+          f"{cost.device or '?'})", flush=True)
+    while not stop.wait(0.1):
+        pass
+    router.stop(grace=args.grace)
+
+
+def add_route_args(p: argparse.ArgumentParser) -> None:
+    from carajax.sched.router import POLICIES
+
+    p.add_argument("--workers", required=True, help="comma-separated worker addresses host:port")
+    p.add_argument("--policy", default="carajax", choices=POLICIES)
+    p.add_argument("--host", default="[::]")
+    p.add_argument("--port", type=int, default=50050, help="gRPC port (0: any free port)")
+    p.add_argument("--cost-model", default=None, help="cost model JSON (default: the shipped one)")
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="time-per-token SLO the policy "
+                   "prices")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between Stats polls")
+    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--grace", type=float, default=30.0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,6 +361,21 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("simulate", help="route a trace through the cluster simulator under each policy")
     add_simulate_args(p)
     p.set_defaults(func=simulate_cmd)
+    p = sub.add_parser("serve", help="run a gRPC worker (one engine) until SIGTERM")
+    add_serve_args(p)
+    p.set_defaults(func=serve_cmd)
+    p = sub.add_parser("profile", help="time real engine steps on this device and fit cost models")
+    add_profile_args(p)
+    p.set_defaults(func=profile_cmd)
+    p = sub.add_parser("route", help="run the router service in front of workers until SIGTERM")
+    add_route_args(p)
+    p.set_defaults(func=route_cmd)
+    from carajax.replay.command import add_replay_args, replay_cmd
+
+    p = sub.add_parser("replay", help="replay a trace open-loop against workers behind a router (the "
+                       "main job), an engine or a gRPC target; compare policies")
+    add_replay_args(p)
+    p.set_defaults(func=replay_cmd)
     args = parser.parse_args(argv)
     args.func(args)
 

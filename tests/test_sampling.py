@@ -69,7 +69,7 @@ def test_stop_tokens_and_max_tokens():
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_k=-1),
-                                    dict(top_p=0.0), dict(top_p=1.5)])
+                                    dict(top_p=0.0), dict(top_p=1.5), dict(seed=-1), dict(seed=2**32)])
 def test_invalid_parameters(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

@@ -41,17 +41,16 @@ from carajax.sched.router import (
     WorkerState,
     make_policy,
 )
+from carajax.trace import (  # workloads live in carajax.trace; re-exported here
+    TraceRequest,
+    assign_adapters,
+    load_trace,
+    poisson_workload,
+    zipf_probabilities,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class SimRequest:
-    """One request of a workload: arrival time (s), prompt/output token counts, adapter and rank."""
-
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-    adapter: str = ""
-    rank: int = 0
+# A workload request is a trace request: arrival (s), prompt/output tokens, adapter and rank.
+SimRequest = TraceRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -544,101 +543,6 @@ def compare(
 ) -> dict[str, dict[str, Any]]:
     """`simulate` for each named policy on the same workload; {policy: summary}."""
     return {p: simulate(requests, p, cost, cfg, **policy_kw).summary() for p in policies}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Workloads
-
-
-def zipf_probabilities(n_adapters: int, exponent: float) -> np.ndarray:
-    """P(adapter k) ∝ k^-exponent for k = 1..n (rank 1 is the most popular)."""
-    w = np.arange(1, n_adapters + 1, dtype=np.float64) ** -exponent
-    return w / w.sum()
-
-
-def assign_adapters(
-    n_requests: int,
-    n_adapters: int,
-    exponent: float = 1.8,
-    ranks: Sequence[int] = (8, 16, 32, 64),
-    seed: int = 0,
-) -> tuple[list[str], list[int]]:
-    """Zipf-popular adapter names ("a0" most popular) for each request, and their ranks.
-
-    Each adapter's rank is drawn once (uniform over `ranks`) so an adapter always has one rank.
-    Adapter "a{k}" has popularity rank k + 1, which keeps the statistics easy to check; the
-    router only sees names, so the ordering cannot leak into routing.
-    """
-    rng = np.random.default_rng(seed)
-    ids = rng.choice(n_adapters, size=n_requests, p=zipf_probabilities(n_adapters, exponent))
-    adapter_rank = rng.choice(np.asarray(ranks), size=n_adapters)
-    return [f"a{i}" for i in ids.tolist()], adapter_rank[ids].tolist()
-
-
-def load_trace(
-    path: str,
-    *,
-    n_requests: int | None = None,
-    rate_scale: float = 1.0,
-    n_adapters: int = 100,
-    exponent: float = 1.8,
-    ranks: Sequence[int] = (8, 16, 32, 64),
-    seed: int = 0,
-    max_prompt: int | None = None,
-    max_output: int | None = None,
-) -> list[SimRequest]:
-    """Reads a JSONL trace (`arrival_s`, `prompt_tokens`, `output_tokens`, optional `adapter`, `rank`).
-
-    `rate_scale` multiplies the arrival rate (arrival times are divided by it). `n_requests` cuts
-    the trace, or tiles it back to back (each copy shifted by the trace's span plus its mean gap)
-    when the trace is shorter. Requests without an adapter get a Zipf(`exponent`) adapter over
-    `n_adapters` with a rank from `ranks` (see `assign_adapters`). Prompt/output lengths can be
-    clipped to fit a worker. Deterministic for a seed.
-    """
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-    if not rows:
-        return []
-    base_t = np.array([float(r["arrival_s"]) for r in rows])
-    base_t -= base_t.min()
-    total = len(rows) if n_requests is None else n_requests
-    span = float(base_t.max()) + (float(base_t.max()) / max(1, len(rows) - 1))
-    names, rks = assign_adapters(total, n_adapters, exponent, ranks, seed)
-    out = []
-    for i in range(total):
-        r = rows[i % len(rows)]
-        t = (base_t[i % len(rows)] + span * (i // len(rows))) / rate_scale
-        p, o = int(r["prompt_tokens"]), max(1, int(r["output_tokens"]))
-        if max_prompt is not None:
-            p = min(p, max_prompt)
-        if max_output is not None:
-            o = min(o, max_output)
-        ad, rk = (r["adapter"], int(r.get("rank", 8))) if "adapter" in r else (names[i], rks[i])
-        out.append(SimRequest(float(t), p, o, ad, rk))
-    return out
-
-
-def poisson_workload(
-    n_requests: int,
-    rate: float,
-    *,
-    prompt_tokens: int = 256,
-    output_tokens: int = 64,
-    n_adapters: int = 100,
-    exponent: float = 1.8,
-    ranks: Sequence[int] = (8, 16, 32, 64),
-    seed: int = 0,
-) -> list[SimRequest]:
-    """Synthetic Poisson arrivals at `rate` req/s with fixed lengths and Zipf adapters."""
-    rng = np.random.default_rng(seed + 1)
-    t = np.cumsum(rng.exponential(1.0 / rate, size=n_requests)) if n_requests else np.zeros(0)
-    names, rks = assign_adapters(n_requests, n_adapters, exponent, ranks, seed)
-    return [
-        SimRequest(float(t[i]), prompt_tokens, output_tokens, names[i], rks[i]) for i in range(n_requests)
-    ]
 
 
 __all__ = [

@@ -1,0 +1,174 @@
+"""`carajax replay`: replay a trace open-loop and compare policies side by side.
+
+With no arguments it is the README's main job: a slice of the Azure LLM 2023 conversation trace,
+sped up, against two `llama-test` workers behind the router over gRPC, 128 random adapters of
+ranks 8/16/32/64 with Zipf(1.8) popularity, under `cached`, `wait` and `cpu_assist`; prints a
+table, writes JSON, Markdown and PNG plots. `--mode engine` replays against an in-process engine
+instead, `--target HOST:PORT` against a running worker or router.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from carajax.replay.report import Slo
+from carajax.replay.runs import DEFAULT_TRACE, REPO
+
+
+def add_replay_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("trace")
+    g.add_argument("--trace", default=None, help=f"JSONL or Azure CSV trace (default {DEFAULT_TRACE.name} "
+                   "in data/traces/azure_llm_2023)")
+    g.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed trace lines")
+    g.add_argument("--start", type=float, default=120.0, help="window start, trace seconds (the first "
+                   "two minutes of the conversation trace ramp up from ~2 req/s)")
+    g.add_argument("--duration", type=float, default=40.0, help="window length, trace seconds")
+    g.add_argument("--max-requests", type=int, default=None, help="cut the window to N requests")
+    g.add_argument("--scale", type=float, default=1.5, help="multiply the arrival rate (time compression)")
+    g.add_argument("--max-prompt", type=int, default=256, help="clip prompts (tokens)")
+    g.add_argument("--max-output", type=int, default=64, help="clip outputs (tokens)")
+    g.add_argument("--seed", type=int, default=0, help="adapters, ranks, prompts")
+    g = p.add_argument_group("adapters")
+    g.add_argument("--adapters", type=int, default=128, help="random adapters (Zipf popularity)")
+    g.add_argument("--zipf", type=float, default=1.8, help="Zipf exponent of adapter popularity")
+    g.add_argument("--ranks", default="8,16,32,64", help="adapter ranks")
+    g.add_argument("--rank-weights", default=None, help="weights of --ranks (default: uniform)")
+    g.add_argument("--adapter-dir", default=None, help="use the PEFT adapters in DIR (by folder name, "
+                   "Zipf over their sorted names) instead of random ones")
+    g.add_argument("--adapter-cache", default=None, help="where random adapters are written once "
+                   "(default ~/.cache/carajax/adapters)")
+    g = p.add_argument_group("serving")
+    g.add_argument("--mode", default="cluster", choices=["cluster", "engine"],
+                   help="cluster: workers (`carajax serve` processes) behind a router over gRPC; "
+                   "engine: one in-process engine")
+    g.add_argument("--target", default=None, metavar="HOST:PORT",
+                   help="replay against a running worker or router instead (adapters must be there)")
+    g.add_argument("--model", default="llama-test", help="preset name or HF checkpoint dir")
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--cold-starts", default="cached,wait,cpu_assist", help="engine policies to compare")
+    g.add_argument("--router-policies", default="carajax", help="router policies to compare (cluster)")
+    g.add_argument("--max-batch", type=int, default=8, help="requests running at once per worker")
+    g.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per request per step "
+                   "(also the smallest prefill bucket: fewer compiled variants)")
+    g.add_argument("--lora-pages", type=int, default=0, help="device adapter pages (16 ranks each) per "
+                   "worker for wait/cpu_assist (evicting LRU); 0: room for every adapter, as cached")
+    g.add_argument("--link-gbps", type=float, default=0.05, help="emulated host->device link (GB/s), "
+                   "used when there is no accelerator; scaled to the tiny model, see the output")
+    g.add_argument("--link-latency-ms", type=float, default=2.0)
+    g.add_argument("--real-link", action="store_true", help="no link emulation even on CPU")
+    g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="(engine mode) compile every step variant before replaying")
+    g = p.add_argument_group("report")
+    g.add_argument("--slo-ttft-s", type=float, default=0.5, help="TTFT SLO (default: ~3x the cached "
+                   "median of the default replay on a 2-core CPU)")
+    g.add_argument("--slo-tpot-ms", type=float, default=30.0, help="time-per-output-token SLO (default: "
+                   "~2x the cached median of the default replay on a 2-core CPU)")
+    g.add_argument("--out", default="results/replay", help="output directory (JSON, Markdown, PNGs)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def machine_info() -> dict:
+    """Where the numbers come from: CPU, cores, load, accelerator, versions."""
+    import jax
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip() or None
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "jax": jax.__version__, "device": dev.platform, "device_kind": dev.device_kind,
+            "git_commit": commit}
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def replay_cmd(args: argparse.Namespace) -> dict:
+    """Run the replay(s); print the table; write replay.json, replay.md and the plots."""
+    from carajax.replay import runs
+    from carajax.replay.report import format_table, plot_results, summarize
+
+    t_start = time.monotonic()
+    plan = runs.plan(args)
+    for line in plan.notes:
+        _log(line)
+    results, run_info = {}, {}
+    for k, (label, spec) in enumerate(plan.runs):
+        _log(f"\n== {label}: {spec['describe']}")
+        rows, info = runs.execute(plan, label, spec, args, first=k == 0)
+        results[label], run_info[label] = rows, info
+        _log(f"   setup {info['setup_s']:.0f} s, replay {info['replay_s']:.0f} s")
+    slo = Slo(ttft_s=args.slo_ttft_s, tpot_s=args.slo_tpot_ms / 1e3)
+    summaries = {k: summarize(v, slo) for k, v in results.items()}
+    if plan.link and "cached" in summaries and summaries["cached"]["tpot_s"]["p50"]:
+        step = summaries["cached"]["tpot_s"]["p50"]
+        r64 = runs.copy_ms(64, plan.model_config, *plan.link)
+        check = (f"link check: an emulated rank-64 copy ({r64:.1f} ms) is {r64 / 1e3 / step:.1f}x the "
+                 f"median time per token under cached in this run ({step * 1e3:.1f} ms)")
+        plan.notes.append(check)
+        plan.caveats.append(check)
+    table = format_table(summaries)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_results(results, summaries, out, subtitle=plan.subtitle)
+    argv = getattr(args, "argv", None)  # recorded: every number comes with its command
+    if argv is None and sys.argv[1:2] == ["replay"]:
+        argv = sys.argv[2:]
+    doc = {
+        "kind": "carajax replay",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "carajax replay" + ("" if not argv else " " + shlex.join(argv)),
+        "machine": machine_info(),
+        "emulated": plan.emulated,
+        "notes": plan.notes,
+        "caveats": plan.caveats,
+        "setup": plan.setup,
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+        "summaries": summaries,
+        "runs": run_info,
+        "table_markdown": table,
+        "plots": [os.path.relpath(p, out) for p in plots],
+        "wall_s": None,
+        "requests": results,
+    }
+    doc["wall_s"] = time.monotonic() - t_start
+    with open(out / "replay.json", "w") as f:
+        json.dump(doc, f, indent=1)
+    (out / "replay.md").write_text("\n".join(["# carajax replay", "", *[f"- {n}" for n in plan.notes], "",
+                                              table, ""]))
+    print("\n" + table)
+    print("\nScaled, clipped, synthesised or emulated (details at the top and in replay.json):")
+    for line in plan.caveats:
+        print(f"  - {line}")
+    print(f"\nSLOs: TTFT <= {slo.ttft_s:g} s, time per output token <= {slo.tpot_s * 1e3:g} ms; latencies "
+          "are measured by the client from each request's scheduled arrival.")
+    print(f"wrote {out / 'replay.json'} (per-request rows + summaries), {out / 'replay.md'}")
+    print("plots: " + ", ".join(plots))
+    print(f"total wall time {doc['wall_s']:.0f} s")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="carajax replay", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_replay_args(p)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return replay_cmd(args)
+
