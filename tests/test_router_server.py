@@ -184,3 +184,36 @@ def test_a_killed_worker_fails_only_its_own_streams(cluster, adapter_dirs):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return f"fake {self._code.name}"
+
+
+def test_a_slow_worker_is_not_a_dead_worker(cluster, monkeypatch):
+    """Stats can time out while a worker compiles a step variant; its health service still answers,
+    so the router keeps it. Only a worker that does not answer at all is marked down."""
+    router, wa, _ = cluster
+    link = next(w for w in router.servicer.links if w.address == wa.address)
+    real = link.stub.Stats
+
+    def fail_with(code):
+        def stats(*a, **kw):
+            raise _FakeRpcError(code)
+        return stats
+
+    try:
+        monkeypatch.setattr(link.stub, "Stats", fail_with(Code.DEADLINE_EXCEEDED))
+        assert link.poll() and link.healthy and link.state.healthy
+        monkeypatch.setattr(link.stub, "Stats", fail_with(Code.UNAVAILABLE))
+        assert not link.poll() and not link.healthy and "UNAVAILABLE" in link.error
+    finally:
+        monkeypatch.setattr(link.stub, "Stats", real)
+    assert link.poll() and link.healthy  # answers again: back in rotation

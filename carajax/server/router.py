@@ -60,6 +60,7 @@ class WorkerLink:
         self.name = address  # replaced by the worker's own name after the first Stats
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.CaraServeStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
         self.stats_timeout = stats_timeout
         self.healthy = False  # until the first Stats answers
         self.error = "not polled yet"
@@ -73,6 +74,12 @@ class WorkerLink:
         try:
             st = self.stub.Stats(pb.StatsRequest(), timeout=self.stats_timeout)
         except grpc.RpcError as e:
+            # A worker compiling a step variant (seconds on a CPU) answers Stats late: that is
+            # slow, not down. Liveness comes from the health service, which never waits on the
+            # engine; the last known state is kept until Stats answers again.
+            if e.code() == Code.DEADLINE_EXCEEDED and self.last_stats is not None and self.alive():
+                self.error = "Stats slow (worker busy)"
+                return True
             self.mark_down(f"{e.code().name}: {e.details()}")
             return False
         self.last_stats = st
@@ -92,6 +99,15 @@ class WorkerLink:
         s.max_batch = st.max_batch_size
         s.kv_free_rows = max(0, st.max_batch_size - len(st.running)) * st.max_seq_len
         return True
+
+    def alive(self) -> bool:
+        """True if the worker's health service answers SERVING."""
+        try:
+            reply = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                      timeout=self.stats_timeout)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def mark_down(self, why: str) -> None:
         self.healthy = self.state.healthy = False
