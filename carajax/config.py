@@ -245,13 +245,16 @@ class EngineConfig:
     # max rank, Punica BGMV). The jnp references ignore it: they run every slot at the pool's
     # page-padded shape (max_lora_rank), so on CPU with references both settings cost the same.
     lora_kernel: str = "unpadded"
+    # Tensor parallelism: shard the model over this many local devices (carajax.parallel);
+    # 1: one device, no mesh.
+    tp: int = 1
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         for field in ("max_batch_size", "max_loras", "max_lora_rank", "min_prefill_bucket",
                       "max_queue", "prefill_chunk", "max_prefill_tokens", "max_tokens_limit",
-                      "lora_page_rank"):
+                      "lora_page_rank", "tp"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"EngineConfig.{field} must be positive")
         if self.cold_start not in COLD_START_POLICIES:

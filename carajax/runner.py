@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from carajax import parallel
 from carajax.config import EngineConfig
 from carajax.lora.hook import BatchLora, resolve_lora_impl
 from carajax.models.llama import KVCache, Llama
@@ -83,6 +84,13 @@ class ModelRunner:
         self.pad = config.lora_kernel == "padded"
         self.seq_len = config.seq_len(model.config)
         self.cache = KVCache.zeros(model.config, config.max_batch_size, self.seq_len, self.dtype)
+        self.mesh = None
+        if config.tp > 1:  # shard once; GSPMD propagates these shardings through the plain jits
+            parallel.check_tp(model.config, config.tp)
+            self.mesh = parallel.make_mesh(config.tp)
+            self.state = parallel.shard_params(self.state, self.mesh)
+            self.cache = parallel.shard_cache(self.cache, self.mesh)
+            pool.shard(parallel.lora_shardings(pool.weights, self.mesh))
 
     @staticmethod
     def compiled_variants() -> dict[str, int]:

@@ -166,6 +166,7 @@ class AdapterPool:
             scales[m] = zeros((L, S), jnp.float32)
         self._weights = PagedLoraWeights(a=a, b=b, page_table=zeros((S, self.pages_per_slot), jnp.int32),
                                          ranks=ranks, scales=scales)
+        self._page_shardings: dict[str, tuple] | None = None  # set by `shard` (tensor parallel)
 
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
@@ -358,6 +359,16 @@ class AdapterPool:
         the thread that calls `poll`/`load_now`."""
         return self._weights
 
+    def shard(self, shardings: PagedLoraWeights) -> None:
+        """Place the device pool by `shardings` (a PagedLoraWeights of shardings, see
+        `carajax.parallel.lora_shardings`); later copies are staged with the same page shardings,
+        so installs stay on the mesh. Call before any adapter is loaded."""
+        with self._lock:
+            if self._loading or any(e.state != "host" for e in self._entries.values()):
+                raise RuntimeError("shard the adapter pool before loading adapters")
+            self._weights = jax.device_put(self._weights, shardings)
+            self._page_shardings = {m: (shardings.a[m], shardings.b[m]) for m in shardings.a}
+
     def stats(self) -> dict:
         """Budgets and usage in bytes, pages and slots, and the adapters in each state."""
         with self._lock:
@@ -490,5 +501,6 @@ class AdapterPool:
         for m in TARGET_MODULES:
             pa, pb, ranks[m], scales[m] = host_pages(job.adapter, self.config, m, job.n_pages,
                                                      self.page_rank, self.dtype)
-            a[m], b[m] = jax.device_put(pa, self.device), jax.device_put(pb, self.device)
+            sa, sb = (self.device, self.device) if self._page_shardings is None else self._page_shardings[m]
+            a[m], b[m] = jax.device_put(pa, sa), jax.device_put(pb, sb)
         return a, b, ranks, scales
