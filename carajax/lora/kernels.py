@@ -110,8 +110,10 @@ def bgmv_reference(
     scales = jnp.asarray(scales)
     valid = token_slots >= 0
     s = jnp.where(valid, token_slots, 0)
-    xa = jnp.einsum("td,trd->tr", x, a[s].astype(x.dtype), preferred_element_type=jnp.float32)
-    y = jnp.einsum("tr,tor->to", xa, b[s].astype(jnp.float32))
+    hi = _precision(x.dtype)  # no TF32 on GPU: the reference is what kernels are judged by
+    xa = jnp.einsum("td,trd->tr", x, a[s].astype(x.dtype), preferred_element_type=jnp.float32,
+                    precision=hi)
+    y = jnp.einsum("tr,tor->to", xa, b[s].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     y = y * jnp.where(valid, scales[s], 0.0)[:, None]
     return y.astype(x.dtype)
 
@@ -161,8 +163,10 @@ def sgmv_reference(
         start, length, slot = seg
         s = jnp.maximum(slot, 0)
         inside = (t >= start) & (t < start + length) & (slot >= 0)
-        xa = jnp.dot(x, a[s].astype(x.dtype).T, preferred_element_type=jnp.float32)  # [T, r]
-        ys = jnp.dot(xa, b[s].astype(jnp.float32).T) * scales[s]  # [T, d_out]
+        xa = jnp.dot(x, a[s].astype(x.dtype).T, preferred_element_type=jnp.float32,
+                     precision=_precision(x.dtype))  # [T, r]
+        ys = jnp.dot(xa, b[s].astype(jnp.float32).T,
+                     precision=jax.lax.Precision.HIGHEST) * scales[s]  # [T, d_out]
         return y + jnp.where(inside[:, None], ys, 0.0), None
 
     y0 = jnp.zeros((x.shape[0], b.shape[1]), jnp.float32)
