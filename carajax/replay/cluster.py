@@ -7,8 +7,9 @@ run side by side the way separate machines would; on a small machine they still 
 gRPC, like any client would reach it.
 
 Compiles dominate a worker's start on CPU (seconds per step variant), so workers share JAX's
-persistent compilation cache: the second worker, and the next policy's workers, load what the
-first compiled. Variants with host callbacks (CPU assist) cannot be cached and compile each time.
+persistent compilation cache: every worker after the first loads what the first compiled.
+Variants with host callbacks (CPU assist) cannot be cached and compile in each worker. All the
+clusters of an invocation start before its first replay (see `start_workers`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 DEFAULT_COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "carajax" / "jax"
@@ -108,6 +109,53 @@ def worker_env(spec: ClusterSpec) -> dict[str, str]:
     return env
 
 
+def launch(spec: ClusterSpec, index: int, adapters_dir: str, log_dir: str | os.PathLike,
+           tag: str) -> WorkerProcess:
+    """Start worker `index` of `spec` (returns at once; see `wait_ready`)."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
+    return WorkerProcess(worker_argv(spec, index, adapters_dir), worker_env(spec),
+                         log_dir / f"{safe}-w{index}.log")
+
+
+def wait_ready(workers: Sequence[WorkerProcess], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(w.poll_ready() for w in workers):
+        if time.monotonic() > deadline:
+            logs = [str(w.log) for w in workers]
+            raise TimeoutError(f"workers not ready after {timeout_s} s; logs: {logs}")
+        time.sleep(0.2)
+
+
+def start_workers(specs: Sequence[tuple[str, ClusterSpec]], adapters_dir: str,
+                  log_dir: str | os.PathLike) -> dict[str, list[WorkerProcess]]:
+    """Start the workers of every cluster of an invocation ({tag: spec}); all are ready (done
+    compiling) when this returns.
+
+    One worker starts alone first, so the others load its compiled step variants from the
+    persistent cache (the clusters share step shapes) instead of compiling the same ones side by
+    side; then all the rest start at once and compile only what the cache cannot hold (CPU-assist
+    variants, which carry host callbacks). Nothing is replayed until every worker is ready, so no
+    replay shares the CPU with a compiling worker; a worker waiting for its turn costs memory only.
+    """
+    out: dict[str, list[WorkerProcess]] = {tag: [] for tag, _ in specs}
+    try:
+        tag0, spec0 = specs[0]
+        out[tag0].append(launch(spec0, 0, adapters_dir, log_dir, tag0))
+        wait_ready(out[tag0], spec0.startup_timeout_s)
+        for tag, spec in specs:
+            for i in range(len(out[tag]), spec.workers):
+                out[tag].append(launch(spec, i, adapters_dir, log_dir, tag))
+        wait_ready([w for ws in out.values() for w in ws], max(s.startup_timeout_s for _, s in specs))
+    except BaseException:
+        for ws in out.values():
+            for w in ws:
+                w.stop()
+        raise
+    return out
+
+
 @dataclasses.dataclass
 class Cluster:
     """A running cluster: `address` is the router's."""
@@ -115,48 +163,26 @@ class Cluster:
     address: str
     workers: list[WorkerProcess]
     router: object
-    startup_s: float
 
 
 @contextlib.contextmanager
-def start_cluster(spec: ClusterSpec, adapters_dir: str, log_dir: str | os.PathLike, *,
-                  stagger: bool = False) -> Iterator[Cluster]:
-    """Start `spec.workers` workers, wait until each printed its ready line (it compiled every
-    step variant first), put a router in front, and stop everything on exit.
-
-    `stagger`: start one worker first and the rest once it is ready, so they load its compiled
-    variants from the persistent cache instead of compiling the same ones side by side (on a
-    machine with few cores that costs as much as compiling them one after the other)."""
+def serve_cluster(spec: ClusterSpec, workers: Sequence[WorkerProcess]) -> Iterator[Cluster]:
+    """Put a router (in this process) in front of ready workers; stop both on exit."""
     from carajax.server.router import serve_router, wait_until_healthy
 
-    t0 = time.monotonic()
-    log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = worker_env(spec)
-    workers: list[WorkerProcess] = []
     router = None
-    deadline = time.monotonic() + spec.startup_timeout_s
-
-    def start(indices: range) -> None:
-        for i in indices:
-            workers.append(WorkerProcess(worker_argv(spec, i, adapters_dir), env,
-                                         log_dir / f"{spec.cold_start}-w{i}.log"))
-        while not all(w.poll_ready() for w in workers):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers not ready after {spec.startup_timeout_s} s; logs in {log_dir}")
-            time.sleep(0.2)
-
     try:
-        first = 1 if stagger else spec.workers
-        start(range(first))
-        start(range(first, spec.workers))
         router = serve_router([w.address for w in workers], 0, host="127.0.0.1",
                               policy=spec.router_policy, slo_tpot=spec.slo_tpot_s,
                               avg_output_len=spec.avg_output_len, poll_interval=spec.poll_interval_s)
-        wait_until_healthy(router, spec.workers)
-        yield Cluster(router.address, workers, router, time.monotonic() - t0)
+        wait_until_healthy(router, len(workers))
+        yield Cluster(router.address, list(workers), router)
     finally:
         if router is not None:
+            # RouterServer.stop closes the worker channels without joining its Stats poller, which
+            # then dies on a closed channel mid-poll; park the poller in a long wait first.
+            router.poll_interval = 1e9
+            time.sleep(0.3)
             router.stop(grace=0)
         for w in workers:
             w.stop()

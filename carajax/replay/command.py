@@ -1,10 +1,14 @@
 """`carajax replay`: replay a trace open-loop and compare policies side by side.
 
-With no arguments it is the README's main job: a slice of the Azure LLM 2023 conversation trace,
-sped up, against two `llama-test` workers behind the router over gRPC, 128 random adapters of
-ranks 8/16/32/64 with Zipf(1.8) popularity, under `cached`, `wait` and `cpu_assist`; prints a
-table, writes JSON, Markdown and PNG plots. `--mode engine` replays against an in-process engine
-instead, `--target HOST:PORT` against a running worker or router.
+With no arguments it is the README's main job: 30 s of the Azure LLM 2023 conversation trace
+(`--scale` compresses time) against two `llama-test` workers behind the router over gRPC, 128
+random adapters of ranks 8/16/32/64 with Zipf(1.8) popularity, under `cached`, `wait` and
+`cpu_assist`; prints a table, writes JSON, Markdown and PNG plots. `--mode engine` replays against
+an in-process engine instead, `--target HOST:PORT` against a running worker or router.
+
+The defaults are sized for a 2-core CPU machine: about four minutes the first time (two thirds of
+it compiling step variants), a moderate load (the cached workers' queues stay short), prompts and
+outputs clipped so a request costs a few dozen steps.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed trace lines")
     g.add_argument("--start", type=float, default=120.0, help="window start, trace seconds (the first "
                    "two minutes of the conversation trace ramp up from ~2 req/s)")
-    g.add_argument("--duration", type=float, default=40.0, help="window length, trace seconds")
+    g.add_argument("--duration", type=float, default=30.0, help="window length, trace seconds")
     g.add_argument("--max-requests", type=int, default=None, help="cut the window to N requests")
-    g.add_argument("--scale", type=float, default=1.5, help="multiply the arrival rate (time compression)")
+    g.add_argument("--scale", type=float, default=1.0, help="multiply the arrival rate (time compression)")
     g.add_argument("--max-prompt", type=int, default=256, help="clip prompts (tokens)")
     g.add_argument("--max-output", type=int, default=64, help="clip outputs (tokens)")
     g.add_argument("--seed", type=int, default=0, help="adapters, ranks, prompts")
@@ -51,27 +55,31 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                    help="cluster: workers (`carajax serve` processes) behind a router over gRPC; "
                    "engine: one in-process engine")
     g.add_argument("--target", default=None, metavar="HOST:PORT",
-                   help="replay against a running worker or router instead (adapters must be there)")
+                   help="replay against a running worker or router instead (adapters it lacks are "
+                   "registered with LoadAdapter; --model must match its model)")
     g.add_argument("--model", default="llama-test", help="preset name or HF checkpoint dir")
     g.add_argument("--workers", type=int, default=2)
     g.add_argument("--cold-starts", default="cached,wait,cpu_assist", help="engine policies to compare")
     g.add_argument("--router-policies", default="carajax", help="router policies to compare (cluster)")
-    g.add_argument("--max-batch", type=int, default=8, help="requests running at once per worker")
+    g.add_argument("--max-batch", type=int, default=4, help="requests running at once per worker (each "
+                   "power of two up to it is a compiled step variant: seconds each on CPU)")
     g.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per request per step "
                    "(also the smallest prefill bucket: fewer compiled variants)")
     g.add_argument("--lora-pages", type=int, default=0, help="device adapter pages (16 ranks each) per "
                    "worker for wait/cpu_assist (evicting LRU); 0: room for every adapter, as cached")
-    g.add_argument("--link-gbps", type=float, default=0.05, help="emulated host->device link (GB/s), "
+    g.add_argument("--link-gbps", type=float, default=0.02, help="emulated host->device link (GB/s), "
                    "used when there is no accelerator; scaled to the tiny model, see the output")
-    g.add_argument("--link-latency-ms", type=float, default=2.0)
+    g.add_argument("--link-latency-ms", type=float, default=3.0)
     g.add_argument("--real-link", action="store_true", help="no link emulation even on CPU")
+    g.add_argument("--engine-config", default=None, metavar="JSON", help="more EngineConfig fields for "
+                   "every engine, e.g. '{\"lora_impl\": \"reference\"}'")
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="(engine mode) compile every step variant before replaying")
     g = p.add_argument_group("report")
     g.add_argument("--slo-ttft-s", type=float, default=0.5, help="TTFT SLO (default: ~3x the cached "
-                   "median of the default replay on a 2-core CPU)")
+                   "median of the default replay on a 2-core CPU when written)")
     g.add_argument("--slo-tpot-ms", type=float, default=30.0, help="time-per-output-token SLO (default: "
-                   "~2x the cached median of the default replay on a 2-core CPU)")
+                   "~3x the cached median of the default replay on a 2-core CPU when written)")
     g.add_argument("--out", default="results/replay", help="output directory (JSON, Markdown, PNGs)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
@@ -87,12 +95,13 @@ def machine_info() -> dict:
     except OSError:
         pass
     dev = jax.devices()[0]
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip() or None
+    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,  # noqa: E731
+                                    check=False).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or None
     return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
             "platform": platform.platform(), "python": platform.python_version(),
             "jax": jax.__version__, "device": dev.platform, "device_kind": dev.device_kind,
-            "git_commit": commit}
+            "git_commit": commit, "git_dirty": bool(commit and git("status", "--porcelain", "carajax"))}
 
 
 def _log(msg: str) -> None:
@@ -102,20 +111,21 @@ def _log(msg: str) -> None:
 def replay_cmd(args: argparse.Namespace) -> dict:
     """Run the replay(s); print the table; write replay.json, replay.md and the plots."""
     from carajax.replay import runs
-    from carajax.replay.report import format_table, plot_results, summarize
+    from carajax.replay.report import add_cold_split, format_table, plot_results, summarize
 
     t_start = time.monotonic()
+    # This process asks JAX which device it has; on a GPU that must not take the memory the
+    # workers (other processes on the same GPU) need. Read when the backend starts, i.e. later.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     plan = runs.plan(args)
     for line in plan.notes:
         _log(line)
-    results, run_info = {}, {}
-    for k, (label, spec) in enumerate(plan.runs):
-        _log(f"\n== {label}: {spec['describe']}")
-        rows, info = runs.execute(plan, label, spec, args, first=k == 0)
-        results[label], run_info[label] = rows, info
-        _log(f"   setup {info['setup_s']:.0f} s, replay {info['replay_s']:.0f} s")
+    results, run_info = runs.execute_all(plan, args, _log)
     slo = Slo(ttft_s=args.slo_ttft_s, tpot_s=args.slo_tpot_ms / 1e3)
     summaries = {k: summarize(v, slo) for k, v in results.items()}
+    for k, s in summaries.items():
+        s["load_avg_1m"] = run_info[k].get("load_avg_after", (None,))[0]
+    add_cold_split(summaries, results)
     if plan.link and "cached" in summaries and summaries["cached"]["tpot_s"]["p50"]:
         step = summaries["cached"]["tpot_s"]["p50"]
         r64 = runs.copy_ms(64, plan.model_config, *plan.link)
@@ -143,6 +153,7 @@ def replay_cmd(args: argparse.Namespace) -> dict:
         "summaries": summaries,
         "runs": run_info,
         "table_markdown": table,
+        "subtitle": plan.subtitle,
         "plots": [os.path.relpath(p, out) for p in plots],
         "wall_s": None,
         "requests": results,
@@ -162,13 +173,4 @@ def replay_cmd(args: argparse.Namespace) -> dict:
     print("plots: " + ", ".join(plots))
     print(f"total wall time {doc['wall_s']:.0f} s")
     return doc
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="carajax replay", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_replay_args(p)
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return replay_cmd(args)
 

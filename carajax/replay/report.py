@@ -2,15 +2,15 @@
 
 Conventions: TTFT, TPOT and latency are measured by the client from each request's scheduled
 arrival (see `driver`). A request with one output token has no TPOT and meets the TPOT SLO; a
-failed request misses both SLOs. "stall" sums, over requests, the time their steps sat blocked
-on synchronous adapter loads (`wait` stalls the whole batch, so one load counts once per
-request in that batch).
+failed request misses both SLOs. The "cold-start set" is every request that was a cold start
+under some policy of the invocation: the same requests under every policy. "stall" sums, over
+requests, the time their steps sat blocked on synchronous adapter loads (`wait` stalls the
+whole batch, so one load counts once per request in that batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -71,6 +71,18 @@ def summarize(rows: Sequence[Mapping], slo: Slo) -> dict:
     }
 
 
+def add_cold_split(summaries: Mapping[str, dict], results: Mapping[str, Sequence[Mapping]]) -> None:
+    """TTFT of the requests that were a cold start under any policy of the invocation, and of
+    the rest, for every policy: the same requests, so `cached` shows what those would have cost
+    with their adapter already on the device (in place: `ttft_cold_set_s`, `ttft_rest_s`)."""
+    cold = {r["index"] for rows in results.values() for r in rows if r["cold_start"]}
+    for name, rows in results.items():
+        ok = [r for r in rows if r["error"] is None and r["ttft_s"] is not None]
+        summaries[name]["cold_set_requests"] = len(cold)
+        summaries[name]["ttft_cold_set_s"] = _stats([r["ttft_s"] for r in ok if r["index"] in cold])
+        summaries[name]["ttft_rest_s"] = _stats([r["ttft_s"] for r in ok if r["index"] not in cold])
+
+
 def _ms(x) -> str:
     return "-" if x is None else f"{x * 1e3:.0f}" if x >= 0.1 else f"{x * 1e3:.1f}"
 
@@ -84,19 +96,23 @@ def format_table(summaries: Mapping[str, Mapping]) -> str:
     any_s = next(iter(summaries.values()))
     slo = any_s["slo"]
     head = ("| policy | requests (errors) | TTFT mean / p50 / p99 (ms) | time per token mean / p50 / p99 "
-            f"(ms) | latency mean / p50 / p99 (s) | TTFT <= {slo['ttft_s']:g} s | TPOT <= "
+            f"(ms) | latency mean / p50 / p99 (s) | TTFT p50 cold-start set / rest (ms) | "
+            f"TTFT <= {slo['ttft_s']:g} s | TPOT <= "
             f"{slo['tpot_s'] * 1e3:g} ms | both SLOs | cold starts | CPU-LoRA prefill tokens | "
-            "stall (req*s) |")
-    rows = [head, "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+            "stall (req*s) | machine load (1 min) |")
+    rows = [head, "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     sec = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for name, s in summaries.items():
         att = s["slo_attainment"]
         errs = sum(s["errors"].values())
+        split = (f"{_ms(s['ttft_cold_set_s']['p50'])} / {_ms(s['ttft_rest_s']['p50'])}"
+                 if "ttft_cold_set_s" in s else "-")
         rows.append(
             f"| {name} | {s['requests']} ({errs}) | {_triple(s['ttft_s'], _ms)} | "
-            f"{_triple(s['tpot_s'], _ms)} | {_triple(s['latency_s'], sec)} | {att['ttft']:.1%} | "
+            f"{_triple(s['tpot_s'], _ms)} | {_triple(s['latency_s'], sec)} | {split} | {att['ttft']:.1%} | "
             f"{att['tpot']:.1%} | {att['both']:.1%} | {s['cold_starts']} "
-            f"({s['cold_start_fraction']:.0%}) | {s['cpu_prefill_tokens']} | {s['stalled_s']:.2f} |")
+            f"({s['cold_start_fraction']:.0%}) | {s['cpu_prefill_tokens']} | {s['stalled_s']:.2f} | "
+            f"{'-' if s.get('load_avg_1m') is None else format(s['load_avg_1m'], '.1f')} |")
     return "\n".join(rows)
 
 
@@ -115,6 +131,15 @@ def _cdf(ax, values: Sequence[float], label: str, color: str) -> None:
         ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", label=label, color=color, lw=1.8)
 
 
+def _plain_log_ticks(axis, ticker) -> None:
+    """Log-axis labels as plain numbers at 1, 2, 5 x 10^k (0.1, 0.2, 0.5, 1, ...), none on minor
+    ticks: matplotlib's default labels minor ticks 2x10^-1, 3x10^-1, ... when a range spans under
+    a decade, and they overlap."""
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
 def plot_results(results: Mapping[str, Sequence[Mapping]], summaries: Mapping[str, Mapping],
                  out_dir: str | Path, subtitle: str = "") -> list[str]:
     """Write latency_cdf.png, ttft_over_time.png and slo_attainment.png; returns their paths."""
@@ -122,6 +147,7 @@ def plot_results(results: Mapping[str, Sequence[Mapping]], summaries: Mapping[st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +185,7 @@ def plot_results(results: Mapping[str, Sequence[Mapping]], summaries: Mapping[st
     axes[0].axvline(slo["ttft_s"], color="0.3", ls="--", lw=1, label=f"TTFT SLO {slo['ttft_s']:g} s")
     for ax, what in zip(axes, ("time to first token", "end-to-end latency")):
         ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis, ticker)
         ax.set_xlabel(f"{what} (s, log scale)")
         ax.set_ylabel("fraction of requests (CDF)")
         ax.set_title(what)
@@ -187,6 +214,7 @@ def plot_results(results: Mapping[str, Sequence[Mapping]], summaries: Mapping[st
                     label=f"{name}: rolling median of {2 * k + 1} requests")
         ax.axhline(slo["ttft_s"], color="tab:orange", ls="--", lw=1.2, label=f"TTFT SLO {slo['ttft_s']:g} s")
         ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis, ticker)
         ax.set_ylabel("TTFT (s, log)")
         ax.set_title(name, fontsize=10, loc="left", color=_color(name, i), fontweight="bold")
         ax.grid(True, which="both", alpha=0.3)
@@ -210,7 +238,3 @@ def plot_results(results: Mapping[str, Sequence[Mapping]], summaries: Mapping[st
     ax.legend(loc="upper center", ncol=3, fontsize=9, bbox_to_anchor=(0.5, -0.1))
     finish(fig, "SLO attainment per policy", "slo_attainment.png")
     return paths
-
-
-def fmt_seconds(x: float) -> str:
-    return f"{x:.0f} s" if x >= 10 or math.isclose(x, round(x)) else f"{x:.1f} s"

@@ -1,14 +1,17 @@
 """Planning and running the replays of one `carajax replay` invocation.
 
 `plan` reads and prepares the trace, makes the adapters, and writes down everything that was
-scaled, clipped or emulated (the notes the output starts with); `execute` runs one policy on a
-fresh cluster (or engine), so no policy inherits another's warm adapters or compiled code.
+scaled, clipped or emulated (the notes the output starts with). `execute_all` starts the workers
+of every cluster first (all compile before any replay, see `cluster.start_workers`), then replays
+each policy on its own fresh workers, so no policy inherits another's resident adapters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -33,7 +36,8 @@ def _names(v: str) -> tuple[str, ...]:
 
 
 def page_bytes(config: ModelConfig, itemsize: int = 4, page_rank: int = PAGE_RANK) -> int:
-    """Bytes of one adapter-pool page: `page_rank` rank rows of all seven projections, all layers."""
+    """Bytes of one adapter-pool page: `page_rank` rank rows of all seven projections, all layers
+    (float32, the replay's engines' dtype)."""
     return config.num_layers * page_rank * itemsize * sum(sum(config.projection_shape(m))
                                                            for m in TARGET_MODULES)
 
@@ -52,10 +56,11 @@ def engine_fields(args, cold_start: str, ranks: dict[str, int], context: int, cf
     every = sum(-(-r // PAGE_RANK) for r in ranks.values())
     limited = cold_start != "cached" and args.lora_pages > 0
     top = -(-max(ranks.values()) // PAGE_RANK) * PAGE_RANK
+    extra = json.loads(args.engine_config) if getattr(args, "engine_config", None) else {}
     return {"prefill_chunk": args.prefill_chunk, "min_prefill_bucket": args.prefill_chunk,
             "max_seq_len": context, "max_lora_rank": max(64, top),
             "max_loras": 64 if limited else max(64, len(ranks)),
-            "device_lora_budget_bytes": (args.lora_pages if limited else every) * page_bytes(cfg)}
+            "device_lora_budget_bytes": (args.lora_pages if limited else every) * page_bytes(cfg), **extra}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,15 +169,17 @@ def plan(args) -> Plan:
         costs = ", ".join(f"r{r} {copy_ms(r, cfg, *link):.1f} ms" for r in sorted(set(ranks)))
         notes.append(f"link: EMULATED host->device copies (no accelerator here): {link[1]:g} ms + bytes / "
                      f"{link[0]:g} GB/s, one copy at a time; a page ({PAGE_RANK} ranks, all layers and "
-                     f"projections) is {pb / 1024:.0f} KiB: {costs}. Scaled to the tiny model so a rank-64 "
-                     "copy costs a few decode steps, as a rank-64 Llama-2-7B adapter does on an A10 "
-                     "(CaraServe: 20.6 ms for q/k/v against ~30 ms steps)")
+                     f"projections) is {pb / 1024:.0f} KiB: {costs}. Scaled to the tiny model: a copy moves "
+                     "pages of all seven projections, and on an A10 such a rank-64 Llama-2-7B adapter "
+                     "takes about two ~30 ms decode steps (CaraServe measured 20.6 ms for q/k/v alone); "
+                     "here a rank-64 copy is meant to cost about two of this setup's decode steps")
     elif args.target is None:
         notes.append(f"link: REAL host->device copies on {device}")
     runs: list[tuple[str, dict]] = []
     if args.target:
         runs.append(("target", {"kind": "target", "describe": f"gRPC target {args.target}"}))
-        notes.append(f"target: {args.target} (its own policies, adapters and link)")
+        notes.append(f"target: {args.target} (its own policies and link; adapters of the trace it lacks "
+                     "are registered through LoadAdapter, with paths on this machine)")
     else:
         policies = _names(args.router_policies) if args.mode == "cluster" else ("",)
         for cs in _names(args.cold_starts):
@@ -211,11 +218,15 @@ def plan(args) -> Plan:
     if link:
         caveats.append(f"host->device link EMULATED: {link[1]:g} ms + bytes / {link[0]:g} GB/s (rank 64: "
                        f"{copy_ms(64, cfg, *link):.1f} ms)")
+    if device == "cpu" and "cpu_assist" in args.cold_starts and not args.target:
+        caveats.append("no accelerator: the \"device\" is the CPU, so cpu_assist's CPU LoRA competes with "
+                       "the forward pass for the same cores instead of overlapping with a GPU")
     if args.mode == "cluster" and not args.target:
         caveats.append(f"{args.workers} workers, the router and the client share this machine's "
                        f"{os.cpu_count()} CPU cores")
-    subtitle = (f"{args.model}, {n} requests of the Azure trace slice x{args.scale:g}, {len(adapter_ranks)} "
-                f"adapters (Zipf {args.zipf:g})" + (", emulated link" if link else ""))
+    subtitle = (f"{args.model}, {n} requests of {Path(trace_path).name} ({args.duration:g} s from "
+                f"{args.start:g} s at {args.scale:g}x speed), {len(adapter_ranks)} adapters (Zipf "
+                f"{args.zipf:g})" + (", emulated link" if link else ""))
     setup = {"trace": trace_path, "trace_format": trace.format, "trace_skipped": trace.skipped,
              "options": dataclasses.asdict(options), "requests": n, "clipped": prepared.clipped,
              "model": args.model, "params": cfg.num_params(), "context": context, "device": device,
@@ -226,33 +237,80 @@ def plan(args) -> Plan:
                 subtitle, setup, runs, adapters_dir)
 
 
-def execute(plan: Plan, label: str, spec: dict, args, *, first: bool = False) -> tuple[list[dict], dict]:
-    """One replay on a fresh cluster / engine; (rows, timings). `first`: the invocation's first."""
+def _cluster_spec(plan: Plan, spec: dict, args):
+    from carajax.replay.cluster import ClusterSpec
+
+    gbps, lat = plan.link if plan.link else (None, 0.0)
+    return ClusterSpec(model=args.model, workers=args.workers, cold_start=spec["cold_start"],
+                       router_policy=spec["router_policy"], max_batch=args.max_batch, link_gbps=gbps,
+                       link_latency_ms=lat, engine_config=tuple(sorted(spec["engine_config"].items())),
+                       slo_tpot_s=args.slo_tpot_ms / 1e3,
+                       avg_output_len=sum(r.output_tokens for r in plan.requests) / len(plan.requests))
+
+
+def execute_all(plan: Plan, args, log=print) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Every run of the plan, one after the other; ({label: rows}, {label: run info})."""
+    from carajax.replay.cluster import start_workers
+
+    clusters = [(label, spec) for label, spec in plan.runs if spec["kind"] == "cluster"]
+    workers: dict = {}
+    results, info = {}, {}
+    if clusters:
+        n = len(clusters) * args.workers
+        log(f"\nstarting {n} workers ({args.workers} per run) and waiting until all have compiled their "
+            "step variants (the first start on a machine compiles for a minute or two; later starts "
+            "reuse JAX's persistent cache)")
+        t0 = time.monotonic()
+        workers = start_workers([(label, _cluster_spec(plan, spec, args)) for label, spec in clusters],
+                                plan.adapters_dir, Path(args.out) / "logs")
+        log(f"   all {n} workers ready in {time.monotonic() - t0:.0f} s (logs in {Path(args.out) / 'logs'})")
+    try:
+        for label, spec in plan.runs:
+            log(f"\n== {label}: {spec['describe']}")
+            results[label], info[label] = execute(plan, label, spec, args, workers.get(label))
+            # Other processes on the machine shift whole runs; the load average shows when they did.
+            info[label]["load_avg_after"] = os.getloadavg()
+            log(f"   replayed in {info[label]['replay_s']:.0f} s; 1-minute load average of the machine "
+                f"{info[label]['load_avg_after'][0]:.1f} (this replay's own processes: about "
+                f"{args.workers + 1 if spec['kind'] == 'cluster' else 1})")
+    finally:
+        for ws in workers.values():
+            for w in ws:
+                w.stop()
+        shutil.rmtree(plan.adapters_dir, ignore_errors=True)  # symlinks only; the cache stays
+    return results, info
+
+
+def execute(plan: Plan, label: str, spec: dict, args, workers=None) -> tuple[list[dict], dict]:
+    """One replay on its own cluster (`workers`, ready) or a fresh engine; (rows, timings)."""
     t0 = time.monotonic()
     info: dict = {k: v for k, v in spec.items() if k != "describe"}
     if spec["kind"] == "target":
+        from carajax.client import Client
+
+        with Client(args.target, timeout=120) as client:  # register what the target lacks
+            have = {a.adapter_id for a in client.list_adapters()}
+            missing = sorted({r.adapter for r in plan.requests if r.adapter} - have)
+            for name in missing:  # paths on this machine: the target must share its disk
+                client.load_adapter(name, plan.adapter_paths[name])
+        info["registered_adapters"] = len(missing)
+        t0 = time.monotonic()
         rows = replay_grpc(args.target, plan.requests, plan.prompts, label=label, progress=args.progress)
         info.update(setup_s=0.0, replay_s=time.monotonic() - t0)
         return rows, info
-    gbps, lat = plan.link if plan.link else (None, 0.0)
     if spec["kind"] == "cluster":
-        from carajax.replay.cluster import ClusterSpec, start_cluster
+        from carajax.replay.cluster import serve_cluster
 
-        cspec = ClusterSpec(model=args.model, workers=args.workers, cold_start=spec["cold_start"],
-                            router_policy=spec["router_policy"], max_batch=args.max_batch, link_gbps=gbps,
-                            link_latency_ms=lat, engine_config=tuple(sorted(spec["engine_config"].items())),
-                            slo_tpot_s=args.slo_tpot_ms / 1e3,
-                            avg_output_len=sum(r.output_tokens for r in plan.requests) / len(plan.requests))
-        logs = Path(args.out) / "logs"
-        # The first run of an invocation may find the compile cache cold: stagger its workers.
-        with start_cluster(cspec, plan.adapters_dir, logs, stagger=first) as cluster:
+        with serve_cluster(_cluster_spec(plan, spec, args), workers) as cluster:
             t1 = time.monotonic()
             rows = replay_grpc(cluster.address, plan.requests, plan.prompts, label=label,
                                progress=args.progress)
-        info.update(setup_s=t1 - t0, replay_s=time.monotonic() - t1, logs=str(logs))
+        info.update(setup_s=t1 - t0, replay_s=time.monotonic() - t1,
+                    worker_logs=[str(w.log) for w in workers])
         return rows, info
     from carajax.engine import Engine
 
+    gbps, lat = plan.link if plan.link else (None, 0.0)
     config = EngineConfig(cold_start=spec["cold_start"], max_batch_size=args.max_batch,
                           emulated_link_gbps=gbps, emulated_link_latency_ms=lat, **spec["engine_config"])
     with Engine.from_pretrained(args.model, config=config, seed=0) as engine:

@@ -340,6 +340,7 @@ class RouterServer:
         self.health.enter_graceful_shutdown()
         self.servicer.serving = False
         self.server.stop(grace).wait()
+        self._poller.join(timeout=10)  # it polls through the channels closed next
         for link in self.servicer.links:
             link.close()
 
