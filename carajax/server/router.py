@@ -30,15 +30,14 @@ import uuid
 from collections.abc import Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from carajax.sched import router as policies
 from carajax.sched.cost_model import CostModel
 from carajax.server import carajax_pb2 as pb
 from carajax.server import carajax_pb2_grpc as pb_grpc
-from carajax.server.worker import SERVICE_NAME
+from carajax.server.worker import SERVICE_NAME, start_server
 
 Code = grpc.StatusCode
 # Codes after which the same request may go to another worker (nothing was generated yet).
@@ -377,18 +376,7 @@ def serve_router(workers: Sequence[str], port: int = 50050, *, policy: str = "ca
     servicer = RouterServicer(links, chosen, avg_output_len=avg_output_len)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="router"),
                          maximum_concurrent_rpcs=max_workers, options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_CaraServeServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
-    server.start()
+    health_servicer, bound = start_server(server, servicer, host, port)
     if metrics_port is not None:
         http, _ = start_http_server(metrics_port, registry=servicer.registry)
         metrics_port = http.server_port

@@ -302,6 +302,25 @@ class WorkerServer:
         self.stop(grace=0)
 
 
+def start_server(server: grpc.Server, servicer: pb_grpc.CaraServeServicer, host: str, port: int
+                 ) -> tuple[health.HealthServicer, int]:
+    """Add CaraServe, grpc.health.v1 (SERVING) and reflection to `server`, bind, start.
+    Shared by the worker and the router, so stock tools see both the same way."""
+    pb_grpc.add_CaraServeServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    server.start()
+    return health_servicer, bound
+
+
 def serve(engine: Engine, port: int = 50051, *, host: str = "[::]", name: str | None = None,
           metrics_port: int | None = None, max_workers: int | None = None) -> WorkerServer:
     """Start a CaraServe server over `engine` (plus grpc.health.v1 SERVING and reflection).
@@ -318,18 +337,7 @@ def serve(engine: Engine, port: int = 50051, *, host: str = "[::]", name: str | 
         maximum_concurrent_rpcs=max_workers,
         options=[("grpc.so_reuseport", 0)])  # a taken port is an error, not a silent share
     servicer = CaraServeServicer(engine, name=name)
-    pb_grpc.add_CaraServeServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
-    server.start()
+    health_servicer, bound = start_server(server, servicer, host, port)
     if metrics_port is not None:
         try:
             metrics_port = servicer.metrics.start_http(metrics_port)
