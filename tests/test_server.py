@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import os
 import queue
@@ -36,7 +37,9 @@ from carajax.testing import write_random_adapter
 RANKS = {"r8": 8, "r16": 16, "r32": 32}
 MAX_BATCH, MAX_QUEUE = 2, 32  # few batch buckets: each compiled variant costs seconds
 GREEDY = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
-LONG = dict(max_tokens=1000, temperature=0.0, ignore_eos=True)  # runs until the test stops it
+# Runs until the test stops it: 4000 decode steps (the model's context is widened to 4096 below),
+# many seconds even on a fast idle box, so a test can fill the queue behind two of these.
+LONG = dict(max_tokens=4000, temperature=0.0, ignore_eos=True)
 Code = grpc.StatusCode
 
 
@@ -59,7 +62,8 @@ def adapter_dirs(tmp_path_factory, tiny_config):
 
 @pytest.fixture(scope="module")
 def model():
-    return weights.random_model(carajax.ModelConfig.from_name("llama-test"), seed=0, init_std=0.1)
+    config = dataclasses.replace(carajax.ModelConfig.from_name("llama-test"), max_position_embeddings=4096)
+    return weights.random_model(config, seed=0, init_std=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +183,7 @@ ERRORS = {
     "empty prompt": (lambda c, d: c.generate([]).result(), Code.INVALID_ARGUMENT, "empty prompt"),
     "token outside vocab": (lambda c, d: c.generate([2, 999]).result(), Code.INVALID_ARGUMENT,
                             "outside the vocabulary"),
-    "prompt too long": (lambda c, d: c.generate([65] * 2000).result(), Code.INVALID_ARGUMENT,
+    "prompt too long": (lambda c, d: c.generate([65] * 5000).result(), Code.INVALID_ARGUMENT,
                         "context length"),
     "max_tokens over limit": (lambda c, d: c.generate([2], max_tokens=10**6).result(),
                               Code.INVALID_ARGUMENT, "max_tokens"),
@@ -212,9 +216,16 @@ def test_error_status_then_next_request_is_served(client, alone, tmp_path, case)
 
 
 def test_queue_full_is_resource_exhausted_and_stats_show_the_queue(client, alone):
-    streams = [client.generate([2, 70 + i], "r32" if i % 2 else None, **LONG)
-               for i in range(MAX_BATCH + MAX_QUEUE)]
+    def start(i):
+        return client.generate([2, 70 + i], "r32" if i % 2 else None, **LONG)
+
+    # The batch first, then the queue: sent in one burst, all 34 could reach the queue before the
+    # engine admits any, and the last two would be refused.
+    streams = [start(i) for i in range(MAX_BATCH)]
     try:
+        for s in streams:
+            next(iter(s))  # running: it has a token
+        streams += [start(i) for i in range(MAX_BATCH, MAX_BATCH + MAX_QUEUE)]
         _queue_full_checks(client, streams)
     finally:  # never leave 34 long streams running into the next test's counters
         for s in streams:
@@ -231,7 +242,7 @@ def _queue_full_checks(client, streams):
         time.sleep(0.02)
     assert len(st.running) == MAX_BATCH and st.waiting == MAX_QUEUE
     assert len(st.queued) == MAX_QUEUE and {q.rank for q in st.queued} == {0, 32}
-    assert all(q.phase == pb.PHASE_WAITING and q.max_tokens == 1000 for q in st.queued)
+    assert all(q.phase == pb.PHASE_WAITING and q.max_tokens == LONG["max_tokens"] for q in st.queued)
     assert {r.phase for r in st.running} <= {pb.PHASE_PREFILL, pb.PHASE_DECODE}
     assert {(r.adapter_id, r.rank) for r in st.running} <= {("", 0), ("r32", 32)}
     assert st.memory.pages_total > 0 and st.memory.device_bytes_used > 0
@@ -254,7 +265,7 @@ def test_cancel_mid_stream_frees_the_slot(client, alone):
     assert [o.result().token_ids for o in others] == alone[:3]
     st = wait_idle(client)
     assert not st.running and st.waiting == 0
-    # It stopped early: the worker finished it as cancelled, well short of its 1000 tokens.
+    # It stopped early: the worker finished it as cancelled, well short of its 4000 tokens (and of 1000).
     cancelled = before.requests["cancelled"] + 1
     assert wait_counted(client, "cancelled", cancelled) == cancelled
     assert client.stats().counters.output_tokens - before.output_tokens < 1000

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -88,18 +87,15 @@ def machine_info() -> dict:
     """Where the numbers come from: CPU, cores, load, accelerator, versions."""
     import jax
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from carajax.sched.profiler import host_info
+
+    host = host_info()
     dev = jax.devices()[0]
     git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,  # noqa: E731
                                     check=False).stdout.strip()
     commit = git("rev-parse", "--short", "HEAD") or None
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
-            "platform": platform.platform(), "python": platform.python_version(),
+    return {"cpu": host["cpu_model"], "cores": host["cpu_count"], "load_avg_at_start": os.getloadavg(),
+            "platform": host["platform"], "python": host["python"],
             "jax": jax.__version__, "device": dev.platform, "device_kind": dev.device_kind,
             "git_commit": commit, "git_dirty": bool(commit and git("status", "--porcelain", "carajax"))}
 

@@ -256,7 +256,9 @@ def measure_loads(engine: Engine, ranks: tuple[int, ...], repeats: int) -> list[
     return rows
 
 
-def _host() -> dict[str, Any]:
+def host_info() -> dict[str, Any]:
+    """The host a measurement ran on: core count, CPU model (from /proc/cpuinfo where there is
+    one), platform and Python. Shared with `carajax replay`'s provenance."""
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -352,7 +354,7 @@ def profile(model: str = "llama-test", grid: ProfileGrid = GRIDS["quick"], *, dt
     meta = {
         "device": {"platform": dev.platform, "device_kind": dev.device_kind,
                    "count": jax.device_count()},
-        "host": {**_host(), "loadavg_1_5_15_before": load_before,
+        "host": {**host_info(), "loadavg_1_5_15_before": load_before,
                  "loadavg_1_5_15_after": os.getloadavg()},
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -150,8 +150,7 @@ class RouterServicer(pb_grpc.CaraServeServicer):
         return policies.RouteRequest(request.adapter_id, rank, prompt,
                                      min(out, int(self.avg_output_len)))
 
-    def _choose(self, request: pb.GenerateRequest, rid: str, exclude: set[str]
-                ) -> tuple[WorkerLink, str]:
+    def _choose(self, request: pb.GenerateRequest, rid: str, exclude: set[str]) -> WorkerLink:
         """Pick a worker and record the dispatch; raises (code, message) as `_NoRoute`."""
         adapter = request.adapter_id
         live = [w for w in self.links if w.healthy and w.address not in exclude]
@@ -172,7 +171,7 @@ class RouterServicer(pb_grpc.CaraServeServicer):
                 raise _NoRoute(Code.RESOURCE_EXHAUSTED, str(e)) from None
             link = holders[states.index(chosen)]
             link.inflight[rid] = _Dispatch(route.prompt_tokens, rank)
-        return link, rid
+        return link
 
     def _done(self, link: WorkerLink, rid: str, outcome: str) -> None:
         with self._lock:
@@ -185,10 +184,11 @@ class RouterServicer(pb_grpc.CaraServeServicer):
             context.abort(Code.UNAVAILABLE, "router is shutting down")
         if not request.request_id:  # one id for every attempt, so a retry cannot run twice
             request.request_id = f"r-{uuid.uuid4().hex[:16]}"
+        rid = request.request_id
         tried: set[str] = set()
         while True:
             try:
-                link, rid = self._choose(request, request.request_id, tried)
+                link = self._choose(request, rid, tried)
             except _NoRoute as e:
                 context.abort(e.code, str(e))
             tried.add(link.address)
