@@ -1,6 +1,6 @@
 """Tensor parallelism: one engine's model over a 1-D device mesh (axis "tp"), Megatron-style.
 
-Design (issue 8, first slice):
+Design (issue 8):
 
 - The mesh is `jax.sharding.Mesh(devices[:tp], ("tp",))` with *Auto* axis types. Recent
   `jax.make_mesh` defaults to Explicit axes, where every sharded matmul must state its output
@@ -16,21 +16,31 @@ Design (issue 8, first slice):
 - KV cache [rows, seq, kv_heads, head_dim] is sharded by KV heads, which requires
   num_kv_heads % tp == 0 (and num_heads % tp == 0): query head h reads KV head h // group, and
   contiguous column blocks of q/k/v then land on the same device as their KV heads.
-- LoRA pool pages follow their base weight, so LoRA adds no communication of its own beyond a
-  rank-sized reduction: for column-parallel modules A [L, P, pr, d_in] is replicated and B
-  [L, P, d_out, pr] is sharded along d_out (x A is computed redundantly, (x A) B locally on each
-  device's columns); for row-parallel modules A is sharded along d_in and B replicated, so x A is
-  a partial sum over the device's inputs whose reduction GSPMD places (an all-reduce of
-  [tokens, r], or folded into the base output's all-reduce). Page tables, ranks and scales are
-  replicated.
+- LoRA pool pages follow their base weight, so LoRA adds no collective of its own: for
+  column-parallel modules A [L, P, pr, d_in] is replicated and B [L, P, d_out, pr] is sharded
+  along d_out (x A is computed redundantly, (x A) B locally on each device's columns); for
+  row-parallel modules A is sharded along d_in and B replicated, so each device's delta is a
+  partial sum over its inputs. Page tables, ranks and scales are replicated.
+  - The jnp references ("reference", the default off GPU) are partitioned by GSPMD: it reduces
+    the row-parallel x A ([tokens, r_max]) in the base output's all-reduce op at decode; in
+    prefill, `sgmv_reference`'s scan over segments reduces it once per segment.
+  - The Pallas kernels ("pallas", "interpret") cannot be partitioned by GSPMD (it would
+    all-gather the sharded pages to every device), so `shard_lora_op` runs them under
+    `jax.shard_map` (`jax.experimental.shard_map` is deprecated since JAX 0.8) on each device's
+    shard. The mesh reaches the jitted hook as a static field of the pool's `PagedLoraWeights`.
+    Row-parallel partial deltas [tokens, d_out] are summed by one `psum`, which XLA combines into
+    the base output's all-reduce op; it carries hidden-sized data where GSPMD's reduction of
+    x A is rank-sized (reducing xa between the shrink and expand kernels would fix that).
 - CPU-assisted deltas (`jax.pure_callback`) compute the full delta on the host; GSPMD feeds the
   callback the full x and gives its output the base output's sharding.
-- Multi-host (`jax.distributed.initialize`) is not wired in yet: `make_mesh` uses local devices.
+- Multi-host: `make_mesh` takes `jax.devices()`, which after `jax.distributed.initialize` lists
+  every process's devices; the engine does not yet run its steps in lockstep across processes
+  (see ARCHITECTURE.md, "Tensor parallelism").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -55,12 +65,18 @@ def check_tp(config: ModelConfig, tp: int) -> None:
                              "slice of the MLP")
 
 
+def check_devices(tp: int, devices: Sequence[jax.Device] | None = None) -> None:
+    """Raise ValueError unless there are at least `tp` devices (default: `jax.devices()`)."""
+    n = len(jax.devices() if devices is None else devices)
+    if not 1 <= tp <= n:
+        raise ValueError(f"tp={tp} needs {tp} devices; {n} available "
+                         "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+
+
 def make_mesh(tp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh of the first `tp` devices, axis "tp" (Auto axis type: GSPMD propagation)."""
     devices = list(jax.devices() if devices is None else devices)
-    if not 1 <= tp <= len(devices):
-        raise ValueError(f"tp={tp} needs {tp} devices; {len(devices)} available "
-                         "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    check_devices(tp, devices)
     return Mesh(np.array(devices[:tp]), (AXIS,))
 
 
@@ -106,11 +122,41 @@ def lora_page_specs(module: str) -> tuple[P, P]:
 
 
 def lora_shardings(weights, mesh: Mesh):
-    """Shardings for a `PagedLoraWeights` (same structure): pages by `lora_page_specs`, page
-    table, ranks and scales replicated."""
+    """Shardings for a `PagedLoraWeights` (same structure, `mesh` field set to `mesh`): pages by
+    `lora_page_specs`, page table, ranks and scales replicated."""
     rep = NamedSharding(mesh, P())
     a = {m: NamedSharding(mesh, lora_page_specs(m)[0]) for m in weights.a}
     b = {m: NamedSharding(mesh, lora_page_specs(m)[1]) for m in weights.b}
     return type(weights)(a=a, b=b, page_table=rep,
                          ranks={m: rep for m in weights.ranks},
-                         scales={m: rep for m in weights.scales})
+                         scales={m: rep for m in weights.scales}, mesh=mesh)
+
+
+def shard_lora_op(op: Callable[..., jax.Array], mesh: Mesh, module: str) -> Callable[..., jax.Array]:
+    """A LoRA op of one layer, run on each device's shard of `module`'s pages (`jax.shard_map`).
+
+    `op(x [T, d_in], a [P, pr, d_in], b [P, d_out, pr], *meta) -> y [T, d_out]`, with `meta`
+    (segments or token slots, ranks, scales, page table) replicated: a Pallas kernel, which GSPMD
+    cannot partition (left to it, the sharded pages would be all-gathered to every device).
+    Per device, as a loop over the tp shards k of the weights:
+
+        column-parallel: y[:, cols_k] = op(x, a, b[:, cols_k])      A replicated, B along d_out
+        row-parallel:    y = sum_k op(x[:, in_k], a[:, :, in_k], b)  A along d_in, B replicated
+
+    The row-parallel sum is one `psum` of [T, d_out] (the size of the base output's all-reduce).
+    `check_vma=False`: the kernels' `pallas_call`s declare no per-axis variance of their outputs.
+    """
+    a_spec, b_spec = (P(*spec[1:]) for spec in lora_page_specs(module))  # drop the layer axis
+    if module in COLUMN_PARALLEL:
+        x_spec, y_spec, body = P(), P(None, AXIS), op
+    else:
+        x_spec, y_spec = P(None, AXIS), P()
+
+        def body(*args):
+            return jax.lax.psum(op(*args), AXIS)
+
+    def run(x, a, b, *meta):
+        return jax.shard_map(body, mesh=mesh, in_specs=(x_spec, a_spec, b_spec, *[P()] * len(meta)),
+                             out_specs=y_spec, check_vma=False)(x, a, b, *meta)
+
+    return run

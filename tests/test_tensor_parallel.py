@@ -1,12 +1,14 @@
 """Tensor parallelism (carajax.parallel): sharding rules in-process, and the model over 2 and 4
 (forced) CPU devices in a subprocess (XLA_FLAGS must be set before JAX initialises): logits and
-greedy tokens (cached, wait, cpu_assist) equal the single-device ones, and the compiled step
-communicates as Megatron does."""
+greedy tokens (cached, wait, cpu_assist) equal the single-device ones, the compiled decode and
+prefill steps communicate as Megatron does, and the Pallas LoRA kernels (interpret mode) run per
+device shard under the mesh."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -18,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 import carajax
 from carajax import parallel
 from carajax.config import EngineConfig
+from tests.conftest import assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,6 +55,21 @@ def test_tp_validation():
     with pytest.raises(ValueError, match="tp"):
         EngineConfig(tp=0)
     assert EngineConfig().tp == 1
+
+
+def test_cli_tp_errors_are_messages(capsys):
+    from carajax import cli
+
+    with pytest.raises(SystemExit, match=r"carajax demo: --tp 3: tp=3 must divide ModelConfig.num_heads"):
+        cli.main(["demo", "--model", "llama-test", "--tp", "3"])  # 4 heads, 2 KV heads
+    with pytest.raises(SystemExit, match="num_kv_heads"):
+        cli.main(["serve", "--model", "llama-test", "--tp", "4"])
+    with pytest.raises(SystemExit):  # argparse: exit status 2 and a usage line
+        cli.main(["serve", "--tp", "0"])
+    assert "--tp: must be >= 1" in capsys.readouterr().err
+    if len(jax.devices()) == 1:  # this process has one device unless XLA_FLAGS says otherwise
+        with pytest.raises(SystemExit, match="carajax serve: --tp 2: tp=2 needs 2 devices; 1 available"):
+            cli.main(["serve", "--model", "llama-test", "--tp", "2"])
 
 
 @pytest.fixture(scope="module")
@@ -97,4 +115,72 @@ def test_placement_and_collectives(tp_results, tp):
     # row-parallel reduction included; no all-gather at all (so none of a full weight).
     assert hlo["all_reduce"] == 4
     assert hlo["all_gather_ops"] == 0 and hlo["all_gather"] == []
-    assert tp_results[1]["hlo"] == {"all_reduce": 0, "all_gather": [], "all_gather_ops": 0}
+    for one in ("hlo", "hlo_prefill"):
+        assert tp_results[1][one]["all_reduce"] == tp_results[1][one]["all_gather_ops"] == 0
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_prefill_collectives(tp_results, tp):
+    # The compiled prefill chunk (4 rows x 16 tokens, adapters of ranks 8/16/32 and none):
+    # no all-gather; 4 hidden-sized all-reduces [B, Tq, hidden] (o_proj and down_proj of 2
+    # layers); the jnp reference's row-parallel LoRA adds a rank-sized one [T=64, r_max=32] for
+    # o_proj and down_proj of each layer (x A over each device's inputs, inside sgmv_reference's
+    # scan over segments, so it runs once per segment), never a hidden-sized one.
+    hlo = tp_results[tp]["hlo_prefill"]
+    assert hlo["all_gather_ops"] == 0 and hlo["all_gather"] == []
+    assert sorted(hlo["all_reduce_shapes"]) == ["f32[4,16,64]"] * 4 + ["f32[64,32]"] * 4
+
+
+def test_pallas_kernels_under_mesh(tp_results):
+    # lora_impl="interpret" at tp=2: the Pallas kernels run on each device's shard of the pages
+    # (jax.shard_map), equal to the tp=1 jnp reference; rows: base, ranks 8, 16, 32.
+    ref, out = np.array(tp_results[1]["logits"]), tp_results[2]["interpret"]
+    ours, first = np.array(out["logits"]), np.array(out["logits_1"])  # sgmv / bgmv (1 token)
+    assert ours.shape == ref.shape and first.shape == (4, 1, 256)
+    for row in range(4):
+        assert_close(ours[row], ref[row])
+        assert_close(first[row], ref[row, :1])
+    # No all-gather (left to GSPMD, a Pallas call's sharded pages would be gathered whole); per
+    # layer one all-reduce after o_proj and one after down_proj, each carrying the base output
+    # and the row-parallel LoRA psum [T, hidden] (XLA combines the two into one op).
+    for one in ("hlo", "hlo_prefill"):
+        hlo = out[one]
+        assert hlo["all_gather_ops"] == 0 and hlo["all_reduce"] == 4, (one, hlo)
+
+
+def test_triton_kernels_lower_per_shard_for_cuda(tp_results):
+    # No GPU here: the hook's Triton kernels under a tp=2 mesh are lowered for CUDA (not
+    # compiled). Each device's kernels see its [tokens, d / 2] slice: B's output columns for
+    # q_proj (no collective), x's input columns for o_proj (one psum of the partial deltas).
+    low = tp_results[0]["cuda_lowering"]
+    assert sorted(low) == ["o_proj/1", "o_proj/16", "q_proj/1", "q_proj/16"]
+    for key, got in low.items():
+        row_parallel = key.startswith("o_proj")
+        assert got == {"triton": True, "per_device": True, "all_reduce": int(row_parallel),
+                       "all_gather": 0}, key
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CARAJAX_MULTIPROCESS") != "1",
+                    reason="~40 s on 2 cores; set CARAJAX_MULTIPROCESS=1")
+def test_multiprocess_engine(tp_results, tmp_path):
+    # jax.distributed across 2 processes (as on 2 hosts) of 2 CPU devices each: one tp=4 engine
+    # over both, greedy tokens equal to one device's. Opt-in to keep CI short.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "tp_check.py"), str(tmp_path),
+                               "--process", str(i), "--processes", "2",
+                               "--coordinator", f"127.0.0.1:{port}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert sorted(r["process"] for r in results) == [0, 1]
+    for r in results:
+        assert r["processes"] == 2 and r["tp"] == 4 and r["mesh_processes"] == [0, 1]
+        assert r["cached"] == tp_results[1]["cached"]

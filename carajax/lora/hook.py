@@ -4,7 +4,9 @@ Device LoRA weights live in the adapter pool's pages (see `carajax.lora.pool`); 
 its page table. Every batch row belongs to one request and so to one slot (-1: no device LoRA).
 Prefill batches ([B, Tq > 1]) are flattened into B segments of Tq tokens and go through `sgmv`;
 decode batches ([B, 1]) through `bgmv`. Which implementation runs is decided here, in
-`resolve_lora_impl`, and nowhere else.
+`resolve_lora_impl`, and nowhere else. Under tensor parallelism (the pool's pages carry a mesh)
+the Pallas kernels run on each device's shard of the pages (`carajax.parallel.shard_lora_op`);
+GSPMD partitions the jnp references like the rest of the model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from carajax import parallel
 from carajax.lora import kernels
 
 LORA_IMPLS = ("auto", "pallas", "interpret", "reference")
@@ -82,12 +85,18 @@ class BatchLora:
             safe = jnp.maximum(slots, 0)
             table, ranks, scales = table[safe], ranks[safe], scales[safe]
             slots = jnp.where(slots >= 0, jnp.arange(B, dtype=jnp.int32), -1)
-        flat = x.reshape(B * Tq, d_in)
         if Tq == 1:  # decode: one token per row
-            y = self.bgmv(flat, a, b, jnp.where(self.row_lens > 0, slots, -1), ranks, scales,
-                          page_table=table)
+            meta = (jnp.where(self.row_lens > 0, slots, -1), ranks, scales, table)
+
+            def op(x, a, b, token_slots, ranks, scales, table):
+                return self.bgmv(x, a, b, token_slots, ranks, scales, page_table=table)
         else:  # prefill: row i is the segment [i * Tq, i * Tq + row_lens[i])
-            starts = jnp.arange(B, dtype=jnp.int32) * Tq
-            y = self.sgmv(flat, a, b, starts, self.row_lens, slots, ranks, scales,
-                          page_table=table)
-        return y.reshape(B, Tq, -1)
+            meta = (jnp.arange(B, dtype=jnp.int32) * Tq, self.row_lens, slots, ranks, scales, table)
+
+            def op(x, a, b, starts, lens, seg_slots, ranks, scales, table):
+                return self.sgmv(x, a, b, starts, lens, seg_slots, ranks, scales, page_table=table)
+        if w.mesh is not None and self.impl != "reference":
+            # Tensor parallel: each device runs the kernel on its shard of the pages (GSPMD
+            # partitions the jnp references by itself, but cannot partition a Pallas call).
+            op = parallel.shard_lora_op(op, w.mesh, module)
+        return op(x.reshape(B * Tq, d_in), a, b, *meta).reshape(B, Tq, -1)

@@ -54,6 +54,10 @@ class PagedLoraWeights:
     page_table: jax.Array  # int32 [S, r_max // page_rank]
     ranks: dict[str, jax.Array]  # module -> int32 [L, S] (0 = slot unused at that layer)
     scales: dict[str, jax.Array]  # module -> float32 [L, S]
+    # Tensor parallel: the mesh the pages are sharded over (`carajax.parallel.lora_shardings`),
+    # so the LoRA hook runs its kernels per shard; None: one device. Static (in the tree
+    # structure, so in jit cache keys).
+    mesh: jax.sharding.Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def host_pages(adapter: LoraAdapter, config: ModelConfig, module: str, n_pages: int,
@@ -80,7 +84,7 @@ def _install(w: PagedLoraWeights, slot, pages, table_row, a, b, ranks, scales) -
         b={m: w.b[m].at[:, pages].set(b[m], unique_indices=True) for m in w.b},  # [L, n, d_out, pr]
         page_table=w.page_table.at[slot].set(table_row),
         ranks={m: w.ranks[m].at[:, slot].set(ranks[m]) for m in w.ranks},
-        scales={m: w.scales[m].at[:, slot].set(scales[m]) for m in w.scales})
+        scales={m: w.scales[m].at[:, slot].set(scales[m]) for m in w.scales}, mesh=w.mesh)
 
 
 @dataclasses.dataclass(eq=False)
@@ -366,7 +370,8 @@ class AdapterPool:
         with self._lock:
             if self._loading or any(e.state != "host" for e in self._entries.values()):
                 raise RuntimeError("shard the adapter pool before loading adapters")
-            self._weights = jax.device_put(self._weights, shardings)
+            self._weights = jax.device_put(dataclasses.replace(self._weights, mesh=shardings.mesh),
+                                           shardings)
             self._page_shardings = {m: (shardings.a[m], shardings.b[m]) for m in shardings.a}
 
     def stats(self) -> dict:
