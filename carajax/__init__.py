@@ -2,12 +2,15 @@
 
 Users import from here, not from the private modules:
 
-    engine = carajax.Engine.from_pretrained("llama-test")
+    engine = carajax.Engine.from_pretrained("carajax-demo")   # the built-in trained model
     engine.add_adapter("legal", "/path/to/peft_adapter_dir")
     outs = engine.generate(["Hello"], adapters=["legal"],
                            sampling=carajax.SamplingParams(max_tokens=16, temperature=0.0))
+
+`carajax.demo` holds the built-in model's trained adapters and tasks.
 """
 
+from carajax import demo
 from carajax.config import PRESETS, TARGET_MODULES, EngineConfig, ModelConfig, RopeScaling
 from carajax.engine import Engine
 from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
@@ -19,6 +22,6 @@ __all__ = [
     "PRESETS", "TARGET_MODULES", "AdapterError", "CheckpointError", "Engine", "EngineConfig",
     "LoraAdapter", "ModelConfig", "QueueFullError", "RequestError", "RequestHandle",
     "RequestMetrics", "RequestOutput", "RopeScaling",
-    "SamplingParams", "load_adapter",
+    "SamplingParams", "demo", "load_adapter",
 ]
 __version__ = "0.1.0"

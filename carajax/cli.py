@@ -1,9 +1,9 @@
 """The `carajax` command line.
 
-    carajax demo [--model llama-test] [--max-tokens 24]   generate with two adapters and the base
+    carajax demo [--words hello,carajax]                  the base and every trained adapter, one batch
     carajax simulate [--workers 60] [--adapters 40000] [--scale 1.0] [--json OUT]
                                                           route a trace through the cluster simulator
-    carajax serve [--model llama-test] [--adapters DIR] [--port 50051] [--metrics-port 9100]
+    carajax serve [--model carajax-demo] [--adapters DIR] [--port 50051] [--metrics-port 9100]
                                                           a gRPC worker; prints one line when ready:
                                                           "carajax worker NAME ready on HOST:PORT ..."
     carajax profile [--model llama-test] [--grid quick] [--out P.json] [--fit C.json] [--plot F.png]
@@ -24,48 +24,73 @@ import tempfile
 import time
 from pathlib import Path
 
-from carajax.config import ATTENTION_MODULES, TARGET_MODULES, EngineConfig
+from carajax import demo as builtin
+from carajax.config import ATTENTION_MODULES, DEMO_MODEL, TARGET_MODULES, EngineConfig
 from carajax.engine import Engine
 from carajax.sampling import SamplingParams
 from carajax.testing import write_random_adapter
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Load the model, register two PEFT adapters of different ranks, generate, print a table."""
+    """Serve a few words with every adapter and the base in one continuous batch, print a table.
+
+    With the built-in model (the default) the adapters are the trained ones (`carajax.demo`), so
+    every answer can be checked; with any other model two random adapters are written instead.
+    """
     import jax
 
     t0 = time.perf_counter()
+    check_tp("demo", args.model, args.tp)
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, config=EngineConfig(
         cold_start=args.cold_start, emulated_link_gbps=args.link_gbps,
-        emulated_link_latency_ms=args.link_latency_ms))
-    root = args.adapter_dir or os.path.join(tempfile.gettempdir(), "carajax-demo-adapters")
-    specs = {"attn-r8": dict(rank=8, target_modules=ATTENTION_MODULES, seed=1),
-             "all-r32": dict(rank=32, target_modules=TARGET_MODULES, seed=2)}
+        emulated_link_latency_ms=args.link_latency_ms, tp=args.tp))
+    trained = builtin.is_demo(args.model)
     with engine:
-        for name, spec in specs.items():
-            engine.add_adapter(name, write_random_adapter(os.path.join(root, name),
-                                                          engine.model_config, **spec))
+        if trained:
+            paths = builtin.adapter_dirs()
+            words = args.words.split(",")
+        else:
+            root = args.adapter_dir or os.path.join(tempfile.gettempdir(), "carajax-demo-adapters")
+            specs = {"attn-r8": dict(rank=8, target_modules=ATTENTION_MODULES, seed=1),
+                     "all-r32": dict(rank=32, target_modules=TARGET_MODULES, seed=2)}
+            paths = {name: write_random_adapter(os.path.join(root, name), engine.model_config,
+                                                **spec) for name, spec in specs.items()}
+            words = ["The quick brown fox"]
+        for name, path in paths.items():
+            engine.add_adapter(name, path)
         link = (f"emulated link {args.link_gbps} GB/s + {args.link_latency_ms} ms"
                 if args.link_gbps else "no link emulation")
         print(f"model {args.model} ({engine.model_config.num_params() / 1e6:.2f}M params, "
-              f"random weights) on {jax.devices()[0].platform}; cold starts: {args.cold_start} "
-              f"({link}); ready in {time.perf_counter() - t0:.1f}s; adapters in {root}")
-        prompts = ["The quick brown fox", "LoRA adapters are", "The quick brown fox"]
-        adapters = ["attn-r8", "all-r32", None]
-        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop_token_ids=())
+              f"{'trained' if trained else 'random weights'}) on {jax.devices()[0].platform}; "
+              f"cold starts: {args.cold_start} ({link}); ready in {time.perf_counter() - t0:.1f}s")
+        adapters = [None, *paths]
+        jobs = [(w, a) for w in words for a in adapters]  # every word with every adapter
+        prompts = [builtin.prompt(w) if trained else w for w, _ in jobs]
+        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
+                                  stop_token_ids=None if trained else ())
         t0 = time.perf_counter()
-        outs = engine.generate(prompts, adapters=adapters, sampling=sampling)
+        outs = engine.generate(prompts, adapters=[a for _, a in jobs], sampling=sampling)
         elapsed = time.perf_counter() - t0
-    print(f"\n{'adapter':<10} {'prompt':<22} {'tokens':>6} {'TTFT ms':>8} {'CPU-LoRA tok':>12}  "
-          "output (greedy)")
-    for prompt, adapter, out in zip(prompts, adapters, outs):
+    print(f"\n{'prompt':<22} {'adapter':<8} {'TTFT ms':>8} {'CPU-LoRA tok':>12}  output (greedy)")
+    right = 0
+    for (word, adapter), prompt, out in zip(jobs, prompts, outs):
         text = out.text if out.text else str(out.token_ids)
-        print(f"{adapter or '(base)':<10} {prompt:<22} {len(out.token_ids):>6} "
-              f"{out.metrics.ttft_s * 1e3:>8.1f} {out.metrics.cpu_prefill_tokens:>12}  {text!r}")
+        mark = ""
+        if trained:
+            task = builtin.TASKS[adapter] if adapter else builtin.ECHO
+            ok = text == task.fn(word)
+            right += ok
+            mark = "  ok" if ok else f"  WRONG (expected {task.fn(word)!r})"
+        print(f"{prompt!r:<22} {adapter or '(base)':<8} {out.metrics.ttft_s * 1e3:>8.1f} "
+              f"{out.metrics.cpu_prefill_tokens:>12}  {text!r}{mark}")
     total = sum(len(o.token_ids) for o in outs)
-    print(f"\n{total} tokens in {elapsed:.2f}s in one continuous batch (includes compilation); "
-          f"compiled variants: {Engine.compiled_variants()}")
-    print("The built-in model has random weights, so its text is noise; each adapter changes it.")
+    print(f"\n{len(jobs)} requests, {total} tokens in {elapsed:.2f}s in one continuous batch "
+          f"(includes compilation); compiled variants: {Engine.compiled_variants()}")
+    if trained:
+        print(f"{right}/{len(jobs)} answers correct. The base echoes the word; each adapter "
+              "does its own task: " + ", ".join(f"{n} {t.about}" for n, t in builtin.TASKS.items()))
+    else:
+        print("This model has random weights, so its text is noise; each adapter changes it.")
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,6 +208,33 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="OUT", help="write the summaries as JSON")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_tp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                   help="tensor parallelism: shard the model over N local devices (must divide the "
+                        "attention heads, KV heads and MLP width)")
+
+
+def check_tp(command: str, model: str, tp: int) -> None:
+    """Exit with a message (not a traceback) if `tp` does not fit this machine's devices or the
+    model's heads; checked before any weights are built or read."""
+    from carajax import parallel
+    from carajax.config import ModelConfig
+
+    config = ModelConfig.from_hf(model) if os.path.isdir(model) else ModelConfig.from_name(model)
+    try:
+        parallel.check_tp(config, tp)
+        parallel.check_devices(tp)
+    except ValueError as e:
+        raise SystemExit(f"carajax {command}: --tp {tp}: {e}") from None
+
+
 def serve_cmd(args: argparse.Namespace) -> None:
     """Run one gRPC worker until SIGTERM/SIGINT, then drain: refuse new requests, let streams in
     flight finish within --grace seconds, exit 0."""
@@ -194,11 +246,13 @@ def serve_cmd(args: argparse.Namespace) -> None:
     from carajax.server.worker import serve
 
     fields = dict(cold_start=args.cold_start, max_batch_size=args.max_batch, max_queue=args.max_queue,
-                  emulated_link_gbps=args.link_gbps, emulated_link_latency_ms=args.link_latency_ms)
+                  emulated_link_gbps=args.link_gbps, emulated_link_latency_ms=args.link_latency_ms,
+                  tp=args.tp)
     try:  # --engine-config: any other EngineConfig field (the replay sizes pools and chunks so)
         config = EngineConfig(**{**fields, **json.loads(args.engine_config or "{}")})
     except (TypeError, ValueError) as e:
         raise SystemExit(f"carajax serve: bad --engine-config: {e}") from None
+    check_tp("serve", args.model, config.tp)
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, config=config)
     if args.adapters:
         dirs = sorted(d for d in Path(args.adapters).iterdir() if (d / "adapter_config.json").is_file())
@@ -208,6 +262,9 @@ def serve_cmd(args: argparse.Namespace) -> None:
             except AdapterError as e:
                 engine.close()
                 raise SystemExit(f"carajax serve: cannot register adapter {d.name!r}: {e}") from None
+    elif builtin.is_demo(args.model):  # the built-in model comes with its trained adapters
+        for name, path in builtin.adapter_dirs().items():
+            engine.add_adapter(name, path)
     if args.warmup:
         engine.warmup()
     worker = serve(engine, args.port, host=args.host, name=args.name, metrics_port=args.metrics_port)
@@ -225,7 +282,9 @@ def serve_cmd(args: argparse.Namespace) -> None:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="llama-test", help="preset name or HF checkpoint dir")
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help="HF checkpoint dir, preset name (random weights), or the built-in "
+                        f"{DEMO_MODEL} (trained; its adapters are registered unless --adapters)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--adapters", default=None, metavar="DIR",
                    help="register every PEFT adapter directory under DIR by its folder name")
@@ -236,6 +295,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-start", default="cpu_assist", choices=["cpu_assist", "wait", "cached"])
     p.add_argument("--max-batch", type=int, default=8, help="KV-cache rows (requests running at once)")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
+    add_tp_arg(p)
     p.add_argument("--link-gbps", type=float, default=None, help="emulate the host->device link")
     p.add_argument("--link-latency-ms", type=float, default=0.0)
     p.add_argument("--engine-config", default=None, metavar="JSON",
@@ -352,14 +412,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="carajax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="generate with two adapters and the base model")
-    p.add_argument("--model", default="llama-test", help="preset name or HF checkpoint dir")
+    p = sub.add_parser("demo", help="send words to the base and every adapter in one batch")
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help=f"{DEMO_MODEL} (built in, trained adapters), a preset name or HF checkpoint "
+                        "dir (random adapters)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--adapter-dir", default=None, help="where to write the demo adapters")
+    p.add_argument("--words", default="hello,carajax,serving",
+                   help="comma-separated lowercase words (built-in model)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--adapter-dir", default=None, help="where to write random adapters (other models)")
     p.add_argument("--cold-start", default="cpu_assist", choices=["cpu_assist", "wait", "cached"])
     p.add_argument("--link-gbps", type=float, default=None, help="emulate the host->device link")
     p.add_argument("--link-latency-ms", type=float, default=0.0)
+    add_tp_arg(p)
     p.set_defaults(func=demo)
     p = sub.add_parser("simulate", help="route a trace through the cluster simulator under each policy")
     add_simulate_args(p)

@@ -185,6 +185,13 @@ PRESETS: dict[str, ModelConfig] = {
                               intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                               rms_norm_eps=1e-5, max_position_embeddings=1024,
                               bos_token_id=2, eos_token_ids=(3,)),
+    # The built-in demo model's shape. `Engine.from_pretrained("carajax-demo")` loads its trained
+    # weights (carajax/demo/model, made by scripts/train_demo.py); elsewhere a preset's weights
+    # are random.
+    "carajax-demo": ModelConfig(name="carajax-demo", vocab_size=256, hidden_size=128,
+                                intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
+                                rms_norm_eps=1e-5, max_position_embeddings=1024,
+                                bos_token_id=2, eos_token_ids=(3,)),
     # ~100M parameters (tied embeddings): big enough that CPU timings mean something.
     "llama-100m": ModelConfig(name="llama-100m", vocab_size=32000, hidden_size=768,
                               intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4,
@@ -209,6 +216,9 @@ PRESETS: dict[str, ModelConfig] = {
                                eos_token_ids=(128001, 128008, 128009)),
 }
 
+
+# The built-in trained model (`carajax.demo`): the default of `carajax serve`, `demo`, `replay`.
+DEMO_MODEL = "carajax-demo"
 
 COLD_START_POLICIES = ("cpu_assist", "wait", "cached")
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from carajax.config import TARGET_MODULES, EngineConfig, ModelConfig
+from carajax.config import DEMO_MODEL, TARGET_MODULES, EngineConfig, ModelConfig
 from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
 from carajax.lora.cpu_assist import CpuAssistBridge, CpuLoraWorker
 from carajax.lora.pool import AdapterPool
@@ -105,11 +105,19 @@ class Engine:
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: str = "float32",
                         config: EngineConfig | None = None, seed: int = 0) -> Engine:
-        """A preset name (random weights from `seed`) or a local HF checkpoint directory."""
+        """A local HF checkpoint directory, the built-in trained "carajax-demo" model
+        (`carajax.demo`), or a preset name (random weights from `seed`)."""
         config = dataclasses.replace(config or EngineConfig(), dtype=dtype)
         jdtype = jnp.dtype(dtype)
+        is_demo = name_or_path == DEMO_MODEL
+        if is_demo:
+            from carajax import demo
+
+            name_or_path = demo.model_dir()
         if os.path.isdir(name_or_path):
             model_config = ModelConfig.from_hf(name_or_path)
+            if is_demo:
+                model_config = dataclasses.replace(model_config, name=DEMO_MODEL)
             model = weights.load_hf(name_or_path, model_config, dtype=jdtype)
             tokenizer = load_tokenizer(name_or_path, model_config)
         else:

@@ -27,7 +27,7 @@ TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "azure_llm_202
 # replay takes seconds. The same flags drive the CLI test, so its engine reuses compiled code.
 FLAGS = ["--start", "120", "--duration", "4", "--scale", "4", "--max-prompt", "40", "--max-output", "10",
          "--adapters", "6", "--ranks", "8,16", "--max-batch", "4", "--prefill-chunk", "32",
-         "--link-gbps", "0.5", "--link-latency-ms", "1", "--no-progress"]
+         "--link-gbps", "0.5", "--link-latency-ms", "1", "--no-progress", "--model", "llama-test"]
 
 
 def _args(extra: list[str]) -> argparse.Namespace:

@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from carajax.config import DEMO_MODEL
+
 DEFAULT_COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "carajax" / "jax"
 _READY = re.compile(r"carajax worker (\S+) ready on (\S+)")
 
@@ -35,7 +37,7 @@ class ClusterSpec:
     """Workers (one engine each) behind a router. `engine_config`: extra EngineConfig fields as
     sorted (name, value) pairs (frozen), passed to `carajax serve --engine-config`."""
 
-    model: str = "llama-test"
+    model: str = DEMO_MODEL
     workers: int = 2
     cold_start: str = "cpu_assist"
     router_policy: str = "carajax"

@@ -1,7 +1,7 @@
 """`carajax replay`: replay a trace open-loop and compare policies side by side.
 
 With no arguments it is the README's main job: 30 s of the Azure LLM 2023 conversation trace
-(`--scale` compresses time) against two `llama-test` workers behind the router over gRPC, 128
+(`--scale` compresses time) against two `carajax-demo` workers behind the router over gRPC, 128
 random adapters of ranks 8/16/32/64 with Zipf(1.8) popularity, under `cached`, `wait` and
 `cpu_assist`; prints a table, writes JSON, Markdown and PNG plots. `--mode engine` replays against
 an in-process engine instead, `--target HOST:PORT` against a running worker or router.
@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from carajax.config import DEMO_MODEL
 from carajax.replay.report import Slo
 from carajax.replay.runs import DEFAULT_TRACE, REPO
 
@@ -56,7 +57,8 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default=None, metavar="HOST:PORT",
                    help="replay against a running worker or router instead (adapters it lacks are "
                    "registered with LoadAdapter; --model must match its model)")
-    g.add_argument("--model", default="llama-test", help="preset name or HF checkpoint dir")
+    g.add_argument("--model", default=DEMO_MODEL, help="the built-in trained model (default), a "
+                   "preset name (random weights) or an HF checkpoint dir")
     g.add_argument("--workers", type=int, default=2)
     g.add_argument("--cold-starts", default="cached,wait,cpu_assist", help="engine policies to compare")
     g.add_argument("--router-policies", default="carajax", help="router policies to compare (cluster)")

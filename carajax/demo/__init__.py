@@ -1,0 +1,61 @@
+"""The built-in demo: a small byte-level Llama trained to echo a word, and LoRA adapters trained
+to transform it, so that which adapter served a request is visible in its answer.
+
+    >>> from carajax import demo
+    >>> engine = demo.engine()                      # the shipped base, adapters registered
+    >>> engine.generate(demo.prompt("hello"), adapters="reverse", sampling=demo.GREEDY)[0].text
+    'olleh'
+
+The files under `carajax/demo/model` and `carajax/demo/adapters` are produced by
+`scripts/train_demo.py` (optax, CPU, minutes); `manifest.json` records how and how well.
+HF `transformers` + `peft` load them as they are (a Llama checkpoint and PEFT LoRA adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from carajax.config import DEMO_MODEL as MODEL_NAME
+from carajax.demo.tasks import ECHO, TASKS, Task, exact_match, prompt, random_words
+from carajax.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parent
+# Greedy, and long enough for the longest answer plus ETX.
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
+
+
+def model_dir() -> str:
+    """The shipped base model (HF layout: config.json + model.safetensors)."""
+    return str(ROOT / "model")
+
+
+def adapter_dirs() -> dict[str, str]:
+    """Shipped adapter name -> its PEFT directory, one per task in `TASKS`."""
+    return {name: str(ROOT / "adapters" / name) for name in TASKS}
+
+
+def manifest() -> dict:
+    """How the shipped files were trained, and the accuracies measured when they were."""
+    with open(ROOT / "manifest.json") as f:
+        return json.load(f)
+
+
+def engine(config=None, **kwargs):
+    """An `Engine` on the demo base with every shipped adapter registered under its task name."""
+    from carajax.engine import Engine
+
+    eng = Engine.from_pretrained(MODEL_NAME, config=config, **kwargs)
+    for name, path in adapter_dirs().items():
+        eng.add_adapter(name, path)
+    return eng
+
+
+def is_demo(name_or_path: str) -> bool:
+    return name_or_path == MODEL_NAME or (
+        os.path.isdir(name_or_path) and Path(name_or_path).resolve() == ROOT / "model")
+
+
+__all__ = ["ECHO", "GREEDY", "MODEL_NAME", "TASKS", "Task", "adapter_dirs", "engine",
+           "exact_match", "is_demo", "manifest", "model_dir", "prompt", "random_words"]
