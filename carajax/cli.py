@@ -143,14 +143,18 @@ def simulate_cmd(args: argparse.Namespace) -> dict:
                       max_output=args.max_output)
     cfg = SimConfig(n_workers=args.workers, max_batch=args.max_batch, kv_rows=args.kv_rows,
                     adapter_pages=args.adapter_pages, page_rank=args.page_rank, cold_start=args.cold_start,
-                    slo_tpot=args.slo_tpot_ms / 1e3, slo_ttft=args.slo_ttft_s, slo_metric=args.slo_metric)
+                    slo_tpot=args.slo_tpot_ms / 1e3, slo_ttft=args.slo_ttft_s, slo_metric=args.slo_metric,
+                    cpu_slowdown=args.cpu_slowdown, prefill_chunk=args.prefill_chunk,
+                    max_prefill_tokens=args.max_prefill_tokens)
     span = (reqs[-1].arrival_s - reqs[0].arrival_s) if len(reqs) > 1 else 0.0
     derived = "not measured" in cost.source.lower()
     print(f"trace {trace}: {len(reqs)} requests over {span:.0f} s (rate x{args.scale:g}, "
           f"{len(reqs) / max(span, 1e-9):.2f} req/s); {args.adapters} adapters, Zipf {args.zipf:g}, "
           f"ranks {list(ranks)}")
     print(f"cluster: {cfg.n_workers} workers, max batch {cfg.max_batch}, {cfg.kv_rows} KV rows, "
-          f"{cfg.adapter_pages} adapter pages of rank {cfg.page_rank}, cold start {cfg.cold_start}; SLO "
+          f"{cfg.adapter_pages} adapter pages of rank {cfg.page_rank}, cold start {cfg.cold_start}, "
+          + (f"prefill chunks of {cfg.prefill_chunk} (<= {cfg.max_prefill_tokens} per step)"
+             if cfg.prefill_chunk else "whole-prompt prefill") + "; SLO "
           f"{cfg.slo_metric} <= {args.slo_tpot_ms:g} ms, TTFT <= {cfg.slo_ttft:g} s")
     print(f"cost model {cost_path} ({cost.kernel}, {cost.device or 'device unknown'})"
           + ("\n  NOTE: derived from published numbers (datasheet roofline + the paper's load times), "
@@ -202,7 +206,12 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-rows", type=int, default=40_000, help="KV-cache token rows per worker")
     p.add_argument("--adapter-pages", type=int, default=64, help="adapter pages per worker")
     p.add_argument("--page-rank", type=int, default=8)
-    p.add_argument("--cold-start", default="wait", choices=["wait", "cached"])
+    p.add_argument("--cold-start", default="wait", choices=["wait", "cpu_assist", "cached"])
+    p.add_argument("--cpu-slowdown", type=float, default=0.26,
+                   help="cpu_assist: a CPU-path prefill chunk costs (1 + this) x its device time")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per request per "
+                   "step (chunked prefill, as the engine); 0: whole prompts (the older simulator)")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens per step")
     p.add_argument("--max-prompt", type=int, default=4096, help="clip prompts (tokens)")
     p.add_argument("--max-output", type=int, default=1024, help="clip outputs (tokens)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the summaries as JSON")

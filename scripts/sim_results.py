@@ -2,6 +2,7 @@
 
     python scripts/sim_results.py                                  # 60 workers, 40k adapters, 20k requests
     python scripts/sim_results.py --requests 3000 --workers 16 --adapters 2000 --scales 2 4 8   # quick
+    python scripts/sim_results.py --prefill-chunk 0 ...            # whole-prompt prefill (the old simulator)
 
 Prints a Markdown table of SLO attainment (the simulator's TPOT-SLO metric) per policy and load scale,
 then, per policy, the highest load at which attainment >= the target (default 99%), and the ratio
@@ -61,6 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--kv-rows", type=int, default=40_000)
     ap.add_argument("--adapter-pages", type=int, default=64)
+    ap.add_argument("--prefill-chunk", type=int, default=256,
+                    help="prompt tokens per request per step (the engine's default); 0 = whole prompts in "
+                         "one step, the simulator before chunked prefill (reproduces the old table)")
+    ap.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens per step, in all")
+    ap.add_argument("--cold-start", default="wait", choices=["wait", "cpu_assist", "cached"])
+    ap.add_argument("--cpu-slowdown", type=float, default=SimConfig.cpu_slowdown,
+                    help="cpu_assist: a CPU-path prefill chunk costs (1 + this) x its device time")
     ap.add_argument("--max-prompt", type=int, default=4096)
     ap.add_argument("--max-output", type=int, default=1024)
     ap.add_argument("--target", type=float, default=0.99, help="attainment needed to sustain a load")
@@ -72,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     cost = cm.load(args.cost_model)
     cfg = SimConfig(n_workers=args.workers, max_batch=args.max_batch, kv_rows=args.kv_rows,
                     adapter_pages=args.adapter_pages, slo_tpot=args.slo_tpot_ms / 1e3,
-                    slo_ttft=args.slo_ttft_s, slo_metric=args.slo_metric)
+                    slo_ttft=args.slo_ttft_s, slo_metric=args.slo_metric, cold_start=args.cold_start,
+                    cpu_slowdown=args.cpu_slowdown, prefill_chunk=args.prefill_chunk,
+                    max_prefill_tokens=args.max_prefill_tokens)
     jobs = [(t, s, p) for t in args.traces for s in args.scales for p in args.policies]
     try:
         from tqdm import tqdm
@@ -100,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"\n{args.workers} workers, {args.adapters} adapters (Zipf {args.zipf:g}, ranks {args.ranks}), "
           f"{args.requests} requests per run, SLO {args.slo_metric} <= {args.slo_tpot_ms:g} ms; "
+          + (f"chunked prefill {args.prefill_chunk}/{args.max_prefill_tokens} tokens; " if args.prefill_chunk
+             else "whole-prompt prefill; ")
+          + f"cold start {args.cold_start}; "
           f"cost model {Path(args.cost_model).name} (derived from published numbers, NOT measured); "
           f"{wall:.0f} s\n")
     summary: dict[str, dict] = {}

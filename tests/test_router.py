@@ -127,6 +127,20 @@ def test_carajax_prefers_the_worker_holding_the_adapter_when_loads_are_expensive
     assert cpu.score(req, ws[0]) - cpu.score(req, ws[1]) == pytest.approx(0.00042)
 
 
+def test_carajax_prices_the_cpu_assist_slowdown_as_a_stall_on_a_busy_worker():
+    # Two workers with the same two decoders (n = 2); only B holds "x" (rank 64, 100-token prompt).
+    # CPU-assisted prefill slows the step it runs in, so the decoders beside it wait too:
+    # cold = 0.5·Pre([64], 100 tok) = 0.5·0.084 = 0.042, in the bracket as 0.042/100 weighted by n = 2
+    # (0.00084) and in A's own TTFT term (0.042/100 = 0.00042): A − B = 0.00126.
+    cost = FakeCost()
+    req = RouteRequest("x", 64, 100, 100)
+    batch = [(100, 8), (100, 8)]
+    ws = [_w("A", cost, batch=batch), _w("B", cost, batch=batch, resident={"x"})]
+    cpu = CarajaxPolicy(avg_output_len=100, slo_tpot=1.0, cold_start="cpu_assist", cpu_slowdown=0.5)
+    assert cpu.score(req, ws[0]) - cpu.score(req, ws[1]) == pytest.approx(0.00126)
+    assert cpu.choose(req, ws).name == "B"
+
+
 def test_carajax_counts_the_prefill_queued_ahead():
     # Unpadded, avg_output_len = 100, new request: 100 prompt tokens, rank 8, resident on both.
     # A: queue [(4000, 8)], batch [(100, 8)] (n = 2);  B: queue [], batch [(100, 8), (100, 8)] (n = 2).

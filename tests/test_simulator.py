@@ -1,4 +1,5 @@
-"""The cluster simulator: conservation, hand-timed steps, adapter residency, determinism, SLOs, workloads."""
+"""The cluster simulator: conservation, hand-timed steps, adapter residency, determinism, SLOs, workloads,
+chunked prefill and CPU-assisted cold starts."""
 
 from __future__ import annotations
 
@@ -210,3 +211,125 @@ def test_a_worker_in_a_long_prefill_is_not_idle():
     for policy in ("most_idle", "caraserve", "carajax"):
         res = simulate(reqs, policy, None, SimConfig(n_workers=2))
         assert res.worker.tolist() == [0, 1], policy
+
+
+# -- chunked prefill and CPU-assisted cold starts --------------------------------------------------
+
+# Steps priced by hand: prefill = 0.01 + 1e-4·tokens, decode = 0.01 (no rank, context or batch terms);
+# loads 0.05 s.
+LINEAR = AnalyticCost(
+    beta=0.01, pre_tok=1e-4, dec_tok=0.0, ctx=0.0, alpha=0.0, load_fixed=0.05, load_per_rank=0.0
+)
+
+
+@pytest.mark.parametrize("policy", ["caraserve", "carajax", "most_idle", "random"])
+@pytest.mark.parametrize("cold_start", ["wait", "cpu_assist"])
+def test_conservation_with_chunked_prefill(policy, cold_start):
+    # Chunks of 64, at most 96 prompt tokens per step: prompts of 1-399 tokens take up to 7 steps,
+    # and the budget splits a step's chunks unevenly.
+    reqs = _mixed(300, rate=60.0)
+    cfg = SimConfig(n_workers=3, max_batch=8, kv_rows=3000, adapter_pages=12, cold_start=cold_start,
+                    prefill_chunk=64, max_prefill_tokens=96)
+    r = simulate(reqs, policy, AnalyticCost(), cfg)
+    out = np.array([q.output_tokens for q in reqs])
+    assert np.all(np.isfinite(r.latency)) and np.all(np.isfinite(r.ttft))  # every request finished
+    assert np.array_equal(r.tokens, out)  # exactly its tokens, once
+    assert np.all((r.worker >= 0) & (r.worker < 3))
+    assert np.all(r.ttft > 0) and np.all(r.ttft <= r.latency)
+    assert (r.cpu_prefill_tokens > 0) == (cold_start == "cpu_assist")
+    # Determinism with chunking on.
+    again = simulate(reqs, policy, AnalyticCost(), cfg)
+    assert np.array_equal(again.latency, r.latency) and np.array_equal(again.worker, r.worker)
+
+
+def test_chunked_prefill_bounds_the_stall_of_a_long_prompt():
+    # A (10-token prompt, 2 tokens out) arrives at 0; B (1000-token prompt, 2 out) at 0.005, during
+    # A's first step [0, 0.011) (prefill 0.01 + 10·1e-4). One worker, adapters cached.
+    # Whole prompts: step 2 = Pre(B, 1000) 0.11 + Dec(A) 0.01 = 0.12 → A's 2nd token at 0.131: A's
+    #   TPOT 0.12; B's first token at 0.131 (TTFT 0.126).
+    # Chunks of 250: step 2 = Pre(250) 0.035 + Dec(A) 0.01 = 0.045 → A done at 0.056, TPOT 0.045.
+    #   B's 3 more chunks run alone, 0.035 each: first token at 0.056 + 3·0.035 = 0.161 (TTFT
+    #   0.156: its 3 extra fixed costs are what chunking costs it), then one decode step → 0.171.
+    reqs = [SimRequest(0.0, 10, 2, "x", 8), SimRequest(0.005, 1000, 2, "x", 8)]
+    cfg = SimConfig(n_workers=1, cold_start="cached", prefill_chunk=0)
+    whole = simulate(reqs, "round_robin", LINEAR, cfg)
+    assert whole.tpot.tolist() == pytest.approx([0.12, 0.01])
+    assert whole.ttft.tolist() == pytest.approx([0.011, 0.126])
+    chunked = simulate(reqs, "round_robin", LINEAR, dataclasses.replace(cfg, prefill_chunk=250))
+    assert chunked.tpot.tolist() == pytest.approx([0.045, 0.01])
+    assert chunked.ttft.tolist() == pytest.approx([0.011, 0.156])
+    assert chunked.latency[1] == pytest.approx(0.171 - 0.005)
+
+
+def test_chunked_prefill_step_budget_in_admission_order():
+    # A (10 tokens, 1 out) arrives at 0 and runs alone [0, 0.011); B (500-token prompt) and C (200)
+    # queue behind it. Chunks of 250, 300 prompt tokens per step, 1 token out each.
+    # Step 2 [0.011, 0.051): B 250, C 50 (the budget's rest) → Pre(300) = 0.04.
+    # Step 3 [0.051, 0.091): B 250 (done), C 50 → B's token at 0.091 (TTFT 0.09).
+    # Step 4: C's last 100 → Pre(100) = 0.02: C's token at 0.111 (TTFT 0.11).
+    reqs = [SimRequest(0.0, 10, 1, "x", 8), SimRequest(0.001, 500, 1, "x", 8),
+            SimRequest(0.001, 200, 1, "x", 8)]
+    cfg = SimConfig(n_workers=1, cold_start="cached", prefill_chunk=250, max_prefill_tokens=300)
+    r = simulate(reqs, "round_robin", LINEAR, cfg)
+    assert r.ttft.tolist() == pytest.approx([0.011, 0.09, 0.11])
+
+
+def test_router_sees_the_prefill_left_after_a_chunk():
+    # Request 0's 4096-token prompt is chunked (256 per step); request 1 arrives mid-prefill. The
+    # worker must count both its admitted request and the prompt tokens still to prefill.
+    seen = {}
+
+    class Spy:
+        name = "spy"
+
+        def choose(self, request, workers):
+            w = workers[0]
+            if request.prompt_tokens == 16:
+                seen.update(n=w.n_requests(), left=w.prefill_batch().tokens, pre=w.queued_prefill_seconds(),
+                            dec=w.decode_batch().ranks)
+            return w
+
+    reqs = [SimRequest(0.0, 4096, 8, "a", 8), SimRequest(0.1, 16, 8, "b", 8)]
+    simulate(reqs, Spy(), LINEAR, SimConfig(n_workers=1, cold_start="cached"))
+    # Steps of Pre(256) = 0.0356: at 0.1 the third chunk is in flight, 4096 − 3·256 tokens are left.
+    assert seen["n"] == 1 and seen["left"] == 4096 - 3 * 256 and seen["dec"] == ()
+    assert seen["pre"] == pytest.approx(0.01 + 1e-4 * (4096 - 768))
+
+
+def test_cpu_assist_starts_before_the_load_lands():
+    # One cold request (1000-token prompt, 2 out), chunks of 250, its copy lands at 0.05.
+    # wait:       the load stalls the first step: TTFT = 0.05 + 4·0.035 = 0.19.
+    # cpu_assist: starts at 0 on the CPU path, (1 + 0.26)·0.035 = 0.0441 per chunk while the copy is in
+    #             flight; chunks starting at 0 and 0.0441 (< 0.05) are CPU chunks, the two from 0.0882
+    #             on run on the device: first token at 2·0.0441 + 2·0.035 = 0.1582; 500 CPU tokens.
+    req = [SimRequest(0.0, 1000, 2, "x", 8)]
+    wait = simulate(req, "round_robin", LINEAR, SimConfig(n_workers=1, cold_start="wait", prefill_chunk=250))
+    assert wait.ttft[0] == pytest.approx(0.19) and wait.cpu_prefill_tokens == 0
+    cfg = SimConfig(n_workers=1, cold_start="cpu_assist", prefill_chunk=250, cpu_slowdown=0.26)
+    cpu = simulate(req, "round_robin", LINEAR, cfg)
+    assert cpu.ttft[0] == pytest.approx(2 * 0.0441 + 2 * 0.035)
+    assert cpu.cpu_prefill_tokens == 500 and cpu.loads == 1
+    assert cpu.latency[0] == pytest.approx(cpu.ttft[0] + 0.01)
+    # Two cold adapters, 0.07 s loads: their copies share the worker's link. x arrives first and its
+    # step starts at once, alone (copy lands at 0.07); y, arriving in the same instant, is admitted at
+    # step 2 (0.0441) and its copy queues behind x's: lands at 0.14 (0.1141 on a link of its own).
+    # Step 1 [0, 0.0441): x on the CPU. Step 2 [0.0441, 0.1197): both on the CPU: 1.26·Pre(500) =
+    # 1.26·0.06. Step 3 [0.1197, 0.1888): x on the device, y still on the CPU (it would be on the
+    # device with its own link): 0.06 + 0.26·Pre(250). Step 4 both on the device, 0.06: x's first token
+    # at 0.2488. Step 5: y's last chunk 0.035 + Dec(x) 0.01 → 0.2938. CPU tokens: 2·250 + 2·250.
+    slow = dataclasses.replace(LINEAR, load_fixed=0.07)
+    two = [SimRequest(0.0, 1000, 2, "x", 8), SimRequest(0.0, 1000, 2, "y", 8)]
+    r = simulate(two, "round_robin", slow, cfg)
+    assert r.ttft.tolist() == pytest.approx([0.2488, 0.2938])
+    assert r.cpu_prefill_tokens == 1000 and r.loads == 2
+    # A later request on x, after its copy landed: the device path, no load, no slowdown.
+    later = simulate([*req, SimRequest(1.0, 250, 2, "x", 8)], "round_robin", LINEAR, cfg)
+    assert later.ttft[1] == pytest.approx(0.035) and later.loads == 1
+
+
+def test_whole_prompt_mode_matches_the_old_simulator_on_a_hand_case():
+    # prefill_chunk=0 is the simulator before chunking: test_batching_and_a_late_joiner's timings.
+    reqs = [SimRequest(0.0, 10, 4, "x", 8), SimRequest(0.015, 10, 2, "x", 8)]
+    r = simulate(reqs, "round_robin", FLAT, SimConfig(n_workers=1, prefill_chunk=0))
+    assert r.ttft.tolist() == pytest.approx([0.51, 0.53 - 0.015])
+    assert r.latency.tolist() == pytest.approx([0.55, 0.54 - 0.015])

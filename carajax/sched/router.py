@@ -221,16 +221,20 @@ class CarajaxPolicy:
         score = n × bracket + ttft_weight × ttft + slo_penalty·[Dec(batch + r) > slo_tpot]
                 + kv_penalty·[kv_free_rows == 0] − locality_bonus·[adapter resident]
 
-    bracket — caraserve's Δprefill / avg_output_len + Δdecode, plus, under `cold_start="wait"`,
-        the cold load's stall load_seconds(r) / avg_output_len: a synchronous load stalls every
-        request in the batch for one step, which costs each of them that much per output token.
+    bracket — caraserve's Δprefill / avg_output_len + Δdecode, plus the cold start's stall
+        cold / avg_output_len (cold as in the TTFT below): under `cold_start="wait"` a synchronous
+        load stalls every request in the batch for one step; under "cpu_assist" the slower
+        CPU-side LoRA prefill lengthens the steps it runs in (the engine's host callbacks sit
+        inside the step's prefill forward, before its decode forward), so every request decoding
+        on the worker waits for it too. Either costs each of them that much per output token.
         Weighted by n, the requests already on the worker, as in Algorithm 1.
     ttft — what the new request itself waits for its first token:
         Pre(queue + r)            the prefill work already queued ahead is batched with ours;
         + Dec(batch)              the step in flight (prefill and decode share a step);
-        + cold                    load_seconds(r) under "wait"; under "cpu_assist" there is no
-                                  stall, only the slower CPU-side LoRA prefill,
-                                  cpu_slowdown × Pre([r]);
+        + cold                    load_seconds(r) under "wait"; under "cpu_assist" no wait for
+                                  the copy, only the slower CPU-side LoRA prefill,
+                                  cpu_slowdown × Pre([r]) (an upper bound: chunks after the
+                                  copy lands run on the device);
         + batch-full wait         if queue + batch ≥ max_batch, the request waits for slots:
                                   ≈ Dec(batch) × avg_output_len × (overflow + 1) / max_batch.
         Unlike the bracket it does not vanish on an idle worker, so among idle workers the one
@@ -276,16 +280,15 @@ class CarajaxPolicy:
         d_pre, d_dec, pre_with, dec_with, dec_now = _marginal(request, w)
         n = w.n_requests()
         resident = request.rank <= 0 or request.adapter in w.resident
-        cold_ttft = stall = 0.0
+        cold_ttft = 0.0
         if not resident:
             if self.cold_start == "wait":
                 cold_ttft = w.cost.load_seconds(request.rank)
-                stall = cold_ttft / self.avg_output_len
             elif self.cold_start == "cpu_assist":
                 toks = request.prompt_tokens
                 alone = Batch(ranks=(request.rank,), tokens=toks, context=toks)
                 cold_ttft = self.cpu_slowdown * w.cost.prefill_time(alone)
-        bracket = d_pre / self.avg_output_len + d_dec + stall
+        bracket = d_pre / self.avg_output_len + d_dec + cold_ttft / self.avg_output_len
         ttft = pre_with + dec_now + cold_ttft
         overflow = n - w.max_batch
         if overflow >= 0:

@@ -1,23 +1,39 @@
 """A discrete-event simulator of a LoRA serving cluster, in virtual time.
 
 It answers "what at 60 workers and 40k adapters" with the same routing code the gRPC router uses
-(`carajax.sched.router`). Each worker is modelled like the engine:
+(`carajax.sched.router`). Each worker is modelled like the engine (`carajax/scheduler.py`):
 
 * continuous batching: at the start of every step the worker admits requests from its FIFO queue
-  (up to `max_batch` running, KV rows reserved for prompt + output, adapter pages available);
-* one step = prefill of the requests admitted this step, then one decode token for every request
-  already running; its duration is Pre(admitted) + Dec(running) from the worker's cost model;
-* adapters: a per-worker page budget with LRU eviction of adapters no running request uses; a cold
-  adapter under `cold_start="wait"` is loaded synchronously inside the step (the whole step waits
-  `load_seconds(rank)`), as in the engine's `wait` policy; `"cached"` makes every load free.
+  (up to `max_batch` running, prefilling ones included; KV rows reserved for prompt + output;
+  adapter pages available);
+* chunked prefill (`prefill_chunk`, `max_prefill_tokens`, the engine's defaults 256 / 2048): every
+  step gives each prefilling request, in admission order, a chunk of at most `prefill_chunk` of its
+  remaining prompt tokens, at most `max_prefill_tokens` over all of them, and every decoding
+  request one token. `prefill_chunk=0` is the old whole-prompt simulator: a request's whole prompt
+  is prefilled in the step that admits it, with no per-step token budget;
+* the step time is Pre(chunks) + Dec(decoders) from the worker's cost model: the engine's runner
+  runs the step's prefill chunks and its decode tokens as two forwards, one after the other
+  (`ModelRunner.run`), so a mixed step pays both, each with its own fixed cost (a fused
+  Sarathi-style step would share the decode's weight read and cost less; carajax does not fuse).
+  The chunks are priced as one prefill batch with the profiler's conventions: tokens = Σ chunk
+  lengths, context = Σ (chunk start + chunk length), the KV positions each chunk reads;
+* adapters: a per-worker page budget with LRU eviction of adapters no running request uses. A cold
+  adapter under `cold_start="wait"` is loaded synchronously in the request's first step (the whole
+  step waits `load_seconds(rank)`), as in the engine's `wait` policy; under `"cpu_assist"` the copy
+  starts at admission on the worker's one host-to-device link (copies queue behind each other) and
+  the request starts at once: its prefill chunks that begin before the copy lands run on the CPU
+  path and cost (1 + `cpu_slowdown`) × Pre of those chunks, which stalls the whole step as the
+  engine's host callbacks do; later chunks run on the device, and decode always does (the engine
+  would decode on the CPU path too while a copy is in flight; not modelled: a copy of 5-50 ms
+  almost always lands during the prefill); `"cached"` makes every load free.
 
-A request's first token comes at the end of its prefill step; each later decode step yields one
-more. TTFT = first token − arrival; TPOT = (finish − first token) / (output_tokens − 1) (0 for a
-one-token output); latency = finish − arrival.
+A request's first token comes at the end of the step with its last prefill chunk; each later decode
+step yields one more. TTFT = first token − arrival; TPOT = (finish − first token) /
+(output_tokens − 1) (0 for a one-token output); latency = finish − arrival.
 
 Speed: token bookkeeping is lazy. A running request's finish is known when it joins (the decode
-step count it will finish at), so a step costs O(1) plus its completions, and the running batch's
-ranks tuple and context sum are kept as running totals for both the step and the router.
+step count it will finish at), so a step costs O(prefilling) plus its completions, and the running
+batch's ranks tuple and context sum are kept as running totals for both the step and the router.
 """
 
 from __future__ import annotations
@@ -66,7 +82,19 @@ class SimConfig:
     kv_rows: int = 1 << 20
     adapter_pages: int = 256
     page_rank: int = 8
-    cold_start: str = "wait"  # "wait" | "cached"
+    cold_start: str = "wait"  # "wait" | "cpu_assist" | "cached"
+    # Slowdown of prefill chunks run with their LoRA on the CPU (cold adapter under "cpu_assist"):
+    # the step pays cpu_slowdown × Pre(those chunks as one batch) on top of its Pre(all chunks), so
+    # a step of only CPU chunks costs (1 + cpu_slowdown) × Pre. 0.26 is the measured mean-TTFT overhead of
+    # cpu_assist over cached in BENCHMARKS.md ("Cold starts", llama-test on a 2-core CPU, emulated
+    # 25 GB/s link, every request cold), read as a prefill slowdown; it is rough (that TTFT also
+    # holds queueing and mid-prefill handovers), and close to the paper's A10 figure (+22% TTFT).
+    cpu_slowdown: float = 0.26
+    # Chunked prefill, the engine's EngineConfig defaults: at most `prefill_chunk` prompt tokens per
+    # request and `max_prefill_tokens` over all requests per step. prefill_chunk=0: whole prompts
+    # in the admission step, no budget (the simulator before chunking; old results reproduce).
+    prefill_chunk: int = 256
+    max_prefill_tokens: int = 2048
     slo_tpot: float = 0.1
     slo_ttft: float = 2.0
     # What `slo_tpot` bounds. "tpot" = decode time per token after the first: what Algorithm 1
@@ -80,8 +108,12 @@ class SimConfig:
     def __post_init__(self):
         if self.slo_metric not in ("latency_per_token", "tpot"):
             raise ValueError(f"slo_metric must be 'latency_per_token' or 'tpot', got {self.slo_metric!r}")
-        if self.cold_start not in ("wait", "cached"):
-            raise ValueError(f"cold_start must be 'wait' or 'cached', got {self.cold_start!r}")
+        if self.cold_start not in ("wait", "cpu_assist", "cached"):
+            raise ValueError(f"cold_start must be 'wait', 'cpu_assist' or 'cached', got {self.cold_start!r}")
+        if self.cpu_slowdown < 0:
+            raise ValueError(f"cpu_slowdown must be >= 0, got {self.cpu_slowdown}")
+        if self.prefill_chunk < 0 or self.max_prefill_tokens < 1:
+            raise ValueError("prefill_chunk must be >= 0 (0 = whole prompts) and max_prefill_tokens >= 1")
         if self.n_workers < 1 or self.max_batch < 1:
             raise ValueError("need at least one worker and a batch of at least one")
 
@@ -141,23 +173,37 @@ def _batch(ranks: tuple[int, ...], tokens: int, context: int) -> Batch:
 
 
 class _Running:
-    """One admitted request on a worker (slots keep attribute access fast)."""
+    """One admitted request on a worker (slots keep attribute access fast).
 
-    __slots__ = ("rid", "prompt", "out", "adapter", "rank", "rows")
+    `done`: prompt tokens prefilled in finished steps; `chunk`: its prompt tokens in the step in
+    flight (0 if none); `ready_at`: when its adapter is usable on the device (cpu_assist; before
+    that its chunks take the CPU path); `load_due`: a synchronous load still to run (wait)."""
+
+    __slots__ = ("rid", "prompt", "out", "adapter", "rank", "rows", "done", "chunk", "ready_at", "load_due")
 
     def __init__(self, rid: int, prompt: int, out: int, adapter: str, rank: int, rows: int):
         self.rid, self.prompt, self.out = rid, prompt, out
         self.adapter, self.rank, self.rows = adapter, rank, rows
+        self.done = self.chunk = 0
+        self.ready_at = 0.0
+        self.load_due = False
 
 
 class SimWorker(WorkerState):
     """A simulated worker: the router's `WorkerState`, answered from running totals.
 
-    The inherited `queue`/`batch` lists stay empty: the FIFO lives in `waiting`, and the decoding
-    set is kept as a rank multiset, a context sum and a count instead of per-request contexts,
-    because those change every step and the router only needs their totals. Policies read the
-    state through `n_requests`, `prefill_batch`, `decode_batch` and the `*_seconds` helpers, which
-    this class overrides. `resident` is an LRU-ordered dict (membership tests work as on a set).
+    The inherited `queue`/`batch` lists stay empty: the FIFO lives in `waiting`, admitted requests
+    still prefilling in `prefilling`, and the decoding set is kept as a rank multiset, a context
+    sum and a count instead of per-request contexts, because those change every step and the router
+    only needs their totals. Policies read the state through `n_requests`, `prefill_batch`,
+    `decode_batch` and the `*_seconds` helpers, which this class overrides. `resident` is an
+    LRU-ordered dict (membership tests work as on a set).
+
+    What the router sees while a step is in flight: a request whose last prompt chunk is in the
+    step counts in the decode batch it is joining (it is no longer queued prefill work); a request
+    with prompt tokens left after this step counts as queued prefill work for those tokens, like
+    the waiting queue (`prefill_batch`). Every admitted request counts in `n_requests`, so a worker
+    in a long prefill is never idle to the router.
     """
 
     def __init__(self, index: int, cost: CostModel, cfg: SimConfig):
@@ -173,10 +219,13 @@ class SimWorker(WorkerState):
         self.ignore_memory = False  # set while re-routing a request no worker has pages for now
         self.resident = collections.OrderedDict()  # type: ignore[assignment]  # adapter -> pages, LRU first
         self.pinned: dict[str, int] = {}  # adapter -> running requests using it
+        self.landing: dict[str, float] = {}  # cpu_assist: adapter -> when its copy lands
+        self.link_free = 0.0  # cpu_assist: when the host-to-device link finishes its queued copies
         self.pages_total = cfg.adapter_pages
         self.pages_used = 0  # pages holding adapters (pinned or not)
         self.pages_pinned = 0
         self.waiting: collections.deque[tuple[int, SimRequest]] = collections.deque()
+        self.prefilling: list[_Running] = []  # admitted, prompt not done, in admission order
         self.rank_count: dict[int, int] = {}
         self.n_run = 0
         self.ctx_sum = 0
@@ -186,20 +235,21 @@ class SimWorker(WorkerState):
         self._ranks: tuple[int, ...] = ()
         self._ranks_dirty = False
         self._qranks: tuple[int, ...] = ()
-        self._qtokens = 0
+        self._qtokens = 0  # waiting prompts
         self._qdirty = False
         self._pre_cache: float | None = None
-        self._dec_cache: float | None = None  # the router's Dec(batch): running + prefilling now
+        self._dec_cache: float | None = None  # the router's Dec(batch): running + finishing prefill
         self._step_dec_cache: float | None = None  # this step's decode: running only
-        # Admitted this step, prefilling now: gone from the queue, not yet decoding. The router
-        # must see them (a worker in a long prefill is not idle), as the batch they are joining.
-        self.n_pend = 0
+        # Prefill left after the step in flight (partly prefilled requests): queued work.
+        self.left_ranks: tuple[int, ...] = ()
+        self.left_tokens = 0
+        # Last prompt chunk in the step in flight: they join the decode batch when it ends.
         self.pend_ranks: tuple[int, ...] = ()
         self.pend_ctx = 0
 
     # -- what the router reads ------------------------------------------------------------------
     def n_requests(self) -> int:
-        return len(self.waiting) + self.n_run + self.n_pend
+        return len(self.waiting) + self.n_run + len(self.prefilling)
 
     def n_decoding(self) -> int:
         return self.n_run
@@ -212,12 +262,12 @@ class SimWorker(WorkerState):
 
     def _queue_ranks(self) -> tuple[int, ...]:
         if self._qdirty:
-            self._qranks = tuple(r.rank for _, r in self.waiting)
+            self._qranks = self.left_ranks + tuple(r.rank for _, r in self.waiting)
             self._qdirty = False
         return self._qranks
 
     def prefill_batch(self, extra: tuple[int, int] | None = None) -> Batch:
-        ranks, toks = self._queue_ranks(), self._qtokens
+        ranks, toks = self._queue_ranks(), self._qtokens + self.left_tokens
         if extra is not None:
             ranks, toks = ranks + (extra[1],), toks + extra[0]
         return _batch(ranks, toks, toks)
@@ -231,12 +281,13 @@ class SimWorker(WorkerState):
     def queued_prefill_seconds(self) -> float:
         # Cached until the queue changes: many arrivals are priced between two queue changes.
         if self._pre_cache is None:
-            self._pre_cache = self.cost.prefill_time(self.prefill_batch()) if self.waiting else 0.0
+            queued = self.waiting or self.left_ranks
+            self._pre_cache = self.cost.prefill_time(self.prefill_batch()) if queued else 0.0
         return self._pre_cache
 
     def decode_seconds(self) -> float:
         if self._dec_cache is None:
-            busy = self.n_run or self.n_pend
+            busy = self.n_run or self.pend_ranks
             self._dec_cache = self.cost.decode_time(self.decode_batch()) if busy else 0.0
         return self._dec_cache
 
@@ -247,11 +298,21 @@ class SimWorker(WorkerState):
             self._step_dec_cache = self.cost.decode_time(batch) if self.n_run else 0.0
         return self._step_dec_cache
 
-    def set_pending(self, admitted: list[_Running]) -> None:
-        self.n_pend = len(admitted)
-        self.pend_ranks = tuple(a.rank for a in admitted)
-        self.pend_ctx = sum(a.prompt + 1 for a in admitted)
-        self._dec_cache = None
+    def set_in_flight(self) -> None:
+        """Refresh the router's view after planning a step (each prefilling request's `chunk` set)."""
+        pend, left, left_toks, pend_ctx = [], [], 0, 0
+        for r in self.prefilling:
+            rest = r.prompt - r.done - r.chunk
+            if rest > 0:
+                left.append(r.rank)
+                left_toks += rest
+            else:
+                pend.append(r.rank)
+                pend_ctx += r.prompt + 1
+        self.pend_ranks, self.pend_ctx = tuple(pend), pend_ctx
+        self.left_ranks, self.left_tokens = tuple(left), left_toks
+        self._qdirty = True
+        self._pre_cache = self._dec_cache = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def enqueue(self, rid: int, req: SimRequest) -> None:
@@ -290,6 +351,7 @@ class SimWorker(WorkerState):
             while self.pages_total - self.pages_used < pages:  # evict LRU adapters nobody uses
                 victim = next(a for a in self.resident if a not in self.pinned)
                 self.pages_used -= self.resident.pop(victim)
+                self.landing.pop(victim, None)
             self.resident[adapter] = pages
             self.pages_used += pages
         else:
@@ -312,6 +374,12 @@ class SimWorker(WorkerState):
             self._sync_pages_free()
         else:
             self.pinned[adapter] = n
+
+    def start_copy(self, adapter: str, rank: int, now: float) -> float:
+        """cpu_assist: queue the adapter's copy on this worker's link; returns when it lands."""
+        t = max(now, self.link_free) + self.cost.load_seconds(rank)
+        self.link_free = self.landing[adapter] = t
+        return t
 
     def join(self, r: _Running) -> None:
         self.rank_count[r.rank] = self.rank_count.get(r.rank, 0) + 1
@@ -347,6 +415,7 @@ class SimResult:
     memory_fallbacks: int  # arrivals routed while no worker had free adapter pages (they queued)
     wall_s: float  # host seconds the simulation took
     cfg: SimConfig
+    cpu_prefill_tokens: int = 0  # prompt tokens prefilled on the CPU path (cpu_assist cold starts)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able dict: SLO attainment, mean/p99 TTFT, TPOT, latency, loads, wall time."""
@@ -373,6 +442,7 @@ class SimResult:
             "latency": stats(self.latency),
             "latency_per_token": stats(per_token),
             "adapter_loads": self.loads,
+            "cpu_prefill_tokens": self.cpu_prefill_tokens,
             "memory_fallbacks": self.memory_fallbacks,
             "workers_used": int(len(np.unique(self.worker))),
             "wall_s": self.wall_s,
@@ -401,7 +471,9 @@ def simulate(
     order = sorted(range(n), key=lambda i: (requests[i].arrival_s, i))
     if isinstance(policy, str):
         avg_out = float(np.mean([r.output_tokens for r in requests])) if n else 128.0
-        kw = {"slo_tpot": cfg.slo_tpot, "avg_output_len": avg_out, **policy_kw}
+        # The router knows the workers' cold-start policy and CPU slowdown (carajax prices them).
+        kw = {"slo_tpot": cfg.slo_tpot, "avg_output_len": avg_out, "cold_start": cfg.cold_start,
+              "cpu_slowdown": cfg.cpu_slowdown, **policy_kw}
         policy = make_policy(policy, **kw)
     costs = [cost or AnalyticCost()] * cfg.n_workers if not isinstance(cost, Sequence) else list(cost)
     if len(costs) != cfg.n_workers:
@@ -419,18 +491,20 @@ def simulate(
     finish = np.full(n, np.nan)
     tokens = np.zeros(n, dtype=np.int64)
     placed = np.full(n, -1, dtype=np.int64)
-    loads = fallbacks = 0
-    wait_loads = cfg.cold_start == "wait"
-    events: list[tuple[float, int, int, list[_Running]]] = []  # (end time, seq, worker, admitted)
+    loads = fallbacks = cpu_tokens = 0
+    wait_loads, cpu_assist = cfg.cold_start == "wait", cfg.cold_start == "cpu_assist"
+    unlimited = 1 << 62
+    chunk_cap = cfg.prefill_chunk or unlimited  # 0: whole prompts, no per-step budget
+    step_budget = cfg.max_prefill_tokens if cfg.prefill_chunk else unlimited
+    slowdown = cfg.cpu_slowdown
+    events: list[tuple[float, int, int, list[_Running]]] = []  # (end time, seq, worker, chunked)
     seq = 0
 
     def start_step(wi: int, now: float) -> None:
-        nonlocal seq, loads
+        nonlocal seq, loads, cpu_tokens
         w = workers[wi]
-        admitted: list[_Running] = []
-        load_s = 0.0
-        room = w.max_batch - w.n_run
-        while w.waiting and len(admitted) < room:
+        room = w.max_batch - w.n_run - len(w.prefilling)
+        while w.waiting and room > 0:  # admit, FIFO (engine: Scheduler._admit)
             rid, req = w.waiting[0]
             rows = req.prompt_tokens + req.output_tokens
             if rows > w.kv_free_rows:
@@ -438,31 +512,63 @@ def simulate(
             got = w.acquire(req.adapter, req.rank)
             if got is None:
                 break  # no adapter pages until a running request releases its adapter
+            r = _Running(rid, req.prompt_tokens, req.output_tokens, req.adapter, req.rank, rows)
             if got:
                 loads += 1
                 if wait_loads:
-                    load_s += w.cost.load_seconds(req.rank)
+                    r.load_due = True
+                elif cpu_assist:
+                    w.start_copy(req.adapter, req.rank, now)
+            if cpu_assist and w.landing:
+                r.ready_at = w.landing.get(req.adapter, 0.0)  # resident but maybe still landing
             w._dequeue()
             w.kv_free_rows -= rows
-            admitted.append(_Running(rid, req.prompt_tokens, req.output_tokens, req.adapter, req.rank, rows))
+            w.prefilling.append(r)
+            room -= 1
+        # Plan the step (engine: Scheduler.schedule): chunks in admission order under the budget.
+        chunked: list[_Running] = []
+        budget, load_s = step_budget, 0.0
+        ranks: list[int] = []
+        toks = ctx = 0
+        cpu_ranks: list[int] = []
+        cpu_toks = cpu_ctx = 0
+        for r in w.prefilling:
+            rest = r.prompt - r.done
+            c = min(chunk_cap, rest, budget)
+            if c <= 0 and rest > 0:
+                r.chunk = 0  # no budget left this step: waits, still admitted
+                continue
+            r.chunk = c
+            budget -= c
+            chunked.append(r)
+            ranks.append(r.rank)
+            toks += c
+            ctx += r.done + c
+            if r.load_due:  # wait: the step loads the adapter first, the whole batch waits
+                load_s += w.cost.load_seconds(r.rank)
+                r.load_due = False
+            if r.ready_at > now:  # cpu_assist: the copy has not landed, LoRA on the CPU
+                cpu_ranks.append(r.rank)
+                cpu_toks += c
+                cpu_ctx += r.done + c
         dur = load_s
-        if admitted:
-            toks = sum(a.prompt for a in admitted)
-            ranks = tuple(a.rank for a in admitted)
-            dur += w.cost.prefill_time(Batch(ranks=ranks, tokens=toks, context=toks))
+        if chunked:
+            dur += w.cost.prefill_time(_batch(tuple(ranks), toks, ctx))
+            if cpu_ranks:
+                dur += slowdown * w.cost.prefill_time(_batch(tuple(cpu_ranks), cpu_toks, cpu_ctx))
+                cpu_tokens += cpu_toks
         if w.n_run:
             dur += w.step_decode_seconds()
-        w.set_pending(admitted)
-        if not admitted and not w.n_run:
+        w.set_in_flight()
+        if not chunked and not w.n_run:
             w.busy = False  # nothing runnable: wait for an arrival (or a release, which cannot be pending)
             return
         w.busy = True
         seq += 1
-        heapq.heappush(events, (now + dur, seq, wi, admitted))
+        heapq.heappush(events, (now + dur, seq, wi, chunked))
 
-    def end_step(now: float, wi: int, admitted: list[_Running]) -> None:
+    def end_step(now: float, wi: int, chunked: list[_Running]) -> None:
         w = workers[wi]
-        w.set_pending([])
         if w.n_run:
             w.decode_steps += 1
             w.ctx_sum += w.n_run
@@ -475,7 +581,13 @@ def simulate(
                 w.leave(r)
                 w.kv_free_rows += r.rows
                 w.release(r.adapter, r.rank)
-        for r in admitted:
+        completed = False
+        for r in chunked:
+            r.done += r.chunk
+            r.chunk = 0
+            if r.done < r.prompt:
+                continue
+            completed = True
             first[r.rid] = now
             if r.out == 1:
                 finish[r.rid] = now
@@ -484,6 +596,8 @@ def simulate(
                 w.release(r.adapter, r.rank)
             else:
                 w.join(r)
+        if completed:
+            w.prefilling = [r for r in w.prefilling if r.done < r.prompt]
         start_step(wi, now)
 
     for rid in order:
@@ -531,6 +645,7 @@ def simulate(
         memory_fallbacks=fallbacks,
         wall_s=time.perf_counter() - t0,
         cfg=cfg,
+        cpu_prefill_tokens=cpu_tokens,
     )
 
 
