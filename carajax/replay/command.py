@@ -68,7 +68,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                    "(also the smallest prefill bucket: fewer compiled variants)")
     g.add_argument("--lora-pages", type=int, default=0, help="device adapter pages (16 ranks each) per "
                    "worker for wait/cpu_assist (evicting LRU); 0: room for every adapter, as cached")
-    g.add_argument("--link-gbps", type=float, default=0.02, help="emulated host->device link (GB/s), "
+    g.add_argument("--link-gbps", type=float, default=0.05, help="emulated host->device link (GB/s), "
                    "used when there is no accelerator; scaled to the tiny model, see the output")
     g.add_argument("--link-latency-ms", type=float, default=3.0)
     g.add_argument("--real-link", action="store_true", help="no link emulation even on CPU")

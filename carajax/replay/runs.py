@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from carajax.config import TARGET_MODULES, EngineConfig, ModelConfig
+from carajax.config import DEMO_MODEL, TARGET_MODULES, EngineConfig, ModelConfig
 from carajax.replay import adapters as adapter_store
 from carajax.replay.driver import replay_engine, replay_grpc, synth_prompts
 from carajax.trace import TraceOptions, TraceRequest, prepare, read_trace, zipf_probabilities
@@ -157,7 +157,8 @@ def plan(args) -> Plan:
         "prompts: SYNTHESISED random token ids of the trace's lengths (the trace has no text); every "
         "request generates exactly its output length (EOS ignored)",
         f"model: {args.model} ({cfg.num_params() / 1e6:.2f}M params"
-        + (", RANDOM weights" if not os.path.isdir(args.model) else "") + f") on {device}",
+        + ("" if os.path.isdir(args.model) else ", trained (carajax.demo)" if args.model == DEMO_MODEL
+           else ", RANDOM weights") + f") on {device}",
         f"adapters: {len(adapter_ranks)} {where}; ranks "
         + ", ".join(f"{r}: {c}" for r, c in sorted(rank_mix.items()))
         + f"; Zipf {args.zipf:g} popularity (top adapter "
@@ -212,7 +213,11 @@ def plan(args) -> Plan:
                f"({prepared.clipped} of {n} requests)",
                "prompts SYNTHESISED (random tokens of the trace's lengths); outputs run to the trace's "
                "length"]
-    if not os.path.isdir(args.model):
+    if args.model == DEMO_MODEL:
+        caveats.append(f"{args.model} is the built-in trained model, but the replay's adapters have "
+                       "RANDOM weights and the prompts are random tokens (the text is noise, the "
+                       "timings are not)")
+    elif not os.path.isdir(args.model):
         caveats.append(f"{args.model} and the adapters have RANDOM weights (the text is noise, the "
                        "timings are not)")
     if link:
