@@ -1,13 +1,15 @@
 """`carajax replay`: replay a trace open-loop and compare policies side by side.
 
-With no arguments it is the README's main job: 30 s of the Azure LLM 2023 conversation trace
-(`--scale` compresses time) against two `carajax-demo` workers behind the router over gRPC, 128
-random adapters of ranks 8/16/32/64 with Zipf(1.8) popularity, under `cached`, `wait` and
-`cpu_assist`; prints a table, writes JSON, Markdown and PNG plots. `--mode engine` replays against
-an in-process engine instead, `--target HOST:PORT` against a running worker or router.
+With no arguments it is the README's main job: 30 s of the Azure LLM 2023 conversation trace at
+half its rate (`--scale`: 1 is the trace's rate, 2 twice it) against two `carajax-demo` workers
+behind the router over gRPC, 128 random adapters of ranks 8/16/32/64 with Zipf(1.8) popularity,
+under `cached`, `wait` and `cpu_assist`; prints a table, writes JSON, Markdown and PNG plots.
+`--mode engine` replays against an in-process engine instead, `--target HOST:PORT` against a
+running worker or router.
 
-The defaults are sized for a 2-core CPU machine: about four minutes the first time (two thirds of
-it compiling step variants), a moderate load (the cached workers' queues stay short), prompts and
+The defaults are sized for a 2-core CPU machine: about five minutes the first time (half of it
+compiling step variants), a moderate load (the cached workers' queues stay short: at the trace's
+full rate the demo model's two workers on 2 cores queue, cached TTFT p50 ~0.7 s), prompts and
 outputs clipped so a request costs a few dozen steps.
 """
 
@@ -37,7 +39,8 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                    "two minutes of the conversation trace ramp up from ~2 req/s)")
     g.add_argument("--duration", type=float, default=30.0, help="window length, trace seconds")
     g.add_argument("--max-requests", type=int, default=None, help="cut the window to N requests")
-    g.add_argument("--scale", type=float, default=1.0, help="multiply the arrival rate (time compression)")
+    g.add_argument("--scale", type=float, default=0.5, help="multiply the arrival rate (time compression; "
+                   "default: half the trace's rate, a moderate load for two workers on 2 CPU cores)")
     g.add_argument("--max-prompt", type=int, default=256, help="clip prompts (tokens)")
     g.add_argument("--max-output", type=int, default=64, help="clip outputs (tokens)")
     g.add_argument("--seed", type=int, default=0, help="adapters, ranks, prompts")
