@@ -1,13 +1,14 @@
 """Train the built-in demo model and its adapters (optax, CPU) and write them into the package.
 
-    .venv/bin/python scripts/train_demo.py            # ~10 min on 2 cores; rewrites carajax/demo/
+    .venv/bin/python scripts/train_demo.py            # ~13 min on 2 cores; rewrites carajax/demo/
 
 Base: a 4-layer byte-level Llama trained to echo a word (`hello=` -> `hello`). Adapters (one per
 task in carajax/demo/tasks.py, base frozen): upper, rot13, reverse, vowels. Each model is scored
 by exact match on held-out words (a fixed hash keeps one word in eight out of all training; only
 words that every task changes), and the base is scored on every task too, to show it does not
-solve them. Results, seeds, steps and
-timings go to carajax/demo/manifest.json; the tests re-measure the accuracy through the engine.
+solve them. Results, seeds, steps, timings and loss curves go to carajax/demo/manifest.json and
+carajax/demo/loss_curves.png; the tests re-measure the accuracy through the engine. Deterministic
+for a seed on a given machine and JAX version (see BENCHMARKS.md for a second run).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from carajax.models import weights
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "carajax", "demo")
 
 
+def _every_10(losses: list[float]) -> list[float]:
+    return [round(x, 5) for x in losses[::10]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default=os.path.normpath(ROOT), help="where model/, adapters/ and "
@@ -44,7 +49,8 @@ def main() -> None:
     t_start = time.perf_counter()
     words = T.eval_words(args.eval_words)
     base_cfg = dataclasses.replace(D.BASE_TRAINING, steps=args.base_steps, seed=args.seed)
-    (model, base_loss), base_s = D.timed(D.train_base, base_cfg)
+    (model, base_losses), base_s = D.timed(D.train_base, base_cfg)
+    curves = {"base (echo)": base_losses}
     graphdef, params = nnx.split(model)
     weights.save_hf(model, os.path.join(args.out, "model"))
 
@@ -56,12 +62,14 @@ def main() -> None:
     for name in args.tasks.split(","):
         task = T.TASKS[name]
         cfg = dataclasses.replace(D.ADAPTER_TRAINING, steps=args.adapter_steps, seed=args.seed + 1)
-        (lora, alpha, loss), secs = D.timed(D.train_adapter, model, task, cfg)
+        (lora, alpha, losses), secs = D.timed(D.train_adapter, model, task, cfg)
+        curves[f"{name} (r={task.rank})"] = losses
         D.save_adapter(os.path.join(args.out, "adapters", name), model.config, lora, task.rank,
                        alpha)
         acc = score(task, D.DenseLora(lora, alpha / task.rank))
         adapters[name] = dict(rank=task.rank, alpha=alpha, steps=cfg.steps, lr=cfg.lr,
-                              batch=cfg.batch, final_loss=loss, train_s=round(secs, 1),
+                              batch=cfg.batch, final_loss=D.final_loss(losses),
+                              loss_every_10_steps=_every_10(losses), train_s=round(secs, 1),
                               held_out_exact_match=acc, about=task.about)
 
     manifest = {
@@ -74,13 +82,15 @@ def main() -> None:
         "prompt_format": "STX word '=' -> answer ETX (byte tokenizer)",
         "eval": f"{len(words)} held-out distinctive words (tasks.eval_words), greedy, exact match",
         "base": dict(task="echo", steps=base_cfg.steps, lr=base_cfg.lr, batch=base_cfg.batch,
-                     final_loss=base_loss, train_s=round(base_s, 1),
+                     final_loss=D.final_loss(base_losses),
+                     loss_every_10_steps=_every_10(base_losses), train_s=round(base_s, 1),
                      held_out_exact_match=base_acc),
         "adapters": adapters,
         "total_s": round(time.perf_counter() - t_start, 1),
     }
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
+    D.plot_losses(curves, os.path.join(args.out, "loss_curves.png"))
 
     print(f"\n{'model':<10} {'rank':>4} {'steps':>5} {'train s':>7} {'own task':>9} "
           f"{'base on it':>10}")
@@ -89,7 +99,7 @@ def main() -> None:
     for name, a in adapters.items():
         print(f"{name:<10} {a['rank']:>4} {a['steps']:>5} {a['train_s']:>7.0f} "
               f"{a['held_out_exact_match']:>9.1%} {base_acc[name]:>10.1%}")
-    print(f"total {manifest['total_s']:.0f} s; wrote {args.out}")
+    print(f"total {manifest['total_s']:.0f} s; wrote {args.out} (loss curves: loss_curves.png)")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def _optimizer(cfg: TrainConfig):
 
 def _fit(loss_fn, params, cfg: TrainConfig, fn: Callable[[str], str], progress: str,
          mixed_case: bool = False):
-    """Adam over fresh random training words each step; returns (params, final mean loss)."""
+    """Adam over fresh random training words each step; returns (params, loss per step)."""
     from tqdm import tqdm
 
     opt = _optimizer(cfg)
@@ -126,12 +126,12 @@ def _fit(loss_fn, params, cfg: TrainConfig, fn: Callable[[str], str], progress: 
         losses.append(float(loss))
         if i % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    return params, float(np.mean(losses[-50:]))
+    return params, losses
 
 
 def train_base(cfg: TrainConfig = BASE_TRAINING, config: ModelConfig = DEMO_CONFIG
                ) -> tuple[Llama, float]:
-    """The base model, trained to echo: `word=` -> `word`. Returns (model, final loss)."""
+    """The base model, trained to echo: `word=` -> `word`. Returns (model, loss per step)."""
     model = weights.random_model(config, seed=cfg.seed)
     # Only the Params train: the rotary frequencies are constants that checkpoints do not hold
     # (training them would make the saved model differ from the trained one).
@@ -140,8 +140,8 @@ def train_base(cfg: TrainConfig = BASE_TRAINING, config: ModelConfig = DEMO_CONF
     def loss_fn(params, tokens, mask):
         return masked_loss(forward(graphdef, params, tokens, consts=consts), tokens, mask)
 
-    params, loss = _fit(loss_fn, params, cfg, T.ECHO.fn, "base (echo)", mixed_case=True)
-    return nnx.merge(graphdef, params, consts), loss
+    params, losses = _fit(loss_fn, params, cfg, T.ECHO.fn, "base (echo)", mixed_case=True)
+    return nnx.merge(graphdef, params, consts), losses
 
 
 def init_lora(config: ModelConfig, rank: int, seed: int) -> dict:
@@ -161,7 +161,7 @@ def init_lora(config: ModelConfig, rank: int, seed: int) -> dict:
 def train_adapter(model: Llama, task: T.Task, cfg: TrainConfig = ADAPTER_TRAINING,
                   alpha: float | None = None) -> tuple[dict, float, float]:
     """A LoRA adapter of `task.rank` on every projection, base frozen.
-    Returns (params, scale, final loss)."""
+    Returns (params, lora_alpha, loss per step)."""
     alpha = float(alpha if alpha is not None else 2 * task.rank)
     scale = alpha / task.rank
     graphdef, base = nnx.split(model)
@@ -170,8 +170,8 @@ def train_adapter(model: Llama, task: T.Task, cfg: TrainConfig = ADAPTER_TRAININ
     def loss_fn(lora, tokens, mask):
         return masked_loss(forward(graphdef, base, tokens, DenseLora(lora, scale)), tokens, mask)
 
-    lora, loss = _fit(loss_fn, lora, cfg, task.fn, f"adapter {task.name} (r={task.rank})")
-    return lora, alpha, loss
+    lora, losses = _fit(loss_fn, lora, cfg, task.fn, f"adapter {task.name} (r={task.rank})")
+    return lora, alpha, losses
 
 
 def save_adapter(path: str, config: ModelConfig, lora: dict, rank: int, alpha: float) -> None:
@@ -226,3 +226,30 @@ def timed(fn, *args, **kwargs):
     t = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t
+
+
+def final_loss(losses: list[float]) -> float:
+    """The mean of the last 50 steps' losses (one step's batch is noisy)."""
+    return float(np.mean(losses[-50:]))
+
+
+def plot_losses(curves: dict[str, list[float]], path: str) -> None:
+    """Training loss per step of each model, log scale, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, losses in curves.items():
+        ax.plot(np.arange(1, len(losses) + 1), losses, label=name, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step (batch of 64 fresh words)")
+    ax.set_ylabel("cross-entropy on the answer tokens")
+    ax.set_title("carajax-demo: the base learns to echo, each adapter its task (base frozen)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
