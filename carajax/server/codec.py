@@ -109,7 +109,9 @@ class IncrementalText:
 
 def cold_start_path(out: RequestOutput) -> str:
     """How an adapter request's weights were served: "warm" (resident on arrival), "cpu_assist"
-    (some of its tokens took the CPU path) or "wait" (cold, waited for the copy); "" for base."""
+    (some of its tokens took the CPU path) or "wait" (cold on arrival, no token on the CPU path: it
+    waited for the copy, in a step or, under cpu_assist, in the queue while the copy landed);
+    "" for the base model."""
     if out.adapter is None:
         return ""
     m = out.metrics
