@@ -60,9 +60,10 @@ def demo(args: argparse.Namespace) -> None:
             engine.add_adapter(name, path)
         link = (f"emulated link {args.link_gbps} GB/s + {args.link_latency_ms} ms"
                 if args.link_gbps else "no link emulation")
+        tp = f"; tensor parallel over {args.tp} devices" if args.tp > 1 else ""
         print(f"model {args.model} ({engine.model_config.num_params() / 1e6:.2f}M params, "
               f"{'trained' if trained else 'random weights'}) on {jax.devices()[0].platform}; "
-              f"cold starts: {args.cold_start} ({link}); ready in {time.perf_counter() - t0:.1f}s")
+              f"cold starts: {args.cold_start} ({link}){tp}; ready in {time.perf_counter() - t0:.1f}s")
         adapters = [None, *paths]
         jobs = [(w, a) for w in words for a in adapters]  # every word with every adapter
         prompts = [builtin.prompt(w) if trained else w for w, _ in jobs]

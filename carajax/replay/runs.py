@@ -173,7 +173,8 @@ def plan(args) -> Plan:
                      f"projections) is {pb / 1024:.0f} KiB: {costs}. Scaled to the tiny model: a copy moves "
                      "pages of all seven projections, and on an A10 such a rank-64 Llama-2-7B adapter "
                      "takes about two ~30 ms decode steps (CaraServe measured 20.6 ms for q/k/v alone); "
-                     "here a rank-64 copy is meant to cost about two of this setup's decode steps")
+                     "here a rank-64 copy is meant to cost a few of this setup's decode steps (the "
+                     "link check below gives the measured ratio)")
     elif args.target is None:
         notes.append(f"link: REAL host->device copies on {device}")
     runs: list[tuple[str, dict]] = []
