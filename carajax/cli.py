@@ -11,7 +11,7 @@
     carajax route --workers HOST:PORT,HOST:PORT [--policy carajax] [--port 50050]
                                                           the router in front of workers; prints
                                                           "carajax router ready on HOST:PORT ..."
-    carajax replay [--scale 1.0] [--cold-starts cached,wait,cpu_assist] [--mode cluster|engine]
+    carajax replay [--scale 0.5] [--cold-starts cached,wait,cpu_assist] [--mode cluster|engine]
                                                           replay a trace open-loop, compare policies:
                                                           table, JSON and plots in results/replay
 """

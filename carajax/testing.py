@@ -7,13 +7,12 @@ loading path is exercised; the HF parity tests additionally use PEFT itself.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from carajax import _safetensors
 from carajax.config import ATTENTION_MODULES, ModelConfig
+from carajax.lora.adapter import save_adapter
 
 
 def write_random_adapter(
@@ -29,26 +28,13 @@ def write_random_adapter(
     extra_config: dict | None = None,
 ) -> str:
     """Write a random LoRA adapter (both A and B non-zero) in PEFT's on-disk format."""
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(seed)
-    tensors = {}
+    modules = {}
     for layer in range(config.num_layers):
         for module in target_modules:
-            group = "self_attn" if module in ATTENTION_MODULES else "mlp"
             d_in, d_out = config.projection_shape(module)
-            key = f"base_model.model.model.layers.{layer}.{group}.{module}"
-            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, d_in)) * std).astype(np.float32)
-            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((d_out, rank)) * std).astype(np.float32)
-    _safetensors.save(os.path.join(path, "adapter_model.safetensors"), tensors)
-    cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
-        "lora_alpha": float(alpha if alpha is not None else 2 * rank),
-        "target_modules": list(target_modules), "bias": "none", "use_rslora": use_rslora,
-        "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-        "lora_dropout": 0.0, "fan_in_fan_out": False, "base_model_name_or_path": config.name,
-    }
-    cfg.update(extra_config or {})
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    return path
+            modules[(layer, module)] = ((rng.standard_normal((rank, d_in)) * std).astype(np.float32),
+                                        (rng.standard_normal((d_out, rank)) * std).astype(np.float32))
+    return save_adapter(path, config, modules, rank=rank,
+                        alpha=alpha if alpha is not None else 2 * rank, use_rslora=use_rslora,
+                        extra_config=extra_config)

@@ -31,6 +31,12 @@ from carajax.models import weights
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "carajax", "demo")
 
 
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
+
+
 def _every_10(losses: list[float]) -> list[float]:
     return [round(x, 5) for x in losses[::10]]
 
@@ -49,7 +55,7 @@ def main() -> None:
     t_start = time.perf_counter()
     words = T.eval_words(args.eval_words)
     base_cfg = dataclasses.replace(D.BASE_TRAINING, steps=args.base_steps, seed=args.seed)
-    (model, base_losses), base_s = D.timed(D.train_base, base_cfg)
+    (model, base_losses), base_s = timed(D.train_base, base_cfg)
     curves = {"base (echo)": base_losses}
     graphdef, params = nnx.split(model)
     weights.save_hf(model, os.path.join(args.out, "model"))
@@ -62,7 +68,7 @@ def main() -> None:
     for name in args.tasks.split(","):
         task = T.TASKS[name]
         cfg = dataclasses.replace(D.ADAPTER_TRAINING, steps=args.adapter_steps, seed=args.seed + 1)
-        (lora, alpha, losses), secs = D.timed(D.train_adapter, model, task, cfg)
+        (lora, alpha, losses), secs = timed(D.train_adapter, model, task, cfg)
         curves[f"{name} (r={task.rank})"] = losses
         D.save_adapter(os.path.join(args.out, "adapters", name), model.config, lora, task.rank,
                        alpha)

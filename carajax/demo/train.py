@@ -10,10 +10,7 @@ saved in PEFT's format so that PEFT and carajax load the same files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import time
 from collections.abc import Callable
 
 import jax
@@ -22,9 +19,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from carajax import _safetensors
-from carajax.config import ATTENTION_MODULES, DEMO_MODEL, TARGET_MODULES, ModelConfig
+from carajax.config import DEMO_MODEL, TARGET_MODULES, ModelConfig
 from carajax.demo import tasks as T
+from carajax.lora import adapter
 from carajax.models import weights
 from carajax.models.llama import KVCache, Llama
 from carajax.models.tokenizer import ByteTokenizer
@@ -130,7 +127,7 @@ def _fit(loss_fn, params, cfg: TrainConfig, fn: Callable[[str], str], progress: 
 
 
 def train_base(cfg: TrainConfig = BASE_TRAINING, config: ModelConfig = DEMO_CONFIG
-               ) -> tuple[Llama, float]:
+               ) -> tuple[Llama, list[float]]:
     """The base model, trained to echo: `word=` -> `word`. Returns (model, loss per step)."""
     model = weights.random_model(config, seed=cfg.seed)
     # Only the Params train: the rotary frequencies are constants that checkpoints do not hold
@@ -159,7 +156,7 @@ def init_lora(config: ModelConfig, rank: int, seed: int) -> dict:
 
 
 def train_adapter(model: Llama, task: T.Task, cfg: TrainConfig = ADAPTER_TRAINING,
-                  alpha: float | None = None) -> tuple[dict, float, float]:
+                  alpha: float | None = None) -> tuple[dict, float, list[float]]:
     """A LoRA adapter of `task.rank` on every projection, base frozen.
     Returns (params, lora_alpha, loss per step)."""
     alpha = float(alpha if alpha is not None else 2 * task.rank)
@@ -175,22 +172,10 @@ def train_adapter(model: Llama, task: T.Task, cfg: TrainConfig = ADAPTER_TRAININ
 
 
 def save_adapter(path: str, config: ModelConfig, lora: dict, rank: int, alpha: float) -> None:
-    """PEFT's on-disk LoRA format (what `save_pretrained` writes), all seven projections."""
-    os.makedirs(path, exist_ok=True)
-    tensors = {}
-    for key, p in lora.items():
-        layer, m = key.split(".")
-        group = "self_attn" if m in ATTENTION_MODULES else "mlp"
-        name = f"base_model.model.model.layers.{layer}.{group}.{m}"
-        tensors[f"{name}.lora_A.weight"] = np.asarray(p["a"], np.float32)
-        tensors[f"{name}.lora_B.weight"] = np.asarray(p["b"], np.float32)
-    _safetensors.save(os.path.join(path, "adapter_model.safetensors"), tensors)
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-           "target_modules": list(TARGET_MODULES), "bias": "none", "use_rslora": False,
-           "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-           "lora_dropout": 0.0, "fan_in_fan_out": False, "base_model_name_or_path": config.name}
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    """The trained LoRA in PEFT's on-disk format, all seven projections."""
+    modules = {(int(layer), m): (p["a"], p["b"])
+               for (layer, m), p in ((key.split("."), p) for key, p in lora.items())}
+    adapter.save_adapter(path, config, modules, rank=rank, alpha=alpha)
 
 
 def greedy_answers(graphdef, params, words: list[str], lora: DenseLora | None = None
@@ -220,12 +205,6 @@ def greedy_answers(graphdef, params, words: list[str], lora: DenseLora | None = 
                 tokens[i, lengths[i]] = t
                 lengths[i] += 1
     return [tok.decode(a) for a in answers]
-
-
-def timed(fn, *args, **kwargs):
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t
 
 
 def final_loss(losses: list[float]) -> float:

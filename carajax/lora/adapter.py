@@ -1,4 +1,4 @@
-"""PEFT LoRA adapter directories -> validated host weights.
+"""PEFT LoRA adapter directories -> validated host weights (and `save_adapter`, the writer).
 
 A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors`, with keys
 such as `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` (older PEFT and some
@@ -19,7 +19,7 @@ import re
 import numpy as np
 
 from carajax import _safetensors
-from carajax.config import TARGET_MODULES, ModelConfig
+from carajax.config import ATTENTION_MODULES, TARGET_MODULES, ModelConfig
 
 
 class AdapterError(ValueError):
@@ -221,3 +221,33 @@ def load_adapter(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
         modules[(layer, module)] = LoraModule(a=a32, b=b32, scale=float(scale))
     return LoraAdapter(name=name or os.path.basename(os.path.normpath(path)), path=path,
                        modules=modules)
+
+
+def save_adapter(path: str | os.PathLike, config: ModelConfig,
+                 modules: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]], *, rank: int,
+                 alpha: float, use_rslora: bool = False, extra_config: dict | None = None) -> str:
+    """Write `modules[(layer, projection)] = (A [r, d_in], B [d_out, r])` as PEFT's
+    `save_pretrained` does (`adapter_config.json` + `adapter_model.safetensors`, keys without the
+    adapter name); `load_adapter` and PEFT read it back."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for (layer, module), (a, b) in modules.items():
+        group = "self_attn" if module in ATTENTION_MODULES else "mlp"
+        key = f"base_model.model.model.layers.{layer}.{group}.{module}"
+        tensors[f"{key}.lora_A.weight"] = np.asarray(a, np.float32)
+        tensors[f"{key}.lora_B.weight"] = np.asarray(b, np.float32)
+    _safetensors.save(os.path.join(path, "adapter_model.safetensors"), tensors)
+    present = {m for _, m in modules}
+    targets = [m for m in TARGET_MODULES if m in present]  # the model's order, as PEFT lists them
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": float(alpha),
+        "target_modules": targets, "bias": "none", "use_rslora": use_rslora, "use_dora": False,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_dropout": 0.0,
+        "fan_in_fan_out": False, "base_model_name_or_path": config.name,
+    }
+    cfg.update(extra_config or {})
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return path
+
