@@ -7,7 +7,8 @@ dispatch afterwards, so a policy is tested once and used twice.
 
 Policies (`POLICIES`, built by `make_policy(name, **kw)`):
     caraserve    the paper's Algorithm 1 (rank-aware, priced with the worker's own cost model);
-    carajax      ours: caraserve's price plus cold start, queueing delay, KV headroom, locality;
+    carajax      ours: caraserve's price plus cold start, queueing delay, KV headroom, locality,
+                 and the expected SLO misses a placement causes (learned output lengths);
     random, round_robin, first_fit, most_idle   the paper's baselines.
 
 Every policy first restricts itself to the *candidates*: healthy workers that host the base model
@@ -24,6 +25,7 @@ import random as _random
 from typing import Protocol
 
 from carajax.sched.cost_model import Batch
+from carajax.sched.output_lengths import OutputLengths
 
 
 class CostModel(Protocol):
@@ -45,9 +47,11 @@ class WorkerState:
     """What a router knows about one worker, from its own dispatches or the worker's Stats.
 
     `queue` holds waiting/prefilling requests as (prompt_tokens, rank); `batch` holds decoding
-    requests as (context_len, rank). `pages_free` counts adapter pages that are free *or* hold an
-    idle adapter the worker may evict (LRU): with thousands of adapters the pool is always full, so
-    counting only empty pages would rule every worker out after warm-up. An adapter of rank r
+    requests as (context_len, rank), and `decode_ages` (if known) the tokens each has produced so
+    far, in the same order: a young request has few tokens to amortise a stall over.
+    `pages_free` counts adapter pages that are free *or* hold an idle adapter the worker may evict
+    (LRU): with thousands of adapters the pool is always full, so counting only empty pages would
+    rule every worker out after warm-up. An adapter of rank r
     needs ceil(r / page_rank) pages. `kv_free_rows` is the KV-cache token rows not reserved.
 
     The Batch/time helpers below read the lists; the simulator subclasses this class and answers
@@ -59,6 +63,7 @@ class WorkerState:
     hosts_base: bool = True
     queue: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     batch: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    decode_ages: list[int] = dataclasses.field(default_factory=list)
     resident: set[str] = dataclasses.field(default_factory=set)
     pages_free: int = 1 << 30
     page_rank: int = 8
@@ -80,6 +85,16 @@ class WorkerState:
 
     def n_decoding(self) -> int:
         return len(self.batch)
+
+    def queued_prompts(self) -> list[int]:
+        """Prompt tokens still to prefill, per queued or prefilling request."""
+        return [p for p, _ in self.queue]
+
+    def young_decode_ages(self, limit: float) -> list[int]:
+        """Tokens produced so far by each decoding request that has produced fewer than `limit`.
+        Unknown ages (no `decode_ages`) count as 1: the cautious reading."""
+        ages = self.decode_ages if len(self.decode_ages) == len(self.batch) else [1] * len(self.batch)
+        return [a for a in ages if a < limit]
 
     def prefill_batch(self, extra: tuple[int, int] | None = None) -> Batch:
         """The queue as one prefill batch, optionally with one more (prompt_tokens, rank)."""
@@ -216,10 +231,11 @@ class CaraServePolicy:
 
 
 class CarajaxPolicy:
-    """Ours: caraserve's rank-aware price, plus the costs it does not see.
+    """Ours: caraserve's rank-aware price, plus the costs it does not see, plus SLO risk.
 
-        score = n × bracket + ttft_weight × ttft + slo_penalty·[Dec(batch + r) > slo_tpot]
-                + kv_penalty·[kv_free_rows == 0] − locality_bonus·[adapter resident]
+        score = n × bracket + ttft_weight × ttft + risk_weight × misses
+                + slo_penalty·[Dec(batch + r) > slo_tpot] + kv_penalty·[kv_free_rows == 0]
+                − locality_bonus·[adapter resident]
 
     bracket — caraserve's Δprefill / avg_output_len + Δdecode, plus the cold start's stall
         cold / avg_output_len (cold as in the TTFT below): under `cold_start="wait"` a synchronous
@@ -240,6 +256,15 @@ class CarajaxPolicy:
         Unlike the bracket it does not vanish on an idle worker, so among idle workers the one
         that already holds the adapter (no load) and has nothing queued wins, where caraserve
         takes the lowest index.
+    misses — the expected number of requests whose time-per-token SLO this placement breaks
+        (`slo_misses`). The bracket prices a stall as if every request had avg_output_len tokens
+        to spread it over; the SLO is broken by the short ones. A long prompt's prefill stalls
+        every request decoding beside it, and a request that has produced few tokens and will
+        produce few more cannot absorb it; nor can a short reply that starts decoding while a
+        longer prompt queued beside it is still prefilling. `slo_misses` prices exactly that with
+        the output-length distribution the router learns from finished replies
+        (`observe_output`, `OutputLengths`). On the Azure traces this term is what lets carajax
+        sustain higher load than caraserve (BENCHMARKS.md).
     slo_penalty — outside the n weight, so it also counts on an idle worker: the new request's
         own time per token is at risk there, not only the others'.
     kv_penalty — a worker with no KV rows free cannot admit anything; it is heavily penalised
@@ -249,6 +274,7 @@ class CarajaxPolicy:
 
     `ttft_weight` converts seconds of TTFT into the TPOT units of the bracket; its default
     1/avg_output_len amortises the wait over the request's tokens, as caraserve does for prefill.
+    `risk_weight` is what one expected SLO miss costs in those units.
     """
 
     name = "carajax"
@@ -263,9 +289,12 @@ class CarajaxPolicy:
         cpu_slowdown: float = 0.5,
         kv_penalty: float = 1e3,
         locality_bonus: float = 0.0,
+        risk_weight: float = 0.5,
     ):
         if cold_start not in ("wait", "cpu_assist", "cached"):
             raise ValueError(f"unknown cold_start {cold_start!r}")
+        if risk_weight < 0:
+            raise ValueError(f"risk_weight must be >= 0, got {risk_weight}")
         self.slo_tpot = slo_tpot
         self.avg_output_len = avg_output_len
         self.slo_penalty = slo_penalty
@@ -274,9 +303,56 @@ class CarajaxPolicy:
         self.cpu_slowdown = cpu_slowdown
         self.kv_penalty = kv_penalty
         self.locality_bonus = locality_bonus
+        self.risk_weight = risk_weight
+        self.outputs = OutputLengths(prior_mean=avg_output_len)
+
+    def observe_output(self, tokens: int) -> None:
+        """A reply on some worker ended after `tokens` tokens (learned for `slo_misses`)."""
+        self.outputs.observe(tokens)
+
+    def _miss(self, extra: float, step: float, produced: int) -> float:
+        """P(a request that has produced `produced` tokens misses the TPOT SLO) if `extra` seconds
+        of stall are added to its remaining steps and every step costs `step`, as so far.
+
+        Its tokens so far took (produced − 1)·step; with L tokens in all, TPOT = step +
+        extra / (L − 1) > slo  <=>  L < 1 + extra / (slo − step)."""
+        slack = self.slo_tpot - step
+        if slack <= 0:
+            return 1.0
+        return self.outputs.stop_before(1.0 + extra / slack, produced)
+
+    def slo_misses(self, request: RouteRequest, w: WorkerState, d_pre: float, dec_with: float,
+                   dec_now: float) -> float:
+        """Expected SLO misses this placement causes on `w` (its own request included).
+
+        Our prefill (Δprefill seconds) runs beside the decoding requests: each decoding request
+        of age k misses with P(L < 1 + Δprefill/slack | L > k); only ages under that bound can.
+        A request still prefilling with q < p tokens left starts decoding while our p are still
+        being prefilled (the engine gives every prefilling request a chunk per step), and takes
+        the stall of our last p − q tokens; symmetrically ours takes the others' tokens beyond
+        p. Our own request also misses if the step it joins is already too slow. Decoding
+        requests already missing (Dec(batch) > slo) cannot be harmed further.
+        """
+        if dec_now > self.slo_tpot:
+            return 1.0  # joining a batch that already misses: our own request will miss
+        p = request.prompt_tokens
+        per_tok = d_pre / p if p > 0 else 0.0
+        misses = 0.0
+        slack = self.slo_tpot - dec_with
+        if d_pre > 0:
+            limit = 1.0 + d_pre / slack if slack > 0 else math.inf
+            for age in w.young_decode_ages(limit):
+                misses += self._miss(d_pre, dec_with, age)
+        behind = 0  # tokens the others still prefill after ours is done
+        for q in w.queued_prompts():
+            if q < p:
+                misses += self._miss((p - q) * per_tok, dec_with, 1)
+            else:
+                behind += q - p
+        return misses + self._miss(behind * per_tok, dec_with, 1)
 
     def score(self, request: RouteRequest, w: WorkerState) -> float:
-        """n × (caraserve bracket + cold stall) + ttft_weight × predicted TTFT (+ penalties)."""
+        """n × (caraserve bracket + cold stall) + ttft_weight × TTFT + risk_weight × misses."""
         d_pre, d_dec, pre_with, dec_with, dec_now = _marginal(request, w)
         n = w.n_requests()
         resident = request.rank <= 0 or request.adapter in w.resident
@@ -294,6 +370,8 @@ class CarajaxPolicy:
         if overflow >= 0:
             ttft += dec_now * self.avg_output_len * (overflow + 1) / w.max_batch
         score = bracket * n + self.ttft_weight * ttft
+        if self.risk_weight:
+            score += self.risk_weight * self.slo_misses(request, w, d_pre + cold_ttft, dec_with, dec_now)
         if dec_with > self.slo_tpot:
             score += self.slo_penalty
         if w.kv_free_rows <= 0:

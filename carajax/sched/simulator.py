@@ -231,6 +231,8 @@ class SimWorker(WorkerState):
         self.ctx_sum = 0
         self.decode_steps = 0
         self.done_heap: list[tuple[int, int, _Running]] = []  # (finish decode step, rid, request)
+        # rid -> decode step it joined at, in join order (so the youngest are last).
+        self.joined_at: dict[int, int] = {}
         self.busy = False
         self._ranks: tuple[int, ...] = ()
         self._ranks_dirty = False
@@ -243,6 +245,7 @@ class SimWorker(WorkerState):
         # Prefill left after the step in flight (partly prefilled requests): queued work.
         self.left_ranks: tuple[int, ...] = ()
         self.left_tokens = 0
+        self.left_prompts: list[int] = []
         # Last prompt chunk in the step in flight: they join the decode batch when it ends.
         self.pend_ranks: tuple[int, ...] = ()
         self.pend_ctx = 0
@@ -265,6 +268,21 @@ class SimWorker(WorkerState):
             self._qranks = self.left_ranks + tuple(r.rank for _, r in self.waiting)
             self._qdirty = False
         return self._qranks
+
+    def queued_prompts(self) -> list[int]:
+        return self.left_prompts + [req.prompt_tokens for _, req in self.waiting]
+
+    def young_decode_ages(self, limit: float) -> list[int]:
+        # The youngest joined last: walk back from the end until the ages reach the limit.
+        # Requests joining at the end of the step in flight have their first token: age 1.
+        ages = [1] * len(self.pend_ranks) if limit > 1 else []
+        now = self.decode_steps + 1
+        for js in reversed(self.joined_at.values()):
+            age = now - js
+            if age >= limit:
+                break
+            ages.append(age)
+        return ages
 
     def prefill_batch(self, extra: tuple[int, int] | None = None) -> Batch:
         ranks, toks = self._queue_ranks(), self._qtokens + self.left_tokens
@@ -300,17 +318,19 @@ class SimWorker(WorkerState):
 
     def set_in_flight(self) -> None:
         """Refresh the router's view after planning a step (each prefilling request's `chunk` set)."""
-        pend, left, left_toks, pend_ctx = [], [], 0, 0
+        pend, left, left_toks, pend_ctx, left_prompts = [], [], 0, 0, []
         for r in self.prefilling:
             rest = r.prompt - r.done - r.chunk
             if rest > 0:
                 left.append(r.rank)
                 left_toks += rest
+                left_prompts.append(rest)
             else:
                 pend.append(r.rank)
                 pend_ctx += r.prompt + 1
         self.pend_ranks, self.pend_ctx = tuple(pend), pend_ctx
         self.left_ranks, self.left_tokens = tuple(left), left_toks
+        self.left_prompts = left_prompts
         self._qdirty = True
         self._pre_cache = self._dec_cache = None
 
@@ -388,6 +408,7 @@ class SimWorker(WorkerState):
         self.ctx_sum += r.prompt + 1
         self._dec_cache = self._step_dec_cache = None
         heapq.heappush(self.done_heap, (self.decode_steps + r.out - 1, r.rid, r))
+        self.joined_at[r.rid] = self.decode_steps
 
     def leave(self, r: _Running) -> None:
         c = self.rank_count[r.rank] - 1
@@ -398,6 +419,7 @@ class SimWorker(WorkerState):
         self._ranks_dirty = True
         self.n_run -= 1
         self.ctx_sum -= r.prompt + r.out
+        del self.joined_at[r.rid]
         self._dec_cache = self._step_dec_cache = None
 
 
@@ -475,6 +497,8 @@ def simulate(
         kw = {"slo_tpot": cfg.slo_tpot, "avg_output_len": avg_out, "cold_start": cfg.cold_start,
               "cpu_slowdown": cfg.cpu_slowdown, **policy_kw}
         policy = make_policy(policy, **kw)
+    # A policy that learns from finished replies (carajax: output lengths) hears of each one.
+    observe = getattr(policy, "observe_output", None) or (lambda tokens: None)
     costs = [cost or AnalyticCost()] * cfg.n_workers if not isinstance(cost, Sequence) else list(cost)
     if len(costs) != cfg.n_workers:
         raise ValueError(f"{len(costs)} cost models for {cfg.n_workers} workers")
@@ -578,6 +602,7 @@ def simulate(
                 _, rid, r = heapq.heappop(heap)
                 finish[rid] = now
                 tokens[rid] = r.out
+                observe(r.out)
                 w.leave(r)
                 w.kv_free_rows += r.rows
                 w.release(r.adapter, r.rank)
@@ -592,6 +617,7 @@ def simulate(
             if r.out == 1:
                 finish[r.rid] = now
                 tokens[r.rid] = 1
+                observe(1)
                 w.kv_free_rows += r.rows
                 w.release(r.adapter, r.rank)
             else:

@@ -49,6 +49,7 @@ class _Dispatch:
     prompt_tokens: int
     rank: int
     decoding: bool = False  # produced its first token
+    tokens: int = 0  # tokens streamed back so far (the policy's decode age)
 
 
 class WorkerLink:
@@ -116,7 +117,9 @@ class WorkerLink:
         """The policy's view: this router's in-flight requests as queue (no token yet) and batch."""
         s = self.state
         s.queue = [(d.prompt_tokens, d.rank) for d in self.inflight.values() if not d.decoding]
-        s.batch = [(d.prompt_tokens + 1, d.rank) for d in self.inflight.values() if d.decoding]
+        decoding = [d for d in self.inflight.values() if d.decoding]
+        s.batch = [(d.prompt_tokens + d.tokens, d.rank) for d in decoding]
+        s.decode_ages = [max(1, d.tokens) for d in decoding]
         return s
 
     def close(self) -> None:
@@ -198,15 +201,21 @@ class RouterServicer(pb_grpc.CaraServeServicer):
             started, outcome, recorded = False, "error", False
             try:
                 for msg in call:
-                    if not started:
-                        started = True
-                        with self._lock:
-                            if (d := link.inflight.get(rid)) is not None:
-                                d.decoding = True
-                    if msg.WhichOneof("kind") == "result":
+                    kind = msg.WhichOneof("kind")
+                    with self._lock:
+                        if (d := link.inflight.get(rid)) is not None:
+                            d.decoding = True
+                            if kind == "chunk":
+                                d.tokens += len(msg.chunk.token_ids)
+                    started = True
+                    if kind == "result":
                         # Counted before the client sees the end: after it, the client may close
                         # the call and this generator may never run again.
                         self._done(link, rid, msg.result.finish_reason)
+                        if msg.result.finish_reason != "cancelled" and (
+                                observe := getattr(self.policy, "observe_output", None)):
+                            with self._lock:
+                                observe(len(msg.result.token_ids))
                         recorded = True
                     yield msg
                 return
