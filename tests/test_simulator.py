@@ -333,3 +333,19 @@ def test_whole_prompt_mode_matches_the_old_simulator_on_a_hand_case():
     r = simulate(reqs, "round_robin", FLAT, SimConfig(n_workers=1, prefill_chunk=0))
     assert r.ttft.tolist() == pytest.approx([0.51, 0.53 - 0.015])
     assert r.latency.tolist() == pytest.approx([0.55, 0.54 - 0.015])
+
+
+@pytest.mark.parametrize("cold_start", ["wait", "cpu_assist"])
+def test_fast_forward_matches_stepping_every_decode_step(cold_start):
+    # Decode-only runs become one event up to the next arrival or completion; every request's
+    # timings and placement must be those of the step-by-step simulation (to float rounding).
+    reqs = load_trace(TRACE, n_requests=400, rate_scale=8, n_adapters=200, max_prompt=4096,
+                      max_output=1024, seed=3)
+    base = SimConfig(n_workers=6, kv_rows=40_000, adapter_pages=16, slo_tpot=0.04, cold_start=cold_start)
+    for policy in ("caraserve", "carajax"):
+        fast = simulate(reqs, policy, None, base)
+        slow = simulate(reqs, policy, None, dataclasses.replace(base, fast_forward=False))
+        assert fast.worker.tolist() == slow.worker.tolist(), policy
+        np.testing.assert_allclose(fast.ttft, slow.ttft, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(fast.latency, slow.latency, rtol=1e-9, atol=1e-12)
+        assert fast.loads == slow.loads and fast.tokens.sum() == slow.tokens.sum()

@@ -17,6 +17,7 @@ cold-start table (adapter load time vs rank), and round-trips through JSON (`sav
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import operator
 import os
@@ -219,6 +220,18 @@ class RichForm(_LinearForm):
             1.0,
         )
 
+    def predict(self, batch: Batch) -> float:
+        # `_LinearForm.predict` unrolled (the router's hottest call): same features, same order of
+        # the sum, so the same float.
+        c0, c1, c2, c3, c4, c5, c6 = self.coef
+        ranks, tokens = batch.ranks, batch.tokens
+        n = len(ranks)
+        s = sum(ranks)
+        mean_rank = s / n if n else 0.0
+        mx = max(ranks) if n else 0
+        return float(0 + float(tokens) * c0 + tokens * mean_rank * c1 + float(batch.context) * c2
+                     + float(n) * c3 + float(n * mx) * c4 + float(s) * c5 + 1.0 * c6)
+
 
 Model = PaddedForm | UnpaddedForm | RichForm
 FORMS: dict[str, type[_LinearForm]] = {f.name: f for f in (PaddedForm, UnpaddedForm, RichForm)}
@@ -358,6 +371,19 @@ def fit_report(
 # CostModel
 
 
+@functools.lru_cache(maxsize=4096)
+def _interp_load(table: tuple[tuple[int, float], ...], rank: float) -> float:
+    """`CostModel.load_seconds` on its (sorted) table; cached, since a router asks for the same few
+    ranks on every worker for every request."""
+    r = np.array([p[0] for p in table], dtype=np.float64)
+    s = np.array([p[1] for p in table], dtype=np.float64)
+    if len(r) == 1:
+        return float(s[0] * rank / r[0])  # a single point: proportional to size
+    i = int(np.clip(np.searchsorted(r, rank) - 1, 0, len(r) - 2))
+    t = s[i] + (s[i + 1] - s[i]) * (rank - r[i]) / (r[i + 1] - r[i])
+    return float(max(t, 0.0))
+
+
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """Prefill and decode step-latency models for one LoRA kernel on one device, plus cold-start costs.
@@ -401,13 +427,7 @@ class CostModel:
             if not self.load_bytes_per_rank:
                 raise ValueError("nbytes given but load_bytes_per_rank is unknown")
             rank = nbytes / self.load_bytes_per_rank
-        r = np.array([p[0] for p in self.load_time], dtype=np.float64)
-        s = np.array([p[1] for p in self.load_time], dtype=np.float64)
-        if len(r) == 1:
-            return float(s[0] * rank / r[0])  # a single point: proportional to size
-        i = int(np.clip(np.searchsorted(r, rank) - 1, 0, len(r) - 2))
-        t = s[i] + (s[i + 1] - s[i]) * (rank - r[i]) / (r[i + 1] - r[i])
-        return float(max(t, 0.0))
+        return _interp_load(self.load_time, float(rank))
 
     def to_json(self) -> str:
         """A stable, human-readable JSON document (see `load`)."""
