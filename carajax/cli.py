@@ -162,7 +162,7 @@ def simulate_cmd(args: argparse.Namespace) -> dict:
              "NOT measured" if derived else f"\n  {cost.source}, {cost.date}"))
     results: dict[str, dict] = {}
     for name in policies:
-        results[name] = simulate(reqs, name, cost, cfg).summary()
+        results[name] = simulate(reqs, name, cost, cfg, risk_weight=args.risk_weight).summary()
         print(f"  {name}: done in {results[name]['wall_s']:.1f} s", flush=True)
     print()
     print(format_table(results))
@@ -215,6 +215,8 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens per step")
     p.add_argument("--max-prompt", type=int, default=4096, help="clip prompts (tokens)")
     p.add_argument("--max-output", type=int, default=1024, help="clip outputs (tokens)")
+    p.add_argument("--risk-weight", type=float, default=0.5, help="carajax: what one expected "
+                   "time-per-token SLO miss costs in its score (0: no SLO-risk term)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the summaries as JSON")
 
 

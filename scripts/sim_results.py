@@ -4,9 +4,10 @@
     python scripts/sim_results.py --requests 3000 --workers 16 --adapters 2000 --scales 2 4 8   # quick
     python scripts/sim_results.py --prefill-chunk 0 ...            # whole-prompt prefill (the old simulator)
 
-Prints a Markdown table of SLO attainment (the simulator's TPOT-SLO metric) per policy and load scale,
-then, per policy, the highest load at which attainment >= the target (default 99%), and the ratio
-carajax / caraserve of those loads (the paper-style "sustainable load" comparison; goal >= 1.2x).
+Prints Markdown tables of SLO attainment (the simulator's TPOT-SLO metric) per policy and load scale,
+with, per policy, the highest load at which attainment >= the target (default 99%) and the ratio
+carajax / caraserve of those loads (the paper-style "sustainable load" comparison; goal >= 1.2x);
+then the attainment of both SLOs (TPOT and TTFT) and TTFT p99. `--render FILE` reprints a saved run.
 Writes everything to results/sim_results.json. The cost model is derived from published numbers
 (datasheet roofline + CaraServe's load times), NOT measured on an A10.
 """
@@ -35,15 +36,45 @@ def max_sustained(table: dict[float, float], target: float) -> float | None:
     return max(ok) if ok else None
 
 
-def markdown(trace: str, att: dict[str, dict[float, float]], scales: list[float], target: float) -> str:
-    lines = [f"**{trace}** — TPOT-SLO attainment by load scale (x trace rate)", "",
-             "| policy | " + " | ".join(f"x{s:g}" for s in scales) + f" | max load @ >= {target:.0%} |",
-             "|---|" + "---:|" * (len(scales) + 1)]
+def markdown(trace: str, att: dict[str, dict[float, float]], scales: list[float], target: float,
+             what: str = "TPOT-SLO attainment", fmt: str = "{:.3f}", sustained: bool = True) -> str:
+    head = "| policy | " + " | ".join(f"x{s:g}" for s in scales)
+    lines = [f"**{trace}** — {what} by load scale (x trace rate)", "",
+             head + (f" | max load @ >= {target:.0%} |" if sustained else " |"),
+             "|---|" + "---:|" * (len(scales) + (1 if sustained else 0))]
     for p, row in att.items():
-        best = max_sustained(row, target)
-        lines.append(f"| {p} | " + " | ".join(f"{row[s]:.3f}" for s in scales)
-                     + f" | {'-' if best is None else f'x{best:g}'} |")
+        cells = " | ".join(fmt.format(row[s]) for s in scales)
+        if sustained:
+            best = max_sustained(row, target)
+            cells += f" | {'-' if best is None else f'x{best:g}'}"
+        lines.append(f"| {p} | {cells} |")
     return "\n".join(lines)
+
+
+def render(doc: dict) -> None:
+    """Prints the tables of a saved run: TPOT-SLO attainment (the sustained-load comparison), both
+    SLOs (TPOT and TTFT), and TTFT p99."""
+    target = doc["target"]
+    for trace, by_scale in doc["runs"].items():
+        scales = sorted(float(s) for s in by_scale)
+        policies = list(by_scale[f"{scales[0]:g}"])
+
+        def table(get, by_scale=by_scale, scales=scales, policies=policies):
+            return {p: {s: get(by_scale[f"{s:g}"][p]) for s in scales} for p in policies}
+
+        att = table(lambda r: r["slo_attainment"])
+        print(markdown(trace, att, scales, target))
+        best = {p: max_sustained(att[p], target) for p in policies}
+        cj, cs = best.get("carajax"), best.get("caraserve")
+        print("\ncarajax / caraserve max sustained load: "
+              + (f"{cj / cs:.2f}x (goal >= 1.2x)" if cj is not None and cs else
+                 f"n/a (carajax {cj}, caraserve {cs}: a policy never reached the target)") + "\n")
+        print(markdown(trace, table(lambda r: r["both_slo_attainment"]), scales, target,
+                       what="attainment of both SLOs (TPOT and TTFT)"))
+        print()
+        print(markdown(trace, table(lambda r: r["ttft"]["p99"]), scales, target, what="TTFT p99 (s)",
+                       fmt="{:.2f}", sustained=False))
+        print()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,11 +102,19 @@ def main(argv: list[str] | None = None) -> dict:
                     help="cpu_assist: a CPU-path prefill chunk costs (1 + this) x its device time")
     ap.add_argument("--max-prompt", type=int, default=4096)
     ap.add_argument("--max-output", type=int, default=1024)
+    ap.add_argument("--risk-weight", type=float, default=0.5,
+                    help="carajax: cost of one expected SLO miss (0: the policy without its risk term)")
     ap.add_argument("--target", type=float, default=0.99, help="attainment needed to sustain a load")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cost-model", default=str(REPO / "data" / "cost_models" / "a10_paper.json"))
     ap.add_argument("--out", default=str(REPO / "results" / "sim_results.json"))
+    ap.add_argument("--render", metavar="JSON", help="print the tables of a saved run and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            doc = json.load(f)
+        render(doc)
+        return doc
 
     cost = cm.load(args.cost_model)
     cfg = SimConfig(n_workers=args.workers, max_batch=args.max_batch, kv_rows=args.kv_rows,
@@ -100,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
                               seed=args.seed, max_prompt=args.max_prompt, max_output=args.max_output)
             runs[trace][f"{scale:g}"] = {}
             for p in args.policies:
-                runs[trace][f"{scale:g}"][p] = simulate(reqs, p, cost, cfg).summary()
+                runs[trace][f"{scale:g}"][p] = simulate(reqs, p, cost, cfg,
+                                                         risk_weight=args.risk_weight).summary()
                 if bar is not None:
                     bar.set_postfix_str(f"{trace} x{scale:g} {p}")
                     bar.update()
@@ -121,16 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
         best = {p: max_sustained(att[p], args.target) for p in args.policies}
         cj, cs = best.get("carajax"), best.get("caraserve")
         ratio = cj / cs if cj is not None and cs else None
-        print(markdown(trace, att, args.scales, args.target))
-        print("\ncarajax / caraserve max sustained load: "
-              + (f"{ratio:.2f}x (goal >= 1.2x)" if ratio is not None else
-                 f"n/a (carajax {cj}, caraserve {cs}: a policy never reached the target)") + "\n")
         summary[trace] = {"attainment": {p: {f"{s:g}": a for s, a in row.items()} for p, row in att.items()},
                           "max_sustained_scale": best, "carajax_over_caraserve": ratio}
     doc = {"args": vars(args), "wall_s": wall, "target": args.target,
            "cost_model_note": "derived from published numbers (datasheet roofline + paper load times), "
                               "not measured",
            "summary": summary, "runs": runs}
+    render(doc)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2)
