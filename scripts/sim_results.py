@@ -7,7 +7,8 @@
 Prints Markdown tables of SLO attainment (the simulator's TPOT-SLO metric) per policy and load scale,
 with, per policy, the highest load at which attainment >= the target (default 99%) and the ratio
 carajax / caraserve of those loads (the paper-style "sustainable load" comparison; goal >= 1.2x);
-then the attainment of both SLOs (TPOT and TTFT) and TTFT p99. `--render FILE` reprints a saved run.
+then the attainment of both SLOs (TPOT and TTFT) and TTFT p99. `--render FILE...` reprints saved runs;
+`--plot PNG` draws attainment vs load.
 Writes everything to results/sim_results.json. The cost model is derived from published numbers
 (datasheet roofline + CaraServe's load times), NOT measured on an A10.
 """
@@ -77,6 +78,32 @@ def render(doc: dict) -> None:
         print()
 
 
+def plot(docs: list[dict], path: str) -> None:
+    """Attainment vs load, one panel per trace, one line per policy, the target as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {t: (by, d["target"]) for d in docs for t, by in d["runs"].items()}
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
+    for ax, (trace, (by_scale, target)) in zip(axes[0], runs.items(), strict=True):
+        scales = sorted(float(s) for s in by_scale)
+        for p in by_scale[f"{scales[0]:g}"]:
+            ax.plot(scales, [by_scale[f"{s:g}"][p]["slo_attainment"] for s in scales], marker="o",
+                    label=p, lw=2.5 if p == "carajax" else 1.2)
+        ax.axhline(target, ls="--", color="grey", lw=1)
+        ax.set_ylim(0.5, 1.005)
+        ax.set_xlabel("load (x the trace's arrival rate)")
+        ax.set_ylabel("TPOT-SLO attainment")
+        ax.set_title(f"Azure {trace} trace")
+        ax.legend(loc="lower left")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", nargs="+", default=["conv"], choices=sorted(TRACES))
@@ -108,13 +135,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cost-model", default=str(REPO / "data" / "cost_models" / "a10_paper.json"))
     ap.add_argument("--out", default=str(REPO / "results" / "sim_results.json"))
-    ap.add_argument("--render", metavar="JSON", help="print the tables of a saved run and exit")
+    ap.add_argument("--render", nargs="+", metavar="JSON", help="print the tables of saved runs and exit")
+    ap.add_argument("--plot", metavar="PNG", help="also plot attainment vs load (needs matplotlib)")
     args = ap.parse_args(argv)
     if args.render:
-        with open(args.render) as f:
-            doc = json.load(f)
-        render(doc)
-        return doc
+        docs = []
+        for path in args.render:
+            with open(path) as f:
+                docs.append(json.load(f))
+            render(docs[-1])
+        if args.plot:
+            plot(docs, args.plot)
+        return docs[0] if len(docs) == 1 else {"docs": docs}
 
     cost = cm.load(args.cost_model)
     cfg = SimConfig(n_workers=args.workers, max_batch=args.max_batch, kv_rows=args.kv_rows,
@@ -172,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2)
     print(f"wrote {args.out}")
+    if args.plot:
+        plot([doc], args.plot)
     return doc
 
 
