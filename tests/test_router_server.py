@@ -109,6 +109,8 @@ def test_concurrent_streams_across_workers_equal_single_request_outputs(cluster,
                for m in router.servicer.registry.collect() for s in m.samples
                if s.name == "carajax_router_requests_total"}
     assert sum(counted.values()) == len(REQUESTS)
+    # The carajax policy learned every finished reply's length (8 tokens each) for its SLO risk.
+    assert router.servicer.policy.outputs.counts().get(8, 0) >= len(REQUESTS)
     stats = client.stats()
     assert stats.counters.requests["length"] >= len(REQUESTS) and not stats.running
 
