@@ -1,0 +1,284 @@
+"""One simulated worker: the router's `WorkerState`, answered from running totals.
+
+The simulator (`carajax.sched.simulator`) owns the event loop and the step arithmetic; this module
+holds what a worker *is* between steps (its FIFO, the requests prefilling and decoding, its adapter
+pages and host-to-device link) and what the router reads of it, kept as running totals so that
+routing stays O(workers) per request.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+from typing import TYPE_CHECKING
+
+from carajax.sched.router import Batch, CostModel, WorkerState
+from carajax.trace import TraceRequest as SimRequest
+
+if TYPE_CHECKING:
+    from carajax.sched.simulator import SimConfig
+
+_new = object.__new__
+
+
+def _batch(ranks: tuple[int, ...], tokens: int, context: int) -> Batch:
+    """A Batch without re-validating its ranks: the simulator's ranks are already checked ints, and
+    the validation in `Batch.__post_init__` was the largest single cost of routing a request.
+    (Frozen dataclasses only block attribute *assignment*; filling __dict__ is how copy does it.)"""
+    b = _new(Batch)
+    b.__dict__.update(ranks=ranks, tokens=tokens, context=context)
+    return b
+
+
+class _Running:
+    """One admitted request on a worker (slots keep attribute access fast).
+
+    `done`: prompt tokens prefilled in finished steps; `chunk`: its prompt tokens in the step in
+    flight (0 if none); `ready_at`: when its adapter is usable on the device (cpu_assist; before
+    that its chunks take the CPU path); `load_due`: a synchronous load still to run (wait)."""
+
+    __slots__ = ("rid", "prompt", "out", "adapter", "rank", "rows", "done", "chunk", "ready_at", "load_due")
+
+    def __init__(self, rid: int, prompt: int, out: int, adapter: str, rank: int, rows: int):
+        self.rid, self.prompt, self.out = rid, prompt, out
+        self.adapter, self.rank, self.rows = adapter, rank, rows
+        self.done = self.chunk = 0
+        self.ready_at = 0.0
+        self.load_due = False
+
+
+class SimWorker(WorkerState):
+    """A simulated worker: the router's `WorkerState`, answered from running totals.
+
+    The inherited `queue`/`batch` lists stay empty: the FIFO lives in `waiting`, admitted requests
+    still prefilling in `prefilling`, and the decoding set is kept as a rank multiset, a context
+    sum and a count instead of per-request contexts, because those change every step and the router
+    only needs their totals. Policies read the state through `n_requests`, `prefill_batch`,
+    `decode_batch` and the `*_seconds` helpers, which this class overrides. `resident` is an
+    LRU-ordered dict (membership tests work as on a set).
+
+    What the router sees while a step is in flight: a request whose last prompt chunk is in the
+    step counts in the decode batch it is joining (it is no longer queued prefill work); a request
+    with prompt tokens left after this step counts as queued prefill work for those tokens, like
+    the waiting queue (`prefill_batch`). Every admitted request counts in `n_requests`, so a worker
+    in a long prefill is never idle to the router.
+    """
+
+    def __init__(self, index: int, cost: CostModel, cfg: SimConfig):
+        super().__init__(
+            name=f"w{index}",
+            cost=cost,
+            pages_free=cfg.adapter_pages,
+            page_rank=cfg.page_rank,
+            kv_free_rows=cfg.kv_rows,
+            max_batch=cfg.max_batch,
+        )
+        self.index = index
+        self.ignore_memory = False  # set while re-routing a request no worker has pages for now
+        self.resident = collections.OrderedDict()  # type: ignore[assignment]  # adapter -> pages, LRU first
+        self.pinned: dict[str, int] = {}  # adapter -> running requests using it
+        self.landing: dict[str, float] = {}  # cpu_assist: adapter -> when its copy lands
+        self.link_free = 0.0  # cpu_assist: when the host-to-device link finishes its queued copies
+        self.pages_total = cfg.adapter_pages
+        self.pages_used = 0  # pages holding adapters (pinned or not)
+        self.pages_pinned = 0
+        self.waiting: collections.deque[tuple[int, SimRequest]] = collections.deque()
+        self.prefilling: list[_Running] = []  # admitted, prompt not done, in admission order
+        self.rank_count: dict[int, int] = {}
+        self.n_run = 0
+        self.ctx_sum = 0
+        self.decode_steps = 0
+        self.done_heap: list[tuple[int, int, _Running]] = []  # (finish decode step, rid, request)
+        # rid -> decode step it joined at, in join order (so the youngest are last).
+        self.joined_at: dict[int, int] = {}
+        self.busy = False
+        self._ranks: tuple[int, ...] = ()
+        self._ranks_dirty = False
+        self._qranks: tuple[int, ...] = ()
+        self._qtokens = 0  # waiting prompts
+        self._qdirty = False
+        self._pre_cache: float | None = None
+        self._dec_cache: float | None = None  # the router's Dec(batch): running + finishing prefill
+        self._step_dec_cache: float | None = None  # this step's decode: running only
+        # Prefill left after the step in flight (partly prefilled requests): queued work.
+        self.left_ranks: tuple[int, ...] = ()
+        self.left_tokens = 0
+        self.left_prompts: list[int] = []
+        # Last prompt chunk in the step in flight: they join the decode batch when it ends.
+        self.pend_ranks: tuple[int, ...] = ()
+        self.pend_ctx = 0
+
+    # -- what the router reads ------------------------------------------------------------------
+    def n_requests(self) -> int:
+        return len(self.waiting) + self.n_run + len(self.prefilling)
+
+    def n_decoding(self) -> int:
+        return self.n_run
+
+    def _run_ranks(self) -> tuple[int, ...]:
+        if self._ranks_dirty:
+            self._ranks = tuple(r for r, c in self.rank_count.items() for _ in range(c))
+            self._ranks_dirty = False
+        return self._ranks
+
+    def _queue_ranks(self) -> tuple[int, ...]:
+        if self._qdirty:
+            self._qranks = self.left_ranks + tuple(r.rank for _, r in self.waiting)
+            self._qdirty = False
+        return self._qranks
+
+    def queued_prompts(self) -> list[int]:
+        return self.left_prompts + [req.prompt_tokens for _, req in self.waiting]
+
+    def young_decode_ages(self, limit: float) -> list[int]:
+        # The youngest joined last: walk back from the end until the ages reach the limit.
+        # Requests joining at the end of the step in flight have their first token: age 1.
+        ages = [1] * len(self.pend_ranks) if limit > 1 else []
+        now = self.decode_steps + 1
+        for js in reversed(self.joined_at.values()):
+            age = now - js
+            if age >= limit:
+                break
+            ages.append(age)
+        return ages
+
+    def prefill_batch(self, extra: tuple[int, int] | None = None) -> Batch:
+        ranks, toks = self._queue_ranks(), self._qtokens + self.left_tokens
+        if extra is not None:
+            ranks, toks = ranks + (extra[1],), toks + extra[0]
+        return _batch(ranks, toks, toks)
+
+    def decode_batch(self, extra: tuple[int, int] | None = None) -> Batch:
+        ranks, ctx = self._run_ranks() + self.pend_ranks, self.ctx_sum + self.pend_ctx
+        if extra is not None:
+            ranks, ctx = ranks + (extra[1],), ctx + extra[0]
+        return _batch(ranks, len(ranks), ctx)
+
+    def queued_prefill_seconds(self) -> float:
+        # Cached until the queue changes: many arrivals are priced between two queue changes.
+        if self._pre_cache is None:
+            queued = self.waiting or self.left_ranks
+            self._pre_cache = self.cost.prefill_time(self.prefill_batch()) if queued else 0.0
+        return self._pre_cache
+
+    def decode_seconds(self) -> float:
+        if self._dec_cache is None:
+            busy = self.n_run or self.pend_ranks
+            self._dec_cache = self.cost.decode_time(self.decode_batch()) if busy else 0.0
+        return self._dec_cache
+
+    def step_decode_seconds(self) -> float:
+        """The decode part of the step starting now: the requests already decoding."""
+        if self._step_dec_cache is None:
+            batch = _batch(self._run_ranks(), self.n_run, self.ctx_sum)
+            self._step_dec_cache = self.cost.decode_time(batch) if self.n_run else 0.0
+        return self._step_dec_cache
+
+    def set_in_flight(self) -> None:
+        """Refresh the router's view after planning a step (each prefilling request's `chunk` set)."""
+        pend, left, left_toks, pend_ctx, left_prompts = [], [], 0, 0, []
+        for r in self.prefilling:
+            rest = r.prompt - r.done - r.chunk
+            if rest > 0:
+                left.append(r.rank)
+                left_toks += rest
+                left_prompts.append(rest)
+            else:
+                pend.append(r.rank)
+                pend_ctx += r.prompt + 1
+        self.pend_ranks, self.pend_ctx = tuple(pend), pend_ctx
+        self.left_ranks, self.left_tokens = tuple(left), left_toks
+        self.left_prompts = left_prompts
+        self._qdirty = True
+        self._pre_cache = self._dec_cache = None
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def enqueue(self, rid: int, req: SimRequest) -> None:
+        self.waiting.append((rid, req))
+        self._qtokens += req.prompt_tokens
+        self._qdirty = True
+        self._pre_cache = None
+
+    def _dequeue(self) -> tuple[int, SimRequest]:
+        rid, req = self.waiting.popleft()
+        self._qtokens -= req.prompt_tokens
+        self._qdirty = True
+        self._pre_cache = None
+        return rid, req
+
+    def _sync_pages_free(self) -> None:
+        # Free or evictable: everything not pinned by a running request.
+        self.pages_free = self.pages_total - self.pages_pinned
+
+    def has_memory_for(self, adapter: str, rank: int) -> bool:
+        # Inlined (no super() call): this runs once per worker per arrival.
+        if self.ignore_memory or rank <= 0 or adapter in self.resident:
+            return True
+        return -(-rank // self.page_rank) <= self.pages_free
+
+    def acquire(self, adapter: str, rank: int) -> bool | None:
+        """Pins the adapter for one more request: True if it had to be loaded, False if resident,
+        None if its pages cannot be freed now (every page is pinned by running requests)."""
+        if rank <= 0:
+            return False
+        cold = adapter not in self.resident
+        if cold:
+            pages = self.pages_needed(rank)
+            if self.pages_total - self.pages_pinned < pages:
+                return None
+            while self.pages_total - self.pages_used < pages:  # evict LRU adapters nobody uses
+                victim = next(a for a in self.resident if a not in self.pinned)
+                self.pages_used -= self.resident.pop(victim)
+                self.landing.pop(victim, None)
+            self.resident[adapter] = pages
+            self.pages_used += pages
+        else:
+            self.resident.move_to_end(adapter)
+            pages = self.resident[adapter]  # what it occupies, even if a caller names another rank
+        n = self.pinned.get(adapter, 0)
+        if n == 0:
+            self.pages_pinned += pages
+        self.pinned[adapter] = n + 1
+        self._sync_pages_free()
+        return cold
+
+    def release(self, adapter: str, rank: int) -> None:
+        if rank <= 0:
+            return
+        n = self.pinned[adapter] - 1
+        if n == 0:
+            del self.pinned[adapter]
+            self.pages_pinned -= self.resident[adapter]  # pinned adapters are never evicted
+            self._sync_pages_free()
+        else:
+            self.pinned[adapter] = n
+
+    def start_copy(self, adapter: str, rank: int, now: float) -> float:
+        """cpu_assist: queue the adapter's copy on this worker's link; returns when it lands."""
+        t = max(now, self.link_free) + self.cost.load_seconds(rank)
+        self.link_free = self.landing[adapter] = t
+        return t
+
+    def join(self, r: _Running) -> None:
+        self.rank_count[r.rank] = self.rank_count.get(r.rank, 0) + 1
+        self._ranks_dirty = True
+        self.n_run += 1
+        self.ctx_sum += r.prompt + 1
+        self._dec_cache = self._step_dec_cache = None
+        heapq.heappush(self.done_heap, (self.decode_steps + r.out - 1, r.rid, r))
+        self.joined_at[r.rid] = self.decode_steps
+
+    def leave(self, r: _Running) -> None:
+        c = self.rank_count[r.rank] - 1
+        if c:
+            self.rank_count[r.rank] = c
+        else:
+            del self.rank_count[r.rank]
+        self._ranks_dirty = True
+        self.n_run -= 1
+        self.ctx_sum -= r.prompt + r.out
+        del self.joined_at[r.rid]
+        self._dec_cache = self._step_dec_cache = None
+
+
+__all__ = ["SimWorker"]
