@@ -337,8 +337,9 @@ def test_whole_prompt_mode_matches_the_old_simulator_on_a_hand_case():
 
 @pytest.mark.parametrize("cold_start", ["wait", "cpu_assist"])
 def test_fast_forward_matches_stepping_every_decode_step(cold_start):
-    # Decode-only runs become one event up to the next arrival or completion; every request's
-    # timings and placement must be those of the step-by-step simulation (to float rounding).
+    # Decode-only runs become one event up to the next completion, synced at each arrival and cut
+    # when a request is routed to the worker; every request's timings and placement must be those
+    # of the step-by-step simulation (to float rounding).
     reqs = load_trace(TRACE, n_requests=400, rate_scale=8, n_adapters=200, max_prompt=4096,
                       max_output=1024, seed=3)
     base = SimConfig(n_workers=6, kv_rows=40_000, adapter_pages=16, slo_tpot=0.04, cold_start=cold_start)

@@ -34,8 +34,9 @@ step yields one more. TTFT = first token − arrival; TPOT = (finish − first t
 Speed: token bookkeeping is lazy. A running request's finish is known when it joins (the decode
 step count it will finish at), so a step costs O(prefilling) plus its completions, and the running
 batch's ranks tuple and context sum are kept as running totals for both the step and the router.
-A worker that only decodes runs its steps up to its next completion or the next arrival, whichever
-comes first, as one event (`SimConfig.fast_forward`; the per-step reference agrees to rounding).
+A worker that only decodes runs its steps up to its next completion as one event, brought up to
+date lazily when a request arrives and cut short when one is routed to it
+(`SimConfig.fast_forward`; the per-step reference agrees to rounding).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import json
-import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -106,7 +106,7 @@ class SimConfig:
     # 10-token answer misses a 40 ms SLO even alone on an idle cluster (on the Azure conversation
     # trace ~10% of requests miss it at any load); kept for comparison.
     slo_metric: str = "tpot"
-    # Run a worker's decode-only steps up to the next arrival as one event (`decode_run`); False
+    # Run a worker's decode-only steps up to its next completion as one event (`decode_run`); False
     # simulates every step (the reference the fast path is tested against).
     fast_forward: bool = True
 
@@ -163,6 +163,23 @@ class AnalyticCost:
 
     def load_seconds(self, rank: int) -> float:
         return self.load_fixed + self.load_per_rank * rank
+
+
+@dataclasses.dataclass(slots=True)
+class _Run:
+    """A worker's decode-only run in flight: its first step started at `next_end` − `d0`, step j + 1
+    takes d0 + j·slope, and it has `k` steps (ending at `end`) of which `j` are done; the worker
+    had `base_steps` decode steps and `base_ctx` context rows when it began."""
+
+    next_end: float
+    d0: float
+    slope: float
+    k: int
+    base_steps: int
+    base_ctx: int
+    end: float
+    j: int = 0
+    seq: int = 0
 
 
 @dataclasses.dataclass
@@ -263,11 +280,12 @@ def simulate(
     chunk_cap = cfg.prefill_chunk or unlimited  # 0: whole prompts, no per-step budget
     step_budget = cfg.max_prefill_tokens if cfg.prefill_chunk else unlimited
     slowdown = cfg.cpu_slowdown
-    # (end time, seq, worker, chunked, decode steps): one event is one step, or a run of decode-only
-    # steps that ends by the next arrival (`decode_run`).
-    events: list[tuple[float, int, int, list[_Running], int]] = []
+    # (end time, seq, worker, chunked, decode steps, is a run): one event is one step, or a run of
+    # decode-only steps up to the worker's next completion (`decode_run`), which an arrival routed
+    # to the worker cuts short (`cut_run`); a cut run's old event is stale and skipped.
+    events: list[tuple[float, int, int, list[_Running], int, bool]] = []
     seq = 0
-    next_arrival = 0.0  # when the request being routed next arrives (inf once all have arrived)
+    runs: dict[int, _Run] = {}  # worker index -> its decode run in flight
 
     def start_step(wi: int, now: float) -> None:
         nonlocal seq, loads, cpu_tokens
@@ -334,33 +352,68 @@ def simulate(
             return
         w.busy = True
         seq += 1
-        steps = 1
-        if not chunked and cfg.fast_forward:
-            steps, dur = decode_run(w, now, dur)
-        heapq.heappush(events, (now + dur, seq, wi, chunked, steps))
+        if not chunked and cfg.fast_forward and (run := decode_run(w, now, dur)) is not None:
+            runs[wi] = run
+            run.seq = seq
+            heapq.heappush(events, (run.end, seq, wi, chunked, run.k, True))
+            return
+        heapq.heappush(events, (now + dur, seq, wi, chunked, 1, False))
 
-    def decode_run(w: SimWorker, now: float, dur: float) -> tuple[int, float]:
+    def decode_run(w: SimWorker, now: float, dur: float) -> _Run | None:
         """Fast-forward: a worker that only decodes runs the same kind of step until its next
-        completion, and nothing can change that but an arrival. So the steps that end by the next
-        arrival (at least one) become one event: (steps, their total time). The step time grows
-        with the context by n_run rows a step; it is extrapolated from two points when the cost
-        model is affine in context (a third point checks), else the run is one step."""
+        completion unless a request is routed to it, so those steps are one event. The step time
+        grows with the context by n_run rows a step; it is extrapolated from two points when the
+        cost model is affine in context (a third point checks), else there is no run."""
         k_max = w.done_heap[0][0] - w.decode_steps
-        if k_max <= 1 or now + dur > next_arrival:
-            return 1, dur
+        if k_max <= 1:
+            return None
         ranks, n = w._run_ranks(), w.n_run
         d1 = w.cost.decode_time(_batch(ranks, n, w.ctx_sum + n))
         d2 = w.cost.decode_time(_batch(ranks, n, w.ctx_sum + 2 * n))
         slope = d1 - dur
         if abs(d2 - d1 - slope) > 1e-9 * max(d2, 1e-9):
-            return 1, dur  # not affine in context: step by step
-        t, k = now + dur, 1
-        while k < k_max:
-            nxt = t + dur + k * slope
-            if nxt > next_arrival:
-                break
-            t, k = nxt, k + 1
-        return k, t - now
+            return None  # not affine in context: step by step
+        t = now + dur
+        for j in range(1, k_max):  # step j + 1 ends at t_j + dur + j·slope, as stepping adds them
+            t = t + dur + j * slope
+        return _Run(now + dur, dur, slope, k_max, w.decode_steps, w.ctx_sum, t)
+
+    def sync_runs(now: float) -> None:
+        """Brings every worker in a decode run to the steps it has finished by `now` (what the
+        router would see had each step been an event)."""
+        for wi, run in runs.items():
+            j, k = run.j, run.k
+            while j + 1 < k and run.next_end <= now:
+                run.next_end = run.next_end + run.d0 + (j + 1) * run.slope
+                j += 1
+            if j != run.j:
+                run.j = j
+                w = workers[wi]
+                w.decode_steps = run.base_steps + j
+                w.ctx_sum = run.base_ctx + j * w.n_run
+                w._dec_cache = w._step_dec_cache = None
+
+    def cut_run(wi: int) -> None:
+        """A request was routed to a worker in a decode run: the run ends with its step in flight,
+        after which the worker plans its next step with the request queued (as stepping would)."""
+        nonlocal seq
+        run = runs[wi]
+        if run.j + 1 >= run.k:
+            return  # the step in flight is the run's last anyway
+        seq += 1
+        run.k, run.end, run.seq = run.j + 1, run.next_end, seq
+        heapq.heappush(events, (run.end, seq, wi, [], run.k, True))
+
+    def pop_event() -> None:
+        end, sq, wi, adm, steps, is_run = heapq.heappop(events)
+        if is_run:
+            run = runs.get(wi)
+            if run is None or run.seq != sq:
+                return  # a run cut short: its replacement event ends it
+            del runs[wi]
+            w = workers[wi]
+            w.decode_steps, w.ctx_sum = run.base_steps, run.base_ctx  # end_step adds all k steps
+        end_step(end, wi, adm, steps)
 
     def end_step(now: float, wi: int, chunked: list[_Running], steps: int = 1) -> None:
         w = workers[wi]
@@ -397,14 +450,13 @@ def simulate(
             w.prefilling = [r for r in w.prefilling if r.done < r.prompt]
         start_step(wi, now)
 
-    arrivals = [requests[i].arrival_s for i in order] + [math.inf]
-    for pos, rid in enumerate(order):
+    for rid in order:
         req = requests[rid]
         t = req.arrival_s
-        next_arrival = t
         while events and events[0][0] <= t:  # finish steps first so the router sees fresh state
-            end, _, wi, adm, steps = heapq.heappop(events)
-            end_step(end, wi, adm, steps)
+            pop_event()
+        if runs:
+            sync_runs(t)
         rr = RouteRequest(req.adapter, req.rank, req.prompt_tokens, req.output_tokens)
         try:
             w = policy.choose(rr, workers)
@@ -423,12 +475,12 @@ def simulate(
         wi = w.index
         placed[rid] = wi
         w.enqueue(rid, req)
-        next_arrival = arrivals[pos + 1]
         if not w.busy:
             start_step(wi, t)
+        elif wi in runs:
+            cut_run(wi)
     while events:
-        end, _, wi, adm, steps = heapq.heappop(events)
-        end_step(end, wi, adm, steps)
+        pop_event()
 
     arrival = np.array([r.arrival_s for r in requests], dtype=np.float64)
     out = np.array([r.output_tokens for r in requests], dtype=np.float64)
