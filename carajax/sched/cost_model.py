@@ -152,6 +152,10 @@ class PaddedForm(_AlphaBeta, _LinearForm):
         ranks = batch.ranks
         return (float(len(ranks) * max(ranks, default=0)), 1.0)
 
+    def predict_stats(self, n: int, sum_rank: int, max_rank: int, tokens: int, context: int) -> float:
+        c0, c1 = self.coef
+        return float(0 + float(n * max_rank) * c0 + 1.0 * c1)
+
 
 @dataclasses.dataclass(frozen=True)
 class UnpaddedForm(_AlphaBeta, _LinearForm):
@@ -167,6 +171,10 @@ class UnpaddedForm(_AlphaBeta, _LinearForm):
     @staticmethod
     def py_features(batch: Batch) -> tuple[float, ...]:
         return (float(sum(batch.ranks)), 1.0)
+
+    def predict_stats(self, n: int, sum_rank: int, max_rank: int, tokens: int, context: int) -> float:
+        c0, c1 = self.coef
+        return float(0 + float(sum_rank) * c0 + 1.0 * c1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,16 +229,17 @@ class RichForm(_LinearForm):
         )
 
     def predict(self, batch: Batch) -> float:
+        ranks = batch.ranks
+        n = len(ranks)
+        return self.predict_stats(n, sum(ranks), max(ranks) if n else 0, batch.tokens, batch.context)
+
+    def predict_stats(self, n: int, sum_rank: int, max_rank: int, tokens: int, context: int) -> float:
         # `_LinearForm.predict` unrolled (the router's hottest call): same features, same order of
         # the sum, so the same float.
         c0, c1, c2, c3, c4, c5, c6 = self.coef
-        ranks, tokens = batch.ranks, batch.tokens
-        n = len(ranks)
-        s = sum(ranks)
-        mean_rank = s / n if n else 0.0
-        mx = max(ranks) if n else 0
-        return float(0 + float(tokens) * c0 + tokens * mean_rank * c1 + float(batch.context) * c2
-                     + float(n) * c3 + float(n * mx) * c4 + float(s) * c5 + 1.0 * c6)
+        mean_rank = sum_rank / n if n else 0.0
+        return float(0 + float(tokens) * c0 + tokens * mean_rank * c1 + float(context) * c2
+                     + float(n) * c3 + float(n * max_rank) * c4 + float(sum_rank) * c5 + 1.0 * c6)
 
 
 Model = PaddedForm | UnpaddedForm | RichForm
@@ -414,6 +423,15 @@ class CostModel:
     def decode_time(self, batch: Batch) -> float:
         """Seconds for one decode step over `batch`."""
         return self.decode.predict(batch)
+
+    def prefill_time_stats(self, n: int, sum_rank: int, max_rank: int, tokens: int, context: int) -> float:
+        """`prefill_time` of a batch given by its totals (n requests, Σrank, max rank, tokens,
+        context): what a router with running totals asks, without building the rank tuple."""
+        return self.prefill.predict_stats(n, sum_rank, max_rank, tokens, context)
+
+    def decode_time_stats(self, n: int, sum_rank: int, max_rank: int, tokens: int, context: int) -> float:
+        """`decode_time` of a batch given by its totals (see `prefill_time_stats`)."""
+        return self.decode.predict_stats(n, sum_rank, max_rank, tokens, context)
 
     def load_seconds(self, rank: float, nbytes: float | None = None) -> float:
         """Seconds to load one adapter to the device, linear in rank between the table's points.

@@ -108,6 +108,14 @@ class WorkerState:
         items = self.batch if extra is None else [*self.batch, extra]
         return Batch(ranks=tuple(r for _, r in items), tokens=len(items), context=sum(c for c, _ in items))
 
+    def prefill_seconds_with(self, extra: tuple[int, int]) -> float:
+        """Pre(queue + extra), extra = (prompt_tokens, rank)."""
+        return self.cost.prefill_time(self.prefill_batch(extra))
+
+    def decode_seconds_with(self, extra: tuple[int, int]) -> float:
+        """Dec(batch + extra), extra = (context_len, rank)."""
+        return self.cost.decode_time(self.decode_batch(extra))
+
     def queued_prefill_seconds(self) -> float:
         """Pre(queue); 0 when the queue is empty (no prefill step would run at all)."""
         return self.cost.prefill_time(self.prefill_batch()) if self.queue else 0.0
@@ -150,10 +158,10 @@ def candidates(request: RouteRequest, workers: list[WorkerState]) -> list[int]:
 def _marginal(request: RouteRequest, w: WorkerState) -> tuple[float, float, float, float, float]:
     """Algorithm 1's inputs for adding `request` to `w`: (Δprefill, Δdecode, Pre(queue + r),
     Dec(batch + r), Dec(batch)). A plain tuple: this runs once per worker per request."""
-    cost, p, r = w.cost, request.prompt_tokens, request.rank
-    pre_with = cost.prefill_time(w.prefill_batch((p, r)))
+    p, r = request.prompt_tokens, request.rank
+    pre_with = w.prefill_seconds_with((p, r))
     # The new request joins decoding with its prompt (+ first token) as context.
-    dec_with = cost.decode_time(w.decode_batch((p + 1, r)))
+    dec_with = w.decode_seconds_with((p + 1, r))
     dec_now = w.decode_seconds()
     return pre_with - w.queued_prefill_seconds(), dec_with - dec_now, pre_with, dec_with, dec_now
 

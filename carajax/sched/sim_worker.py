@@ -97,6 +97,12 @@ class SimWorker(WorkerState):
         self._qranks: tuple[int, ...] = ()
         self._qtokens = 0  # waiting prompts
         self._qdirty = False
+        # Totals for the router's pricing (`prefill_seconds_with`), and the tuples they were taken of.
+        self._stats_cost = hasattr(cost, "prefill_time_stats") and hasattr(cost, "decode_time_stats")
+        self._qstats_of: tuple[int, ...] | None = None
+        self._qstats = (0, 0, 0)
+        self._dstats_of: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)
+        self._dstats = (0, 0, 0)
         self._pre_cache: float | None = None
         self._dec_cache: float | None = None  # the router's Dec(batch): running + finishing prefill
         self._step_dec_cache: float | None = None  # this step's decode: running only
@@ -154,6 +160,38 @@ class SimWorker(WorkerState):
             ranks, ctx = ranks + (extra[1],), ctx + extra[0]
         return _batch(ranks, len(ranks), ctx)
 
+    def _queue_stats(self) -> tuple[int, int, int]:
+        # (n, Σrank, max rank) of the queue, recomputed when its rank tuple is rebuilt (kept by
+        # reference, so `is` cannot be fooled by a reused id).
+        q = self._queue_ranks()
+        if q is not self._qstats_of:
+            self._qstats_of, self._qstats = q, (len(q), sum(q), max(q, default=0))
+        return self._qstats
+
+    def _decode_stats(self) -> tuple[int, int, int]:
+        run, pend = self._run_ranks(), self.pend_ranks
+        if run is not self._dstats_of[0] or pend is not self._dstats_of[1]:
+            d = run + pend
+            self._dstats_of, self._dstats = (run, pend), (len(d), sum(d), max(d, default=0))
+        return self._dstats
+
+    def prefill_seconds_with(self, extra: tuple[int, int]) -> float:
+        # From running totals when the cost model takes them (the router asks every worker for
+        # every arrival); same float as pricing the batch.
+        if not self._stats_cost:
+            return super().prefill_seconds_with(extra)
+        n, s, mx = self._queue_stats()
+        p, r = extra
+        toks = self._qtokens + self.left_tokens + p
+        return self.cost.prefill_time_stats(n + 1, s + r, max(mx, r), toks, toks)
+
+    def decode_seconds_with(self, extra: tuple[int, int]) -> float:
+        if not self._stats_cost:
+            return super().decode_seconds_with(extra)
+        n, s, mx = self._decode_stats()
+        c, r = extra
+        return self.cost.decode_time_stats(n + 1, s + r, max(mx, r), n + 1, self.ctx_sum + self.pend_ctx + c)
+
     def queued_prefill_seconds(self) -> float:
         # Cached until the queue changes: many arrivals are priced between two queue changes.
         if self._pre_cache is None:
@@ -163,8 +201,13 @@ class SimWorker(WorkerState):
 
     def decode_seconds(self) -> float:
         if self._dec_cache is None:
-            busy = self.n_run or self.pend_ranks
-            self._dec_cache = self.cost.decode_time(self.decode_batch()) if busy else 0.0
+            if not (self.n_run or self.pend_ranks):
+                self._dec_cache = 0.0
+            elif self._stats_cost:  # a decode run moves the context every arrival: keep this cheap
+                n, s, mx = self._decode_stats()
+                self._dec_cache = self.cost.decode_time_stats(n, s, mx, n, self.ctx_sum + self.pend_ctx)
+            else:
+                self._dec_cache = self.cost.decode_time(self.decode_batch())
         return self._dec_cache
 
     def step_decode_seconds(self) -> float:
