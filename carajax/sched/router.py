@@ -357,7 +357,11 @@ class CarajaxPolicy:
                 misses += self._miss((p - q) * per_tok, dec_with, 1)
             else:
                 behind += q - p
-        return misses + self._miss(behind * per_tok, dec_with, 1)
+        if behind:  # with nothing behind, our own request misses only if the step does (above)
+            misses += self._miss(behind * per_tok, dec_with, 1)
+        elif slack <= 0:
+            misses += 1.0
+        return misses
 
     def score(self, request: RouteRequest, w: WorkerState) -> float:
         """n × (caraserve bracket + cold stall) + ttft_weight × TTFT + risk_weight × misses."""
