@@ -142,3 +142,26 @@ def test_the_simulator_shows_the_router_decode_ages_and_teaches_it_output_length
     assert simulate(reqs, "caraserve", AnalyticCost(), cfg).worker[3] == 0
     # Every finished reply was observed once, with its length.
     assert pol.outputs.counts() == {2: 1, 1000: 3}
+
+
+def test_branch_and_bound_choice_equals_scoring_every_worker():
+    # carajax.choose skips the risk term on workers that cannot win; on random cluster states it
+    # must pick exactly the worker with the lowest full score (ties: lowest index).
+    import random
+
+    from carajax.sched.router import _argmin
+
+    rng = random.Random(7)
+    cost = FakeCost()
+    pol = CarajaxPolicy(slo_tpot=0.05, avg_output_len=20, risk_weight=0.5)
+    pol.outputs = _bimodal(5, 200)
+    for _ in range(300):
+        ws = []
+        for i in range(rng.randint(1, 8)):
+            batch = [(rng.randint(1, 3000), rng.choice([8, 16])) for _ in range(rng.randint(0, 3))]
+            ws.append(WorkerState(
+                f"w{i}", cost, batch=batch, decode_ages=[rng.randint(1, 300) for _ in batch],
+                queue=[(rng.randint(1, 3000), 8) for _ in range(rng.randint(0, 2))],
+                resident={"x"} if rng.random() < 0.5 else set()))
+        req = RouteRequest("x", rng.choice([8, 16]), rng.randint(1, 4000), 20)
+        assert pol.choose(req, ws) is _argmin(req, ws, pol.score)

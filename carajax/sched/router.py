@@ -363,8 +363,8 @@ class CarajaxPolicy:
             misses += 1.0
         return misses
 
-    def score(self, request: RouteRequest, w: WorkerState) -> float:
-        """n × (caraserve bracket + cold stall) + ttft_weight × TTFT + risk_weight × misses."""
+    def _base(self, request: RouteRequest, w: WorkerState) -> tuple[float, tuple[float, float, float]]:
+        """The score without its risk term, and `slo_misses`' arguments (stall, Dec(b + r), Dec(b))."""
         d_pre, d_dec, pre_with, dec_with, dec_now = _marginal(request, w)
         n = w.n_requests()
         resident = request.rank <= 0 or request.adapter in w.resident
@@ -382,18 +382,45 @@ class CarajaxPolicy:
         if overflow >= 0:
             ttft += dec_now * self.avg_output_len * (overflow + 1) / w.max_batch
         score = bracket * n + self.ttft_weight * ttft
-        if self.risk_weight:
-            score += self.risk_weight * self.slo_misses(request, w, d_pre + cold_ttft, dec_with, dec_now)
         if dec_with > self.slo_tpot:
             score += self.slo_penalty
         if w.kv_free_rows <= 0:
             score += self.kv_penalty
         if resident:
             score -= self.locality_bonus
-        return score
+        return score, (d_pre + cold_ttft, dec_with, dec_now)
+
+    def score(self, request: RouteRequest, w: WorkerState) -> float:
+        """n × (caraserve bracket + cold stall) + ttft_weight × TTFT + penalties + risk_weight × misses."""
+        base, args = self._base(request, w)
+        if not self.risk_weight:
+            return base
+        return base + self.risk_weight * self.slo_misses(request, w, *args)
 
     def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState:
-        return _argmin(request, workers, self.score)
+        """argmin of `score` (ties: lowest index), by branch and bound: the risk term is never
+        negative, so workers are priced in order of their score without it, and once that alone
+        exceeds the best total no later worker can win. The same choice as scoring every worker;
+        `slo_misses` (a third of the pricing) runs on the few workers that could win."""
+        if not self.risk_weight:
+            return _argmin(request, workers, self.score)
+        adapter, rank = request.adapter, request.rank
+        priced = []
+        for i, w in enumerate(workers):
+            if w.healthy and w.hosts_base and w.has_memory_for(adapter, rank):
+                base, args = self._base(request, w)
+                priced.append((base, i, w, args))
+        if not priced:
+            candidates(request, workers)  # raises NoWorkerError with the message
+        priced.sort(key=lambda x: (x[0], x[1]))
+        best, best_t, best_i = None, math.inf, len(workers)
+        for base, i, w, args in priced:
+            if base > best_t:
+                break
+            t = base + self.risk_weight * self.slo_misses(request, w, *args)
+            if t < best_t or (t == best_t and i < best_i):
+                best, best_t, best_i = w, t, i
+        return best
 
 
 class RandomPolicy:
