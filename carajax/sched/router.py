@@ -116,6 +116,12 @@ class WorkerState:
         """Dec(batch + extra), extra = (context_len, rank)."""
         return self.cost.decode_time(self.decode_batch(extra))
 
+    def marginal_seconds(self, prompt_tokens: int, rank: int) -> tuple[float, float, float, float]:
+        """(Pre(queue + r), Pre(queue), Dec(batch + r), Dec(batch)) for a request r that joins
+        decoding with its prompt (+ first token) as context: what Algorithm 1 compares."""
+        return (self.prefill_seconds_with((prompt_tokens, rank)), self.queued_prefill_seconds(),
+                self.decode_seconds_with((prompt_tokens + 1, rank)), self.decode_seconds())
+
     def queued_prefill_seconds(self) -> float:
         """Pre(queue); 0 when the queue is empty (no prefill step would run at all)."""
         return self.cost.prefill_time(self.prefill_batch()) if self.queue else 0.0
@@ -158,12 +164,8 @@ def candidates(request: RouteRequest, workers: list[WorkerState]) -> list[int]:
 def _marginal(request: RouteRequest, w: WorkerState) -> tuple[float, float, float, float, float]:
     """Algorithm 1's inputs for adding `request` to `w`: (Δprefill, Δdecode, Pre(queue + r),
     Dec(batch + r), Dec(batch)). A plain tuple: this runs once per worker per request."""
-    p, r = request.prompt_tokens, request.rank
-    pre_with = w.prefill_seconds_with((p, r))
-    # The new request joins decoding with its prompt (+ first token) as context.
-    dec_with = w.decode_seconds_with((p + 1, r))
-    dec_now = w.decode_seconds()
-    return pre_with - w.queued_prefill_seconds(), dec_with - dec_now, pre_with, dec_with, dec_now
+    pre_with, pre_now, dec_with, dec_now = w.marginal_seconds(request.prompt_tokens, request.rank)
+    return pre_with - pre_now, dec_with - dec_now, pre_with, dec_with, dec_now
 
 
 def _argmin(request: RouteRequest, workers: list[WorkerState], score) -> WorkerState:

@@ -192,6 +192,21 @@ class SimWorker(WorkerState):
         c, r = extra
         return self.cost.decode_time_stats(n + 1, s + r, max(mx, r), n + 1, self.ctx_sum + self.pend_ctx + c)
 
+    def marginal_seconds(self, prompt_tokens: int, rank: int) -> tuple[float, float, float, float]:
+        # The four prices in one call from the totals (the router's innermost loop).
+        if not self._stats_cost:
+            return super().marginal_seconds(prompt_tokens, rank)
+        cost = self.cost
+        n, s, mx = self._queue_stats()
+        toks = self._qtokens + self.left_tokens + prompt_tokens
+        pre_with = cost.prefill_time_stats(n + 1, s + rank, max(mx, rank), toks, toks)
+        n, s, mx = self._decode_stats()
+        ctx = self.ctx_sum + self.pend_ctx
+        dec_with = cost.decode_time_stats(n + 1, s + rank, max(mx, rank), n + 1, ctx + prompt_tokens + 1)
+        if self._dec_cache is None:
+            self._dec_cache = cost.decode_time_stats(n, s, mx, n, ctx) if n else 0.0
+        return pre_with, self.queued_prefill_seconds(), dec_with, self._dec_cache
+
     def queued_prefill_seconds(self) -> float:
         # Cached until the queue changes: many arrivals are priced between two queue changes.
         if self._pre_cache is None:
