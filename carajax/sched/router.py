@@ -108,19 +108,12 @@ class WorkerState:
         items = self.batch if extra is None else [*self.batch, extra]
         return Batch(ranks=tuple(r for _, r in items), tokens=len(items), context=sum(c for c, _ in items))
 
-    def prefill_seconds_with(self, extra: tuple[int, int]) -> float:
-        """Pre(queue + extra), extra = (prompt_tokens, rank)."""
-        return self.cost.prefill_time(self.prefill_batch(extra))
-
-    def decode_seconds_with(self, extra: tuple[int, int]) -> float:
-        """Dec(batch + extra), extra = (context_len, rank)."""
-        return self.cost.decode_time(self.decode_batch(extra))
-
     def marginal_seconds(self, prompt_tokens: int, rank: int) -> tuple[float, float, float, float]:
         """(Pre(queue + r), Pre(queue), Dec(batch + r), Dec(batch)) for a request r that joins
         decoding with its prompt (+ first token) as context: what Algorithm 1 compares."""
-        return (self.prefill_seconds_with((prompt_tokens, rank)), self.queued_prefill_seconds(),
-                self.decode_seconds_with((prompt_tokens + 1, rank)), self.decode_seconds())
+        cost = self.cost
+        return (cost.prefill_time(self.prefill_batch((prompt_tokens, rank))), self.queued_prefill_seconds(),
+                cost.decode_time(self.decode_batch((prompt_tokens + 1, rank))), self.decode_seconds())
 
     def queued_prefill_seconds(self) -> float:
         """Pre(queue); 0 when the queue is empty (no prefill step would run at all)."""
@@ -359,7 +352,7 @@ class CarajaxPolicy:
                 misses += self._miss((p - q) * per_tok, dec_with, 1)
             else:
                 behind += q - p
-        if behind:  # with nothing behind, our own request misses only if the step does (above)
+        if behind:  # with nothing behind, our own request misses only if its steps are too slow
             misses += self._miss(behind * per_tok, dec_with, 1)
         elif slack <= 0:
             misses += 1.0

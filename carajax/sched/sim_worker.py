@@ -97,7 +97,7 @@ class SimWorker(WorkerState):
         self._qranks: tuple[int, ...] = ()
         self._qtokens = 0  # waiting prompts
         self._qdirty = False
-        # Totals for the router's pricing (`prefill_seconds_with`), and the tuples they were taken of.
+        # Totals for the router's pricing (`marginal_seconds`), and the tuples they were taken of.
         self._stats_cost = hasattr(cost, "prefill_time_stats") and hasattr(cost, "decode_time_stats")
         self._qstats_of: tuple[int, ...] | None = None
         self._qstats = (0, 0, 0)
@@ -175,23 +175,6 @@ class SimWorker(WorkerState):
             self._dstats_of, self._dstats = (run, pend), (len(d), sum(d), max(d, default=0))
         return self._dstats
 
-    def prefill_seconds_with(self, extra: tuple[int, int]) -> float:
-        # From running totals when the cost model takes them (the router asks every worker for
-        # every arrival); same float as pricing the batch.
-        if not self._stats_cost:
-            return super().prefill_seconds_with(extra)
-        n, s, mx = self._queue_stats()
-        p, r = extra
-        toks = self._qtokens + self.left_tokens + p
-        return self.cost.prefill_time_stats(n + 1, s + r, max(mx, r), toks, toks)
-
-    def decode_seconds_with(self, extra: tuple[int, int]) -> float:
-        if not self._stats_cost:
-            return super().decode_seconds_with(extra)
-        n, s, mx = self._decode_stats()
-        c, r = extra
-        return self.cost.decode_time_stats(n + 1, s + r, max(mx, r), n + 1, self.ctx_sum + self.pend_ctx + c)
-
     def marginal_seconds(self, prompt_tokens: int, rank: int) -> tuple[float, float, float, float]:
         # The four prices in one call from the totals (the router's innermost loop).
         if not self._stats_cost:
@@ -201,11 +184,9 @@ class SimWorker(WorkerState):
         toks = self._qtokens + self.left_tokens + prompt_tokens
         pre_with = cost.prefill_time_stats(n + 1, s + rank, max(mx, rank), toks, toks)
         n, s, mx = self._decode_stats()
-        ctx = self.ctx_sum + self.pend_ctx
-        dec_with = cost.decode_time_stats(n + 1, s + rank, max(mx, rank), n + 1, ctx + prompt_tokens + 1)
-        if self._dec_cache is None:
-            self._dec_cache = cost.decode_time_stats(n, s, mx, n, ctx) if n else 0.0
-        return pre_with, self.queued_prefill_seconds(), dec_with, self._dec_cache
+        ctx = self.ctx_sum + self.pend_ctx + prompt_tokens + 1
+        dec_with = cost.decode_time_stats(n + 1, s + rank, max(mx, rank), n + 1, ctx)
+        return pre_with, self.queued_prefill_seconds(), dec_with, self.decode_seconds()
 
     def queued_prefill_seconds(self) -> float:
         # Cached until the queue changes: many arrivals are priced between two queue changes.
