@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ from carajax.sched.simulator import (
     zipf_probabilities,
 )
 
-TRACE = "/work/shared/traces/azure_llm_2023/azure2023_conv.jsonl"
+# The copy shipped in the repo (data/traces, CC-BY 4.0), so the tests run on a user's clone.
+TRACE = str(Path(__file__).resolve().parents[1] / "data/traces/azure_llm_2023/azure2023_conv.jsonl")
 
 # Every step costs exactly 10 ms and a load 0.5 s, whatever the batch: timings can be read off.
 FLAT = AnalyticCost(

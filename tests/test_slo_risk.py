@@ -149,8 +149,6 @@ def test_branch_and_bound_choice_equals_scoring_every_worker():
     # must pick exactly the worker with the lowest full score (ties: lowest index).
     import random
 
-    from carajax.sched.router import _argmin
-
     rng = random.Random(7)
     cost = FakeCost()
     pol = CarajaxPolicy(slo_tpot=0.05, avg_output_len=20, risk_weight=0.5)
@@ -164,4 +162,5 @@ def test_branch_and_bound_choice_equals_scoring_every_worker():
                 queue=[(rng.randint(1, 3000), 8) for _ in range(rng.randint(0, 2))],
                 resident={"x"} if rng.random() < 0.5 else set()))
         req = RouteRequest("x", rng.choice([8, 16]), rng.randint(1, 4000), 20)
-        assert pol.choose(req, ws) is _argmin(req, ws, pol.score)
+        scores = [pol.score(req, w) for w in ws]
+        assert pol.choose(req, ws) is ws[scores.index(min(scores))]

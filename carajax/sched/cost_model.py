@@ -110,6 +110,13 @@ class _LinearForm:
         dominates. Equal to `predict_numpy` up to float rounding (tests check 1e-12 relative)."""
         return float(sum(map(operator.mul, self.py_features(batch), self.coef)))
 
+    def predict_arrays(self, n: np.ndarray, sum_rank: np.ndarray, max_rank: np.ndarray,
+                       tokens: np.ndarray, context: np.ndarray) -> np.ndarray:  # pragma: no cover
+        """`predict_stats` elementwise over float64 arrays of batch totals, one batch per element (a
+        router pricing every worker at once). The same operations in the same order as
+        `predict_stats`, so each element is the float `predict_stats` returns."""
+        raise NotImplementedError
+
     def predict_numpy(self, batch: Batch) -> float:
         """`predict` through the numpy feature vector (the reference for the pure-Python path)."""
         return float(self.features(batch) @ np.asarray(self.coef))
@@ -156,6 +163,10 @@ class PaddedForm(_AlphaBeta, _LinearForm):
         c0, c1 = self.coef
         return float(0 + float(n * max_rank) * c0 + 1.0 * c1)
 
+    def predict_arrays(self, n, sum_rank, max_rank, tokens, context):
+        c0, c1 = self.coef
+        return 0 + n * max_rank * c0 + 1.0 * c1
+
 
 @dataclasses.dataclass(frozen=True)
 class UnpaddedForm(_AlphaBeta, _LinearForm):
@@ -175,6 +186,10 @@ class UnpaddedForm(_AlphaBeta, _LinearForm):
     def predict_stats(self, n: int, sum_rank: int, max_rank: int, tokens: int, context: int) -> float:
         c0, c1 = self.coef
         return float(0 + float(sum_rank) * c0 + 1.0 * c1)
+
+    def predict_arrays(self, n, sum_rank, max_rank, tokens, context):
+        c0, c1 = self.coef
+        return 0 + sum_rank * c0 + 1.0 * c1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +255,12 @@ class RichForm(_LinearForm):
         mean_rank = sum_rank / n if n else 0.0
         return float(0 + float(tokens) * c0 + tokens * mean_rank * c1 + float(context) * c2
                      + float(n) * c3 + float(n * max_rank) * c4 + float(sum_rank) * c5 + 1.0 * c6)
+
+    def predict_arrays(self, n, sum_rank, max_rank, tokens, context):
+        c0, c1, c2, c3, c4, c5, c6 = self.coef
+        mean_rank = np.divide(sum_rank, n, out=np.zeros_like(sum_rank), where=n > 0)
+        return (0 + tokens * c0 + tokens * mean_rank * c1 + context * c2
+                + n * c3 + n * max_rank * c4 + sum_rank * c5 + 1.0 * c6)
 
 
 Model = PaddedForm | UnpaddedForm | RichForm
@@ -432,6 +453,14 @@ class CostModel:
     def decode_time_stats(self, n: int, sum_rank: int, max_rank: int, tokens: int, context: int) -> float:
         """`decode_time` of a batch given by its totals (see `prefill_time_stats`)."""
         return self.decode.predict_stats(n, sum_rank, max_rank, tokens, context)
+
+    def prefill_time_arrays(self, n, sum_rank, max_rank, tokens, context) -> np.ndarray:
+        """`prefill_time_stats` elementwise over float64 arrays (one batch per element)."""
+        return self.prefill.predict_arrays(n, sum_rank, max_rank, tokens, context)
+
+    def decode_time_arrays(self, n, sum_rank, max_rank, tokens, context) -> np.ndarray:
+        """`decode_time_stats` elementwise over float64 arrays (one batch per element)."""
+        return self.decode.predict_arrays(n, sum_rank, max_rank, tokens, context)
 
     def load_seconds(self, rank: float, nbytes: float | None = None) -> float:
         """Seconds to load one adapter to the device, linear in rank between the table's points.

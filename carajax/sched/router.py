@@ -11,6 +11,10 @@ Policies (`POLICIES`, built by `make_policy(name, **kw)`):
                  and the expected SLO misses a placement causes (learned output lengths);
     random, round_robin, first_fit, most_idle   the paper's baselines.
 
+caraserve and carajax price every worker at once: `carajax.sched.pricing.price` gives Algorithm
+1's inputs as arrays over the workers (asked of each `WorkerState`, or answered by the simulator's
+table of running totals), and the scores are a few numpy operations on them.
+
 Every policy first restricts itself to the *candidates*: healthy workers that host the base model
 and have adapter memory for the request (`candidates`). With no candidate it raises
 `NoWorkerError`, because routing to a worker that cannot run the request only moves the failure.
@@ -24,8 +28,11 @@ import math
 import random as _random
 from typing import Protocol
 
+import numpy as np
+
 from carajax.sched.cost_model import Batch
 from carajax.sched.output_lengths import OutputLengths
+from carajax.sched.pricing import Prices, price
 
 
 class CostModel(Protocol):
@@ -154,35 +161,21 @@ def candidates(request: RouteRequest, workers: list[WorkerState]) -> list[int]:
     return out
 
 
-def _marginal(request: RouteRequest, w: WorkerState) -> tuple[float, float, float, float, float]:
-    """Algorithm 1's inputs for adding `request` to `w`: (Δprefill, Δdecode, Pre(queue + r),
-    Dec(batch + r), Dec(batch)). A plain tuple: this runs once per worker per request."""
-    pre_with, pre_now, dec_with, dec_now = w.marginal_seconds(request.prompt_tokens, request.rank)
-    return pre_with - pre_now, dec_with - dec_now, pre_with, dec_with, dec_now
+def _lowest(request: RouteRequest, scores: np.ndarray, prices: Prices) -> int:
+    """Index of the eligible worker with the lowest score (ties: lowest index)."""
+    idx = np.flatnonzero(prices.eligible)
+    if not idx.size:
+        raise NoWorkerError(f"no worker can serve adapter {request.adapter!r} (rank {request.rank})")
+    return int(idx[np.argmin(scores[idx])])
 
 
-def _argmin(request: RouteRequest, workers: list[WorkerState], score) -> WorkerState:
-    """The eligible worker with the lowest score (ties: lowest index), in one pass: this loop runs
-    per arrival over every worker, so it avoids building the candidate list first."""
-    best, best_s = None, math.inf
-    adapter, rank = request.adapter, request.rank
-    for w in workers:
-        if w.healthy and w.hosts_base and w.has_memory_for(adapter, rank):
-            s = score(request, w)
-            if s < best_s or best is None:
-                best, best_s = w, s
-    if best is None:
-        candidates(request, workers)  # raises NoWorkerError with the message
-    return best
-
-
-def _request_weight(n: int, mode: str) -> int:
+def _request_weight(n: np.ndarray, mode: str) -> np.ndarray:
     if mode == "n_plus_1":
         return n + 1
     if mode == "n":
         return n
     if mode == "max1":
-        return max(1, n)
+        return np.maximum(1, n)
     raise ValueError(f"unknown weight mode {mode!r}")
 
 
@@ -215,22 +208,25 @@ class CaraServePolicy:
         slo_penalty: float = 10.0,
         weight: str = "n",
     ):
-        _request_weight(0, weight)  # validate early
+        _request_weight(np.zeros(1), weight)  # validate early
         self.slo_tpot = slo_tpot
         self.avg_output_len = avg_output_len
         self.slo_penalty = slo_penalty
         self.weight = weight
 
+    def scores(self, request: RouteRequest, workers: list[WorkerState]) -> tuple[np.ndarray, Prices]:
+        """[W] Algorithm 1's total cost of placing `request` on each worker (lower is better)."""
+        p = price(request, workers)
+        cost = (p.pre_with - p.pre_now) / self.avg_output_len + (p.dec_with - p.dec_now)
+        cost = np.where(p.dec_with > self.slo_tpot, cost + self.slo_penalty, cost)
+        return cost * _request_weight(p.n, self.weight), p
+
     def score(self, request: RouteRequest, w: WorkerState) -> float:
-        """Algorithm 1's total cost of placing `request` on `w` (lower is better)."""
-        d_pre, d_dec, _, dec_with, _ = _marginal(request, w)
-        cost = d_pre / self.avg_output_len + d_dec
-        if dec_with > self.slo_tpot:
-            cost += self.slo_penalty
-        return cost * _request_weight(w.n_requests(), self.weight)
+        """Algorithm 1's total cost of placing `request` on `w` alone."""
+        return float(self.scores(request, [w])[0][0])
 
     def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState:
-        return _argmin(request, workers, self.score)
+        return workers[_lowest(request, *self.scores(request, workers))]
 
 
 class CarajaxPolicy:
@@ -358,64 +354,69 @@ class CarajaxPolicy:
             misses += 1.0
         return misses
 
-    def _base(self, request: RouteRequest, w: WorkerState) -> tuple[float, tuple[float, float, float]]:
-        """The score without its risk term, and `slo_misses`' arguments (stall, Dec(b + r), Dec(b))."""
-        d_pre, d_dec, pre_with, dec_with, dec_now = _marginal(request, w)
-        n = w.n_requests()
-        resident = request.rank <= 0 or request.adapter in w.resident
-        cold_ttft = 0.0
-        if not resident:
-            if self.cold_start == "wait":
-                cold_ttft = w.cost.load_seconds(request.rank)
-            elif self.cold_start == "cpu_assist":
-                toks = request.prompt_tokens
-                alone = Batch(ranks=(request.rank,), tokens=toks, context=toks)
-                cold_ttft = self.cpu_slowdown * w.cost.prefill_time(alone)
-        bracket = d_pre / self.avg_output_len + d_dec + cold_ttft / self.avg_output_len
-        ttft = pre_with + dec_now + cold_ttft
-        overflow = n - w.max_batch
-        if overflow >= 0:
-            ttft += dec_now * self.avg_output_len * (overflow + 1) / w.max_batch
-        score = bracket * n + self.ttft_weight * ttft
-        if dec_with > self.slo_tpot:
-            score += self.slo_penalty
-        if w.kv_free_rows <= 0:
-            score += self.kv_penalty
-        if resident:
-            score -= self.locality_bonus
-        return score, (d_pre + cold_ttft, dec_with, dec_now)
+    def _cold_seconds(self, request: RouteRequest, p: Prices) -> np.ndarray:
+        """[W] the cold start's cost on workers without the adapter (0 where it is resident)."""
+        if self.cold_start == "cached" or p.resident.all():
+            return np.zeros(len(p.resident))
+        rank, toks = request.rank, request.prompt_tokens
+        if self.cold_start == "wait":
+            cold = p.per_cost(lambda c: c.load_seconds(rank))
+        else:
+            alone = Batch(ranks=(rank,), tokens=toks, context=toks)
+            cold = p.per_cost(lambda c: self.cpu_slowdown * c.prefill_time(alone))
+        return np.where(p.resident, 0.0, cold)
+
+    def base_scores(
+        self, request: RouteRequest, workers: list[WorkerState]
+    ) -> tuple[np.ndarray, np.ndarray, Prices]:
+        """[W] the score without its risk term; [W] the stall our prefill adds (Δprefill + cold,
+        `slo_misses`' `d_pre`); and the prices they came from."""
+        p, avg = price(request, workers), self.avg_output_len
+        d_pre = p.pre_with - p.pre_now
+        cold = self._cold_seconds(request, p)
+        bracket = d_pre / avg + (p.dec_with - p.dec_now) + cold / avg
+        ttft = p.pre_with + p.dec_now + cold
+        overflow = p.n - p.max_batch
+        ttft = np.where(overflow >= 0, ttft + p.dec_now * avg * (overflow + 1) / p.max_batch, ttft)
+        score = bracket * p.n + self.ttft_weight * ttft
+        score = np.where(p.dec_with > self.slo_tpot, score + self.slo_penalty, score)
+        score = np.where(p.kv_free <= 0, score + self.kv_penalty, score)
+        if self.locality_bonus:
+            score = np.where(p.resident, score - self.locality_bonus, score)
+        return score, d_pre + cold, p
 
     def score(self, request: RouteRequest, w: WorkerState) -> float:
-        """n × (caraserve bracket + cold stall) + ttft_weight × TTFT + penalties + risk_weight × misses."""
-        base, args = self._base(request, w)
+        """n × (caraserve bracket + cold stall) + ttft_weight × TTFT + penalties + risk_weight × misses,
+        for `request` on `w` alone."""
+        base, stall, p = self.base_scores(request, [w])
         if not self.risk_weight:
-            return base
-        return base + self.risk_weight * self.slo_misses(request, w, *args)
+            return float(base[0])
+        misses = self.slo_misses(request, w, float(stall[0]), float(p.dec_with[0]), float(p.dec_now[0]))
+        return float(base[0]) + self.risk_weight * misses
 
     def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState:
         """argmin of `score` (ties: lowest index), by branch and bound: the risk term is never
-        negative, so workers are priced in order of their score without it, and once that alone
+        negative, so workers are visited in order of their score without it, and once that alone
         exceeds the best total no later worker can win. The same choice as scoring every worker;
-        `slo_misses` (a third of the pricing) runs on the few workers that could win."""
+        `slo_misses` (a loop over the worker's requests) runs on the few workers that could win."""
+        base, stall, p = self.base_scores(request, workers)
         if not self.risk_weight:
-            return _argmin(request, workers, self.score)
-        adapter, rank = request.adapter, request.rank
-        priced = []
-        for i, w in enumerate(workers):
-            if w.healthy and w.hosts_base and w.has_memory_for(adapter, rank):
-                base, args = self._base(request, w)
-                priced.append((base, i, w, args))
-        if not priced:
-            candidates(request, workers)  # raises NoWorkerError with the message
-        priced.sort(key=lambda x: (x[0], x[1]))
-        best, best_t, best_i = None, math.inf, len(workers)
-        for base, i, w, args in priced:
-            if base > best_t:
+            return workers[_lowest(request, base, p)]
+        idx = np.flatnonzero(p.eligible)
+        if not idx.size:
+            raise NoWorkerError(f"no worker can serve adapter {request.adapter!r} (rank {request.rank})")
+        order = idx[np.lexsort((idx, base[idx]))].tolist()  # by base score, then index
+        base_l, stall_l = base.tolist(), stall.tolist()
+        with_l, now_l = p.dec_with.tolist(), p.dec_now.tolist()
+        best_t, best_i = math.inf, len(workers)
+        for i in order:
+            b = base_l[i]
+            if b > best_t:
                 break
-            t = base + self.risk_weight * self.slo_misses(request, w, *args)
+            t = b + self.risk_weight * self.slo_misses(request, workers[i], stall_l[i], with_l[i], now_l[i])
             if t < best_t or (t == best_t and i < best_i):
-                best, best_t, best_i = w, t, i
-        return best
+                best_t, best_i = t, i
+        return workers[best_i]
 
 
 class RandomPolicy:

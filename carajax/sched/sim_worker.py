@@ -9,10 +9,15 @@ routing stays O(workers) per request.
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from carajax.sched.router import Batch, CostModel, WorkerState
+import numpy as np
+
+from carajax.sched.pricing import Prices, price_each
+from carajax.sched.router import Batch, CostModel, RouteRequest, WorkerState
 from carajax.trace import TraceRequest as SimRequest
 
 if TYPE_CHECKING:
@@ -92,6 +97,8 @@ class SimWorker(WorkerState):
         # rid -> decode step it joined at, in join order (so the youngest are last).
         self.joined_at: dict[int, int] = {}
         self.busy = False
+        self.stale = True  # changed since the router's table (`SimCluster`) last read its totals
+        self.row: np.ndarray | None = None  # this worker's row of that table, once it has one
         self._ranks: tuple[int, ...] = ()
         self._ranks_dirty = False
         self._qranks: tuple[int, ...] = ()
@@ -230,6 +237,7 @@ class SimWorker(WorkerState):
         self.left_prompts = left_prompts
         self._qdirty = True
         self._pre_cache = self._dec_cache = None
+        self.stale = True
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def enqueue(self, rid: int, req: SimRequest) -> None:
@@ -237,17 +245,20 @@ class SimWorker(WorkerState):
         self._qtokens += req.prompt_tokens
         self._qdirty = True
         self._pre_cache = None
+        self.stale = True
 
     def _dequeue(self) -> tuple[int, SimRequest]:
         rid, req = self.waiting.popleft()
         self._qtokens -= req.prompt_tokens
         self._qdirty = True
         self._pre_cache = None
+        self.stale = True
         return rid, req
 
     def _sync_pages_free(self) -> None:
         # Free or evictable: everything not pinned by a running request.
         self.pages_free = self.pages_total - self.pages_pinned
+        self.stale = True
 
     def has_memory_for(self, adapter: str, rank: int) -> bool:
         # Inlined (no super() call): this runs once per worker per arrival.
@@ -292,6 +303,22 @@ class SimWorker(WorkerState):
         else:
             self.pinned[adapter] = n
 
+    def decode_changed(self) -> None:
+        """The decode batch or its context moved (a join, a leave, decode steps done)."""
+        self._dec_cache = self._step_dec_cache = None
+        self.stale = True
+
+    def decode_progressed(self, steps: int, ctx_sum: int) -> None:
+        """Decode steps done inside a decode run: only the step count and the context moved, so
+        the router's table gets its context cell rewritten, not the whole row (runs advance at
+        nearly every arrival on nearly every worker)."""
+        self.decode_steps, self.ctx_sum = steps, ctx_sum
+        self._dec_cache = self._step_dec_cache = None
+        if self.row is None or self.stale:
+            self.stale = True
+        else:
+            self.row[SimCluster.D_CONTEXT] = ctx_sum + self.pend_ctx
+
     def start_copy(self, adapter: str, rank: int, now: float) -> float:
         """cpu_assist: queue the adapter's copy on this worker's link; returns when it lands."""
         t = max(now, self.link_free) + self.cost.load_seconds(rank)
@@ -303,7 +330,7 @@ class SimWorker(WorkerState):
         self._ranks_dirty = True
         self.n_run += 1
         self.ctx_sum += r.prompt + 1
-        self._dec_cache = self._step_dec_cache = None
+        self.decode_changed()
         heapq.heappush(self.done_heap, (self.decode_steps + r.out - 1, r.rid, r))
         self.joined_at[r.rid] = self.decode_steps
 
@@ -317,7 +344,93 @@ class SimWorker(WorkerState):
         self.n_run -= 1
         self.ctx_sum -= r.prompt + r.out
         del self.joined_at[r.rid]
-        self._dec_cache = self._step_dec_cache = None
+        self.decode_changed()
 
 
-__all__ = ["SimWorker"]
+
+class SimCluster(list):
+    """The simulator's workers, priced all at once: a list of `SimWorker`s that answers
+    `prices(request)` (see `carajax.sched.pricing`) from a table of their running totals.
+
+    Row i of the table holds worker i's totals: its queue (requests, Σrank, max rank, tokens,
+    Pre(queue)), its decode batch (requests, Σrank, max rank, context), requests on it, KV rows
+    and adapter pages free. A worker marks itself `stale` whenever any of them moves, and its row
+    is rewritten the next time the router asks, so an arrival rereads only the workers that
+    changed since the last one; a worker in a decode run, whose context moves at nearly every
+    arrival, writes its context cell itself (`SimWorker.decode_progressed`). Pricing a request is
+    then three calls of the cost model's `*_time_arrays` over the table (Dec(batch), Dec(batch + r),
+    Pre(queue + r)): the same floats as each worker's `marginal_seconds`.
+
+    That needs one cost model for all workers with array predictions (a fitted `CostModel`); with
+    anything else (per-worker models, `AnalyticCost`) `prices` asks each worker (`price_each`).
+    Simulated workers are always healthy and host the base model.
+    """
+
+    COLUMNS = ("q_n", "q_sum_rank", "q_max_rank", "q_tokens", "pre_now",
+               "d_n", "d_sum_rank", "d_max_rank", "d_context", "n", "kv_free", "pages_free")
+    D_CONTEXT = COLUMNS.index("d_context")
+
+    def __init__(self, workers: list[SimWorker], cfg: SimConfig):
+        super().__init__(workers)
+        costs = {id(w.cost): w.cost for w in workers}
+        (cost,) = costs.values() if len(costs) == 1 else (None,)
+        arrays = hasattr(cost, "prefill_time_arrays") and hasattr(cost, "decode_time_arrays")
+        self.cost = cost if arrays else None
+        self.page_rank = cfg.page_rank
+        self.ignore_memory = False
+        self._tab = np.zeros((len(workers), len(self.COLUMNS)))  # [worker, column]
+        for w, row in zip(workers, self._tab, strict=True):
+            w.row, w.stale = row, True
+        self._max_batch = np.full(len(workers), float(cfg.max_batch))
+        self._cost_index = np.zeros(len(workers), dtype=np.int64)
+
+    @contextlib.contextmanager
+    def memory_ignored(self) -> Iterator[None]:
+        """Route as if every worker had adapter pages (a request nobody has pages for right now
+        waits in some worker's queue rather than being lost)."""
+        for w in self:
+            w.ignore_memory = True
+        self.ignore_memory = True
+        try:
+            yield
+        finally:
+            for w in self:
+                w.ignore_memory = False
+            self.ignore_memory = False
+
+    def _refresh(self) -> None:
+        for w in self:
+            if w.stale:
+                w.stale = False
+                qn, qs, qmx = w._queue_stats()
+                dn, ds, dmx = w._decode_stats()
+                w.row[:] = (qn, qs, qmx, w._qtokens + w.left_tokens, w.queued_prefill_seconds(),
+                            dn, ds, dmx, w.ctx_sum + w.pend_ctx, w.n_requests(), w.kv_free_rows, w.pages_free)
+
+    def prices(self, request: RouteRequest) -> Prices:
+        """`Prices` of `request` on every worker (what `price_each` would give, from the table)."""
+        if self.cost is None:
+            return price_each(request, self)
+        self._refresh()
+        qn, qs, qmx, qtok, pre_now, dn, ds, dmx, dctx, n, kv, pages = self._tab.T
+        adapter, rank, p = request.adapter, request.rank, request.prompt_tokens
+        cost = self.cost
+        toks = qtok + p
+        # As `SimWorker.marginal_seconds`: r joins the queue with its prompt, then the decode
+        # batch with its prompt and first token as context; Dec(batch) as `decode_seconds`.
+        pre_with = cost.prefill_time_arrays(qn + 1, qs + rank, np.maximum(qmx, rank), toks, toks)
+        dec_with = cost.decode_time_arrays(dn + 1, ds + rank, np.maximum(dmx, rank), dn + 1, dctx + (p + 1))
+        dec_now = np.where(dn > 0, cost.decode_time_arrays(dn, ds, dmx, dn, dctx), 0.0)
+        if rank <= 0:
+            resident = np.ones(len(self), dtype=bool)
+        else:
+            resident = np.fromiter((adapter in w.resident for w in self), dtype=bool, count=len(self))
+        if rank <= 0 or self.ignore_memory:
+            eligible = np.ones(len(self), dtype=bool)
+        else:
+            eligible = resident | (pages >= -(-rank // self.page_rank))
+        return Prices(eligible, resident, pre_with, pre_now, dec_with, dec_now, n, self._max_batch, kv,
+                      costs=(self.cost,), cost_index=self._cost_index)
+
+
+__all__ = ["SimCluster", "SimWorker"]

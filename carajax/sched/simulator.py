@@ -58,7 +58,7 @@ from carajax.sched.router import (
     RouteRequest,
     make_policy,
 )
-from carajax.sched.sim_worker import SimWorker, _batch, _Running
+from carajax.sched.sim_worker import SimCluster, SimWorker, _batch, _Running
 from carajax.trace import (  # workloads live in carajax.trace; re-exported here
     TraceRequest,
     assign_adapters,
@@ -261,7 +261,7 @@ def simulate(
     costs = [cost or AnalyticCost()] * cfg.n_workers if not isinstance(cost, Sequence) else list(cost)
     if len(costs) != cfg.n_workers:
         raise ValueError(f"{len(costs)} cost models for {cfg.n_workers} workers")
-    workers = [SimWorker(i, c, cfg) for i, c in enumerate(costs)]
+    workers = SimCluster([SimWorker(i, c, cfg) for i, c in enumerate(costs)], cfg)
     for r in requests:  # a request that can never fit would stall its worker forever
         if r.prompt_tokens + r.output_tokens > cfg.kv_rows or (
             r.rank > 0 and -(-r.rank // cfg.page_rank) > cfg.adapter_pages
@@ -389,9 +389,7 @@ def simulate(
             if j != run.j:
                 run.j = j
                 w = workers[wi]
-                w.decode_steps = run.base_steps + j
-                w.ctx_sum = run.base_ctx + j * w.n_run
-                w._dec_cache = w._step_dec_cache = None
+                w.decode_progressed(run.base_steps + j, run.base_ctx + j * w.n_run)
 
     def cut_run(wi: int) -> None:
         """A request was routed to a worker in a decode run: the run ends with its step in flight,
@@ -420,7 +418,7 @@ def simulate(
         if w.n_run:
             w.decode_steps += steps
             w.ctx_sum += w.n_run * steps
-            w._dec_cache = w._step_dec_cache = None
+            w.decode_changed()
             heap = w.done_heap
             while heap and heap[0][0] <= w.decode_steps:
                 _, rid, r = heapq.heappop(heap)
@@ -465,13 +463,8 @@ def simulate(
             # is not lost: the policy routes it as if memory were free and it waits in that
             # worker's queue until a release frees pages. Counted in the summary.
             fallbacks += 1
-            for x in workers:
-                x.ignore_memory = True
-            try:
+            with workers.memory_ignored():
                 w = policy.choose(rr, workers)
-            finally:
-                for x in workers:
-                    x.ignore_memory = False
         wi = w.index
         placed[rid] = wi
         w.enqueue(rid, req)
