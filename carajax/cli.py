@@ -330,7 +330,8 @@ def profile_cmd(args: argparse.Namespace) -> dict:
         ("batch_sizes", args.batch_sizes, ints), ("prompt_tokens", args.prompt_tokens, ints),
         ("contexts", args.contexts, ints), ("rank_mixes", args.mixes, names),
         ("kernels", args.kernels, names), ("load_ranks", args.load_ranks, ints),
-        ("warmup", args.warmup, int), ("repeats", args.repeats, int)) if v is not None}
+        ("warmup", args.warmup, int), ("repeats", args.repeats, int),
+        ("seq_len", args.seq_len, int)) if v is not None}
     grid = dataclasses.replace(profiler.GRIDS[args.grid], **over)
     doc = profiler.profile(args.model, grid, dtype=args.dtype, lora_impl=args.impl,
                            progress=args.progress)
@@ -378,6 +379,9 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default=None, help="override kernel modes: unpadded,padded")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per point (>= 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per point")
+    p.add_argument("--seq-len", type=int, default=None, help="KV-cache row length (default: the "
+                   "model's context length, as a serving engine; a 7B model's 4096 rows at batch 32 "
+                   "need 64 GiB)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 

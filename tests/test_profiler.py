@@ -161,10 +161,11 @@ def test_cli_writes_profile_fit_and_plot(doc, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(profiler, "profile", fake_profile)
     out, fit, png = tmp_path / "p.json", tmp_path / "c" / "cm.json", tmp_path / "plot.png"
     cli.main(["profile", "--grid", "quick", "--batch-sizes", "1,8", "--mixes", "base, mixed 8..32",
-              "--repeats", "2", "--out", str(out), "--fit", str(fit), "--plot", str(png),
+              "--repeats", "2", "--seq-len", "512", "--out", str(out), "--fit", str(fit), "--plot", str(png),
               "--form", "unpadded", "--no-progress"])
     assert seen["grid"] == dataclasses.replace(profiler.GRIDS["quick"], batch_sizes=(1, 8),
-                                               rank_mixes=("base", "mixed 8..32"), repeats=2)
+                                               rank_mixes=("base", "mixed 8..32"), repeats=2,
+                                               seq_len=512)
     assert seen["progress"] is False and seen["model"] == "llama-test"
     assert profiler.load_profile(out)["measurements"] == doc["measurements"]
     model = cm.load(fit)
