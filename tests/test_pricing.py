@@ -4,6 +4,7 @@ must give the very floats that asking each worker gives, so routing by either is
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +19,6 @@ FIELDS = [f.name for f in dataclasses.fields(Prices) if f.name != "costs"]
 
 
 def _a10() -> cm.CostModel:
-    from pathlib import Path
-
     return cm.load(Path(__file__).resolve().parents[1] / "data/cost_models/a10_paper.json")
 
 

@@ -250,4 +250,3 @@ def save_adapter(path: str | os.PathLike, config: ModelConfig,
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return path
-

@@ -62,7 +62,7 @@ class OutputLengths:
 
     def counts(self) -> dict[int, int]:
         """{length: replies observed with that length}."""
-        return {int(i): int(c) for i in np.flatnonzero(self._counts) for c in [self._counts[i]]}
+        return {int(i): int(self._counts[i]) for i in np.flatnonzero(self._counts)}
 
     def mean(self) -> float:
         """Mean of what was observed (the prior mean before `min_observations`)."""

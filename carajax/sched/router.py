@@ -157,15 +157,25 @@ def candidates(request: RouteRequest, workers: list[WorkerState]) -> list[int]:
         if w.healthy and w.hosts_base and w.has_memory_for(request.adapter, request.rank)
     ]
     if not out:
-        raise NoWorkerError(f"no worker can serve adapter {request.adapter!r} (rank {request.rank})")
+        raise _no_worker(request)
     return out
+
+
+def _no_worker(request: RouteRequest) -> NoWorkerError:
+    return NoWorkerError(f"no worker can serve adapter {request.adapter!r} (rank {request.rank})")
+
+
+def _eligible(request: RouteRequest, prices: Prices) -> np.ndarray:
+    """Indices of the workers `prices` marks eligible (`candidates`, from the prices)."""
+    idx = np.flatnonzero(prices.eligible)
+    if not idx.size:
+        raise _no_worker(request)
+    return idx
 
 
 def _lowest(request: RouteRequest, scores: np.ndarray, prices: Prices) -> int:
     """Index of the eligible worker with the lowest score (ties: lowest index)."""
-    idx = np.flatnonzero(prices.eligible)
-    if not idx.size:
-        raise NoWorkerError(f"no worker can serve adapter {request.adapter!r} (rank {request.rank})")
+    idx = _eligible(request, prices)
     return int(idx[np.argmin(scores[idx])])
 
 
@@ -402,9 +412,7 @@ class CarajaxPolicy:
         base, stall, p = self.base_scores(request, workers)
         if not self.risk_weight:
             return workers[_lowest(request, base, p)]
-        idx = np.flatnonzero(p.eligible)
-        if not idx.size:
-            raise NoWorkerError(f"no worker can serve adapter {request.adapter!r} (rank {request.rank})")
+        idx = _eligible(request, p)
         order = idx[np.lexsort((idx, base[idx]))].tolist()  # by base score, then index
         base_l, stall_l = base.tolist(), stall.tolist()
         with_l, now_l = p.dec_with.tolist(), p.dec_now.tolist()
