@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from carajax.replay import Slo, format_table, replay_engine, replay_grpc, summar
 from carajax.replay import adapters as store
 from carajax.replay.command import add_replay_args, replay_cmd
 from carajax.replay.runs import engine_fields
+from carajax.request import RequestHandle, RequestMetrics, RequestOutput
 from carajax.server.worker import serve
-from carajax.trace import TraceOptions, prepare, read_trace
+from carajax.trace import TraceOptions, TraceRequest, prepare, read_trace
 
 TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "azure_llm_2023" / "azure2023_conv.jsonl"
 # ~15 requests: trace seconds [120, 124) at 4x the rate; short lengths and few adapters so the
@@ -64,7 +66,11 @@ def _check_rows(rows, reqs, label: str) -> dict:
         assert row["tokens"] == req.output_tokens  # exactly the trace's output length
         assert row["adapter"] == req.adapter and row["policy"] == label
         assert 0 <= row["ttft_s"] <= row["latency_s"]
-        assert row["send_lag_s"] < 0.5  # open loop: sent on schedule, not after earlier requests
+        # Sent on schedule, not after earlier requests (which take seconds while the first steps
+        # compile). Loose: on a busy 2-core CI box the engine's steps starve the client's thread or
+        # event loop now and then (0.93 s seen once). The open-loop property itself is tested
+        # exactly by test_replay_engine_sends_without_waiting_for_completions.
+        assert row["send_lag_s"] < 3.0
     s = summarize(rows, Slo(ttft_s=60.0, tpot_s=10.0))
     assert s["completed"] == s["requests"] == len(reqs) and s["errors"] == {}
     assert s["output_tokens"] == sum(r.output_tokens for r in reqs) and s["tokens_match_trace"]
@@ -81,6 +87,36 @@ def test_synth_prompts_lengths_and_determinism():
     flat = np.concatenate([p[1:] for p in prompts])
     assert all(p[0] == 2 for p in prompts) and flat.min() >= 4 and flat.max() <= 255
     assert prompts == synth_prompts(reqs, cfg, seed=1) != synth_prompts(reqs, cfg, seed=2)
+
+
+class _HoldingEngine:
+    """Finishes nothing until every request has been submitted: a driver that waits for a
+    completion before sending the next request (closed loop) never gets there."""
+
+    def __init__(self, n: int):
+        self.n, self.handles = n, []
+
+    def submit(self, prompt, adapter, sampling, request_id):
+        self.handles.append((RequestHandle(request_id), len(prompt), adapter, sampling.max_tokens))
+        if len(self.handles) == self.n:
+            for h, n_prompt, adapter, n_out in self.handles:
+                t = time.monotonic()
+                m = RequestMetrics(arrival_time=t, first_token_time=t, finish_time=t,
+                                   prompt_tokens=n_prompt, output_tokens=n_out)
+                h._finish(RequestOutput(h.request_id, [], [7] * n_out, "", "length", adapter, m))
+        return self.handles[-1][0]
+
+
+def test_replay_engine_sends_without_waiting_for_completions():
+    reqs = [TraceRequest(0.01 * i, 5, 3, f"a{i % 2}", 8) for i in range(6)]
+    engine = _HoldingEngine(len(reqs))
+    rows = replay_engine(engine, reqs, [[2, 5, 6, 7, 8]] * len(reqs), label="held", timeout_s=20)
+    assert len(engine.handles) == len(reqs)
+    assert [(r["tokens"], r["finish_reason"], r["worker"]) for r in rows] == [(3, "length", "engine")] * 6
+    # The last arrival released all of them: every latency runs to (about) the last send.
+    last_send = reqs[-1].arrival_s + rows[-1]["send_lag_s"]
+    for r, req in zip(rows, reqs):
+        assert r["latency_s"] == pytest.approx(last_send - req.arrival_s, abs=0.5)
 
 
 def test_replay_engine_every_request_once_and_metrics_add_up(setup):
