@@ -347,7 +347,6 @@ class SimWorker(WorkerState):
         self.decode_changed()
 
 
-
 class SimCluster(list):
     """The simulator's workers, priced all at once: a list of `SimWorker`s that answers
     `prices(request)` (see `carajax.sched.pricing`) from a table of their running totals.
