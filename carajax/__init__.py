@@ -12,11 +12,11 @@ Users import from here, not from the private modules:
 
 from carajax import demo
 from carajax.config import PRESETS, TARGET_MODULES, EngineConfig, ModelConfig, RopeScaling
-from carajax.engine import Engine
+from carajax.engine.engine import Engine
+from carajax.engine.request import QueueFullError, RequestError, RequestHandle, RequestMetrics, RequestOutput
+from carajax.engine.sampling import SamplingParams
 from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
 from carajax.models.weights import CheckpointError
-from carajax.request import QueueFullError, RequestError, RequestHandle, RequestMetrics, RequestOutput
-from carajax.sampling import SamplingParams
 
 __all__ = [
     "PRESETS", "TARGET_MODULES", "AdapterError", "CheckpointError", "Engine", "EngineConfig",

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from carajax import demo as builtin
 from carajax.config import ATTENTION_MODULES, DEMO_MODEL, TARGET_MODULES, EngineConfig
-from carajax.engine import Engine
-from carajax.sampling import SamplingParams
+from carajax.engine.engine import Engine
+from carajax.engine.sampling import SamplingParams
 from carajax.testing import write_random_adapter
 
 

@@ -219,6 +219,11 @@ PRESETS: dict[str, ModelConfig] = {
 
 # The built-in trained model (`carajax.demo`): the default of `carajax serve`, `demo`, `replay`.
 DEMO_MODEL = "carajax-demo"
+# Presets that ship trained weights inside the package: name -> checkpoint directory. Engines
+# resolve a name here (no import of the demo package, which builds on the engine).
+PRESET_CHECKPOINTS: dict[str, str] = {
+    DEMO_MODEL: os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "model"),
+}
 
 COLD_START_POLICIES = ("cpu_assist", "wait", "cached")
 

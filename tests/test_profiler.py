@@ -90,7 +90,7 @@ def test_every_grid_point_measured_once(doc):
 def test_base_rows_run_the_lora_variant():
     """As in serving with adapters registered: the profiler's engine is never LoRA-free."""
     from carajax.config import ModelConfig
-    from carajax.engine import Engine
+    from carajax.engine.engine import Engine
     from carajax.models import weights
 
     model = weights.random_model(ModelConfig.from_name("llama-test"))

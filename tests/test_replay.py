@@ -16,11 +16,11 @@ import pytest
 
 from carajax import Engine, EngineConfig, ModelConfig
 from carajax.client import Client
+from carajax.engine.request import RequestHandle, RequestMetrics, RequestOutput
 from carajax.replay import Slo, format_table, replay_engine, replay_grpc, summarize, synth_prompts
 from carajax.replay import adapters as store
 from carajax.replay.command import add_replay_args, replay_cmd
 from carajax.replay.runs import engine_fields
-from carajax.request import RequestHandle, RequestMetrics, RequestOutput
 from carajax.server.worker import serve
 from carajax.trace import TraceOptions, TraceRequest, prepare, read_trace
 

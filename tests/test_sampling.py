@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import carajax
-from carajax.sampling import SamplingParams, sample, sampling_arrays
+from carajax.engine.sampling import SamplingParams, sample, sampling_arrays
 
 # Row logits with a clear order: token 3 > 1 > 0 > 2 (softmax at T=1: 0.64, 0.24, 0.09, 0.03).
 LOGITS = np.log(np.array([[0.09, 0.24, 0.03, 0.64]], np.float32))

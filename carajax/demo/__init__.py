@@ -19,7 +19,7 @@ from pathlib import Path
 
 from carajax.config import DEMO_MODEL as MODEL_NAME
 from carajax.demo.tasks import ECHO, TASKS, Task, exact_match, prompt, random_words
-from carajax.sampling import SamplingParams
+from carajax.engine.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent
 # Greedy, and long enough for the longest answer plus ETX.
@@ -44,7 +44,7 @@ def manifest() -> dict:
 
 def engine(config=None, **kwargs):
     """An `Engine` on the demo base with every shipped adapter registered under its task name."""
-    from carajax.engine import Engine
+    from carajax.engine.engine import Engine
 
     eng = Engine.from_pretrained(MODEL_NAME, config=config, **kwargs)
     for name, path in adapter_dirs().items():

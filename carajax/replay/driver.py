@@ -87,8 +87,8 @@ def replay_engine(engine, reqs: Sequence[TraceRequest], prompts: Sequence[Sequen
                   clock: Callable[[], float] = time.monotonic) -> list[Row]:
     """Submit each request to `engine` (its loop thread running) at its arrival time; wait for
     all. Metrics come from the engine's own clock (`RequestMetrics`), re-based to the schedule."""
-    from carajax.request import QueueFullError, RequestError
-    from carajax.sampling import SamplingParams
+    from carajax.engine.request import QueueFullError, RequestError
+    from carajax.engine.sampling import SamplingParams
     from carajax.server.codec import cold_start_path
 
     rows = [_row(i, r, label) for i, r in enumerate(reqs)]

@@ -314,7 +314,7 @@ def execute(plan: Plan, label: str, spec: dict, args, workers=None) -> tuple[lis
         info.update(setup_s=t1 - t0, replay_s=time.monotonic() - t1,
                     worker_logs=[str(w.log) for w in workers])
         return rows, info
-    from carajax.engine import Engine
+    from carajax.engine.engine import Engine
 
     gbps, lat = plan.link if plan.link else (None, 0.0)
     config = EngineConfig(cold_start=spec["cold_start"], max_batch_size=args.max_batch,

@@ -33,15 +33,15 @@ import jax
 import numpy as np
 
 from carajax.config import TARGET_MODULES, EngineConfig, ModelConfig
-from carajax.engine import Engine
+from carajax.engine.engine import Engine
+from carajax.engine.planner import DecodeItem, PrefillChunk, Schedule
+from carajax.engine.request import Request, RequestHandle, RequestMetrics
+from carajax.engine.runner import bucket
+from carajax.engine.sampling import SamplingParams
 from carajax.lora.adapter import LoraAdapter, LoraModule
 from carajax.lora.hook import resolve_lora_impl
 from carajax.models import weights
-from carajax.request import Request, RequestHandle, RequestMetrics
-from carajax.runner import bucket
-from carajax.sampling import SamplingParams
 from carajax.sched import cost_model as cm
-from carajax.scheduler import DecodeItem, PrefillChunk, Schedule
 
 FORMAT = "carajax.profile/v1"
 _MIXED = re.compile(r"^mixed\s*(\d+)\s*\.\.\s*(\d+)$")

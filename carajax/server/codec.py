@@ -11,8 +11,8 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
-from carajax.request import RequestError, RequestMetrics, RequestOutput
-from carajax.sampling import SamplingParams
+from carajax.engine.request import RequestError, RequestMetrics, RequestOutput
+from carajax.engine.sampling import SamplingParams
 from carajax.server import carajax_pb2 as pb
 
 MAX_REQUEST_ID = 128

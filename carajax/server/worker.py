@@ -23,10 +23,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from carajax.engine import Engine
+from carajax.engine.engine import Engine
+from carajax.engine.request import QueueFullError, RequestError, RequestHandle
 from carajax.lora.adapter import AdapterError
 from carajax.lora.pool import PoolFullError
-from carajax.request import QueueFullError, RequestError, RequestHandle
 from carajax.server import carajax_pb2 as pb
 from carajax.server import carajax_pb2_grpc as pb_grpc
 from carajax.server import codec

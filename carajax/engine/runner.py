@@ -21,11 +21,11 @@ from flax import nnx
 
 from carajax import parallel
 from carajax.config import EngineConfig
+from carajax.engine.planner import Schedule
+from carajax.engine.request import Request
+from carajax.engine.sampling import SamplingParams, sample, sampling_arrays
 from carajax.lora.hook import BatchLora, resolve_lora_impl
 from carajax.models.llama import KVCache, Llama
-from carajax.request import Request
-from carajax.sampling import SamplingParams, sample, sampling_arrays
-from carajax.scheduler import Schedule
 
 # Incremented at trace time only: one count per compiled variant.
 _TRACES: collections.Counter[str] = collections.Counter()

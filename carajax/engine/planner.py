@@ -1,4 +1,4 @@
-"""The host-only scheduler: admits requests, plans each step, and applies its results.
+"""The batch planner (host only): admits requests, plans each step, and applies its results.
 
 It never touches device arrays. It reads adapter residency from the pool's bookkeeping to choose
 each request's LoRA path for the step:
@@ -17,7 +17,7 @@ import collections
 import dataclasses
 
 from carajax.config import EngineConfig
-from carajax.request import Phase, QueueFullError, Request, RequestOutput, now
+from carajax.engine.request import Phase, QueueFullError, Request, RequestOutput, now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Schedule:
         return [c.request for c in self.prefill] + [d.request for d in self.decode]
 
 
-class Scheduler:
+class BatchPlanner:
     """Waiting queue (bounded), running set with KV-cache rows, and the per-step plan."""
 
     def __init__(self, config: EngineConfig, seq_len: int, pool, decode_text):

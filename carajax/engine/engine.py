@@ -25,14 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from carajax.config import DEMO_MODEL, TARGET_MODULES, EngineConfig, ModelConfig
-from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
-from carajax.lora.cpu_assist import CpuAssistBridge, CpuLoraWorker
-from carajax.lora.pool import AdapterPool
-from carajax.models import weights
-from carajax.models.llama import Llama
-from carajax.models.tokenizer import Tokenizer, load_tokenizer
-from carajax.request import (
+from carajax.config import PRESET_CHECKPOINTS, TARGET_MODULES, EngineConfig, ModelConfig
+from carajax.engine.planner import BatchPlanner
+from carajax.engine.request import (
     QueueFullError,
     Request,
     RequestError,
@@ -41,9 +36,14 @@ from carajax.request import (
     RequestOutput,
     now,
 )
-from carajax.runner import ModelRunner
-from carajax.sampling import SamplingParams
-from carajax.scheduler import Scheduler
+from carajax.engine.runner import ModelRunner
+from carajax.engine.sampling import SamplingParams
+from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
+from carajax.lora.cpu_assist import CpuAssistBridge, CpuLoraWorker
+from carajax.lora.pool import AdapterPool
+from carajax.models import weights
+from carajax.models.llama import Llama
+from carajax.models.tokenizer import Tokenizer, load_tokenizer
 
 Prompt = str | Sequence[int]
 _CPU_PROFILES: dict[tuple, float] = {}  # see Engine._profile_cpu_assist
@@ -70,7 +70,7 @@ class Engine:
             emulated_link_latency_ms=config.emulated_link_latency_ms)
         self.bridge = CpuAssistBridge(CpuLoraWorker(max_threads=config.cpu_threads), model.config)
         self.runner = ModelRunner(model, config, self.pool, self.bridge)
-        self.scheduler = Scheduler(config, self.runner.seq_len, self.pool, self._decode_text)
+        self.planner = BatchPlanner(config, self.runner.seq_len, self.pool, self._decode_text)
         self._adapters: dict[str, LoraAdapter] = {}
         self._cpu_ids: dict[str, int] = {}
         self._rng = np.random.default_rng()
@@ -109,15 +109,13 @@ class Engine:
         (`carajax.demo`), or a preset name (random weights from `seed`)."""
         config = dataclasses.replace(config or EngineConfig(), dtype=dtype)
         jdtype = jnp.dtype(dtype)
-        is_demo = name_or_path == DEMO_MODEL
-        if is_demo:
-            from carajax import demo
-
-            name_or_path = demo.model_dir()
+        preset = name_or_path if name_or_path in PRESET_CHECKPOINTS else None
+        if preset is not None:
+            name_or_path = PRESET_CHECKPOINTS[preset]
         if os.path.isdir(name_or_path):
             model_config = ModelConfig.from_hf(name_or_path)
-            if is_demo:
-                model_config = dataclasses.replace(model_config, name=DEMO_MODEL)
+            if preset is not None:
+                model_config = dataclasses.replace(model_config, name=preset)
             model = weights.load_hf(name_or_path, model_config, dtype=jdtype)
             tokenizer = load_tokenizer(name_or_path, model_config)
         else:
@@ -184,7 +182,7 @@ class Engine:
         with self._lock:
             self._adapter(name)
             self.pool.unregister(name)  # raises if in use
-            self.scheduler.fail_waiting(lambda r: r.adapter == name,
+            self.planner.fail_waiting(lambda r: r.adapter == name,
                                         f"adapter {name!r} was removed")
             self.bridge.unregister(self._cpu_ids.pop(name))
             del self._adapters[name]
@@ -276,10 +274,10 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise RuntimeError("engine is closed")
-            if len(self.scheduler.waiting) + len(requests) > self.config.max_queue:
+            if len(self.planner.waiting) + len(requests) > self.config.max_queue:
                 raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
             for r in requests:
-                self.scheduler.add(r)
+                self.planner.add(r)
             self._ensure_loop()
             self._work.notify()
         return [r.handle for r in requests]
@@ -289,7 +287,7 @@ class Engine:
         reason "cancelled" and frees its KV-cache row at once; the others do not notice.
         Returns False if the engine holds no such request (unknown or already finished)."""
         with self._lock:
-            return self.scheduler.cancel(request_id)
+            return self.planner.cancel(request_id)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  adapters: str | None | Sequence[str | None] = None,
@@ -322,12 +320,12 @@ class Engine:
         """Run one engine iteration; returns False when there was nothing to do."""
         with self._lock:
             self.pool.poll()  # install finished copies; never blocks
-            plan = self.scheduler.schedule()
+            plan = self.planner.schedule()
             if plan.empty:
                 return False
             stalled = sum(self.pool.load_now(name) for name in plan.sync_loads)
             tokens, failed = self.runner.run(plan, self._cpu_ids)
-            self.scheduler.postprocess(plan, tokens, stalled, failed)
+            self.planner.postprocess(plan, tokens, stalled, failed)
             self.steps += 1
             return True
 
@@ -341,14 +339,14 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._work:
-                while not self._closed and not self.scheduler.has_work:
+                while not self._closed and not self.planner.has_work:
                     self._work.wait()
                 if self._closed:
                     return
                 try:
                     self.step()
                 except Exception as e:  # a bug must not hang callers: fail what was running
-                    self.scheduler.fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                    self.planner.fail_all(f"engine step failed: {type(e).__name__}: {e}")
 
     def stats(self) -> dict:
         """Queue, running batch (with ranks), adapter residency, bytes used, counters."""
@@ -357,8 +355,8 @@ class Engine:
                         "rank": self._adapters[r.adapter].rank if r.adapter else 0,
                         "phase": r.phase.value, "prompt_tokens": len(r.prompt_ids),
                         "computed": r.num_computed, "output_tokens": len(r.output_ids)}
-                       for r in self.scheduler.running]
-            return {"waiting": len(self.scheduler.waiting), "running": running,
+                       for r in self.planner.running]
+            return {"waiting": len(self.planner.waiting), "running": running,
                     "cold_start": self.config.cold_start,
                     "emulated_link": self.config.emulated_link_gbps is not None,
                     "steps": self.steps, "compiled_variants": self.compiled_variants(),
@@ -368,7 +366,7 @@ class Engine:
         """Stop the loop thread (queued requests fail) and the pool's loader."""
         with self._work:
             self._closed = True
-            self.scheduler.fail_all("engine closed")
+            self.planner.fail_all("engine closed")
             self._work.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from carajax.sampling import SamplingParams
+from carajax.engine.sampling import SamplingParams
 
 
 class RequestError(ValueError):
