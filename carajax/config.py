@@ -79,6 +79,10 @@ class ModelConfig:
             raise KeyError(f"unknown projection {module!r}; expected one of {TARGET_MODULES}")
         return shapes[module]
 
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """Bytes of keys and values one position takes over all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
     def num_params(self) -> int:
         """Parameter count of the base model (embeddings, layers, final norm and untied head)."""
         per_layer = sum(a * b for a, b in map(self.projection_shape, TARGET_MODULES))
@@ -233,13 +237,19 @@ class EngineConfig:
     """Budgets and policies of one serving engine (one base model on one device)."""
 
     dtype: str = "float32"  # compute and weight dtype of the base model
-    max_seq_len: int | None = None  # KV cache length per request; None: min(model max, 4096)
-    max_batch_size: int = 8  # KV cache rows: requests that run at once
+    max_seq_len: int | None = None  # longest context of one request; None: min(model max, 4096)
+    max_batch_size: int = 8  # sequences that run at once (each holds KV pages)
     max_queue: int = 1024  # waiting requests beyond the batch; over it: QueueFullError
+    # Paged KV cache: pages of `kv_page_size` positions in one pool whose size is a byte budget;
+    # None: the bytes a fixed-row cache of max_batch_size x max_seq_len took (the old default).
+    kv_page_size: int = 16
+    kv_cache_bytes: int | None = None
+    # One forward per step over every scheduled token (decodes first, then prefill chunks):
+    max_step_tokens: int = 512  # the step's token budget (compiled variants: powers of two to it)
     prefill_chunk: int = 256  # prompt tokens per request per step (chunked prefill)
-    max_prefill_tokens: int = 2048  # prompt tokens per step over all requests
+    max_prefill_tokens: int = 2048  # the prefill share of a step (Sarathi: cap it to hold TPOT)
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
-    min_prefill_bucket: int = 16  # smallest padded prefill length (then powers of two)
+    min_prefill_bucket: int = 16  # smallest padded token count of a step (then powers of two)
     # Adapters.
     max_loras: int = 64  # device slots (adapters resident at once; metadata only)
     max_lora_rank: int = 64  # largest adapter rank accepted
@@ -269,7 +279,7 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         for field in ("max_batch_size", "max_loras", "max_lora_rank", "min_prefill_bucket",
                       "max_queue", "prefill_chunk", "max_prefill_tokens", "max_tokens_limit",
-                      "lora_page_rank", "tp"):
+                      "lora_page_rank", "tp", "kv_page_size", "max_step_tokens"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"EngineConfig.{field} must be positive")
         if self.cold_start not in COLD_START_POLICIES:
@@ -287,10 +297,22 @@ class EngineConfig:
             raise ValueError("EngineConfig.max_seq_len must be positive")
         if self.emulated_link_gbps is not None and self.emulated_link_gbps <= 0:
             raise ValueError("EngineConfig.emulated_link_gbps must be positive")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError("EngineConfig.kv_cache_bytes must be positive")
+        if self.max_step_tokens < self.max_batch_size:
+            raise ValueError(f"EngineConfig.max_step_tokens ({self.max_step_tokens}) must be at "
+                             f"least max_batch_size ({self.max_batch_size}): every running "
+                             "request decodes one token per step")
 
     def seq_len(self, model: ModelConfig) -> int:
         limit = min(model.max_position_embeddings, 4096)
         return limit if self.max_seq_len is None else min(self.max_seq_len, model.max_position_embeddings)
+
+    def kv_budget_bytes(self, model: ModelConfig, itemsize: int) -> int:
+        """Device bytes of the paged KV cache (default: max_batch_size x seq_len positions)."""
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        return self.max_batch_size * self.seq_len(model) * model.kv_bytes_per_token(itemsize)
 
     def lora_budget_bytes(self, model: ModelConfig, itemsize: int) -> int:
         """Device bytes for adapter pages (default: 8 adapters of max_lora_rank)."""

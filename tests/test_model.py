@@ -7,6 +7,7 @@ import pytest
 
 import carajax
 from carajax.config import RopeScaling
+from carajax.engine.planner import Schedule, SeqChunk
 from carajax.models.llama import rope_inv_freq
 from carajax.testing import write_random_adapter
 from tests.conftest import assert_close
@@ -25,48 +26,65 @@ def engine(tmp_path_factory, tiny_config):
     return engine
 
 
-def _slot(engine, adapter):
-    if adapter is None:
-        return -1
-    engine.pool.load_now(adapter)
-    return engine.pool.slot(adapter)
+def _request(engine, tokens, adapter):
+    """A request holding `tokens` as its prompt, with its adapter on the device."""
+    if adapter is not None:
+        engine.pool.load_now(adapter)
+    return engine._make_request(tokens, adapter, carajax.SamplingParams(temperature=0.0), None)
+
+
+def _step(engine, chunks) -> np.ndarray:
+    """Run one step of (request, start, length) chunks through the runner, in that order;
+    logits [len(chunks), V] at each chunk's last token."""
+    planner, runner = engine.planner, engine.runner
+    plan = []
+    for req, start, n in chunks:
+        assert planner.pages.grow(req, runner.layout.pages_for(start + n))
+        path = "base" if req.adapter is None else "device"
+        plan.append(SeqChunk(req, start, n, path, samples=start + n == req.num_tokens))
+    inputs = runner.prepare(Schedule(tuple(plan)), planner.pages.table, {})
+    _, logits = runner.launch(inputs)
+    return np.asarray(logits[:len(chunks)])
 
 
 @pytest.mark.parametrize("adapter", [None, "r4", "r16"])
-def test_kv_cache_decode_equals_full_forward(engine, adapter):
-    """Prefill a prefix, then decode the rest one token at a time: every step's logits equal the
-    full-sequence forward's logits at that position."""
+def test_paged_decode_equals_full_forward(engine, adapter):
+    """Prefill a prefix, then decode the rest one token at a time over the paged cache (the
+    sequence crosses a page boundary at 16): every step's logits equal the full-sequence
+    forward's logits at that position."""
     full = engine.logits(SEQ, adapter=adapter)
-    slot = _slot(engine, adapter)
+    req = _request(engine, SEQ, adapter)
     prefix = 5
-    logits = engine.runner.prefill(2, SEQ[:prefix], slot)
-    assert_close(np.asarray(logits[0]), full[prefix - 1])
+    assert_close(_step(engine, [(req, 0, prefix)])[0], full[prefix - 1])
     for pos in range(prefix, len(SEQ)):
-        logits = engine.runner.decode([2], [SEQ[pos]], [pos], [slot])
-        assert_close(np.asarray(logits[0]), full[pos])
+        assert_close(_step(engine, [(req, pos, 1)])[0], full[pos])
+    engine.planner.pages.free(req)
 
 
-def test_batched_decode_rows_are_independent(engine):
-    """Three requests with different adapters and lengths decode in one batch (padded to 4 rows):
-    each row's logits equal that request's own full forward."""
-    requests = [(SEQ[:7], None), (SEQ[3:15], "r4"), (SEQ[:11], "r16")]
+def test_mixed_step_rows_are_independent(engine):
+    """One flattened step holds two decode tokens and two prefill chunks (one resuming mid-
+    prompt, one fresh), with three adapters and the base: each sequence's logits equal its own
+    full forward at its last token."""
+    requests = [(SEQ[:7], None), (SEQ[3:15], "r4"), (SEQ[:11], "r16"), (SEQ[2:19], "r4")]
     full = [engine.logits(toks, adapter=a) for toks, a in requests]
-    rows, slots = [0, 1, 2], [_slot(engine, a) for _, a in requests]
-    for row, (toks, _), slot in zip(rows, requests, slots):
-        engine.runner.prefill(row, toks[:-1], slot)
-    logits = engine.runner.decode(rows, [t[-1] for t, _ in requests],
-                                  [len(t) - 1 for t, _ in requests], slots)
-    assert logits.shape[0] == 4  # bucketed batch
+    reqs = [_request(engine, toks, a) for toks, a in requests]
+    # Earlier steps: the two decoders' contexts and the resumed prompt's first chunk.
+    _step(engine, [(reqs[0], 0, 6), (reqs[1], 0, 11), (reqs[3], 0, 9)])
+    logits = _step(engine, [(reqs[0], 6, 1), (reqs[1], 11, 1), (reqs[2], 0, 11),
+                            (reqs[3], 9, 8)])
     for i, f in enumerate(full):
-        assert_close(np.asarray(logits[i]), f[-1])
+        assert_close(logits[i], f[-1])
+    for r in reqs:
+        engine.planner.pages.free(r)
 
 
 def test_padding_does_not_leak_into_results(engine):
-    """Prompt lengths on either side of a bucket boundary give the same logits as scoring."""
+    """Prompt lengths on either side of a token bucket boundary give the same logits as scoring."""
     for n in (15, 16, 17):
         toks = (SEQ * 2)[:n]
-        logits = engine.runner.prefill(0, toks, -1)
-        assert_close(np.asarray(logits[0]), engine.logits(toks)[-1])
+        req = _request(engine, toks, None)
+        assert_close(_step(engine, [(req, 0, n)])[0], engine.logits(toks)[-1])
+        engine.planner.pages.free(req)
 
 
 def test_llama3_rope_scaling_frequencies():

@@ -23,13 +23,14 @@ from carajax.config import DEMO_MODEL, TARGET_MODULES, ModelConfig
 from carajax.demo import tasks as T
 from carajax.lora import adapter
 from carajax.models import weights
-from carajax.models.llama import KVCache, Llama
+from carajax.models.llama import Llama, PagedKVCache, dense_batch
 from carajax.models.tokenizer import ByteTokenizer
 
 # The demo base: llama-test's byte vocabulary, wide and deep enough to learn to copy.
 DEMO_CONFIG = ModelConfig.from_name(DEMO_MODEL)
 SEQ = 2 * T.MAX_LEN + 4  # STX word = answer ETX, padded
 PAD = 0
+PAGE = 16  # KV page size of the training forward (its cache is scratch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +69,17 @@ class DenseLora:
         self.params, self.scale = params, scale  # params[f"{layer}.{module}"] = {"a", "b"}
 
     def __call__(self, layer, modules, x):
+        # `layer` is traced (the model scans over its layers): stack each module's per-layer
+        # weights and index them.
+        layers = sorted({int(k.split(".")[0]) for k in self.params})
         out = []
         for m in modules:
-            p = self.params.get(f"{layer}.{m}")
-            out.append(None if p is None else self.scale * (x @ p["a"].T) @ p["b"].T)
+            if f"{layers[0]}.{m}" not in self.params:
+                out.append(None)
+                continue
+            a = jnp.stack([self.params[f"{i}.{m}"]["a"] for i in layers])[layer]  # [r, d_in]
+            b = jnp.stack([self.params[f"{i}.{m}"]["b"] for i in layers])[layer]  # [d_out, r]
+            out.append(self.scale * (x @ a.T) @ b.T)
         return tuple(out)
 
 
@@ -80,10 +88,11 @@ def forward(graphdef, params, tokens, lora: DenseLora | None = None, consts=None
     model's `nnx.Param`s, `consts` the rest (the rotary frequencies; None: in `params`)."""
     model = nnx.merge(graphdef, params, *(() if consts is None else (consts,)))
     B, S = tokens.shape
-    cache = KVCache.zeros(model.config, B, S, jnp.float32)
-    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    logits, _ = model(tokens, positions, cache, jnp.arange(B, dtype=jnp.int32), lora)
-    return logits
+    batch, pages = dense_batch(B, S, PAGE)
+    batch = dataclasses.replace(batch, tokens=tokens.reshape(-1))
+    cache = PagedKVCache.zeros(model.config, pages, PAGE, jnp.float32)
+    logits, _ = model(batch, cache, lora)
+    return logits.reshape(B, S, -1)
 
 
 def masked_loss(logits, tokens, mask):

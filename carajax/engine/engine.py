@@ -13,6 +13,7 @@ A loop thread runs `step()` while there is work. Each step reads top to bottom:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import os
@@ -70,7 +71,11 @@ class Engine:
             emulated_link_latency_ms=config.emulated_link_latency_ms)
         self.bridge = CpuAssistBridge(CpuLoraWorker(max_threads=config.cpu_threads), model.config)
         self.runner = ModelRunner(model, config, self.pool, self.bridge)
-        self.planner = BatchPlanner(config, self.runner.seq_len, self.pool, self._decode_text)
+        self.planner = BatchPlanner(config, self.runner.layout, self.runner.seq_len, self.pool,
+                                    self._decode_text)
+        # Per step: (seconds on the host: planning, building inputs, applying results; seconds
+        # in all). Host time is what a faster device cannot remove.
+        self._step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
         self._adapters: dict[str, LoraAdapter] = {}
         self._cpu_ids: dict[str, int] = {}
         self._rng = np.random.default_rng()
@@ -90,12 +95,12 @@ class Engine:
         c = self.model_config
         key = (c, str(self.runner.dtype), self.config.prefill_chunk, self.config.max_lora_rank)
         if key not in _CPU_PROFILES:
-            ids = [c.bos_token_id or 0] * min(self.config.prefill_chunk, self.runner.seq_len - 1)
-            jax.block_until_ready(self.runner.prefill(0, ids, -1))  # compile
+            n = min(self.config.prefill_chunk, self.config.max_step_tokens, self.runner.seq_len)
+            self.runner.dry_step(n)  # compile
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                jax.block_until_ready(self.runner.prefill(0, ids, -1))
+                self.runner.dry_step(n)
                 times.append(time.perf_counter() - t0)
             budget = statistics.median(times) / (c.num_layers * len(TARGET_MODULES))
             _CPU_PROFILES[key] = self.bridge.worker.profile(
@@ -244,6 +249,10 @@ class Engine:
         arrival = now()
         sampling = sampling or SamplingParams()
         ids = self._token_ids(prompt, self.runner.seq_len - 1)
+        layout = self.runner.layout
+        if layout.pages_for(len(ids)) > layout.num_pages:
+            raise RequestError(f"prompt has {len(ids)} tokens; the whole KV cache holds "
+                               f"{layout.num_pages * layout.page_size} (raise kv_cache_bytes)")
         if sampling.max_tokens > self.config.max_tokens_limit:
             raise RequestError(f"max_tokens {sampling.max_tokens} is over the limit "
                                f"{self.config.max_tokens_limit}")
@@ -320,12 +329,20 @@ class Engine:
         """Run one engine iteration; returns False when there was nothing to do."""
         with self._lock:
             self.pool.poll()  # install finished copies; never blocks
+            t0 = time.perf_counter()
             plan = self.planner.schedule()
             if plan.empty:
                 return False
             stalled = sum(self.pool.load_now(name) for name in plan.sync_loads)
-            tokens, failed = self.runner.run(plan, self._cpu_ids)
+            t1 = time.perf_counter()
+            inputs = self.runner.prepare(plan, self.planner.pages.table, self._cpu_ids)
+            out = self.runner.launch(inputs)[0]
+            t2 = time.perf_counter()
+            tokens, failed = self.runner.collect(plan, inputs, out, self._cpu_ids)
+            t3 = time.perf_counter()
             self.planner.postprocess(plan, tokens, stalled, failed)
+            t4 = time.perf_counter()
+            self._step_times.append(((t2 - t0 - stalled) + (t4 - t3), t4 - t0))
             self.steps += 1
             return True
 

@@ -1,5 +1,18 @@
 """The batch planner (host only): admits requests, plans each step, and applies its results.
 
+A step is one forward over a flattened batch: one token for every decoding request (oldest
+first), then prefill chunks, within the step's token budget (`max_step_tokens`) and the prefill
+share (`max_prefill_tokens`, Sarathi's cap that keeps decodes' time per token). Decode and
+prefill are the same thing here: a request owns the sequence prompt + generated tokens, of which
+`num_computed` have keys and values in its KV pages; a step computes the next `length` of them,
+and when it reaches the end it samples a token. So a preempted request simply recomputes its
+sequence (prompt and what it generated so far) and carries on.
+
+KV pages (`PageAllocator`): admission needs the pages of a request's first chunk (and leaves a
+small watermark free); when a decoding request needs a page and none is free, the youngest
+running request is preempted: its pages go back, it returns to the front of the queue, and the
+batch goes on. Nothing fails for lack of memory.
+
 It never touches device arrays. It reads adapter residency from the pool's bookkeeping to choose
 each request's LoRA path for the step:
     "base"   no adapter;
@@ -15,57 +28,79 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 
 from carajax.config import EngineConfig
+from carajax.engine.kv_pages import KVLayout, PageAllocator
 from carajax.engine.request import Phase, QueueFullError, Request, RequestOutput, now
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefillChunk:
+class SeqChunk:
+    """Tokens [start, start + length) of one request's sequence, computed this step."""
+
     request: Request
-    start: int  # first prompt position of the chunk
+    start: int
     length: int
     path: str  # "base" | "device" | "cpu" | "load"
+    samples: bool  # the chunk reaches the sequence's end: the step draws the next token
 
     @property
-    def completes_prompt(self) -> bool:
-        return self.start + self.length == len(self.request.prompt_ids)
+    def is_decode(self) -> bool:
+        return self.length == 1 and self.start >= len(self.request.prompt_ids)
 
-
-@dataclasses.dataclass(frozen=True)
-class DecodeItem:
-    request: Request
-    path: str
+    @property
+    def prompt_tokens(self) -> int:
+        """How many of the chunk's tokens are prompt tokens (the rest were generated)."""
+        return max(0, min(self.start + self.length, len(self.request.prompt_ids)) - self.start)
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """One engine step: prefill chunks and decode tokens, and the adapters to load first."""
+    """One engine step: the chunks (decodes first), the adapters to load first, and the
+    requests preempted to make room (already back in the queue)."""
 
-    prefill: tuple[PrefillChunk, ...]
-    decode: tuple[DecodeItem, ...]
-    sync_loads: tuple[str, ...]  # `wait` policy: load these before running (the batch waits)
+    chunks: tuple[SeqChunk, ...]
+    sync_loads: tuple[str, ...] = ()  # `wait` policy: load these before running (the batch waits)
+    preempted: tuple[Request, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.prefill and not self.decode
+        return not self.chunks
 
     @property
     def requests(self) -> list[Request]:
-        return [c.request for c in self.prefill] + [d.request for d in self.decode]
+        return [c.request for c in self.chunks]
+
+    @property
+    def decode(self) -> tuple[SeqChunk, ...]:
+        return tuple(c for c in self.chunks if c.is_decode)
+
+    @property
+    def prefill(self) -> tuple[SeqChunk, ...]:
+        return tuple(c for c in self.chunks if not c.is_decode)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
 
 
 class BatchPlanner:
-    """Waiting queue (bounded), running set with KV-cache rows, and the per-step plan."""
+    """Waiting queue (bounded), running set with KV pages, and the per-step plan."""
 
-    def __init__(self, config: EngineConfig, seq_len: int, pool, decode_text):
+    def __init__(self, config: EngineConfig, layout: KVLayout, seq_len: int, pool, decode_text):
         self.config = config
-        self.seq_len = seq_len  # KV-cache length per row
+        self.layout = layout
+        self.seq_len = seq_len  # longest context of one request (positions)
         self.pool = pool  # AdapterPool: host-side bookkeeping only (where/slot/prefetch/acquire)
         self.decode_text = decode_text
+        self.pages = PageAllocator(layout.num_pages)
         self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []
-        self.free_rows = list(range(config.max_batch_size))
+        self.running: list[Request] = []  # in admission order: the last is the youngest
+        self._order = itertools.count()
+        # Free pages admission leaves for running requests to grow into (vLLM keeps ~1%).
+        self.watermark = max(1, layout.num_pages // 100)
+        self.preemptions = 0
 
     # -- queue -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -76,19 +111,6 @@ class BatchPlanner:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def _admit(self) -> None:
-        while self.waiting and self.free_rows:
-            req = self.waiting[0]
-            if req.adapter is not None and self.config.cold_start == "cpu_assist":
-                # Start the copy now; the request begins on the CPU path either way.
-                self.pool.prefetch(req.adapter)
-            self.waiting.popleft()
-            req.row = self.free_rows.pop(0)
-            req.phase = Phase.PREFILL
-            if req.adapter is not None:
-                self.pool.acquire(req.adapter)
-            self.running.append(req)
 
     def _path(self, req: Request) -> str:
         if req.adapter is None:
@@ -103,43 +125,120 @@ class BatchPlanner:
 
     # -- planning ----------------------------------------------------------------------------
     def schedule(self) -> Schedule:
-        """Admit what fits, then give every running request its share of this step."""
-        self._admit()
-        prefill, decode = [], []
-        budget = self.config.max_prefill_tokens
-        for req in self.running:
-            path = self._path(req)
-            if req.phase is Phase.PREFILL:
-                n = min(self.config.prefill_chunk, len(req.prompt_ids) - req.num_computed, budget)
-                if n > 0:
-                    prefill.append(PrefillChunk(req, req.num_computed, n, path))
-                    budget -= n
-            elif req.phase is Phase.DECODE:
-                decode.append(DecodeItem(req, path))
-        loads = tuple(dict.fromkeys(x.request.adapter for x in (*prefill, *decode)
-                                    if x.path == "load"))
-        return Schedule(tuple(prefill), tuple(decode), loads)
+        """Decodes first, then prefill chunks of running requests, then admissions, each while
+        the step's token budget, the prefill share and the KV pages allow."""
+        cfg, ps = self.config, self.layout.page_size
+        preempted: list[Request] = []
+        chunks: list[SeqChunk] = []
+        budget, prefill_budget = cfg.max_step_tokens, cfg.max_prefill_tokens
+
+        for req in [r for r in self.running if self._decoding(r)]:
+            if req not in self.running:  # preempted by an older request this step
+                continue
+            while not self.pages.grow(req, self.layout.pages_for(req.num_computed + 1)):
+                victim = self.running[-1]
+                if victim is req and len(self.running) == 1:
+                    # Alone and still out of pages: the whole cache is its context.
+                    self._finish(req, "length", now())
+                    break
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req in self.running:
+                chunks.append(self._chunk(req, 1))
+                budget -= 1
+
+        for req in [r for r in self.running if not self._decoding(r)]:
+            n = self._fit(req, min(cfg.prefill_chunk, budget, prefill_budget))
+            if n > 0:
+                chunks.append(self._chunk(req, n))
+                budget, prefill_budget = budget - n, prefill_budget - n
+
+        while self.waiting and len(self.running) < cfg.max_batch_size and budget > 0:
+            req = self.waiting[0]
+            if req in preempted:  # not back in the step that made room by preempting it
+                break
+            n = min(cfg.prefill_chunk, budget, prefill_budget, req.num_tokens)
+            if n <= 0 or self.pages.num_free - self.layout.pages_for(n) < self.watermark:
+                if self.running or chunks:
+                    break
+                # An empty engine admits whatever fits, watermark or not (it has the cache).
+                if not self.pages.grow(req, self.layout.pages_for(max(n, 1))):
+                    break
+            self._admit(self.waiting.popleft())
+            n = self._fit(req, n)
+            if n > 0:
+                chunks.append(self._chunk(req, n))
+                budget, prefill_budget = budget - n, prefill_budget - n
+
+        if not chunks and self.running:
+            # Every running request is stuck prefilling for lack of pages: free the youngest's
+            # so the others can go on (it recomputes later).
+            victim = self.running[-1]
+            if len(self.running) > 1:
+                self._preempt(victim)
+                preempted.append(victim)
+                return dataclasses.replace(self.schedule(), preempted=tuple(preempted))
+        loads = tuple(dict.fromkeys(c.request.adapter for c in chunks if c.path == "load"))
+        return Schedule(tuple(chunks), loads, tuple(preempted))
+
+    def _decoding(self, req: Request) -> bool:
+        return bool(req.output_ids) and req.num_tokens - req.num_computed == 1
+
+    def _fit(self, req: Request, n: int) -> int:
+        """Up to n of req's next tokens, as many as its pages (grown from the free ones) hold."""
+        n = min(n, req.num_tokens - req.num_computed)
+        if n <= 0:
+            return 0
+        ps = self.layout.page_size
+        have = len(self.pages.table(req)) + self.pages.num_free
+        n = min(n, have * ps - req.num_computed)
+        if n > 0 and not self.pages.grow(req, self.layout.pages_for(req.num_computed + n)):
+            raise AssertionError("page allocator refused pages it reported free")
+        return max(n, 0)
+
+    def _chunk(self, req: Request, n: int) -> SeqChunk:
+        start = req.num_computed
+        return SeqChunk(req, start, n, self._path(req), samples=start + n == req.num_tokens)
+
+    def _admit(self, req: Request) -> None:
+        if req.adapter is not None:
+            if self.config.cold_start == "cpu_assist":
+                # Start the copy now; the request begins on the CPU path either way.
+                self.pool.prefetch(req.adapter)
+            self.pool.acquire(req.adapter)
+        req.phase = Phase.PREFILL
+        req.admitted = next(self._order)
+        self.running.append(req)
+
+    def _preempt(self, req: Request) -> None:
+        """Take req's pages back; it returns to the front of the queue and recomputes later."""
+        self.pages.free(req)
+        self.running.remove(req)
+        if req.adapter is not None:
+            self.pool.release(req.adapter)
+        req.num_computed = 0
+        req.phase = Phase.WAITING
+        req.metrics.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
 
     # -- results -----------------------------------------------------------------------------
     def postprocess(self, plan: Schedule, tokens: dict[Request, int], stalled_s: float,
                     failed: dict[Request, str]) -> None:
-        """Advance every planned request: prompt progress, new tokens, stops, metrics."""
+        """Advance every planned request: progress, new tokens, stops, metrics."""
         t = now()
-        for req in plan.requests:
-            req.metrics.stalled_s += stalled_s
-        for chunk in plan.prefill:
+        for chunk in plan.chunks:
             req = chunk.request
+            req.metrics.stalled_s += stalled_s
             if chunk.path == "cpu":
-                req.metrics.cpu_prefill_tokens += chunk.length
+                req.metrics.cpu_prefill_tokens += chunk.prompt_tokens
+                req.metrics.cpu_decode_tokens += chunk.length - chunk.prompt_tokens
             elif (chunk.path in ("device", "load") and req.metrics.cpu_prefill_tokens
                   and req.metrics.handover_token is None):
                 req.metrics.handover_token = chunk.start
             req.num_computed += chunk.length
-            if chunk.completes_prompt:
-                req.phase = Phase.DECODE
-        for item in plan.decode:
-            if item.path == "cpu":
-                item.request.metrics.cpu_decode_tokens += 1
         for req, reason in failed.items():
             self._finish(req, "error", t, error=reason)
         for req, tok in tokens.items():
@@ -148,6 +247,7 @@ class BatchPlanner:
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = t
             req.output_ids.append(tok)
+            req.phase = Phase.DECODE
             req.handle._push(tok)
             if tok in req.stop_ids:
                 self._finish(req, "stop", t)
@@ -163,8 +263,8 @@ class BatchPlanner:
             self._finish(req, "error", t, error=reason)
 
     def cancel(self, request_id: str) -> bool:
-        """Finish a queued or running request now ("cancelled"): its KV row and adapter reference
-        are free for the next step. False if no such request is in the engine."""
+        """Finish a queued or running request now ("cancelled"): its KV pages and adapter
+        reference are free for the next step. False if no such request is in the engine."""
         for req in [*self.waiting, *self.running]:
             if req.request_id == request_id:
                 if req in self.waiting:
@@ -185,8 +285,7 @@ class BatchPlanner:
             return
         if req in self.running:
             self.running.remove(req)
-            self.free_rows.append(req.row)
-            self.free_rows.sort()
+            self.pages.free(req)
             if req.adapter is not None:
                 self.pool.release(req.adapter)
         req.phase, req.finish_reason, req.error = Phase.FINISHED, reason, error

@@ -22,8 +22,8 @@ class QueueFullError(RuntimeError):
 
 
 class Phase(enum.Enum):
-    WAITING = "waiting"  # queued, no KV-cache row yet
-    PREFILL = "prefill"  # has a row; prompt tokens still to compute
+    WAITING = "waiting"  # queued (or preempted), no KV pages
+    PREFILL = "prefill"  # running; prompt (or, after a preemption, earlier) tokens to compute
     DECODE = "decode"  # generating one token per step
     FINISHED = "finished"
 
@@ -42,6 +42,7 @@ class RequestMetrics:
     cold_start: bool = False  # its adapter was not on the device when it arrived
     handover_token: int | None = None  # prompt position where the device took over from the CPU
     stalled_s: float = 0.0  # time its steps spent blocked on synchronous adapter loads
+    preemptions: int = 0  # times its KV pages were taken back (it recomputed them later)
 
     @property
     def ttft_s(self) -> float | None:
@@ -91,16 +92,28 @@ class Request:
     metrics: RequestMetrics
     handle: RequestHandle
     phase: Phase = Phase.WAITING
-    row: int = -1  # KV-cache row while running
-    num_computed: int = 0  # prompt tokens already in the KV cache
+    num_computed: int = 0  # tokens (prompt, then generated) whose keys/values are in the cache
     output_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    admitted: int = -1  # admission order while running: the youngest is preempted first
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of its sequence so far: the prompt and what it generated."""
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def last_position(self) -> int:
-        """Cache position of the newest generated token (the next decode input)."""
-        return len(self.prompt_ids) + len(self.output_ids) - 1
+        """Cache position of the newest token (the next decode input)."""
+        return self.num_tokens - 1
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of the sequence (prompt, then generated)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(start - n, 0):end - n]
 
 
 _DONE = object()

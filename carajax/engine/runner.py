@@ -1,18 +1,27 @@
 """The model runner: the one place that touches the device.
 
-It holds the model's parameters (split from the NNX module, so the hot path is plain `jax.jit`)
-and the KV cache, reads the adapter pool's device weights, and runs a `Schedule`: one forward for
-the step's prefill chunks and one for its decode tokens, then sampling. Shapes are bucketed to
-powers of two so compiled variants stay few; `compiled_variants` counts them (each trace of a
-jitted function is one compilation). Steps without CPU-assisted rows use variants without the
-host callbacks, so warm steps pay nothing for them; engines with no adapter registered use
-variants without LoRA.
+It holds the model's parameters (split from the NNX module, so the hot path is plain `jax.jit`),
+the paged KV cache, and reads the adapter pool's device weights. `run` turns a `Schedule` into one
+flattened batch (`StepBatch`: every token of the step, sequence after sequence) and runs ONE
+jitted step: the forward over all of them and the sampling of the sequences that reach their
+end, so only the sampled token ids come back to the host.
+
+Compiled variants: the token count is bucketed to powers of two (decode-only steps from 1,
+mixed steps from `min_prefill_bucket`), the block tables' page count too (the attention reference
+reads that many pages per sequence, so its cost follows the longest context in the batch, not the
+cache's capacity). The sequence axis is fixed at `max_batch_size`. Steps with CPU-assisted
+tokens use variants with the host callbacks (their token count bucketed too); engines with no
+adapter registered use variants without LoRA. `compiled_variants` counts traces.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import dataclasses
 import functools
+import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +30,19 @@ from flax import nnx
 
 from carajax import parallel
 from carajax.config import EngineConfig
+from carajax.engine.kv_pages import KVLayout
 from carajax.engine.planner import Schedule
 from carajax.engine.request import Request
-from carajax.engine.sampling import SamplingParams, sample, sampling_arrays
+from carajax.engine.sampling import sample_tokens
 from carajax.lora.hook import BatchLora, resolve_lora_impl
-from carajax.models.llama import KVCache, Llama
+from carajax.models.llama import Llama, PagedKVCache, StepBatch, dense_batch
 
 # Incremented at trace time only: one count per compiled variant.
 _TRACES: collections.Counter[str] = collections.Counter()
+# Query block of steps with prefill chunks (attention and the jnp LoRA path); decode-only: 1.
+PREFILL_BLOCK = 16
+# The smallest context the block tables cover (positions): fewer page buckets, fewer compiles.
+MIN_CONTEXT_BUCKET = 128
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -36,41 +50,63 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
-def _hook(lora, row_slots, cpu_ids, row_lens, use_lora, impl, bridge, pad=False):
-    if not use_lora and bridge is None:
+def _hook(lora, batch: StepBatch, seg_slots, cpu, use_lora, impl, pad, block):
+    if not use_lora and cpu is None:
         return None
-    return BatchLora(lora if use_lora else None, row_slots, row_lens, impl,
-                     cpu=(bridge, cpu_ids) if bridge is not None else None, pad_to_max_rank=pad)
+    starts = batch.query_starts[:-1]
+    lens = batch.query_starts[1:] - starts
+    return BatchLora(lora if use_lora else None, starts, lens, seg_slots, impl, cpu=cpu,
+                     pad_to_max_rank=pad, token_block=block)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "pad"))
-def _score(graphdef, state, lora, tokens, row_slots, row_lens, *, use_lora: bool, impl: str,
-           pad: bool = False):
-    """Full-sequence logits [B, T, V] of rows of tokens [B, T] from position 0, no KV cache kept."""
+def _score(graphdef, state, lora, batch: StepBatch, cache: PagedKVCache, seg_slots, *,
+           use_lora: bool, impl: str, pad: bool = False):
+    """Logits [T, V] of whole sequences from position 0 (a scratch cache, not kept)."""
     _TRACES["score"] += 1
     model: Llama = nnx.merge(graphdef, state)
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    cache = KVCache.zeros(model.config, B, T, model.embed_tokens.value.dtype)
-    hook = _hook(lora, row_slots, None, row_lens, use_lora, impl, None, pad)
-    logits, _ = model(tokens, positions, cache, jnp.arange(B, dtype=jnp.int32), hook)
+    hook = _hook(lora, batch, seg_slots, None, use_lora, impl, pad, PREFILL_BLOCK)
+    logits, _ = model(batch, cache, hook, query_block=PREFILL_BLOCK)
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "bridge", "pad"),
-                   donate_argnames=("cache",))
-def _step(graphdef, state, lora, cache: KVCache, tokens, positions, rows, row_slots, cpu_ids,
-          row_lens, logit_index, *, use_lora: bool, impl: str, bridge, pad: bool = False):
-    """One prefill chunk or decode step: logits [B, V] at `logit_index`, and the updated cache.
-    `pad`: the Pallas kernels pad every row to the batch's max rank (EngineConfig.lora_kernel)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "bridge", "pad",
+                                             "block"), donate_argnames=("cache",))
+def _step(graphdef, state, lora, cache: PagedKVCache, batch: StepBatch, seg_slots, cpu_rows,
+          cpu_ids, *, use_lora: bool, impl: str, bridge, pad: bool, block: int):
+    """One engine step's forward over the flattened batch: (logits float32 [R, V] at
+    `logit_rows`, the cache)."""
     _TRACES["step"] += 1
     model: Llama = nnx.merge(graphdef, state)
-    hook = _hook(lora, row_slots, cpu_ids, row_lens, use_lora, impl, bridge, pad)
-    return model(tokens, positions, cache, rows, hook, logit_index)
+    cpu = (bridge, cpu_rows, cpu_ids) if bridge is not None else None
+    hook = _hook(lora, batch, seg_slots, cpu, use_lora, impl, pad, block)
+    return model(batch, cache, hook, query_block=block)
+
+
+@jax.jit
+def _sample(logits, sampling):
+    """The step's tokens, int32 [R]. Its own jit (dispatched right after the forward, no sync
+    between): its variants follow R alone, so the forward's many token x page buckets do not
+    each compile the sampler again (~1 s each on CPU)."""
+    _TRACES["sample"] += 1
+    return sample_tokens(logits, *sampling)
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """Host arrays of one step (numpy), before they go to the device."""
+
+    batch: StepBatch
+    seg_slots: np.ndarray  # int32 [S]
+    cpu_rows: np.ndarray  # int32 [C]: token rows whose LoRA comes from the CPU; T: padding
+    cpu_ids: np.ndarray  # int32 [C]
+    sampling: tuple  # temperature, top_k, top_p, seeds, steps: [R] each
+    block: int  # query / token block: 1 for a decode-only step
+    samplers: list[tuple[int, Request]]  # (logit row, request) of the chunks that sample
 
 
 class ModelRunner:
-    """Device state (params, KV cache) and the compiled forward passes."""
+    """Device state (params, KV pages) and the compiled step."""
 
     def __init__(self, model: Llama, config: EngineConfig, pool, bridge):
         self.model_config = model.config
@@ -80,10 +116,12 @@ class ModelRunner:
         self.graphdef, self.state = nnx.split(model)
         self.dtype = model.embed_tokens.value.dtype
         self.lora_impl = resolve_lora_impl(config.lora_impl)
-        # Static per engine (one compiled variant set); the jnp references ignore it.
+        # Static per engine (one compiled variant set); the jnp path ignores it.
         self.pad = config.lora_kernel == "padded"
         self.seq_len = config.seq_len(model.config)
-        self.cache = KVCache.zeros(model.config, config.max_batch_size, self.seq_len, self.dtype)
+        self.layout = KVLayout.for_engine(config, model.config, np.dtype(self.dtype).itemsize)
+        self.cache = PagedKVCache.zeros(model.config, self.layout.num_pages,
+                                        self.layout.page_size, self.dtype)
         self.mesh = None
         if config.tp > 1:  # shard once; GSPMD propagates these shardings through the plain jits
             parallel.check_tp(model.config, config.tp)
@@ -100,133 +138,184 @@ class ModelRunner:
     def score(self, token_ids: list[int], slot: int) -> np.ndarray:
         """float32 [T, vocab] logits of a whole sequence (slot -1: base model only)."""
         T = len(token_ids)
-        tokens = np.zeros((1, bucket(T, self.config.min_prefill_bucket)), np.int32)
-        tokens[0, :T] = token_ids
-        logits = _score(self.graphdef, self.state, self.pool.weights, tokens,
-                        np.array([slot], np.int32), np.array([T], np.int32),
-                        use_lora=slot >= 0, impl=self.lora_impl, pad=self.pad)
-        return np.asarray(logits[0, :T])
+        Tb = bucket(T, self.config.min_prefill_bucket)
+        batch, pages = dense_batch(1, Tb, self.layout.page_size)
+        tokens = np.zeros(Tb, np.int32)
+        tokens[:T] = token_ids
+        batch = dataclasses.replace(batch, tokens=jnp.asarray(tokens))
+        scratch = PagedKVCache.zeros(self.model_config, pages, self.layout.page_size, self.dtype)
+        logits = _score(self.graphdef, self.state, self.pool.weights, batch, scratch,
+                        np.array([slot], np.int32), use_lora=slot >= 0, impl=self.lora_impl,
+                        pad=self.pad)
+        return np.asarray(logits[:T])
 
-    def prefill(self, row: int, token_ids: list[int], slot: int, start: int = 0) -> jax.Array:
-        """Prompt tokens into KV-cache row `row` from position `start`, with device LoRA slot
-        `slot` (-1: none); logits [1, V] of the last token. (The profiler and tests use this.)"""
-        T = len(token_ids)
-        Tq = bucket(T, self.config.min_prefill_bucket)
-        ids = np.zeros((1, Tq), np.int32)
-        ids[0, :T] = token_ids
-        return self._forward(ids, start + np.arange(Tq, dtype=np.int32)[None], [row], [slot],
-                             [-1], [T])
+    # -- the step ------------------------------------------------------------------------------
+    def token_bucket(self, T: int, decode_only: bool) -> int:
+        """Padded token count: powers of two, from min(8, max_batch_size) for decode-only steps
+        and from `min_prefill_bucket` for steps with prefill chunks."""
+        lo = min(8, self.config.max_batch_size) if decode_only else self.config.min_prefill_bucket
+        return bucket(T, lo)
 
-    def decode(self, rows: list[int], last_tokens: list[int], positions: list[int],
-               slots: list[int]) -> jax.Array:
-        """One token per row at its position; logits [B, V] (B padded to a power of two)."""
-        return self._forward(np.array(last_tokens, np.int32)[:, None],
-                             np.array(positions, np.int32)[:, None], rows, slots,
-                             [-1] * len(rows), [1] * len(rows))
+    def page_bucket(self, pages: int) -> int:
+        """Padded block-table width: powers of two from MIN_CONTEXT_BUCKET positions' worth (the
+        attention gathers that many pages per sequence: its cost follows the longest context in
+        the batch), capped at the longest context."""
+        lo = max(1, MIN_CONTEXT_BUCKET // self.layout.page_size)
+        return min(bucket(pages, lo), bucket(self.layout.max_pages_per_seq, 1))
 
-    def run(self, plan: Schedule, cpu_ids: dict[str, int]
+    def prepare(self, plan: Schedule, table: Callable[[Request], list[int]],
+                cpu_ids: dict[str, int]) -> StepInputs:
+        """The step's host arrays: tokens, positions, KV write slots, block tables, LoRA
+        segments and the sampling parameters of the sequences that reach their end."""
+        cfg, ps = self.config, self.layout.page_size
+        chunks = plan.chunks
+        S = cfg.max_batch_size
+        T = sum(c.length for c in chunks)
+        decode_only = all(c.length == 1 for c in chunks)
+        Tb = self.token_bucket(T, decode_only)
+        tables = [table(c.request) for c in chunks]
+        Pb = self.page_bucket(max((len(t) for t in tables), default=1))
+        R = min(Tb, S)
+        tokens = np.zeros(Tb, np.int32)
+        positions = np.zeros(Tb, np.int32)
+        slots = np.full(Tb, -1, np.int32)
+        block_tables = np.zeros((S, Pb), np.int32)
+        seq_lens = np.zeros(S, np.int32)
+        query_starts = np.full(S + 1, T, np.int32)
+        logit_rows = np.zeros(R, np.int32)
+        seg_slots = np.full(S, -1, np.int32)
+        temperature, top_k = np.zeros(R, np.float32), np.zeros(R, np.int32)
+        top_p, seeds, steps = np.ones(R, np.float32), np.zeros(R, np.uint32), np.zeros(R, np.int32)
+        cpu_rows, cpu_owner, samplers = [], [], []
+        o = 0
+        for i, (c, tab) in enumerate(zip(chunks, tables)):
+            req, n = c.request, c.length
+            end = o + n
+            pos = np.arange(c.start, c.start + n, dtype=np.int32)
+            tokens[o:end] = req.token_ids(c.start, c.start + n)
+            positions[o:end] = pos
+            tab = np.asarray(tab, np.int32)
+            slots[o:end] = tab[pos // ps] * ps + pos % ps
+            block_tables[i, :len(tab)] = tab
+            seq_lens[i] = c.start + n
+            query_starts[i] = o
+            logit_rows[i] = end - 1
+            if c.path in ("device", "load"):
+                seg_slots[i] = self.pool.slot(req.adapter)
+            elif c.path == "cpu":
+                cpu_rows.extend(range(o, end))
+                cpu_owner.extend([cpu_ids[req.adapter]] * n)
+            if c.samples:
+                p = req.sampling
+                temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+                seeds[i], steps[i] = req.seed, len(req.output_ids)
+                samplers.append((i, req))
+            o = end
+        query_starts[len(chunks):] = T
+        C = bucket(len(cpu_rows), 8) if cpu_rows else 0
+        rows = np.full(C, Tb, np.int32)
+        rows[:len(cpu_rows)] = cpu_rows
+        owners = np.full(C, -1, np.int32)
+        owners[:len(cpu_owner)] = cpu_owner
+        batch = StepBatch(tokens=tokens, positions=positions, slots=slots,
+                          block_tables=block_tables, seq_lens=seq_lens, query_starts=query_starts,
+                          logit_rows=logit_rows)
+        return StepInputs(batch, seg_slots, rows, owners,
+                          (temperature, top_k, top_p, seeds, steps),
+                          1 if decode_only else PREFILL_BLOCK, samplers)
+
+    def launch(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
+        """Dispatch the step (asynchronously); returns (tokens [R], logits [R, V]) on the device
+        and keeps the updated cache."""
+        use_cpu = inputs.cpu_rows.size > 0
+        logits, self.cache = _step(
+            self.graphdef, self.state, self.pool.weights, self.cache, inputs.batch,
+            inputs.seg_slots, inputs.cpu_rows, inputs.cpu_ids,
+            use_lora=self._use_lora(inputs.seg_slots), impl=self.lora_impl, pad=self.pad,
+            bridge=self.bridge if use_cpu else None, block=inputs.block)
+        return _sample(logits, inputs.sampling), logits
+
+    def run(self, plan: Schedule, table: Callable[[Request], list[int]], cpu_ids: dict[str, int]
             ) -> tuple[dict[Request, int], dict[Request, str]]:
         """Run a step: sampled tokens of the requests that produce one, and failed requests."""
+        inputs = self.prepare(plan, table, cpu_ids)
+        return self.collect(plan, inputs, self.launch(inputs)[0], cpu_ids)
 
-        def lora_args(pairs):  # (request, path) -> (rows, device slots, cpu ids)
-            return ([r.row for r, _ in pairs],
-                    [self.pool.slot(r.adapter) if p in ("device", "load") else -1 for r, p in pairs],
-                    [cpu_ids[r.adapter] if p == "cpu" else -1 for r, p in pairs])
-
-        tokens: dict[Request, int] = {}
-        if plan.prefill:
-            chunks = plan.prefill
-            Tq = bucket(max(c.length for c in chunks), self.config.min_prefill_bucket)
-            ids = np.zeros((len(chunks), Tq), np.int32)
-            for i, c in enumerate(chunks):
-                ids[i, :c.length] = c.request.prompt_ids[c.start:c.start + c.length]
-            starts = np.array([c.start for c in chunks], np.int32)
-            logits = self._forward(ids, starts[:, None] + np.arange(Tq, dtype=np.int32),
-                                   *lora_args([(c.request, c.path) for c in chunks]),
-                                   [c.length for c in chunks])
-            done = [i for i, c in enumerate(chunks) if c.completes_prompt]
-            tokens.update(self._sample(logits, [chunks[i].request for i in done], done))
-        if plan.decode:
-            items = plan.decode
-            ids = np.array([[d.request.output_ids[-1]] for d in items], np.int32)
-            pos = np.array([[d.request.last_position] for d in items], np.int32)
-            logits = self._forward(ids, pos, *lora_args([(d.request, d.path) for d in items]),
-                                   [1] * len(items))
-            tokens.update(self._sample(logits, [d.request for d in items], range(len(items))))
+    def collect(self, plan: Schedule, inputs: StepInputs, tokens: jax.Array,
+                cpu_ids: dict[str, int]) -> tuple[dict[Request, int], dict[Request, str]]:
+        """Wait for a launched step's tokens: {request: token} of the sampling chunks, and the
+        requests whose CPU LoRA failed."""
+        sampled = np.asarray(tokens)  # the one sync of the step
+        out = {req: int(sampled[i]) for i, req in inputs.samplers}
         failed = {}
         errors = self.bridge.take_errors()
-        for x in (*plan.prefill, *plan.decode):  # CPU-LoRA failures fail only their requests
-            cid = cpu_ids.get(x.request.adapter)
-            if x.path == "cpu" and cid in errors:
+        for c in plan.chunks:  # CPU-LoRA failures fail only their requests
+            cid = cpu_ids.get(c.request.adapter)
+            if c.path == "cpu" and cid in errors:
                 err = errors[cid]
-                failed[x.request] = (f"CPU LoRA for adapter {x.request.adapter!r} failed: "
+                failed[c.request] = (f"CPU LoRA for adapter {c.request.adapter!r} failed: "
                                      f"{type(err).__name__}: {err}")
-        return {r: t for r, t in tokens.items() if r not in failed}, failed
-
-    def _forward(self, ids, positions, rows, slots, cpu, lens) -> jax.Array:
-        """Pad the batch to a power of two of rows and run the step; logits [B, V]."""
-        n, Tq = ids.shape
-        pad = bucket(n, 1) - n
-        # Padding rows point past the cache: their writes are dropped, their outputs ignored.
-        rows = np.array(list(rows) + [self.config.max_batch_size] * pad, np.int32)
-        slots = np.array(list(slots) + [-1] * pad, np.int32)
-        cpu = np.array(list(cpu) + [-1] * pad, np.int32)
-        lens = np.array(list(lens) + [0] * pad, np.int32)
-        ids = np.concatenate([ids, np.zeros((pad, Tq), np.int32)])
-        positions = np.concatenate([positions, np.zeros((pad, Tq), np.int32)])
-        use_cpu = bool((cpu >= 0).any())
-        logits, self.cache = _step(
-            self.graphdef, self.state, self.pool.weights, self.cache, ids, positions, rows,
-            slots, cpu, lens, np.maximum(lens - 1, 0),
-            use_lora=self._use_lora(slots), impl=self.lora_impl, pad=self.pad,
-            bridge=self.bridge if use_cpu else None)
-        return logits
+        return {r: t for r, t in out.items() if r not in failed}, failed
 
     def _use_lora(self, slots: np.ndarray) -> bool:
-        # With adapters registered, every step takes the LoRA variant (rows without a device
-        # adapter pass slot -1 and cost ~nothing: the kernels skip their rank blocks). One
-        # variant instead of two per shape halves compilation; base-only engines never pay.
+        # With adapters registered, every step takes the LoRA variant (sequences without a device
+        # adapter pass slot -1 and cost ~nothing). One variant instead of two per shape halves
+        # compilation; base-only engines never pay.
         return bool((slots >= 0).any()) or len(self.pool) > 0
 
-    def warmup(self, cpu: bool) -> int:
-        """Compile every step variant the bucketing allows (batch rows and prefill lengths are
-        powers of two; with and without CPU assist; with LoRA if adapters are registered, see
-        `_use_lora`: call it after registering them), plus the sampler, by
-        running each once on padding rows (their cache writes are dropped). Returns how many
-        variants this compiled. Serving then never stops to compile."""
+    def warmup(self, cpu: bool, progress: Callable[[int, int], None] | None = None) -> int:
+        """Compile the step variants serving will use: every token bucket (decode-only and
+        mixed, to `max_step_tokens`) at every page bucket up to the longest context, with CPU
+        assist if asked, and the sampler per logit-row count. Variants are traced here and
+        compiled on a thread per core (XLA compiles outside the GIL; the ahead-of-time compiles
+        fill the same cache the step dispatches from). `progress(done, total)` after each.
+        Returns how many variants this compiled."""
+        cfg = self.config
+        page_buckets = sorted({self.page_bucket(1 << i)
+                               for i in range(bucket(self.layout.max_pages_per_seq, 1).bit_length())})
+        decode = sorted({self.token_bucket(1 << i, True)
+                         for i in range(bucket(cfg.max_batch_size, 1).bit_length())})
+        mixed = sorted({self.token_bucket(1 << i, False)
+                        for i in range(bucket(cfg.max_step_tokens, 1).bit_length())})
+        shapes = [(T, 1) for T in decode] + [(T, PREFILL_BLOCK) for T in mixed]
         before = sum(_TRACES.values())
-        top = bucket(self.config.max_batch_size, 1)
-        batches = [1 << i for i in range(top.bit_length())]
-        lengths = [1] + [1 << i for i in range(self.config.min_prefill_bucket.bit_length() - 1,
-                                                bucket(self.config.prefill_chunk, 1).bit_length())]
-        for use_lora in (len(self.pool) > 0,):  # as `_use_lora` will choose
-            for bridge in ((None, self.bridge) if cpu else (None,)):
-                for B in batches:
-                    for Tq in sorted(set(lengths)):
-                        none = np.full(B, -1, np.int32)
-                        _, self.cache = _step(
-                            self.graphdef, self.state, self.pool.weights, self.cache,
-                            np.zeros((B, Tq), np.int32), np.zeros((B, Tq), np.int32),
-                            np.full(B, self.config.max_batch_size, np.int32), none, none,
-                            np.ones(B, np.int32), np.zeros(B, np.int32), use_lora=use_lora,
-                            impl=self.lora_impl, pad=self.pad, bridge=bridge)
-        for B in batches:
-            params = [SamplingParams()] * B
-            sample(jnp.zeros((B, self.model_config.vocab_size)),
-                   *sampling_arrays(params, [0] * B, [0] * B))
-        jax.block_until_ready(self.cache.k[0])
+        lowered = []
+        for bridge in ((None, self.bridge) if cpu else (None,)):
+            for T, block in shapes:
+                for P in page_buckets:
+                    args, kwargs, sampling = self._dry_args(T, P, block, bridge)
+                    lowered.append(_step.lower(*args, **kwargs))
+        for R in sorted({min(T, cfg.max_batch_size) for T, _ in shapes}):
+            lowered.append(_sample.lower(jax.ShapeDtypeStruct((R, self.model_config.vocab_size),
+                                                              jnp.float32), self._dry_args(R, 1, 1, None)[2]))
+        done = 0
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for _ in concurrent.futures.as_completed([pool.submit(lw.compile) for lw in lowered]):
+                done += 1
+                if progress is not None:
+                    progress(done, len(lowered))
         return sum(_TRACES.values()) - before
 
-    def _sample(self, logits: jax.Array, reqs: list[Request], rows) -> dict[Request, int]:
-        if not reqs:
-            return {}
-        rows = list(rows)
-        picked = logits[np.array(rows)] if len(rows) != logits.shape[0] else logits
-        B = bucket(len(reqs), 1)  # bucket the sampler's batch too
-        picked = jnp.concatenate([picked, jnp.zeros((B - len(reqs), picked.shape[1]),
-                                                    picked.dtype)])
-        params = [r.sampling for r in reqs] + [reqs[0].sampling] * (B - len(reqs))
-        seeds = [r.seed for r in reqs] + [0] * (B - len(reqs))
-        steps = [len(r.output_ids) for r in reqs] + [0] * (B - len(reqs))
-        out = np.asarray(sample(picked, *sampling_arrays(params, seeds, steps)))
-        return {r: int(t) for r, t in zip(reqs, out)}
+    def _dry_args(self, T: int, P: int, block: int, bridge):
+        """Arguments of a step of T padding tokens (every KV write dropped, no sequence
+        attends): (positional, keyword, sampling arrays)."""
+        S = self.config.max_batch_size
+        R = min(T, S)
+        batch = StepBatch(tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+                          slots=np.full(T, -1, np.int32), block_tables=np.zeros((S, P), np.int32),
+                          seq_lens=np.zeros(S, np.int32), query_starts=np.zeros(S + 1, np.int32),
+                          logit_rows=np.zeros(R, np.int32))
+        C = 8 if bridge is not None else 0
+        sampling = (np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32),
+                    np.zeros(R, np.uint32), np.zeros(R, np.int32))
+        args = (self.graphdef, self.state, self.pool.weights, self.cache, batch,
+                np.full(S, -1, np.int32), np.full(C, T, np.int32), np.full(C, -1, np.int32))
+        kwargs = dict(use_lora=len(self.pool) > 0, impl=self.lora_impl, pad=self.pad,
+                      bridge=bridge, block=block)
+        return args, kwargs, sampling
+
+    def dry_step(self, T: int, P: int = 1, block: int = PREFILL_BLOCK, bridge=None) -> None:
+        """A step of T padding tokens, to time the projections of T tokens; waits for it."""
+        args, kwargs, sampling = self._dry_args(bucket(T, 1), P, block, bridge)
+        logits, self.cache = _step(*args, **kwargs)
+        jax.block_until_ready(_sample(logits, sampling))

@@ -1,10 +1,10 @@
-"""The model's LoRA hook: device slot weights + the slot of each batch row -> per-projection delta.
+"""The model's LoRA hook: device slot weights + the slot of each sequence -> per-projection delta.
 
 Device LoRA weights live in the adapter pool's pages (see `carajax.lora.pool`); a slot is a row of
-its page table. Every batch row belongs to one request and so to one slot (-1: no device LoRA).
-Prefill batches ([B, Tq > 1]) are flattened into B segments of Tq tokens and go through `sgmv`;
-decode batches ([B, 1]) through `bgmv`. Which implementation runs is decided here, in
-`resolve_lora_impl`, and nowhere else. Under tensor parallelism (the pool's pages carry a mesh)
+its page table. A step is one flattened batch of tokens, sequence after sequence; each sequence is
+a segment with one slot (-1: no device LoRA), prefill chunks and decode tokens alike, and goes
+through `sgmv` (Pallas on GPU; `blocked.sgmv_blocked`, work following the tokens, elsewhere).
+Which implementation runs is decided here, in `resolve_lora_impl`, and nowhere else. Under tensor parallelism (the pool's pages carry a mesh)
 the Pallas kernels run on each device's shard of the pages (`carajax.parallel.shard_lora_op`);
 GSPMD partitions the jnp references like the rest of the model.
 """
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from carajax import parallel
-from carajax.lora import kernels
+from carajax.lora import blocked, kernels
 
 LORA_IMPLS = ("auto", "pallas", "interpret", "reference")
 
@@ -46,57 +46,63 @@ def _ops(impl: str, pad_to_max_rank: bool = False):
 
 
 class BatchLora:
-    """A `LoraHook` for one batch (built inside the jitted step).
+    """A `LoraHook` for one step's flattened batch (built inside the jitted step).
 
-    Device part: the pool's paged weights (`PagedLoraWeights`) and each row's slot (-1: none).
-    CPU part (optional): `(bridge, cpu_ids)`: rows whose adapter is still being copied get their
-    delta from the host through a callback (`CpuAssistBridge.delta`); their slot is -1.
+    Device part: the pool's paged weights (`PagedLoraWeights`) and one slot per segment (a
+    sequence of the batch; -1: no device LoRA). CPU part (optional): `(bridge, cpu_rows,
+    cpu_ids)`: the rows of x whose adapter is still being copied; only those rows cross to the
+    host (gathered into [C, d_in]), and their deltas are scattered back.
     `pad_to_max_rank`: the Pallas kernels' padded (BGMV-like) mode; see `_ops`.
+    `token_block`: the jnp path's block size (`sgmv_blocked`): 1 for a decode-only step.
     """
 
-    def __init__(self, weights, row_slots: jax.Array, row_lens: jax.Array, impl: str, cpu=None,
-                 pad_to_max_rank: bool = False):
+    def __init__(self, weights, seg_starts: jax.Array, seg_lens: jax.Array, seg_slots: jax.Array,
+                 impl: str, cpu=None, pad_to_max_rank: bool = False, token_block: int = 16):
         self.weights = weights  # PagedLoraWeights | None
-        self.row_slots = row_slots  # int32 [B]; -1: no device LoRA
-        self.row_lens = row_lens  # int32 [B]: valid tokens per row (the rest is padding)
+        self.seg_starts, self.seg_lens, self.seg_slots = seg_starts, seg_lens, seg_slots  # [G] each
         self.impl = impl
         self.pad_to_max_rank = pad_to_max_rank
-        self.sgmv, self.bgmv = _ops(impl, pad_to_max_rank)
+        self.token_block = token_block
         self.cpu = cpu
 
-    def __call__(self, layer: int, modules: tuple[str, ...], x: jax.Array
+    def __call__(self, layer: jax.Array, modules: tuple[str, ...], x: jax.Array
                  ) -> tuple[jax.Array | None, ...]:
         ys = [None if self.weights is None or m not in self.weights.a
               else self._device(layer, m, x) for m in modules]
         if self.cpu is not None:  # one host callback for all projections sharing x
-            bridge, cpu_ids = self.cpu
-            cs = bridge.deltas(layer, modules, x, cpu_ids, self.row_lens)
-            ys = [c if y is None else y + c for y, c in zip(ys, cs)]
+            bridge, rows, cpu_ids = self.cpu  # [C], [C]; padding rows are >= T
+            T = x.shape[0]
+            xc = x.at[rows].get(mode="fill", fill_value=0)[:, None, :]  # [C, 1, d_in]
+            cs = bridge.deltas(layer, modules, xc, cpu_ids, (rows < T).astype(jnp.int32))
+            ys = [(jnp.zeros((T, c.shape[-1]), x.dtype) if y is None else y)
+                  .at[rows].add(c[:, 0].astype(x.dtype), mode="drop") for y, c in zip(ys, cs)]
         return tuple(ys)
 
-    def _device(self, layer: int, module: str, x: jax.Array) -> jax.Array:
+    def _device(self, layer: jax.Array, module: str, x: jax.Array) -> jax.Array:
         w = self.weights
-        B, Tq, d_in = x.shape
-        a, b = w.a[module][layer], w.b[module][layer]  # pages [P, pr, d_in], [P, d_out, pr]
+        a, b = w.a[module], w.b[module]  # [L, P, pr, d_in], [L, P, d_out, pr]
+        L, P = a.shape[:2]
+        # Layer l's pages are [l * P, (l + 1) * P) of the flat pool (a free reshape), so the ops
+        # read only the pages the batch uses instead of slicing out the whole layer.
+        a, b = a.reshape(L * P, *a.shape[2:]), b.reshape(L * P, *b.shape[2:])
+        table = w.page_table + layer * P  # [S, r_max // pr]
         ranks, scales = w.ranks[module][layer], w.scales[module][layer]  # [S], [S]
-        slots, table = self.row_slots, w.page_table  # [B], [S, r_max // pr]
+        meta = (self.seg_starts, self.seg_lens, self.seg_slots, ranks, scales, table)
         if self.impl == "reference":
-            # Gather only this batch's slots (B of them), not the whole pool: row i uses slot i.
-            safe = jnp.maximum(slots, 0)
-            table, ranks, scales = table[safe], ranks[safe], scales[safe]
-            slots = jnp.where(slots >= 0, jnp.arange(B, dtype=jnp.int32), -1)
-        if Tq == 1:  # decode: one token per row
-            meta = (jnp.where(self.row_lens > 0, slots, -1), ranks, scales, table)
+            def op(x, a, b, starts, lens, slots, ranks, scales, table):
+                return blocked.sgmv_blocked(x, a, b, starts, lens, slots, ranks, scales,
+                                            page_table=table, token_block=self.token_block)
+        else:
+            sgmv = self.sgmv
 
-            def op(x, a, b, token_slots, ranks, scales, table):
-                return self.bgmv(x, a, b, token_slots, ranks, scales, page_table=table)
-        else:  # prefill: row i is the segment [i * Tq, i * Tq + row_lens[i])
-            meta = (jnp.arange(B, dtype=jnp.int32) * Tq, self.row_lens, slots, ranks, scales, table)
-
-            def op(x, a, b, starts, lens, seg_slots, ranks, scales, table):
-                return self.sgmv(x, a, b, starts, lens, seg_slots, ranks, scales, page_table=table)
+            def op(x, a, b, starts, lens, slots, ranks, scales, table):
+                return sgmv(x, a, b, starts, lens, slots, ranks, scales, page_table=table)
         if w.mesh is not None and self.impl != "reference":
             # Tensor parallel: each device runs the kernel on its shard of the pages (GSPMD
             # partitions the jnp references by itself, but cannot partition a Pallas call).
             op = parallel.shard_lora_op(op, w.mesh, module)
-        return op(x.reshape(B * Tq, d_in), a, b, *meta).reshape(B, Tq, -1)
+        return op(x, a, b, *meta)
+
+    @property
+    def sgmv(self):
+        return _ops(self.impl, self.pad_to_max_rank)[0]

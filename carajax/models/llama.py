@@ -1,11 +1,15 @@
-"""A Llama decoder in Flax NNX: RMSNorm, rotary embeddings, grouped-query attention over a KV
-cache, SwiGLU, and a LoRA hook on every target projection.
+"""A Llama decoder in Flax NNX over a flattened ragged batch and a paged KV cache.
 
-The forward pass takes a padded batch of rows: row b holds `Tq` tokens of one request, at
-positions `positions[b]`, whose keys and values go to KV-cache row `rows[b]`. A prefill chunk is
-`Tq` tokens of each prefilling request; a decode step is `Tq = 1`. Padding tokens sit past the end
-of a row's valid tokens: their cache writes land beyond the request's length (and are overwritten
-before anything reads them) or are dropped, and their outputs are ignored by the caller.
+One forward takes every token the step schedules, prefill chunks and decode tokens together, as
+one `[T]` array (sequence after sequence, the `StepBatch`), with a LoRA hook on every target
+projection. The layers' parameters are stacked (`[L, ...]`) and the forward runs them with
+`jax.lax.scan`, so compile time does not grow with depth; the parameter names still mirror HF's
+(`carajax.models.weights` stacks and unstacks `model.layers.{i}.*`).
+
+Keys and values live in pages (`PagedKVCache`: `[L, pages, page_size, kv_heads, head_dim]`); a
+sequence's block table names its pages. Inside the scan the cache is one flat pool of `L * pages`
+pages (a free reshape) and layer l's tables are offset by `l * pages`, so each layer writes and
+reads only the pages the batch uses, in place.
 
 Numerics follow Hugging Face `LlamaForCausalLM`: norms and softmax in float32, the rotate-half
 rotary convention, llama3 frequency scaling.
@@ -24,35 +28,76 @@ import numpy as np
 from flax import nnx
 
 from carajax.config import ModelConfig
+from carajax.models.attention import paged_attention, write_pages
 
 
 class LoraHook(Protocol):
     """What the model asks of the LoRA side: the deltas to add to projections' outputs."""
 
-    def __call__(self, layer: int, modules: tuple[str, ...], x: jax.Array
+    def __call__(self, layer: jax.Array, modules: tuple[str, ...], x: jax.Array
                  ) -> tuple[jax.Array | None, ...]:
-        """x: [B, Tq, d_in], the input shared by `modules` (q/k/v, gate/up, or one of o/down)
-        -> per module a delta [B, Tq, d_out] (or None: no LoRA on that projection)."""
+        """layer: int32 scalar (traced inside the scan); x: [T, d_in], the input shared by
+        `modules` (q/k/v, gate/up, or one of o/down) -> per module a delta [T, d_out] or None."""
         ...
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class KVCache:
-    """Per layer, keys and values for `rows` requests of up to `seq` tokens each."""
+class PagedKVCache:
+    """Keys and values of every layer in fixed-size pages; a page holds `page_size` positions
+    of one sequence. Which pages a sequence owns is host bookkeeping (`carajax.engine.kv_pages`)."""
 
-    k: list[jax.Array]  # per layer [rows, seq, kv_heads, head_dim]
-    v: list[jax.Array]  # per layer [rows, seq, kv_heads, head_dim]
+    k: jax.Array  # [L, num_pages, page_size, kv_heads, head_dim]
+    v: jax.Array  # [L, num_pages, page_size, kv_heads, head_dim]
 
     @classmethod
-    def zeros(cls, config: ModelConfig, rows: int, seq: int, dtype) -> KVCache:
-        shape = (rows, seq, config.num_kv_heads, config.head_dim)
-        return cls(k=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
-                   v=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)])
+    def zeros(cls, config: ModelConfig, num_pages: int, page_size: int, dtype) -> PagedKVCache:
+        shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
-    def seq_len(self) -> int:
-        return self.k[0].shape[1]
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepBatch:
+    """One step's flattened ragged batch (device arrays; the runner builds it on the host).
+
+    Sequence s owns tokens `query_starts[s]:query_starts[s+1]`, at context positions ending at
+    `seq_lens[s] - 1`. Tokens past `query_starts[S]` and sequences with `seq_lens` 0 are padding.
+    """
+
+    tokens: jax.Array  # int32 [T]
+    positions: jax.Array  # int32 [T]
+    slots: jax.Array  # int32 [T]: KV write slot page * page_size + offset; -1: padding (dropped)
+    block_tables: jax.Array  # int32 [S, P]: pages of each sequence (P: the batch's max, bucketed)
+    seq_lens: jax.Array  # int32 [S]: context length including this step's tokens
+    query_starts: jax.Array  # int32 [S + 1]
+    logit_rows: jax.Array  # int32 [R]: the tokens whose next-token logits the step needs
+
+
+def dense_batch(num_seqs: int, seq_len: int, page_size: int) -> tuple[StepBatch, int]:
+    """A StepBatch of `num_seqs` whole sequences of `seq_len` tokens from position 0, each in its
+    own consecutive pages, with logits at every token; and the page count it needs. For scoring
+    and training: `tokens` is left zero (fill it with `dataclasses.replace`)."""
+    P = -(-seq_len // page_size)
+    T = num_seqs * seq_len
+    pos = np.tile(np.arange(seq_len, dtype=np.int32), num_seqs)  # [T]
+    seq = np.repeat(np.arange(num_seqs, dtype=np.int32), seq_len)  # [T]
+    batch = StepBatch(
+        tokens=jnp.zeros(T, jnp.int32), positions=jnp.asarray(pos),
+        slots=jnp.asarray(seq * P * page_size + pos),
+        block_tables=jnp.asarray(np.arange(num_seqs * P, dtype=np.int32).reshape(num_seqs, P)),
+        seq_lens=jnp.full(num_seqs, seq_len, jnp.int32),
+        query_starts=jnp.asarray(np.arange(num_seqs + 1, dtype=np.int32) * seq_len),
+        logit_rows=jnp.arange(T, dtype=jnp.int32))
+    return batch, num_seqs * P
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -75,27 +120,34 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x: [B, T, heads, head_dim], positions: [B, T] -> x rotated (HF rotate-half convention)."""
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, head_dim // 2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, head_dim]
+    """x: [..., heads, head_dim], positions: [...] -> x rotated (HF rotate-half convention)."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [..., head_dim // 2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[..., None, :]  # [..., 1, head_dim]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-class Linear(nnx.Module):
-    """y = x @ kernel, kernel [d_in, d_out] (HF stores the transpose); no bias, as in Llama."""
+def _stacked(layers: int | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape if layers is None else (layers, *shape)
 
-    def __init__(self, d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs, std: float = 0.02):
-        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (d_in, d_out), dtype))
+
+class Linear(nnx.Module):
+    """y = x @ kernel, kernel [d_in, d_out] (HF stores the transpose); no bias, as in Llama.
+    Built with `layers=L`, the kernel is [L, d_in, d_out] and the module is called per layer."""
+
+    def __init__(self, d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs, std: float = 0.02,
+                 layers: int | None = None):
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), _stacked(layers, (d_in, d_out)),
+                                                        dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x @ self.kernel.value
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    def __init__(self, dim: int, eps: float, *, dtype, layers: int | None = None):
+        self.weight = nnx.Param(jnp.ones(_stacked(layers, (dim,)), dtype))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -104,125 +156,118 @@ class RMSNorm(nnx.Module):
         return self.weight.value * x32.astype(x.dtype)
 
 
-def _project(projs: tuple[Linear, ...], x: jax.Array, lora: LoraHook | None, layer: int,
+def _project(projs: tuple[Linear, ...], x: jax.Array, lora: LoraHook | None, layer: jax.Array,
              names: tuple[str, ...]) -> tuple[jax.Array, ...]:
     """The LoRA hook point of projections that read the same x: y = x W (+ s (x A) B for each
-    row's adapter). Asked together, so a host callback can serve all of them in one call."""
+    token's adapter). Asked together, so a host callback can serve all of them in one call."""
     ys = tuple(p(x) for p in projs)
     deltas = (None,) * len(ys) if lora is None else lora(layer, names, x)
     return tuple(y if d is None else y + d.astype(y.dtype) for y, d in zip(ys, deltas))
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, std: float):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, std: float, layers: int):
         c = config
-        self.layer, self.heads, self.kv_heads, self.head_dim = (
-            layer, c.num_heads, c.num_kv_heads, c.head_dim)
-        lin = functools.partial(Linear, dtype=dtype, rngs=rngs, std=std)
+        self.heads, self.kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        lin = functools.partial(Linear, dtype=dtype, rngs=rngs, std=std, layers=layers)
         self.q_proj = lin(c.hidden_size, c.num_heads * c.head_dim)
         self.k_proj = lin(c.hidden_size, c.num_kv_heads * c.head_dim)
         self.v_proj = lin(c.hidden_size, c.num_kv_heads * c.head_dim)
         self.o_proj = lin(c.num_heads * c.head_dim, c.hidden_size)
 
-    def __call__(self, x, positions, rows, k_cache, v_cache, inv_freq, lora):
-        B, T, _ = x.shape
-        i = self.layer
-        q, k, v = _project((self.q_proj, self.k_proj, self.v_proj), x, lora, i,
+    def __call__(self, x, layer, batch: StepBatch, k_flat, v_flat, pages_per_layer, inv_freq,
+                 lora, query_block):
+        T = x.shape[0]
+        q, k, v = _project((self.q_proj, self.k_proj, self.v_proj), x, lora, layer,
                            ("q_proj", "k_proj", "v_proj"))
-        q = q.reshape(B, T, self.heads, self.head_dim)
-        k = k.reshape(B, T, self.kv_heads, self.head_dim)
-        v = v.reshape(B, T, self.kv_heads, self.head_dim)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-
-        # Write this step's keys/values into the cache; out-of-range rows/positions are dropped.
-        r = jnp.broadcast_to(rows[:, None], (B, T))
-        k_cache = k_cache.at[r, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[r, positions].set(v.astype(v_cache.dtype), mode="drop")
-        keys = k_cache.at[rows].get(mode="fill", fill_value=0)  # [B, S, kv_heads, head_dim]
-        values = v_cache.at[rows].get(mode="fill", fill_value=0)  # [B, S, kv_heads, head_dim]
-
-        # Grouped-query attention: query head h reads kv head h // group.
-        group = self.heads // self.kv_heads
-        qg = q.reshape(B, T, self.kv_heads, group, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(self.head_dim)
-        visible = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
-        out = out.reshape(B, T, self.heads * self.head_dim)
-        (out,) = _project((self.o_proj,), out, lora, i, ("o_proj",))
-        return out, k_cache, v_cache
+        q = apply_rope(q.reshape(T, self.heads, self.head_dim), batch.positions, inv_freq)
+        k = apply_rope(k.reshape(T, self.kv_heads, self.head_dim), batch.positions, inv_freq)
+        v = v.reshape(T, self.kv_heads, self.head_dim)
+        # This layer's pages are [layer * N, (layer + 1) * N) of the flat pool.
+        offset = layer * pages_per_layer
+        page_size = k_flat.shape[1]
+        slots = jnp.where(batch.slots >= 0, batch.slots + offset * page_size, -1)
+        k_flat, v_flat = write_pages(k_flat, v_flat, k, v, slots)
+        out = paged_attention(q, k_flat, v_flat, batch.block_tables + offset, batch.seq_lens,
+                              batch.query_starts, query_block=query_block)  # [T, heads, head_dim]
+        (out,) = _project((self.o_proj,), out.reshape(T, -1), lora, layer, ("o_proj",))
+        return out, k_flat, v_flat
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, std: float):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, std: float, layers: int):
         d, f = config.hidden_size, config.intermediate_size
-        self.layer = layer
-        lin = functools.partial(Linear, dtype=dtype, rngs=rngs, std=std)
+        lin = functools.partial(Linear, dtype=dtype, rngs=rngs, std=std, layers=layers)
         self.gate_proj, self.up_proj, self.down_proj = lin(d, f), lin(d, f), lin(f, d)
 
-    def __call__(self, x, lora):
-        i = self.layer
-        gate, up = _project((self.gate_proj, self.up_proj), x, lora, i, ("gate_proj", "up_proj"))
-        (down,) = _project((self.down_proj,), jax.nn.silu(gate) * up, lora, i, ("down_proj",))
+    def __call__(self, x, layer, lora):
+        gate, up = _project((self.gate_proj, self.up_proj), x, lora, layer,
+                            ("gate_proj", "up_proj"))
+        (down,) = _project((self.down_proj,), jax.nn.silu(gate) * up, lora, layer,
+                           ("down_proj",))
         return down
 
 
 class Block(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, std: float):
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.self_attn = Attention(config, layer, dtype=dtype, rngs=rngs, std=std)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                                dtype=dtype)
-        self.mlp = MLP(config, layer, dtype=dtype, rngs=rngs, std=std)
+    """Every decoder layer at once: each parameter has a leading layer axis. `Llama` scans over
+    it; `__call__` runs one layer, on the per-layer slice the scan hands it."""
 
-    def __call__(self, x, positions, rows, k_cache, v_cache, inv_freq, lora):
-        h, k_cache, v_cache = self.self_attn(self.input_layernorm(x), positions, rows,
-                                             k_cache, v_cache, inv_freq, lora)
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, std: float):
+        L, d, eps = config.num_layers, config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(d, eps, dtype=dtype, layers=L)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs, std=std, layers=L)
+        self.post_attention_layernorm = RMSNorm(d, eps, dtype=dtype, layers=L)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs, std=std, layers=L)
+
+    def __call__(self, x, layer, batch, k_flat, v_flat, pages_per_layer, inv_freq, lora,
+                 query_block):
+        h, k_flat, v_flat = self.self_attn(self.input_layernorm(x), layer, batch, k_flat, v_flat,
+                                           pages_per_layer, inv_freq, lora, query_block)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), lora)
-        return x, k_cache, v_cache
+        x = x + self.mlp(self.post_attention_layernorm(x), layer, lora)
+        return x, k_flat, v_flat
 
 
 class Llama(nnx.Module):
-    """Llama for causal LM. Parameter names mirror HF's so checkpoints map one to one."""
+    """Llama for causal LM. Parameter names mirror HF's (with the layers stacked)."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
                  init_std: float = 0.02):
         self.config = config
         self.embed_tokens = nnx.Param(init_std * jax.random.normal(
             rngs.params(), (config.vocab_size, config.hidden_size), dtype))
-        self.layers = nnx.List([Block(config, i, dtype=dtype, rngs=rngs, std=init_std)
-                                for i in range(config.num_layers)])
+        self.layers = Block(config, dtype=dtype, rngs=rngs, std=init_std)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs,
                                   std=init_std)
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(config)))  # a constant, not a Param
 
-    def __call__(
-        self,
-        tokens: jax.Array,  # int32 [B, Tq]
-        positions: jax.Array,  # int32 [B, Tq]
-        cache: KVCache,
-        rows: jax.Array,  # int32 [B]: KV-cache row of each batch row (out of range: padding)
-        lora: LoraHook | None = None,
-        logit_index: jax.Array | None = None,  # int32 [B]: only this token's logits per row
-    ) -> tuple[jax.Array, KVCache]:
-        """Returns float32 logits [B, Tq, vocab] (or [B, vocab] with `logit_index`) and the cache."""
-        x = self.embed_tokens.value[tokens]  # [B, Tq, d]
+    def __call__(self, batch: StepBatch, cache: PagedKVCache, lora: LoraHook | None = None, *,
+                 query_block: int | None = None) -> tuple[jax.Array, PagedKVCache]:
+        """float32 logits [R, vocab] of `batch.logit_rows`, and the cache with this step's keys
+        and values written. `query_block`: the attention's static tuning knob."""
+        x = self.embed_tokens.value[batch.tokens]  # [T, d]
         inv_freq = self.inv_freq.value
-        new_k, new_v = [], []
-        for i, block in enumerate(self.layers):
-            x, k, v = block(x, positions, rows, cache.k[i], cache.v[i], inv_freq, lora)
-            new_k.append(k)
-            new_v.append(v)
-        if logit_index is not None:
-            x = x[jnp.arange(x.shape[0]), logit_index]  # [B, d]
-        x = self.norm(x)
+        L, N = cache.k.shape[:2]
+        k_flat = cache.k.reshape(L * N, *cache.k.shape[2:])  # [L * N, page, kv_heads, head_dim]
+        v_flat = cache.v.reshape(L * N, *cache.v.shape[2:])
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def one_layer(carry, xs):
+            x, k_flat, v_flat = carry
+            params, layer = xs
+            block = nnx.merge(graphdef, params)
+            x, k_flat, v_flat = block(x, layer, batch, k_flat, v_flat, N, inv_freq, lora,
+                                      query_block)
+            return (x, k_flat, v_flat), None
+
+        (x, k_flat, v_flat), _ = jax.lax.scan(
+            one_layer, (x, k_flat, v_flat), (layer_params, jnp.arange(L, dtype=jnp.int32)))
+        x = self.norm(x[batch.logit_rows])  # [R, d]
         if self.config.tie_word_embeddings:
             logits = x @ self.embed_tokens.value.T
         else:
             logits = self.lm_head(x)
-        return logits.astype(jnp.float32), KVCache(k=new_k, v=new_v)
+        return logits.astype(jnp.float32), PagedKVCache(k=k_flat.reshape(cache.k.shape),
+                                                        v=v_flat.reshape(cache.v.shape))

@@ -24,8 +24,12 @@ class CheckpointError(ValueError):
 
 
 def _hf_name(path: tuple) -> tuple[str, bool]:
-    """Our parameter path -> (HF tensor name, whether HF stores it transposed)."""
+    """Our parameter path -> (HF tensor name, whether HF stores it transposed). The stacked
+    layers' names hold a `{layer}` field: ("layers", "mlp", "up_proj", "kernel") ->
+    "model.layers.{layer}.mlp.up_proj.weight"."""
     parts = [str(p) for p in path]
+    if parts[0] == "layers":
+        parts.insert(1, "{layer}")
     transpose = parts[-1] == "kernel"
     if transpose:
         parts[-1] = "weight"
@@ -80,18 +84,26 @@ def load_hf(path: str | os.PathLike, config: ModelConfig | None = None, *,
             by_file[file] = _safetensors.load(file)
         return by_file[file][name]
 
+    def tensor(hf: str, transpose: bool, shape: tuple[int, ...]) -> np.ndarray:
+        if hf not in files:
+            raise CheckpointError(f"{path}: checkpoint has no tensor {hf!r}")
+        arr = read(hf)
+        arr = arr.T if transpose else arr
+        if tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {hf!r} has shape {tuple(arr.shape)}, "
+                                  f"config expects {tuple(shape)}")
+        return arr
+
     def fill(keypath, leaf):
         names = tuple(k.key if hasattr(k, "key") else k.idx for k in keypath)
         if names == ("inv_freq",):
             return jnp.asarray(rope_inv_freq(config))
         hf, transpose = _hf_name(names)
-        if hf not in files:
-            raise CheckpointError(f"{path}: checkpoint has no tensor {hf!r}")
-        arr = read(hf)
-        arr = arr.T if transpose else arr
-        if tuple(arr.shape) != tuple(leaf.shape):
-            raise CheckpointError(f"{path}: tensor {hf!r} has shape {tuple(arr.shape)}, "
-                                  f"config expects {tuple(leaf.shape)}")
+        if names[0] == "layers":  # stacked: one HF tensor per layer
+            arr = np.stack([tensor(hf.format(layer=i), transpose, leaf.shape[1:])
+                            for i in range(leaf.shape[0])])
+        else:
+            arr = tensor(hf, transpose, leaf.shape)
         return jnp.asarray(np.asarray(arr, np.float32) if arr.dtype != leaf.dtype else arr,
                            dtype=leaf.dtype)
 
@@ -113,7 +125,9 @@ def save_hf(model: Llama, path: str | os.PathLike) -> None:
         names = tuple(k.key if hasattr(k, "key") else k.idx for k in keypath)
         hf, transpose = _hf_name(names)
         arr = np.asarray(leaf)
-        tensors[hf] = arr.T if transpose else arr
+        for name, a in ([(hf.format(layer=i), a) for i, a in enumerate(arr)] if names[0] == "layers"
+                        else [(hf, arr)]):
+            tensors[name] = a.T if transpose else a
     _safetensors.save(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(model.config.to_hf_dict(), f, indent=2)

@@ -1,0 +1,84 @@
+"""Segmented multi-adapter LoRA in plain jnp, with work that follows the tokens: what the engine
+runs where the Pallas kernels do not (CPU).
+
+Same data arguments and semantics as `kernels.sgmv_reference` (a segment = one sequence of the
+step's flattened batch, with its adapter slot):
+
+    for g in range(G):
+        s = seg_slots[g]
+        if s < 0: continue
+        for t in range(seg_starts[g], seg_starts[g] + seg_lens[g]):
+            y[t] = scales[s] * (x[t] @ a[s, :ranks[s]].T) @ b[s, :, :ranks[s]].T
+
+`sgmv_reference` computes every segment over all T tokens (G * T * r * d work: fine as the oracle,
+ruinous for a prefill step of many sequences). Here the tokens are cut into blocks of at most
+`token_block` tokens that each belong to one segment (the attention's query blocks,
+`plan_query_blocks`); each block gathers its slot's pages once and multiplies densely:
+
+    NB = min(T, ceil(T / token_block) + G) blocks, work NB * token_block * r_max * (d_in + d_out),
+    weights read NB * r_max * (d_in + d_out).
+
+`token_block=1` is BGMV (a decode step: one token per sequence, one weight gather per token);
+16-64 suits prefill chunks. Every slot runs at r_max (the page-padded rank), masked to its rank.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from carajax.models.attention import num_query_blocks, plan_query_blocks
+
+
+@functools.partial(jax.jit, static_argnames=("token_block",))
+def sgmv_blocked(
+    x: jax.Array,  # [T, d_in]
+    a: jax.Array,  # paged: [P, page_rank, d_in]
+    b: jax.Array,  # paged: [P, d_out, page_rank]
+    seg_starts: jax.Array,  # int32 [G]: first token of each segment, in increasing order
+    seg_lens: jax.Array,  # int32 [G]: tokens in each segment (0 allowed)
+    seg_slots: jax.Array,  # int32 [G]: slot of each segment; -1: no LoRA
+    ranks: jax.Array,  # int32 [S]
+    scales: jax.Array,  # float32 [S]
+    *,
+    page_table: jax.Array,  # int32 [S, r_max // page_rank]
+    token_block: int = 16,
+) -> jax.Array:  # [T, d_out]
+    """The LoRA delta of a flattened batch; see the module docstring. Segments must be disjoint
+    and in token order (sequence after sequence, as in `StepBatch`)."""
+    T, d_in = x.shape
+    G = seg_starts.shape[0]
+    _, pr, _ = a.shape
+    d_out = b.shape[1]
+    bt = token_block
+    # Blocks over segments: reuse the attention's planner with the segments as "sequences"
+    # (seq_lens only feed its position output, unused here).
+    query_starts = jnp.concatenate([seg_starts, seg_starts[-1:] + seg_lens[-1:]]).astype(jnp.int32)
+    seg, row0, length, _ = plan_query_blocks(jnp.zeros(G, jnp.int32), query_starts, T, bt)
+    nb = num_query_blocks(T, G, bt)
+    slot = seg_slots[seg]  # [NB]
+    live = (slot >= 0) & (length > 0)  # [NB]
+    s = jnp.maximum(slot, 0)
+    rows = row0[:, None] + jnp.arange(bt, dtype=jnp.int32)  # [NB, bt]
+    valid = live[:, None] & (jnp.arange(bt)[None, :] < length[:, None])  # [NB, bt]
+    xb = x.at[jnp.where(valid, rows, T)].get(mode="fill", fill_value=0)  # [NB, bt, d_in]
+    # Each block's adapter: its slot's pages, concatenated in page-table order, masked to rank.
+    pages = page_table[s]  # [NB, n]
+    r_max = pages.shape[1] * pr
+    ab = jnp.take(a, pages, axis=0, mode="clip").reshape(nb, r_max, d_in)  # [NB, r_max, d_in]
+    bb = jnp.take(b, pages, axis=0, mode="clip")  # [NB, n, d_out, pr]
+    bb = jnp.swapaxes(bb, 1, 2).reshape(nb, d_out, r_max)  # [NB, d_out, r_max]
+    keep = jnp.arange(r_max)[None, :] < ranks[s][:, None]  # [NB, r_max]
+    # Pages past a slot's rank may hold another adapter's rows: masked on both sides.
+    bb = jnp.where(keep[:, None, :], bb, 0)
+    hi = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # no TF32 on GPU
+    xa = jnp.einsum("ntd,nrd->ntr", xb, ab.astype(x.dtype), preferred_element_type=jnp.float32,
+                    precision=hi)  # [NB, bt, r_max]
+    xa = jnp.where(keep[:, None, :], xa, 0) * scales[s][:, None, None]
+    yb = jnp.einsum("ntr,nor->nto", xa, bb.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)  # [NB, bt, d_out]
+    y = jnp.zeros((T, d_out), jnp.float32)
+    y = y.at[jnp.where(valid, rows, T)].set(yb, mode="drop")  # each token in at most one block
+    return y.astype(x.dtype)

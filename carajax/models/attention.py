@@ -1,0 +1,239 @@
+"""Paged attention over a flattened ragged batch: the attention the model runs against a paged
+KV cache, where one step mixes prefill chunks and decode tokens of many sequences.
+
+Why paged: a dense cache reserves `max_seq` positions per row, so memory follows the longest
+request the server might see; a page pool lets each sequence hold just the pages it fills, and
+the gathers below read just those pages. Why ragged: a prefill chunk of 200 tokens and 30 single
+decode tokens share one step without padding every sequence to the longest one.
+
+Layout (S sequences, T query tokens, N pages of `page_size` positions):
+    q             [T, heads, head_dim]                    the step's queries, sequence after sequence
+    k_pages       [N, page_size, kv_heads, head_dim]      the key pool (this step's keys already in it)
+    v_pages       [N, page_size, kv_heads, head_dim]      the value pool
+    block_tables  int32 [S, P]                            context position p of sequence s lives in
+                                                          page block_tables[s, p // page_size] at
+                                                          offset p % page_size
+    seq_lens      int32 [S]                               context length, this step's tokens included
+    query_starts  int32 [S + 1]                           sequence s owns q[query_starts[s]:query_starts[s+1]]
+
+`paged_attention` is the entry point and the single dispatch point between implementations: the
+pure-jnp reference here (what CPUs run, and what a kernel is tested against) and, later, a Pallas
+GPU kernel (issue 17) behind the same signature. `write_pages` puts a step's keys and values into
+the pools.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "reference", "pallas")
+
+# Cap of the default query block: past this a prefill chunk's blocks waste more on masked padding
+# rows (up to Bq - 1 per sequence) than they save in KV gathers.
+MAX_DEFAULT_QUERY_BLOCK = 64
+
+
+def paged_attention(
+    q: jax.Array,  # [T, heads, head_dim]
+    k_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
+    v_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
+    block_tables: jax.Array,  # int32 [S, P]
+    seq_lens: jax.Array,  # int32 [S]
+    query_starts: jax.Array,  # int32 [S + 1]
+    *,
+    impl: str = "auto",
+    query_block: int | None = None,
+) -> jax.Array:  # [T, heads, head_dim], q's dtype
+    """Causal grouped-query attention of each query token over its own sequence's paged context.
+
+    Semantics, as a naive loop (scale = 1 / sqrt(head_dim), group = heads // kv_heads):
+
+        out = zeros_like(q)
+        for s in range(S):
+            n = query_starts[s + 1] - query_starts[s]
+            keys = the seq_lens[s] positions of sequence s, read through block_tables[s]
+            for i in range(n):
+                t = query_starts[s] + i
+                pos = seq_lens[s] - n + i          # this token's context position
+                for h in range(heads):
+                    scores = keys[:pos + 1, h // group] @ q[t, h] * scale     # float32
+                    out[t, h] = softmax(scores) @ values[:pos + 1, h // group]
+
+    Rows of q past query_starts[S] are padding and come out as 0; padding sequences have
+    seq_len 0 and no tokens. Entries of block_tables past a sequence's last page are never read
+    unmasked (they must lie in [0, N), e.g. 0). Pool positions that are never read must be
+    finite (a zero-initialised pool written by `write_pages` is): masked probabilities are 0, and
+    0 * NaN is NaN.
+
+    impl: "reference" (pure jnp, below), "auto" (the reference for now), "pallas" (issue 17).
+    query_block (static): Bq, the query tokens the reference attends together; see
+        `paged_attention_reference`. None: `default_query_block(T, S)`.
+    """
+    if impl == "auto":
+        # Issue 17: pick the Pallas kernel here when running on a GPU.
+        impl = "reference"
+    if impl == "reference":
+        return paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens,
+                                         query_starts, query_block=query_block)
+    if impl == "pallas":
+        raise NotImplementedError("paged_attention: the Pallas kernel is not written yet (issue 17); "
+                                  "use impl='reference' or 'auto'")
+    raise ValueError(f"paged_attention: unknown impl {impl!r}, expected one of {IMPLS}")
+
+
+def default_query_block(num_tokens: int, num_seqs: int) -> int:
+    """The power of two at or below the mean tokens per sequence, in [1, MAX_DEFAULT_QUERY_BLOCK]:
+    1 for a decode-only step (one gather per sequence), larger when prefill chunks dominate.
+    Both counts are static shapes, so this costs nothing at run time; the caller, which knows the
+    real mix, may do better (padding sequences in S make the mean an underestimate)."""
+    mean = max(num_tokens // max(num_seqs, 1), 1)
+    return min(MAX_DEFAULT_QUERY_BLOCK, 1 << (mean.bit_length() - 1))
+
+
+def num_query_blocks(num_tokens: int, num_seqs: int, query_block: int) -> int:
+    """A static bound on the query blocks of T tokens in S sequences: sum_s ceil(n_s / Bq) is at
+    most sum_s (n_s / Bq + 1) <= ceil(T / Bq) + S (only a sequence's last block may be partial),
+    and at most T (no block is empty)."""
+    return min(num_tokens, -(-num_tokens // query_block) + num_seqs)
+
+
+def plan_query_blocks(
+    seq_lens: jax.Array,  # int32 [S]
+    query_starts: jax.Array,  # int32 [S + 1]
+    num_tokens: int,
+    query_block: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # 4 x int32 [NB]
+    """Split each sequence's query tokens into blocks of at most `query_block` tokens.
+
+    Returns per block (NB = `num_query_blocks`): its sequence, its first row of q, its number of
+    valid tokens (0 for the unused blocks at the end, whose sequence is then S - 1), and the
+    context position of its first token. Sequence s's blocks come after those of sequences < s.
+    """
+    S = seq_lens.shape[0]
+    bq = query_block
+    nb = num_query_blocks(num_tokens, S, bq)
+    n = jnp.maximum(query_starts[1:] - query_starts[:-1], 0)  # [S] tokens per sequence
+    blocks = (n + bq - 1) // bq  # [S]
+    ends = jnp.cumsum(blocks)  # [S] one past sequence s's last block
+    b = jnp.arange(nb, dtype=jnp.int32)  # [NB]
+    # Block b belongs to the first sequence whose blocks end after b (skipping empty sequences).
+    seq = jnp.searchsorted(ends, b, side="right").astype(jnp.int32)  # [NB] in [0, S]
+    used = seq < S
+    seq = jnp.minimum(seq, S - 1)
+    j = b - (ends[seq] - blocks[seq])  # [NB] index of the block within its sequence
+    row0 = query_starts[seq] + j * bq  # [NB]
+    length = jnp.where(used, jnp.clip(query_starts[seq + 1] - row0, 0, bq), 0)  # [NB]
+    pos0 = seq_lens[seq] - n[seq] + j * bq  # [NB]
+    return seq, row0, length, pos0
+
+
+def paged_attention_reference(
+    q: jax.Array,  # [T, heads, head_dim]
+    k_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
+    v_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
+    block_tables: jax.Array,  # int32 [S, P]
+    seq_lens: jax.Array,  # int32 [S]
+    query_starts: jax.Array,  # int32 [S + 1]
+    *,
+    query_block: int | None = None,
+) -> jax.Array:  # [T, heads, head_dim]
+    """`paged_attention` in pure jnp, with static shapes and no loop over the data.
+
+    The T query tokens are cut into NB = min(T, ceil(T / Bq) + S) blocks of at most Bq tokens of
+    one sequence each (`plan_query_blocks`). Each block gathers its queries and, through its
+    sequence's row of block_tables, all P * page_size key/value positions the table covers; it
+    masks keys past seq_len or past each query's position, and scatters its valid rows back.
+
+    Cost model: the gathers move NB * P * page_size * kv_heads * head_dim keys and as many
+    values, and the products do NB * Bq * heads * P * page_size * head_dim multiply-adds each.
+    So the cost follows the pages the batch really uses (P is the caller's bucketed column count,
+    not the pool's capacity). Bq = 1 on a decode-only step (one token per sequence) makes it one
+    gather per sequence; with prefill chunks a larger Bq shares a gather among Bq tokens, at the
+    price of up to Bq - 1 masked rows per sequence.
+    """
+    seq_lens = jnp.asarray(seq_lens, jnp.int32)
+    query_starts = jnp.asarray(query_starts, jnp.int32)
+    block_tables = jnp.asarray(block_tables, jnp.int32)
+    T, heads, head_dim = q.shape
+    _, page_size, kv_heads, _ = k_pages.shape
+    S, P = block_tables.shape
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if query_starts.shape != (S + 1,) or seq_lens.shape != (S,):
+        raise ValueError(f"seq_lens {seq_lens.shape} and query_starts {query_starts.shape} must be "
+                         f"[S] and [S + 1] for block_tables {block_tables.shape}")
+    bq = default_query_block(T, S) if query_block is None else query_block
+    if bq < 1:
+        raise ValueError(f"query_block must be >= 1, got {bq}")
+    if T == 0:
+        return jnp.zeros_like(q)
+    group, L = heads // kv_heads, P * page_size
+
+    seq, row0, length, pos0 = plan_query_blocks(seq_lens, query_starts, T, bq)  # [NB] each
+    nb = seq.shape[0]
+    i = jnp.arange(bq, dtype=jnp.int32)
+    rows = row0[:, None] + i  # [NB, Bq]
+    valid = i < length[:, None]  # [NB, Bq]
+    qpos = pos0[:, None] + i  # [NB, Bq]
+
+    # Queries: rows past a block's length belong to the next sequence or to padding (any value,
+    # NaN included). Their scores are masked anyway; zeroing them keeps NaN out of the products.
+    qb = jnp.take(q, jnp.where(valid, rows, 0), axis=0)  # [NB, Bq, heads, D]
+    qb = jnp.where(valid[:, :, None, None], qb, 0).reshape(nb, bq, kv_heads, group, head_dim)
+
+    # Keys and values: one gather of whole pages per block; the pages are contiguous in the
+    # reshape, so position p of the block's sequence lands at index p.
+    pages = jnp.take(block_tables, seq, axis=0)  # [NB, P]
+    kb = jnp.take(k_pages, pages, axis=0, mode="clip").reshape(nb, L, kv_heads, head_dim)
+    vb = jnp.take(v_pages, pages, axis=0, mode="clip").reshape(nb, L, kv_heads, head_dim)
+    kb, vb = kb.astype(q.dtype), vb.astype(q.dtype)
+
+    # GPUs multiply float32 in TF32 by default; the reference keeps full float32 precision.
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    scores = jnp.einsum("bqkgd,blkd->bkgql", qb, kb, preferred_element_type=jnp.float32,
+                        precision=precision) / math.sqrt(head_dim)  # [NB, kv_heads, group, Bq, L]
+    kpos = jnp.arange(L, dtype=jnp.int32)
+    visible = (valid[:, :, None] & (kpos <= qpos[:, :, None])
+               & (kpos < seq_lens[seq][:, None, None]))  # [NB, Bq, L]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+
+    # Softmax by hand so that a fully masked row (a padding row) gives zeros, not NaN: its max is
+    # -inf, replaced by 0 so exp(-inf - 0) = 0, and its zero sum is divided as if it were 1.
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(scores - m)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    probs = e / jnp.where(denom > 0, denom, 1.0)  # [NB, kv_heads, group, Bq, L] float32
+
+    # Output in the probabilities' order, transposed afterwards: asking the product for
+    # "bqkgd" directly makes XLA on CPU transpose the whole gathered V instead (3x slower).
+    out = jnp.einsum("bkgql,blkd->bkgqd", probs.astype(vb.dtype), vb,
+                     preferred_element_type=jnp.float32, precision=precision)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(nb, bq, heads, head_dim).astype(q.dtype)
+    # Each valid row of q is in exactly one block. Invalid rows must aim past the end (dropped):
+    # left at `rows` they would race with the next sequence's block for the same row of out.
+    dest = jnp.where(valid, rows, T)  # [NB, Bq]
+    return jnp.zeros_like(q).at[dest].set(out, mode="drop")
+
+
+def write_pages(
+    k_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
+    v_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
+    k: jax.Array,  # [T, kv_heads, head_dim]
+    v: jax.Array,  # [T, kv_heads, head_dim]
+    slots: jax.Array,  # int32 [T]: page * page_size + offset, or out of range to drop
+) -> tuple[jax.Array, jax.Array]:  # the updated pools
+    """Write token t's key and value at pool slot slots[t]. Slots outside [0, N * page_size)
+    (e.g. -1 for padding tokens) are dropped. Slots of valid tokens must be distinct."""
+    shape = k_pages.shape
+    n_slots = shape[0] * shape[1]
+    # mode="drop" alone would wrap negative indices (-1 is the last slot): send them past the end.
+    slots = jnp.asarray(slots, jnp.int32)
+    slots = jnp.where(slots < 0, n_slots, slots)
+    flat = (n_slots,) + shape[2:]  # a free reshape: pages are contiguous
+    k_pages = k_pages.reshape(flat).at[slots].set(k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.reshape(flat).at[slots].set(v.astype(v_pages.dtype), mode="drop")
+    return k_pages.reshape(shape), v_pages.reshape(shape)
