@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -277,9 +278,23 @@ def serve_cmd(args: argparse.Namespace) -> None:
     elif builtin.is_demo(args.model):  # the built-in model comes with its trained adapters
         for name, path in builtin.adapter_dirs().items():
             engine.add_adapter(name, path)
+    # Bind at once and answer health NOT_SERVING while compiling, so orchestrators see a live
+    # process that is not ready yet (the Kubernetes convention), then SERVING.
+    worker = serve(engine, args.port, host=args.host, name=args.name, metrics_port=args.metrics_port,
+                   serving=not args.warmup)
     if args.warmup:
-        engine.warmup()
-    worker = serve(engine, args.port, host=args.host, name=args.name, metrics_port=args.metrics_port)
+        from tqdm import tqdm
+
+        print(f"carajax worker {worker.name} listening on {worker.address}; health NOT_SERVING "
+              "while the engine compiles", flush=True)
+        with tqdm(desc="compiling step variants", unit="variant", file=sys.stderr,
+                  mininterval=1.0) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            engine.warmup(progress=progress)
+        worker.set_serving()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

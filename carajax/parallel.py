@@ -87,12 +87,13 @@ def _names(path) -> list[str]:
 def param_spec(path, ndim: int) -> P:
     """The PartitionSpec of one model parameter, from its path in the NNX state."""
     names = _names(path)
-    if "kernel" in names and ndim == 2:
+    if "kernel" in names and ndim in (2, 3):
         module = names[names.index("kernel") - 1]
+        layers = (None,) * (ndim - 2)  # the stacked layers' leading axis stays whole
         if module in COLUMN_PARALLEL:
-            return P(None, AXIS)  # [d_in, d_out]: shard d_out
+            return P(*layers, None, AXIS)  # [(L,) d_in, d_out]: shard d_out
         if module in ROW_PARALLEL:
-            return P(AXIS, None)  # shard d_in
+            return P(*layers, AXIS, None)  # shard d_in
     return P()  # embeddings, lm_head, norms, inv_freq: replicated
 
 
@@ -103,12 +104,12 @@ def shard_params(state, mesh: Mesh):
 
 
 def cache_sharding(mesh: Mesh) -> NamedSharding:
-    """KV cache [rows, seq, kv_heads, head_dim]: sharded by KV heads."""
-    return NamedSharding(mesh, P(None, None, AXIS, None))
+    """Paged KV cache [layers, pages, page_size, kv_heads, head_dim]: sharded by KV heads."""
+    return NamedSharding(mesh, P(None, None, None, AXIS, None))
 
 
 def shard_cache(cache, mesh: Mesh):
-    """A KVCache (any pytree of [rows, seq, kv_heads, head_dim] arrays) placed by KV heads."""
+    """A PagedKVCache (any pytree of [L, pages, page_size, kv_heads, head_dim]) placed by KV heads."""
     return jax.device_put(cache, jax.tree_util.tree_map(lambda _: cache_sharding(mesh), cache))
 
 

@@ -132,8 +132,10 @@ def test_cpu_assist_lowers_cold_ttft_and_stalls_nobody(adapter_dirs):
     CPU at once. Asserted from the requests' metrics."""
     results = {}
     for policy in ("wait", "cpu_assist"):
+        # One chunk holds the cold prompt (17 tokens), so its whole prefill is the step planned
+        # while the copy is in flight, however long that step takes to compile.
         with make_engine(cold_start=policy, emulated_link_gbps=1.0, background=False,
-                         emulated_link_latency_ms=1000) as engine:
+                         emulated_link_latency_ms=1000, prefill_chunk=32) as engine:
             for name in ("warm", "cold", "warmup"):
                 engine.add_adapter(name, adapter_dirs[{"warm": "a0", "cold": "a1",
                                                        "warmup": "a2"}[name]])

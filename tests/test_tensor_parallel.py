@@ -106,14 +106,17 @@ def test_greedy_generation_identical(tp_results, tp, policy):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_placement_and_collectives(tp_results, tp):
     specs = tp_results[tp]["specs"]
-    assert specs["q_kernel"] == str(P(None, "tp")) and specs["o_kernel"] == str(P("tp", None))
-    assert specs["cache"] == str(P(None, None, "tp"))  # KV heads
+    # Stacked layers [L, d_in, d_out]: the layer axis stays whole.
+    assert specs["q_kernel"] == str(P(None, None, "tp"))
+    assert specs["o_kernel"] == str(P(None, "tp", None))
+    assert specs["cache"] == str(P(None, None, None, "tp"))  # [L, pages, page, KV heads, dim]
     assert specs["pool_a_q"] == str(P()) and specs["pool_b_q"] == str(P(None, None, "tp"))
     assert specs["pool_a_down"] == str(P(None, None, None, "tp")) and specs["pool_b_down"] == str(P())
     hlo = tp_results[tp]["hlo"]
-    # One all-reduce after o_proj and one after down_proj per layer (2 layers), the LoRA
-    # row-parallel reduction included; no all-gather at all (so none of a full weight).
-    assert hlo["all_reduce"] == 4
+    # The layers are one scanned body: one all-reduce after o_proj and one after down_proj,
+    # each carrying the LoRA row-parallel reduction too (XLA combines them); no all-gather at
+    # all (so none of a full weight).
+    assert hlo["all_reduce"] == 2
     assert hlo["all_gather_ops"] == 0 and hlo["all_gather"] == []
     for one in ("hlo", "hlo_prefill"):
         assert tp_results[1][one]["all_reduce"] == tp_results[1][one]["all_gather_ops"] == 0
@@ -121,14 +124,14 @@ def test_placement_and_collectives(tp_results, tp):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_prefill_collectives(tp_results, tp):
-    # The compiled prefill chunk (4 rows x 16 tokens, adapters of ranks 8/16/32 and none):
-    # no all-gather; 4 hidden-sized all-reduces [B, Tq, hidden] (o_proj and down_proj of 2
-    # layers); the jnp reference's row-parallel LoRA adds a rank-sized one [T=64, r_max=32] for
-    # o_proj and down_proj of each layer (x A over each device's inputs, inside sgmv_reference's
-    # scan over segments, so it runs once per segment), never a hidden-sized one.
+    # The compiled step of 4 prefill chunks of 16 tokens (adapters of ranks 8/16/32 and none),
+    # flattened to T = 64: no all-gather; in the scanned layer body, one all-reduce after o_proj
+    # and one after down_proj, each a hidden-sized [T, hidden] sum combined with the jnp path's
+    # row-parallel LoRA sum, which is rank-sized: x A per token block [blocks=8, 16, r_max=32]
+    # (sgmv_blocked), never hidden-sized.
     hlo = tp_results[tp]["hlo_prefill"]
     assert hlo["all_gather_ops"] == 0 and hlo["all_gather"] == []
-    assert sorted(hlo["all_reduce_shapes"]) == ["f32[4,16,64]"] * 4 + ["f32[64,32]"] * 4
+    assert sorted(hlo["all_reduce_shapes"]) == ["(f32[64,64], f32[8,16,32])"] * 2
 
 
 def test_pallas_kernels_under_mesh(tp_results):
@@ -140,12 +143,12 @@ def test_pallas_kernels_under_mesh(tp_results):
     for row in range(4):
         assert_close(ours[row], ref[row])
         assert_close(first[row], ref[row, :1])
-    # No all-gather (left to GSPMD, a Pallas call's sharded pages would be gathered whole); per
-    # layer one all-reduce after o_proj and one after down_proj, each carrying the base output
-    # and the row-parallel LoRA psum [T, hidden] (XLA combines the two into one op).
+    # No all-gather (left to GSPMD, a Pallas call's sharded pages would be gathered whole); in
+    # the scanned layer body one all-reduce after o_proj and one after down_proj, each carrying
+    # the base output and the row-parallel LoRA psum [T, hidden] (XLA combines the two).
     for one in ("hlo", "hlo_prefill"):
         hlo = out[one]
-        assert hlo["all_gather_ops"] == 0 and hlo["all_reduce"] == 4, (one, hlo)
+        assert hlo["all_gather_ops"] == 0 and hlo["all_reduce"] == 2, (one, hlo)
 
 
 def test_triton_kernels_lower_per_shard_for_cuda(tp_results):

@@ -14,6 +14,7 @@ runs this same program, with tp = all processes' devices, and prints its greedy 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -25,11 +26,12 @@ import numpy as np
 
 import carajax
 from carajax import parallel
-from carajax import runner as runner_mod
 from carajax.config import ATTENTION_MODULES, TARGET_MODULES, EngineConfig
+from carajax.engine import runner as runner_mod
 from carajax.lora.hook import BatchLora
 from carajax.lora.pool import PagedLoraWeights
 from carajax.models import weights
+from carajax.models.llama import PagedKVCache, dense_batch
 from carajax.models.tokenizer import ByteTokenizer
 from carajax.testing import write_random_adapter
 
@@ -64,26 +66,26 @@ def logits(e: carajax.Engine, T: int = 16) -> tuple[list, dict]:
     and the collectives of that compiled program (lowered with the same arguments, so the
     compile comes from JAX's cache)."""
     r = e.runner
-    tokens = np.tile(np.array(PROMPTS[0][:T], np.int32), (4, 1))
+    batch, pages = dense_batch(4, T, r.layout.page_size)
+    batch = dataclasses.replace(batch, tokens=np.tile(np.array(PROMPTS[0][:T], np.int32), 4))
+    cache = PagedKVCache.zeros(CONFIG, pages, r.layout.page_size, r.dtype)
     slots = np.array([-1, *(e.pool.slot(a) for a in RANKS)], np.int32)
-    args = (r.graphdef, r.state, e.pool.weights, tokens, slots, np.full(4, T, np.int32))
+    args = (r.graphdef, r.state, e.pool.weights, batch, cache, slots)
     kw = dict(use_lora=True, impl=r.lora_impl, pad=r.pad)
-    out = np.asarray(runner_mod._score(*args, **kw))
+    out = np.asarray(runner_mod._score(*args, **kw)).reshape(4, T, -1)
     return out.tolist(), _collectives(runner_mod._score.lower(*args, **kw).compile().as_text())
 
 
 def collectives(e: carajax.Engine, Tq: int = 1) -> dict:
-    """all-reduce count and all-gather result shapes of the compiled step of B=4 rows with
-    adapters of mixed ranks: decode (Tq=1) or a prefill chunk (Tq=16). These are the variants
-    `generate(PROMPTS)` compiles, so after it `lower().compile()` comes from JAX's cache."""
+    """all-reduce count and all-gather result shapes of the compiled step of 4 sequences with
+    adapters of mixed ranks: decode (Tq=1) or prefill chunks (Tq=16), as one flattened batch."""
     r, B = e.runner, 4
-    z = np.zeros((B, Tq), np.int32)
-    slots = np.array([e.pool.slot(a) if a else -1 for a in ADAPTERS], np.int32)
-    lens = np.full(B, Tq, np.int32)
-    text = runner_mod._step.lower(
-        r.graphdef, r.state, e.pool.weights, r.cache, z, z, np.arange(B, dtype=np.int32), slots,
-        np.full(B, -1, np.int32), lens, lens - 1,
-        use_lora=True, impl=r.lora_impl, bridge=None, pad=r.pad).compile().as_text()
+    block = 1 if Tq == 1 else runner_mod.PREFILL_BLOCK
+    args, kw, _ = r._dry_args(r.token_bucket(B * Tq, Tq == 1), r.page_bucket(1), block, None)
+    slots = np.full(r.config.max_batch_size, -1, np.int32)
+    slots[:B] = [e.pool.slot(a) if a else -1 for a in ADAPTERS]
+    kw["use_lora"] = True
+    text = runner_mod._step.lower(*args[:5], slots, *args[6:], **kw).compile().as_text()
     return _collectives(text)
 
 
@@ -114,11 +116,11 @@ def cuda_lowering() -> dict:
     out = {}
     for m in mods:
         for Tq in (1, 16):
-            def delta(w, x, slots, lens, m=m):
-                return BatchLora(w, slots, lens, "pallas")(0, (m,), x)[0]
+            def delta(w, x, starts, lens, slots, m=m):
+                return BatchLora(w, starts, lens, slots, "pallas")(0, (m,), x)[0]
 
-            text = jax.jit(delta).trace(w, sds((B, Tq, d), bf16), sds((B,), i32), sds((B,), i32)
-                                        ).lower(lowering_platforms=("cuda",)).as_text()
+            text = jax.jit(delta).trace(w, sds((B * Tq, d), bf16), sds((B,), i32), sds((B,), i32),
+                                        sds((B,), i32)).lower(lowering_platforms=("cuda",)).as_text()
             out[f"{m}/{Tq}"] = {"triton": "triton" in text.lower(),
                                 "per_device": f"tensor<{B * Tq}x{d // 2}xbf16>" in text,
                                 "all_reduce": text.count("all_reduce"),
@@ -160,9 +162,9 @@ def main(out_dir: str) -> None:
             out["specs"] = {k: str(getattr(x.sharding, "spec", None)) for k, x in (
                 ("pool_a_q", e.pool.weights.a["q_proj"]), ("pool_b_q", e.pool.weights.b["q_proj"]),
                 ("pool_a_down", e.pool.weights.a["down_proj"]),
-                ("pool_b_down", e.pool.weights.b["down_proj"]), ("cache", e.runner.cache.k[0]),
-                ("q_kernel", e.runner.state["layers"][0]["self_attn"]["q_proj"]["kernel"].value),
-                ("o_kernel", e.runner.state["layers"][0]["self_attn"]["o_proj"]["kernel"].value))}
+                ("pool_b_down", e.pool.weights.b["down_proj"]), ("cache", e.runner.cache.k),
+                ("q_kernel", e.runner.state["layers"]["self_attn"]["q_proj"]["kernel"].value),
+                ("o_kernel", e.runner.state["layers"]["self_attn"]["o_proj"]["kernel"].value))}
             print(f"tp={tp} cached {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             out["hlo"] = collectives(e)
             out["hlo_prefill"] = collectives(e, Tq=16)

@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -134,12 +133,13 @@ class Engine:
         """Compiled variants of each jitted forward in this process ("score", "step")."""
         return ModelRunner.compiled_variants()
 
-    def warmup(self) -> int:
-        """Compile every bucketed step variant now (seconds per variant on CPU), so that serving
-        never pauses to compile; returns how many were compiled."""
+    def warmup(self, progress=None) -> int:
+        """Compile every bucketed step variant now, so that serving never pauses to compile;
+        returns how many were compiled. `progress(done, total)` is called as variants finish."""
         with self._lock:
             self.pool.warmup()  # adapter installs, one variant per page count
-            return self.runner.warmup(cpu=self.config.cold_start == "cpu_assist")
+            return self.runner.warmup(cpu=self.config.cold_start == "cpu_assist",
+                                      progress=progress)
 
     # -- adapters ---------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str | os.PathLike, *, pin: bool = False) -> LoraAdapter:
@@ -334,7 +334,6 @@ class Engine:
             if plan.empty:
                 return False
             stalled = sum(self.pool.load_now(name) for name in plan.sync_loads)
-            t1 = time.perf_counter()
             inputs = self.runner.prepare(plan, self.planner.pages.table, self._cpu_ids)
             out = self.runner.launch(inputs)[0]
             t2 = time.perf_counter()
@@ -373,10 +372,19 @@ class Engine:
                         "phase": r.phase.value, "prompt_tokens": len(r.prompt_ids),
                         "computed": r.num_computed, "output_tokens": len(r.output_ids)}
                        for r in self.planner.running]
+            layout, pages = self.runner.layout, self.planner.pages
+            times = list(self._step_times)
             return {"waiting": len(self.planner.waiting), "running": running,
                     "cold_start": self.config.cold_start,
                     "emulated_link": self.config.emulated_link_gbps is not None,
                     "steps": self.steps, "compiled_variants": self.compiled_variants(),
+                    "kv_cache": {"pages_total": layout.num_pages, "pages_free": pages.num_free,
+                                 "page_size": layout.page_size,
+                                 "preemptions": self.planner.preemptions},
+                    # Medians over the last steps: host time (planning, inputs, results) and
+                    # the whole step; their gap is the device.
+                    "step_host_ms": 1e3 * statistics.median(h for h, _ in times) if times else None,
+                    "step_ms": 1e3 * statistics.median(t for _, t in times) if times else None,
                     "adapters": self.pool.stats(), "cpu_assist": self.bridge.stats()}
 
     def close(self) -> None:

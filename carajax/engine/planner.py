@@ -127,7 +127,7 @@ class BatchPlanner:
     def schedule(self) -> Schedule:
         """Decodes first, then prefill chunks of running requests, then admissions, each while
         the step's token budget, the prefill share and the KV pages allow."""
-        cfg, ps = self.config, self.layout.page_size
+        cfg = self.config
         preempted: list[Request] = []
         chunks: list[SeqChunk] = []
         budget, prefill_budget = cfg.max_step_tokens, cfg.max_prefill_tokens

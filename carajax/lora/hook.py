@@ -4,9 +4,10 @@ Device LoRA weights live in the adapter pool's pages (see `carajax.lora.pool`); 
 its page table. A step is one flattened batch of tokens, sequence after sequence; each sequence is
 a segment with one slot (-1: no device LoRA), prefill chunks and decode tokens alike, and goes
 through `sgmv` (Pallas on GPU; `blocked.sgmv_blocked`, work following the tokens, elsewhere).
-Which implementation runs is decided here, in `resolve_lora_impl`, and nowhere else. Under tensor parallelism (the pool's pages carry a mesh)
-the Pallas kernels run on each device's shard of the pages (`carajax.parallel.shard_lora_op`);
-GSPMD partitions the jnp references like the rest of the model.
+Which implementation runs is decided here, in `resolve_lora_impl`, and nowhere else. Under
+tensor parallelism (the pool's pages carry a mesh) the Pallas kernels run on each device's shard
+of the pages (`carajax.parallel.shard_lora_op`); GSPMD partitions the jnp path like the rest of
+the model.
 """
 
 from __future__ import annotations

@@ -34,9 +34,8 @@ import numpy as np
 
 from carajax.config import TARGET_MODULES, EngineConfig, ModelConfig
 from carajax.engine.engine import Engine
-from carajax.engine.planner import DecodeItem, PrefillChunk, Schedule
+from carajax.engine.planner import Schedule, SeqChunk
 from carajax.engine.request import Request, RequestHandle, RequestMetrics
-from carajax.engine.runner import bucket
 from carajax.engine.sampling import SamplingParams
 from carajax.lora.adapter import LoraAdapter, LoraModule
 from carajax.lora.hook import resolve_lora_impl
@@ -168,7 +167,7 @@ def time_interleaved(fns: list[Callable[[], Any]], warmup: int, repeats: int, se
 def _request(i: int, prompt: list[int], adapter: str | None, output: list[int]) -> Request:
     rid = f"profile-{i}"
     return Request(request_id=rid, prompt_ids=prompt, adapter=adapter, sampling=SamplingParams(),
-                   seed=i, stop_ids=frozenset(), handle=RequestHandle(rid), row=i,
+                   seed=i, stop_ids=frozenset(), handle=RequestHandle(rid),
                    metrics=RequestMetrics(arrival_time=0.0, prompt_tokens=len(prompt)),
                    output_ids=output)
 
@@ -206,16 +205,21 @@ class _Session:
         ids = lambda n: self.rng.integers(4, vocab, n).tolist()  # noqa: E731
         paths = ["base" if n is None else "device" for n in names]
         if phase == "prefill":
-            chunks = tuple(PrefillChunk(_request(i, ids(context + tokens), n, []), context, tokens, p)
-                           for i, (n, p) in enumerate(zip(names, paths)))
-            plan = Schedule(prefill=chunks, decode=(), sync_loads=())
+            reqs = [_request(i, ids(context + tokens), n, []) for i, n in enumerate(names)]
+            chunks = tuple(SeqChunk(r, context, tokens, p, samples=True)
+                           for r, p in zip(reqs, paths))
         else:  # `context` tokens cached; the newest generated token sits at position `context`
-            items = tuple(DecodeItem(_request(i, ids(max(context, 1)), n, ids(1)), p)
-                          for i, (n, p) in enumerate(zip(names, paths)))
-            plan = Schedule(prefill=(), decode=items, sync_loads=())
+            reqs = [_request(i, ids(max(context, 1)), n, ids(1)) for i, n in enumerate(names)]
+            chunks = tuple(SeqChunk(r, r.num_tokens - 1, 1, p, samples=True)
+                           for r, p in zip(reqs, paths))
         runner = self.engine.runner
+        # Request i owns pages [i * need, (i + 1) * need): the engine is sized for the grid's
+        # largest batch at its longest context (`engine_config`), so they fit.
+        need = runner.layout.pages_for(max(r.num_tokens for r in reqs))
+        tables = {r: list(range(i * need, (i + 1) * need)) for i, r in enumerate(reqs)}
+        plan = Schedule(chunks)
         # `run` returns host ints (it syncs on the sampled tokens); the cache is the rest of the step.
-        return lambda: (runner.run(plan, {}), runner.cache)[1]
+        return lambda: (runner.run(plan, tables.__getitem__, {}), runner.cache)[1]
 
 
 def engine_config(grid: ProfileGrid, model_config: ModelConfig, dtype: str, impl: str, kernel: str,
@@ -271,7 +275,7 @@ def host_info() -> dict[str, Any]:
 
 def _measure(session: _Session, grid: ProfileGrid, kernel: str, seed: int, tick) -> list[dict]:
     """The rows of every grid point on one engine (one kernel mode)."""
-    cfg, impl, rows = session.engine.config, session.engine.runner.lora_impl, []
+    impl, rows = session.engine.runner.lora_impl, []
     points = grid.points()
     for mix in grid.rank_mixes:  # one mix at a time: its adapters (one per request) fit the pool
         group = [p for p in points if p[1] == mix]
@@ -280,7 +284,8 @@ def _measure(session: _Session, grid: ProfileGrid, kernel: str, seed: int, tick)
                                                                       seed, tick)):
             times = [round(x, 7) for x in times]  # 0.1 us: far below the noise
             read = c + t if phase == "prefill" else max(c, 1) + 1  # KV positions each row reads
-            shape = [bucket(b, 1), bucket(t, cfg.min_prefill_bucket) if phase == "prefill" else 1]
+            # The flattened step's padded token count (one forward over b * t tokens).
+            shape = [session.engine.runner.token_bucket(b * t, phase == "decode")]
             rows.append({"phase": phase, "kernel": kernel, "impl": impl, "mix": mix, "batch_size": b,
                          "ranks": list(mix_ranks(mix, b)), "chunk": t, "tokens": b * t,
                          "context_per_request": c, "context": b * read, "padded_shape": shape,

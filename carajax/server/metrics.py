@@ -68,6 +68,15 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("carajax_adapter_host_bytes_used", "Host bytes of registered adapters",
                                 value=pool["host_bytes_used"])
         yield CounterMetricFamily("carajax_engine_steps", "Engine steps run", value=st["steps"])
+        kv = st["kv_cache"]
+        yield GaugeMetricFamily("carajax_kv_pages_free", "Free KV-cache pages", value=kv["pages_free"])
+        yield GaugeMetricFamily("carajax_kv_pages_total", "KV-cache pages", value=kv["pages_total"])
+        yield CounterMetricFamily("carajax_preemptions", "Requests preempted for KV pages",
+                                  value=kv["preemptions"])
+        for key, doc in (("step_host_ms", "Median host time per engine step (recent steps), ms"),
+                         ("step_ms", "Median engine step time (recent steps), ms")):
+            if st[key] is not None:
+                yield GaugeMetricFamily(f"carajax_{key}", doc, value=st[key])
         info = GaugeMetricFamily(
             "carajax_lora_requests_info", "Running and waiting adapters (vLLM lora_requests_info)",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])

@@ -280,6 +280,11 @@ class WorkerServer:
         host = "127.0.0.1" if self.host in ("", "0.0.0.0", "[::]", "::") else self.host
         return f"{host}:{self.port}"
 
+    def set_serving(self) -> None:
+        """Health SERVING (after a warm-up that started NOT_SERVING)."""
+        if not self._stopped.is_set():
+            set_serving(self.health, True)
+
     def stop(self, grace: float | None = 10.0) -> None:
         """Drain: health NOT_SERVING, refuse new RPCs, give streams in flight `grace` seconds
         (None: forever), then cancel the rest. The engine stays open (its owner closes it)."""
@@ -302,15 +307,15 @@ class WorkerServer:
         self.stop(grace=0)
 
 
-def start_server(server: grpc.Server, servicer: pb_grpc.CaraServeServicer, host: str, port: int
-                 ) -> tuple[health.HealthServicer, int]:
-    """Add CaraServe, grpc.health.v1 (SERVING) and reflection to `server`, bind, start.
-    Shared by the worker and the router, so stock tools see both the same way."""
+def start_server(server: grpc.Server, servicer: pb_grpc.CaraServeServicer, host: str, port: int,
+                 serving: bool = True) -> tuple[health.HealthServicer, int]:
+    """Add CaraServe, grpc.health.v1 (SERVING, or NOT_SERVING until `set_serving` while the
+    engine warms up) and reflection to `server`, bind, start. Shared by the worker and the
+    router, so stock tools see both the same way."""
     pb_grpc.add_CaraServeServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    set_serving(health_servicer, serving)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
@@ -321,9 +326,21 @@ def start_server(server: grpc.Server, servicer: pb_grpc.CaraServeServicer, host:
     return health_servicer, bound
 
 
+def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
+    """grpc.health.v1 status of the server and of CaraServe: SERVING or NOT_SERVING."""
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, status)
+
+
 def serve(engine: Engine, port: int = 50051, *, host: str = "[::]", name: str | None = None,
-          metrics_port: int | None = None, max_workers: int | None = None) -> WorkerServer:
-    """Start a CaraServe server over `engine` (plus grpc.health.v1 SERVING and reflection).
+          metrics_port: int | None = None, max_workers: int | None = None,
+          serving: bool = True) -> WorkerServer:
+    """Start a CaraServe server over `engine` (plus grpc.health.v1 and reflection).
+
+    serving=False: bind now but report NOT_SERVING (the Kubernetes convention while the engine
+    compiles; load balancers and the router send nothing yet) until `WorkerServer.set_serving()`.
 
     port 0 binds any free port (read `.port`). metrics_port: None serves no /metrics, 0 any free
     port. Every Generate stream holds a thread while it runs, so the pool defaults to room for a
@@ -337,7 +354,7 @@ def serve(engine: Engine, port: int = 50051, *, host: str = "[::]", name: str | 
         maximum_concurrent_rpcs=max_workers,
         options=[("grpc.so_reuseport", 0)])  # a taken port is an error, not a silent share
     servicer = CaraServeServicer(engine, name=name)
-    health_servicer, bound = start_server(server, servicer, host, port)
+    health_servicer, bound = start_server(server, servicer, host, port, serving)
     if metrics_port is not None:
         try:
             metrics_port = servicer.metrics.start_http(metrics_port)
