@@ -45,17 +45,18 @@ def test_flag_reaches_the_pallas_kernels(monkeypatch, pad):
         page_table=jnp.array([[0, 1], [2, 0]], jnp.int32),
         ranks={"q_proj": jnp.array([[32, 8]], jnp.int32)},
         scales={"q_proj": jnp.ones((1, 2), jnp.float32)})
-    lora = hook.BatchLora(w, jnp.array([0, 1], jnp.int32), jnp.array([4, 4], jnp.int32),
-                          "interpret", pad_to_max_rank=pad)
+    def lora(impl, T):  # two sequences of T tokens each, slots 0 and 1, flattened
+        return hook.BatchLora(w, jnp.array([0, T], jnp.int32), jnp.array([T, T], jnp.int32),
+                              jnp.array([0, 1], jnp.int32), impl, pad_to_max_rank=pad)
+
     x = jnp.asarray(rng.standard_normal((2, 4, d)), jnp.float32)
-    (prefill,) = lora(0, ("q_proj",), x)  # sgmv
-    (decode,) = lora(0, ("q_proj",), x[:, :1])  # bgmv
-    assert seen == [pad, pad]
+    (prefill,) = lora("interpret", 4)(0, ("q_proj",), x.reshape(8, d))  # chunks of 4 tokens
+    (decode,) = lora("interpret", 1)(0, ("q_proj",), x[:, 0])  # one token each
+    assert seen == [pad, pad]  # one sgmv per call: prefill chunks and decodes alike
     # Padding only adds masked rank blocks: the result is the reference's either way.
-    ref = hook.BatchLora(w, jnp.array([0, 1], jnp.int32), jnp.array([4, 4], jnp.int32), "reference")
-    (want,) = ref(0, ("q_proj",), x)
+    (want,) = lora("reference", 4)(0, ("q_proj",), x.reshape(8, d))
     np.testing.assert_allclose(prefill, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(decode, want[:, :1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(decode, want.reshape(2, 4, d)[:, 0], rtol=1e-5, atol=1e-5)
     # The references take no such flag at all: the setting cannot change what they compute.
     assert hook._ops("reference", True) == (kernels.sgmv_reference, kernels.bgmv_reference)
 

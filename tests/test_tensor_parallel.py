@@ -113,10 +113,13 @@ def test_placement_and_collectives(tp_results, tp):
     assert specs["pool_a_q"] == str(P()) and specs["pool_b_q"] == str(P(None, None, "tp"))
     assert specs["pool_a_down"] == str(P(None, None, None, "tp")) and specs["pool_b_down"] == str(P())
     hlo = tp_results[tp]["hlo"]
-    # The layers are one scanned body: one all-reduce after o_proj and one after down_proj,
-    # each carrying the LoRA row-parallel reduction too (XLA combines them); no all-gather at
-    # all (so none of a full weight).
-    assert hlo["all_reduce"] == 2
+    # The layers are one scanned body: one all-reduce after o_proj and one after down_proj, and
+    # the LoRA row-parallel reduction of each (inside the branch that runs when a sequence's
+    # adapter has that projection, so XLA cannot combine them); no all-gather at all (so none
+    # of a full weight). Decode: 4 tokens; the LoRA sums are x A against every segment's
+    # adapter, [4, 4 segments x r_max 32] (jnp_ops.sgmv_dense).
+    assert hlo["all_reduce"] == 4
+    assert sorted(hlo["all_reduce_shapes"]) == ["f32[4,128]"] * 2 + ["f32[4,64]"] * 2
     assert hlo["all_gather_ops"] == 0 and hlo["all_gather"] == []
     for one in ("hlo", "hlo_prefill"):
         assert tp_results[1][one]["all_reduce"] == tp_results[1][one]["all_gather_ops"] == 0
@@ -125,13 +128,13 @@ def test_placement_and_collectives(tp_results, tp):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_prefill_collectives(tp_results, tp):
     # The compiled step of 4 prefill chunks of 16 tokens (adapters of ranks 8/16/32 and none),
-    # flattened to T = 64: no all-gather; in the scanned layer body, one all-reduce after o_proj
-    # and one after down_proj, each a hidden-sized [T, hidden] sum combined with the jnp path's
-    # row-parallel LoRA sum, which is rank-sized: x A per token block [blocks=8, 16, r_max=32]
-    # (sgmv_blocked), never hidden-sized.
+    # flattened to T = 64: no all-gather; in the scanned layer body a hidden-sized all-reduce
+    # [T, hidden] after o_proj and after down_proj, and the jnp path's row-parallel LoRA sums,
+    # rank-sized: x A per token block [5 blocks, 64 tokens, r_max 32] (jnp_ops.sgmv_blocked),
+    # never hidden-sized.
     hlo = tp_results[tp]["hlo_prefill"]
     assert hlo["all_gather_ops"] == 0 and hlo["all_gather"] == []
-    assert sorted(hlo["all_reduce_shapes"]) == ["(f32[64,64], f32[8,16,32])"] * 2
+    assert sorted(hlo["all_reduce_shapes"]) == ["f32[5,64,32]"] * 2 + ["f32[64,64]"] * 2
 
 
 def test_pallas_kernels_under_mesh(tp_results):
@@ -144,11 +147,12 @@ def test_pallas_kernels_under_mesh(tp_results):
         assert_close(ours[row], ref[row])
         assert_close(first[row], ref[row, :1])
     # No all-gather (left to GSPMD, a Pallas call's sharded pages would be gathered whole); in
-    # the scanned layer body one all-reduce after o_proj and one after down_proj, each carrying
-    # the base output and the row-parallel LoRA psum [T, hidden] (XLA combines the two).
+    # the scanned layer body an all-reduce of the base output after o_proj and after down_proj,
+    # and the row-parallel LoRA psum [T, hidden] of each (in the branch that runs when some
+    # sequence's adapter has the projection).
     for one in ("hlo", "hlo_prefill"):
         hlo = out[one]
-        assert hlo["all_gather_ops"] == 0 and hlo["all_reduce"] == 2, (one, hlo)
+        assert hlo["all_gather_ops"] == 0 and hlo["all_reduce"] == 4, (one, hlo)
 
 
 def test_triton_kernels_lower_per_shard_for_cuda(tp_results):

@@ -39,7 +39,7 @@ from carajax.models.llama import Llama, PagedKVCache, StepBatch, dense_batch
 
 # Incremented at trace time only: one count per compiled variant.
 _TRACES: collections.Counter[str] = collections.Counter()
-# Query block of steps with prefill chunks (attention and the jnp LoRA path); decode-only: 1.
+# The attention's query block in steps with prefill chunks; decode-only steps: 1.
 PREFILL_BLOCK = 16
 # The smallest context the block tables cover (positions): fewer page buckets, fewer compiles.
 MIN_CONTEXT_BUCKET = 128
@@ -50,13 +50,13 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
-def _hook(lora, batch: StepBatch, seg_slots, cpu, use_lora, impl, pad, block):
+def _hook(lora, batch: StepBatch, seg_slots, cpu, use_lora, impl, pad):
     if not use_lora and cpu is None:
         return None
     starts = batch.query_starts[:-1]
     lens = batch.query_starts[1:] - starts
     return BatchLora(lora if use_lora else None, starts, lens, seg_slots, impl, cpu=cpu,
-                     pad_to_max_rank=pad, token_block=block)
+                     pad_to_max_rank=pad)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "pad"))
@@ -65,7 +65,7 @@ def _score(graphdef, state, lora, batch: StepBatch, cache: PagedKVCache, seg_slo
     """Logits [T, V] of whole sequences from position 0 (a scratch cache, not kept)."""
     _TRACES["score"] += 1
     model: Llama = nnx.merge(graphdef, state)
-    hook = _hook(lora, batch, seg_slots, None, use_lora, impl, pad, PREFILL_BLOCK)
+    hook = _hook(lora, batch, seg_slots, None, use_lora, impl, pad)
     logits, _ = model(batch, cache, hook, query_block=PREFILL_BLOCK)
     return logits
 
@@ -79,7 +79,7 @@ def _step(graphdef, state, lora, cache: PagedKVCache, batch: StepBatch, seg_slot
     _TRACES["step"] += 1
     model: Llama = nnx.merge(graphdef, state)
     cpu = (bridge, cpu_rows, cpu_ids) if bridge is not None else None
-    hook = _hook(lora, batch, seg_slots, cpu, use_lora, impl, pad, block)
+    hook = _hook(lora, batch, seg_slots, cpu, use_lora, impl, pad)
     return model(batch, cache, hook, query_block=block)
 
 

@@ -1,5 +1,13 @@
-"""Segmented multi-adapter LoRA in plain jnp, with work that follows the tokens: what the engine
-runs where the Pallas kernels do not (CPU).
+"""Segmented multi-adapter LoRA in plain jnp: what the engine runs where the Pallas kernels do
+not (CPU). Two formulations of the same op, for the two shapes of a step:
+
+- `sgmv_blocked` (prefill chunks): work that follows the tokens, in blocks of one segment each;
+- `sgmv_dense` (decode steps, few tokens): two plain GEMMs over every segment's adapter at once.
+
+XLA:CPU runs a batched matmul of small blocks as many small GEMMs with per-call overhead (a
+[18, 16, 512] x [18, 512, 64] product reaches ~20 GFLOP/s here, a plain GEMM ~75); so a decode
+step of 16 tokens is cheaper doing 16x the multiply-adds in two big GEMMs, and a prefill step is
+cheapest in blocks of 64 tokens.
 
 Same data arguments and semantics as `kernels.sgmv_reference` (a segment = one sequence of the
 step's flattened batch, with its adapter slot):
@@ -18,8 +26,8 @@ ruinous for a prefill step of many sequences). Here the tokens are cut into bloc
     NB = min(T, ceil(T / token_block) + G) blocks, work NB * token_block * r_max * (d_in + d_out),
     weights read NB * r_max * (d_in + d_out).
 
-`token_block=1` is BGMV (a decode step: one token per sequence, one weight gather per token);
-16-64 suits prefill chunks. Every slot runs at r_max (the page-padded rank), masked to its rank.
+`token_block=1` is BGMV (one token per sequence, one weight gather per token); 64 suits prefill
+chunks on CPU. Every slot runs at r_max (the page-padded rank), masked to its rank.
 """
 
 from __future__ import annotations
@@ -82,3 +90,49 @@ def sgmv_blocked(
     y = jnp.zeros((T, d_out), jnp.float32)
     y = y.at[jnp.where(valid, rows, T)].set(yb, mode="drop")  # each token in at most one block
     return y.astype(x.dtype)
+
+
+@jax.jit
+def sgmv_dense(
+    x: jax.Array,  # [T, d_in]
+    a: jax.Array,  # paged: [P, page_rank, d_in]
+    b: jax.Array,  # paged: [P, d_out, page_rank]
+    seg_starts: jax.Array,  # int32 [G]
+    seg_lens: jax.Array,  # int32 [G]
+    seg_slots: jax.Array,  # int32 [G]; -1: no LoRA
+    ranks: jax.Array,  # int32 [S]
+    scales: jax.Array,  # float32 [S]
+    *,
+    page_table: jax.Array,  # int32 [S, r_max // page_rank]
+) -> jax.Array:  # [T, d_out]
+    """The same op as `sgmv_blocked`, as two GEMMs against every segment's adapter side by side:
+
+        A_all = [A of segment 0; ...; A of segment G-1]           [G * r_max, d_in]
+        xa    = (x @ A_all^T) masked to each token's own segment  [T, G * r_max], and to its rank
+        y     = xa @ B_all                                         [T, d_out]
+
+    Work 2 * T * G * r_max * d (G times what the tokens need), weights read once: the right
+    trade for a decode step (T ~ G small), the wrong one for long prefill chunks.
+    """
+    T, d_in = x.shape
+    G = seg_starts.shape[0]
+    s = jnp.maximum(seg_slots, 0)
+    pages = page_table[s]  # [G, n]
+    n, pr = pages.shape[1], a.shape[1]
+    r_max = n * pr
+    A = jnp.take(a, pages, axis=0, mode="clip").reshape(G * r_max, d_in)  # [G * r_max, d_in]
+    B = jnp.take(b, pages, axis=0, mode="clip")  # [G, n, d_out, pr]
+    B = jnp.swapaxes(B, 2, 3).reshape(G * r_max, -1)  # [G * r_max, d_out]
+    col_seg = jnp.arange(G * r_max) // r_max  # [G * r_max]: the segment of each column
+    col_rank = jnp.arange(G * r_max) % r_max
+    t = jnp.arange(T)
+    tok_seg = jnp.sum(t[:, None] >= seg_starts[None, :] + seg_lens[None, :], axis=1)  # [T]
+    inside = t < seg_starts[jnp.minimum(tok_seg, G - 1)] + seg_lens[jnp.minimum(tok_seg, G - 1)]
+    live = (seg_slots >= 0)[col_seg] & (col_rank < ranks[s][col_seg])  # [G * r_max]
+    keep = (col_seg[None, :] == tok_seg[:, None]) & inside[:, None] & live[None, :]
+    hi = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # no TF32 on GPU
+    xa = jnp.dot(x, A.T.astype(x.dtype), preferred_element_type=jnp.float32, precision=hi)
+    xa = jnp.where(keep, xa * scales[s][col_seg][None, :], 0)  # [T, G * r_max]
+    # Pages past a slot's rank may hold another adapter's columns: zero them in B as well.
+    B = jnp.where(live[:, None], B.astype(jnp.float32), 0)
+    return jnp.dot(xa, B, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
