@@ -247,7 +247,10 @@ class EngineConfig:
     # One forward per step over every scheduled token (decodes first, then prefill chunks):
     max_step_tokens: int = 512  # the step's token budget (compiled variants: powers of two to it)
     prefill_chunk: int = 256  # prompt tokens per request per step (chunked prefill)
-    max_prefill_tokens: int = 2048  # the prefill share of a step (Sarathi: cap it to hold TPOT)
+    max_prefill_tokens: int = 2048  # the prefill share of a step
+    # Sarathi-Serve: while requests decode, cap the prefill share so a step's predicted time (a
+    # line fitted to recent steps' token counts and times) stays under this; None: no target.
+    tpot_target_s: float | None = None
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     min_prefill_bucket: int = 16  # smallest padded token count of a step (then powers of two)
     # Adapters.
@@ -297,6 +300,8 @@ class EngineConfig:
             raise ValueError("EngineConfig.max_seq_len must be positive")
         if self.emulated_link_gbps is not None and self.emulated_link_gbps <= 0:
             raise ValueError("EngineConfig.emulated_link_gbps must be positive")
+        if self.tpot_target_s is not None and self.tpot_target_s <= 0:
+            raise ValueError("EngineConfig.tpot_target_s must be positive")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError("EngineConfig.kv_cache_bytes must be positive")
         if self.max_step_tokens < self.max_batch_size:

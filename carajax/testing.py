@@ -38,3 +38,25 @@ def write_random_adapter(
     return save_adapter(path, config, modules, rank=rank,
                         alpha=alpha if alpha is not None else 2 * rank, use_rslora=use_rslora,
                         extra_config=extra_config)
+
+
+def run_chunks(engine, chunks) -> np.ndarray:
+    """One engine step of hand-made chunks, through the real runner: `chunks` lists
+    (request, start, length) in batch order (each request's adapter loaded, KV pages grown as
+    needed from the engine's allocator); returns float32 logits [len(chunks), vocab] at each
+    chunk's last token. For tests that build mixed prefill + decode batches directly."""
+    from carajax.engine.planner import Schedule, SeqChunk
+
+    planner, runner = engine.planner, engine.runner
+    plan = []
+    for req, start, n in chunks:
+        if not planner.pages.grow(req, runner.layout.pages_for(start + n)):
+            raise RuntimeError("the test engine's KV cache is too small for these chunks")
+        path = "base"
+        if req.adapter is not None:
+            engine.pool.load_now(req.adapter)
+            path = "device"
+        plan.append(SeqChunk(req, start, n, path, samples=start + n == req.num_tokens))
+    inputs = runner.prepare(Schedule(tuple(plan)), planner.pages.table, {})
+    _, logits = runner.launch(inputs)
+    return np.asarray(logits[:len(chunks)])

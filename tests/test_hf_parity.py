@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import carajax
+from carajax.testing import run_chunks
 from tests.conftest import assert_close, rel_error
 from tests.hf_reference import ADAPTERS, MODELS, NEW_TOKENS, build_case
 
@@ -49,6 +50,23 @@ def test_greedy_generate_matches_hf(case, engine, adapter):
     (out,) = engine.generate([case.tokens.tolist()], adapters=[adapter], sampling=sampling)
     assert out.token_ids == case.greedy[adapter]
     assert out.finish_reason == "length"
+
+
+def test_mixed_prefill_and_decode_step_matches_hf(case, engine):
+    """One flattened step: a decode token and a prefill chunk resuming mid-prompt and a fresh
+    prompt, each with another adapter (and the base): every sequence's logits at its last token
+    equal HF PEFT's at that position."""
+    toks, names = case.tokens.tolist(), [None, *ADAPTERS]
+    reqs = [engine._make_request(toks, n, None, None) for n in names]
+    T = len(toks)
+    # Before: request 0 holds T - 1 tokens (it decodes the last), request 1 holds 3.
+    run_chunks(engine, [(reqs[0], 0, T - 1), (reqs[1], 0, 3)])
+    plan = [(reqs[0], T - 1, 1), (reqs[1], 3, T - 3)] + [(r, 0, T) for r in reqs[2:]]
+    logits = run_chunks(engine, plan)
+    for row, name in zip(logits, names):
+        assert_close(row, case.logits[name][-1], "float32")
+    for r in reqs:
+        engine.planner.pages.free(r)
 
 
 def test_mixed_adapters_in_one_generate_call(case, engine):

@@ -7,9 +7,8 @@ import pytest
 
 import carajax
 from carajax.config import RopeScaling
-from carajax.engine.planner import Schedule, SeqChunk
 from carajax.models.llama import rope_inv_freq
-from carajax.testing import write_random_adapter
+from carajax.testing import run_chunks, write_random_adapter
 from tests.conftest import assert_close
 
 SEQ = [2, 5, 71, 200, 13, 13, 99, 1, 0, 255, 42, 17, 8, 64, 128, 3, 77, 21, 90]
@@ -34,17 +33,7 @@ def _request(engine, tokens, adapter):
 
 
 def _step(engine, chunks) -> np.ndarray:
-    """Run one step of (request, start, length) chunks through the runner, in that order;
-    logits [len(chunks), V] at each chunk's last token."""
-    planner, runner = engine.planner, engine.runner
-    plan = []
-    for req, start, n in chunks:
-        assert planner.pages.grow(req, runner.layout.pages_for(start + n))
-        path = "base" if req.adapter is None else "device"
-        plan.append(SeqChunk(req, start, n, path, samples=start + n == req.num_tokens))
-    inputs = runner.prepare(Schedule(tuple(plan)), planner.pages.table, {})
-    _, logits = runner.launch(inputs)
-    return np.asarray(logits[:len(chunks)])
+    return run_chunks(engine, chunks)
 
 
 @pytest.mark.parametrize("adapter", [None, "r4", "r16"])

@@ -342,6 +342,7 @@ class Engine:
             self.planner.postprocess(plan, tokens, stalled, failed)
             t4 = time.perf_counter()
             self._step_times.append(((t2 - t0 - stalled) + (t4 - t3), t4 - t0))
+            self.planner.step_times.add(plan.num_tokens, t4 - t0 - stalled)
             self.steps += 1
             return True
 

@@ -30,9 +30,43 @@ import collections
 import dataclasses
 import itertools
 
+import numpy as np
+
 from carajax.config import EngineConfig
 from carajax.engine.kv_pages import KVLayout, PageAllocator
 from carajax.engine.request import Phase, QueueFullError, Request, RequestOutput, now
+
+# Under a time-per-token target, prompts still get this many tokens per step.
+MIN_PREFILL_SHARE = 16
+
+
+class StepTimes:
+    """Recent steps' (tokens, seconds), fitted as seconds = a + b * tokens by least squares:
+    what the planner asks when a time-per-token target caps the prefill share (Sarathi-Serve)."""
+
+    def __init__(self, window: int = 128):
+        self._points: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self._points.append((tokens, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b), or None until the steps seen span several token counts."""
+        if len(self._points) < 8:
+            return None
+        t, s = np.array(self._points, np.float64).T
+        if np.ptp(t) < 8:
+            return None
+        b, a = np.polyfit(t, s, 1)
+        return float(a), float(max(b, 1e-9))
+
+    def max_tokens(self, seconds: float) -> int | None:
+        """The most tokens a step may hold to take at most `seconds` (None: no fit yet)."""
+        fit = self.fit()
+        if fit is None:
+            return None
+        a, b = fit
+        return max(0, int((seconds - a) / b + 1e-6))  # 1e-6: float dust on an exact fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +135,7 @@ class BatchPlanner:
         # Free pages admission leaves for running requests to grow into (vLLM keeps ~1%).
         self.watermark = max(1, layout.num_pages // 100)
         self.preemptions = 0
+        self.step_times = StepTimes()  # the engine adds every step; read under tpot_target_s
 
     # -- queue -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -148,6 +183,7 @@ class BatchPlanner:
             if req in self.running:
                 chunks.append(self._chunk(req, 1))
                 budget -= 1
+        prefill_budget = min(prefill_budget, self._prefill_cap(len(chunks)))
 
         for req in [r for r in self.running if not self._decoding(r)]:
             n = self._fit(req, min(cfg.prefill_chunk, budget, prefill_budget))
@@ -182,6 +218,18 @@ class BatchPlanner:
                 return dataclasses.replace(self.schedule(), preempted=tuple(preempted))
         loads = tuple(dict.fromkeys(c.request.adapter for c in chunks if c.path == "load"))
         return Schedule(tuple(chunks), loads, tuple(preempted))
+
+    def _prefill_cap(self, decodes: int) -> int:
+        """Sarathi-Serve: with requests decoding and a time-per-token target, the prefill share
+        is what keeps the step's predicted time under the target (at least one small chunk, so
+        prompts still progress). Without either, no cap beyond max_prefill_tokens."""
+        target = self.config.tpot_target_s
+        if target is None or decodes == 0:
+            return self.config.max_prefill_tokens
+        most = self.step_times.max_tokens(target)
+        if most is None:  # no fit yet: do not guess
+            return self.config.max_prefill_tokens
+        return max(MIN_PREFILL_SHARE, most - decodes)
 
     def _decoding(self, req: Request) -> bool:
         return bool(req.output_ids) and req.num_tokens - req.num_computed == 1
