@@ -23,7 +23,7 @@ import numpy as np
 
 import carajax
 from carajax.config import TARGET_MODULES
-from carajax.testing import write_random_adapter
+from carajax.testing import run_chunks, write_random_adapter
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:
@@ -46,18 +46,15 @@ def bench_model(name: str, tokens: int, repeats: int, dtype: str, tmp: str) -> l
     engine.add_adapter("r16", path)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, engine.model_config.vocab_size, tokens).tolist()
-    runner = engine.runner
     rows = []
     for adapter in (None, "r16"):
-        slot = -1
-        if adapter is not None:
-            engine.pool.load_now(adapter)
-            slot = engine.pool.slot(adapter)
+        # One sequence through the engine's runner: its whole prompt as one prefill step, then
+        # one decode step of its last token (as the engine would run them; both sync on logits).
+        req = engine._make_request(ids, adapter, None, None)
         before = dict(engine.compiled_variants())
-        first, med = _timed(lambda s=slot: runner.prefill(0, ids, s), repeats)
-        pos = len(ids)
-        d_first, d_med = _timed(
-            lambda s=slot, p=pos: runner.decode([0], [ids[-1]], [p], [s]), repeats)
+        first, med = _timed(lambda r=req: run_chunks(engine, [(r, 0, tokens - 1)]), repeats)
+        d_first, d_med = _timed(lambda r=req: run_chunks(engine, [(r, tokens - 1, 1)]), repeats)
+        engine.planner.pages.free(req)
         after = engine.compiled_variants()
         # A fresh generate with another prompt length in the same bucket compiles nothing new.
         engine.generate([ids[:-3]], adapters=[adapter],

@@ -91,8 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="HF batch size and carajax max_batch_size")
     e = p.add_argument_group("carajax engine")
     e.add_argument("--max-seq-len", type=int, default=None,
-                   help="KV cache length; default: per workload, the next power of two over its "
-                        "longest prompt + output")
+                   help="longest context per request; default: --max-positions (the model's)")
     e.add_argument("--max-lora-rank", type=int, default=64)
     args = p.parse_args(argv)
     if args.quick:
@@ -349,7 +348,9 @@ def run_workload(args, wl: Workload, hf: HFRunner, ckpt: str, adapters) -> dict:
     hf_warm = time.perf_counter() - t0
     log(f"  HF warm-up batch: {hf_warm:.1f}s")
     # carajax: engine, adapters, compile, one untimed generate of the workload's shape.
-    max_seq_len = args.max_seq_len or min(bucket(wl.longest), args.max_positions)
+    # The paged cache's capacity costs nothing per step (attention reads the pages in use), so
+    # by default the engine takes the model's whole context, as a server would.
+    max_seq_len = args.max_seq_len or args.max_positions
     t0 = time.perf_counter()
     engine, config = carajax_engine(args, ckpt, adapters, max_seq_len)
     load_s = time.perf_counter() - t0

@@ -39,8 +39,11 @@ from carajax.models.llama import Llama, PagedKVCache, StepBatch, dense_batch
 
 # Incremented at trace time only: one count per compiled variant.
 _TRACES: collections.Counter[str] = collections.Counter()
-# The attention's query block in steps with prefill chunks; decode-only steps: 1.
+# The attention's query block in steps with prefill chunks: T / max_batch_size, within these
+# bounds (each block gathers its sequence's whole context: long chunks want few blocks, mixed
+# steps of many decodes want small ones); decode-only steps: 1.
 PREFILL_BLOCK = 16
+MAX_PREFILL_BLOCK = 64
 # The smallest context the block tables cover (positions): fewer page buckets, fewer compiles.
 MIN_CONTEXT_BUCKET = 128
 
@@ -156,6 +159,12 @@ class ModelRunner:
         lo = min(8, self.config.max_batch_size) if decode_only else self.config.min_prefill_bucket
         return bucket(T, lo)
 
+    def query_block(self, T: int, decode_only: bool) -> int:
+        """The attention's query block for a step of T (bucketed) tokens; static per variant."""
+        if decode_only:
+            return 1
+        return min(MAX_PREFILL_BLOCK, max(PREFILL_BLOCK, bucket(T // self.config.max_batch_size, 1)))
+
     def page_bucket(self, pages: int) -> int:
         """Padded block-table width: powers of two from MIN_CONTEXT_BUCKET positions' worth (the
         attention gathers that many pages per sequence: its cost follows the longest context in
@@ -222,7 +231,7 @@ class ModelRunner:
                           logit_rows=logit_rows)
         return StepInputs(batch, seg_slots, rows, owners,
                           (temperature, top_k, top_p, seeds, steps),
-                          1 if decode_only else PREFILL_BLOCK, samplers)
+                          self.query_block(Tb, decode_only), samplers)
 
     def launch(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
         """Dispatch the step (asynchronously); returns (tokens [R], logits [R, V]) on the device
@@ -277,7 +286,8 @@ class ModelRunner:
                          for i in range(bucket(cfg.max_batch_size, 1).bit_length())})
         mixed = sorted({self.token_bucket(1 << i, False)
                         for i in range(bucket(cfg.max_step_tokens, 1).bit_length())})
-        shapes = [(T, 1) for T in decode] + [(T, PREFILL_BLOCK) for T in mixed]
+        shapes = ([(T, self.query_block(T, True)) for T in decode]
+                  + [(T, self.query_block(T, False)) for T in mixed])
         before = sum(_TRACES.values())
         lowered = []
         for bridge in ((None, self.bridge) if cpu else (None,)):
@@ -314,8 +324,10 @@ class ModelRunner:
                       bridge=bridge, block=block)
         return args, kwargs, sampling
 
-    def dry_step(self, T: int, P: int = 1, block: int = PREFILL_BLOCK, bridge=None) -> None:
+    def dry_step(self, T: int, P: int = 1, block: int | None = None, bridge=None) -> None:
         """A step of T padding tokens, to time the projections of T tokens; waits for it."""
-        args, kwargs, sampling = self._dry_args(bucket(T, 1), P, block, bridge)
+        T = bucket(T, 1)
+        block = self.query_block(T, False) if block is None else block
+        args, kwargs, sampling = self._dry_args(T, P, block, bridge)
         logits, self.cache = _step(*args, **kwargs)
         jax.block_until_ready(_sample(logits, sampling))
