@@ -219,19 +219,18 @@ def decode_round(args, engine, label: str, context: int, round_no: int) -> dict:
     """16 requests of `context` random prompt tokens; times every step in which all of them
     decode. Returns the round's measurements."""
     import carajax
+    from carajax.models.attention import KV_CHUNK_PAGES
 
     runner, layout = engine.runner, engine.runner.layout
     ps = layout.page_size
-    bucket_pages = runner.page_bucket(layout.pages_for(context + 1))
-    # The last decode step computes position context + max_tokens - 2 and needs pages for
-    # context + max_tokens - 1 positions: keep that in the first step's bucket.
-    max_tokens = min(args.decode_steps + 1, bucket_pages * ps - context + 1,
-                     runner.seq_len - context)
+    # The attention reads whole chunks of KV_CHUNK_PAGES pages up to the longest context.
+    chunk = KV_CHUNK_PAGES * ps
+    bucket_pages = -(-(context + 1) // chunk) * chunk // ps
+    max_tokens = min(args.decode_steps + 1, runner.seq_len - context)
     if max_tokens < 2:
         raise ValueError(f"{label}: context {context} leaves no room to decode "
                          f"(max_seq_len {runner.seq_len})")
-    assert runner.page_bucket(layout.pages_for(context + max_tokens - 1)) == bucket_pages
-    runner.dry_step(args.batch, bucket_pages, block=1)  # compile the decode variant, if new
+    runner.dry_step(args.batch, runner.page_bucket(1), block=1)  # compile the decode variant
     rng = np.random.default_rng([args.seed, context, round_no + 1, 17])
     names = list(engine.adapters)
     sampling = carajax.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=())

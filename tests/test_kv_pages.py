@@ -138,3 +138,15 @@ def test_time_per_token_target_caps_the_prefill_share():
         assert planner._prefill_cap(6) == 24
         assert planner._prefill_cap(0) == planner.config.max_prefill_tokens
         assert planner._prefill_cap(29) == 16  # prompts always progress a little
+
+
+def test_prefill_chunks_fill_the_padding_of_their_token_bucket():
+    """A step of one decode and an 8-token chunk (prefill_chunk) would run padded to 16 tokens:
+    the chunk grows to 15, the rest of the bucket, instead of computing padding."""
+    with _engine(pages=64) as e:
+        e.submit([2, 5, 6], sampling=GREEDY)
+        e.step()  # its prompt; it decodes from now on
+        e.submit(list(range(2, 42)), sampling=GREEDY)  # 40 prompt tokens
+        plan = e.planner.schedule()
+        assert [(c.is_decode, c.length) for c in plan.chunks] == [(True, 1), (False, 15)]
+        assert e.runner.token_bucket(plan.num_tokens, decode_only=False) == 16

@@ -71,7 +71,8 @@ class Engine:
         self.bridge = CpuAssistBridge(CpuLoraWorker(max_threads=config.cpu_threads), model.config)
         self.runner = ModelRunner(model, config, self.pool, self.bridge)
         self.planner = BatchPlanner(config, self.runner.layout, self.runner.seq_len, self.pool,
-                                    self._decode_text)
+                                    self._decode_text,
+                                    lambda n: self.runner.token_bucket(n, decode_only=False))
         # Per step: (seconds on the host: planning, building inputs, applying results; seconds
         # in all). Host time is what a faster device cannot remove.
         self._step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)

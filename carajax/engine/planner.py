@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -122,7 +123,8 @@ class Schedule:
 class BatchPlanner:
     """Waiting queue (bounded), running set with KV pages, and the per-step plan."""
 
-    def __init__(self, config: EngineConfig, layout: KVLayout, seq_len: int, pool, decode_text):
+    def __init__(self, config: EngineConfig, layout: KVLayout, seq_len: int, pool, decode_text,
+                 token_bucket: Callable[[int], int] | None = None):
         self.config = config
         self.layout = layout
         self.seq_len = seq_len  # longest context of one request (positions)
@@ -136,6 +138,9 @@ class BatchPlanner:
         self.watermark = max(1, layout.num_pages // 100)
         self.preemptions = 0
         self.step_times = StepTimes()  # the engine adds every step; read under tpot_target_s
+        # The padded token count the runner will compile a step with (mixed steps): a step
+        # whose chunks fall short of it is topped up with more prompt tokens, which cost nothing.
+        self.token_bucket = token_bucket
 
     # -- queue -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -216,8 +221,27 @@ class BatchPlanner:
                 self._preempt(victim)
                 preempted.append(victim)
                 return dataclasses.replace(self.schedule(), preempted=tuple(preempted))
+        self._fill_bucket(chunks)
         loads = tuple(dict.fromkeys(c.request.adapter for c in chunks if c.path == "load"))
         return Schedule(tuple(chunks), loads, tuple(preempted))
+
+    def _fill_bucket(self, chunks: list[SeqChunk]) -> None:
+        """Lengthen prefill chunks into the padding the step's token bucket would compute
+        anyway (e.g. 271 tokens run as 512): more prompt tokens for the same step time."""
+        if self.token_bucket is None or all(c.is_decode for c in chunks):
+            return
+        T = sum(c.length for c in chunks)
+        room = min(self.token_bucket(T), self.config.max_step_tokens) - T
+        for i, c in enumerate(chunks):
+            if room <= 0:
+                break
+            if c.is_decode:
+                continue
+            n = max(c.length, self._fit(c.request, c.length + room, reserve=self.watermark))
+            if n > c.length:
+                room -= n - c.length
+                chunks[i] = dataclasses.replace(
+                    c, length=n, samples=c.start + n == c.request.num_tokens)
 
     def _prefill_cap(self, decodes: int) -> int:
         """Sarathi-Serve: with requests decoding and a time-per-token target, the prefill share
@@ -234,13 +258,14 @@ class BatchPlanner:
     def _decoding(self, req: Request) -> bool:
         return bool(req.output_ids) and req.num_tokens - req.num_computed == 1
 
-    def _fit(self, req: Request, n: int) -> int:
-        """Up to n of req's next tokens, as many as its pages (grown from the free ones) hold."""
+    def _fit(self, req: Request, n: int, reserve: int = 0) -> int:
+        """Up to n of req's next tokens, as many as its pages (grown from the free ones, leaving
+        `reserve` free) hold."""
         n = min(n, req.num_tokens - req.num_computed)
         if n <= 0:
             return 0
         ps = self.layout.page_size
-        have = len(self.pages.table(req)) + self.pages.num_free
+        have = len(self.pages.table(req)) + max(0, self.pages.num_free - reserve)
         n = min(n, have * ps - req.num_computed)
         if n > 0 and not self.pages.grow(req, self.layout.pages_for(req.num_computed + n)):
             raise AssertionError("page allocator refused pages it reported free")

@@ -6,10 +6,11 @@ flattened batch (`StepBatch`: every token of the step, sequence after sequence) 
 jitted step: the forward over all of them and the sampling of the sequences that reach their
 end, so only the sampled token ids come back to the host.
 
-Compiled variants: the token count is bucketed to powers of two (decode-only steps from 1,
-mixed steps from `min_prefill_bucket`), the block tables' page count too (the attention reference
-reads that many pages per sequence, so its cost follows the longest context in the batch, not the
-cache's capacity). The sequence axis is fixed at `max_batch_size`. Steps with CPU-assisted
+Compiled variants: the token count is bucketed to powers of two (decode-only steps from
+min(8, max_batch_size), mixed steps from `min_prefill_bucket`), and nothing else: the sequence
+axis is fixed at `max_batch_size` and the block tables at the longest context's pages (the
+attention skips the pages past the step's longest context, so its cost follows the real contexts,
+not the cache's capacity). Steps with CPU-assisted
 tokens use variants with the host callbacks (their token count bucketed too); engines with no
 adapter registered use variants without LoRA. `compiled_variants` counts traces.
 """
@@ -44,8 +45,6 @@ _TRACES: collections.Counter[str] = collections.Counter()
 # steps of many decodes want small ones); decode-only steps: 1.
 PREFILL_BLOCK = 16
 MAX_PREFILL_BLOCK = 64
-# The smallest context the block tables cover (positions): fewer page buckets, fewer compiles.
-MIN_CONTEXT_BUCKET = 128
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -166,11 +165,10 @@ class ModelRunner:
         return min(MAX_PREFILL_BLOCK, max(PREFILL_BLOCK, bucket(T // self.config.max_batch_size, 1)))
 
     def page_bucket(self, pages: int) -> int:
-        """Padded block-table width: powers of two from MIN_CONTEXT_BUCKET positions' worth (the
-        attention gathers that many pages per sequence: its cost follows the longest context in
-        the batch), capped at the longest context."""
-        lo = max(1, MIN_CONTEXT_BUCKET // self.layout.page_size)
-        return min(bucket(pages, lo), bucket(self.layout.max_pages_per_seq, 1))
+        """Block-table width: always the longest context's pages. The attention walks the pages
+        in chunks and skips those past the step's longest context, so the width costs nothing
+        and is no compiled-variant axis."""
+        return self.layout.max_pages_per_seq
 
     def prepare(self, plan: Schedule, table: Callable[[Request], list[int]],
                 cpu_ids: dict[str, int]) -> StepInputs:
@@ -274,14 +272,12 @@ class ModelRunner:
 
     def warmup(self, cpu: bool, progress: Callable[[int, int], None] | None = None) -> int:
         """Compile the step variants serving will use: every token bucket (decode-only and
-        mixed, to `max_step_tokens`) at every page bucket up to the longest context, with CPU
-        assist if asked, and the sampler per logit-row count. Variants are traced here and
+        mixed, to `max_step_tokens`), with CPU assist if asked, and the sampler per logit-row
+        count. Variants are traced here and
         compiled on a thread per core (XLA compiles outside the GIL; the ahead-of-time compiles
         fill the same cache the step dispatches from). `progress(done, total)` after each.
         Returns how many variants this compiled."""
         cfg = self.config
-        page_buckets = sorted({self.page_bucket(1 << i)
-                               for i in range(bucket(self.layout.max_pages_per_seq, 1).bit_length())})
         decode = sorted({self.token_bucket(1 << i, True)
                          for i in range(bucket(cfg.max_batch_size, 1).bit_length())})
         mixed = sorted({self.token_bucket(1 << i, False)
@@ -292,9 +288,8 @@ class ModelRunner:
         lowered = []
         for bridge in ((None, self.bridge) if cpu else (None,)):
             for T, block in shapes:
-                for P in page_buckets:
-                    args, kwargs, sampling = self._dry_args(T, P, block, bridge)
-                    lowered.append(_step.lower(*args, **kwargs))
+                args, kwargs, sampling = self._dry_args(T, self.page_bucket(1), block, bridge)
+                lowered.append(_step.lower(*args, **kwargs))
         for R in sorted({min(T, cfg.max_batch_size) for T, _ in shapes}):
             lowered.append(_sample.lower(jax.ShapeDtypeStruct((R, self.model_config.vocab_size),
                                                               jnp.float32), self._dry_args(R, 1, 1, None)[2]))

@@ -34,6 +34,9 @@ IMPLS = ("auto", "reference", "pallas")
 # Cap of the default query block: past this a prefill chunk's blocks waste more on masked padding
 # rows (up to Bq - 1 per sequence) than they save in KV gathers.
 MAX_DEFAULT_QUERY_BLOCK = 64
+# Keys are walked in chunks of this many pages (128 positions at page size 16): small enough
+# that a chunk's gathered keys and values stay in cache, large enough to amortise the loop.
+KV_CHUNK_PAGES = 8
 
 
 def paged_attention(
@@ -140,17 +143,19 @@ def paged_attention_reference(
     *,
     query_block: int | None = None,
 ) -> jax.Array:  # [T, heads, head_dim]
-    """`paged_attention` in pure jnp, with static shapes and no loop over the data.
+    """`paged_attention` in pure jnp, with static shapes.
 
     The T query tokens are cut into NB = min(T, ceil(T / Bq) + S) blocks of at most Bq tokens of
-    one sequence each (`plan_query_blocks`). Each block gathers its queries and, through its
-    sequence's row of block_tables, all P * page_size key/value positions the table covers; it
-    masks keys past seq_len or past each query's position, and scatters its valid rows back.
+    one sequence each (`plan_query_blocks`). The keys are walked in chunks of KV_CHUNK_PAGES
+    pages of each block's sequence (through its row of block_tables) with an online softmax
+    (running max, sum and weighted values, as flash attention does), masking keys past seq_len
+    or past each query's position; the valid rows are scattered back.
 
-    Cost model: the gathers move NB * P * page_size * kv_heads * head_dim keys and as many
-    values, and the products do NB * Bq * heads * P * page_size * head_dim multiply-adds each.
-    So the cost follows the pages the batch really uses (P is the caller's bucketed column count,
-    not the pool's capacity). Bq = 1 on a decode-only step (one token per sequence) makes it one
+    Cost model: a chunk is skipped (`lax.cond`: only the branch taken runs) once it lies past the
+    batch's longest context, so the work follows the longest sequence of the step, not the
+    cache's capacity or the table's width: NB * max(seq_lens) keys and as many values gathered,
+    in chunks small enough to stay in cache, and NB * Bq * heads * max(seq_lens) * head_dim
+    multiply-adds each way. Bq = 1 on a decode-only step (one token per sequence) makes it one
     gather per sequence; with prefill chunks a larger Bq shares a gather among Bq tokens, at the
     price of up to Bq - 1 masked rows per sequence.
     """
@@ -170,7 +175,7 @@ def paged_attention_reference(
         raise ValueError(f"query_block must be >= 1, got {bq}")
     if T == 0:
         return jnp.zeros_like(q)
-    group, L = heads // kv_heads, P * page_size
+    group = heads // kv_heads
 
     seq, row0, length, pos0 = plan_query_blocks(seq_lens, query_starts, T, bq)  # [NB] each
     nb = seq.shape[0]
@@ -183,33 +188,49 @@ def paged_attention_reference(
     # NaN included). Their scores are masked anyway; zeroing them keeps NaN out of the products.
     qb = jnp.take(q, jnp.where(valid, rows, 0), axis=0)  # [NB, Bq, heads, D]
     qb = jnp.where(valid[:, :, None, None], qb, 0).reshape(nb, bq, kv_heads, group, head_dim)
+    qb = qb * jnp.asarray(1 / math.sqrt(head_dim), qb.dtype)
 
-    # Keys and values: one gather of whole pages per block; the pages are contiguous in the
-    # reshape, so position p of the block's sequence lands at index p.
-    pages = jnp.take(block_tables, seq, axis=0)  # [NB, P]
-    kb = jnp.take(k_pages, pages, axis=0, mode="clip").reshape(nb, L, kv_heads, head_dim)
-    vb = jnp.take(v_pages, pages, axis=0, mode="clip").reshape(nb, L, kv_heads, head_dim)
-    kb, vb = kb.astype(q.dtype), vb.astype(q.dtype)
+    # Each block's pages, padded to whole chunks (padding entries point at page 0, masked).
+    cp = min(KV_CHUNK_PAGES, P)
+    chunks = -(-P // cp)
+    tables = jnp.take(block_tables, seq, axis=0)  # [NB, P]
+    tables = jnp.pad(tables, ((0, 0), (0, chunks * cp - P))).reshape(nb, chunks, cp)
+    limit = seq_lens[seq]  # [NB] context length of each block's sequence
+    longest = jnp.max(jnp.where(length > 0, limit, 0))
+    C = cp * page_size  # positions per chunk
 
     # GPUs multiply float32 in TF32 by default; the reference keeps full float32 precision.
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    scores = _scores(qb, kb, precision) / math.sqrt(head_dim)  # [NB, kv_heads, group, Bq, L]
-    kpos = jnp.arange(L, dtype=jnp.int32)
-    visible = (valid[:, :, None] & (kpos <= qpos[:, :, None])
-               & (kpos < seq_lens[seq][:, None, None]))  # [NB, Bq, L]
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
 
-    # Softmax by hand so that a fully masked row (a padding row) gives zeros, not NaN: its max is
-    # -inf, replaced by 0 so exp(-inf - 0) = 0, and its zero sum is divided as if it were 1.
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(scores - m)
-    denom = jnp.sum(e, axis=-1, keepdims=True)
-    probs = e / jnp.where(denom > 0, denom, 1.0)  # [NB, kv_heads, group, Bq, L] float32
+    def attend(carry, c):  # one chunk of keys into the running softmax
+        m, total, acc = carry  # [NB, K, G, Bq], [NB, K, G, Bq], [NB, K, G, Bq, D] (float32)
+        pages = jnp.take(tables, c, axis=1)  # [NB, cp]
+        kc = jnp.take(k_pages, pages, axis=0, mode="clip").reshape(nb, C, kv_heads, head_dim)
+        vc = jnp.take(v_pages, pages, axis=0, mode="clip").reshape(nb, C, kv_heads, head_dim)
+        s = _scores(qb, kc.astype(q.dtype), precision)  # [NB, K, G, Bq, C]
+        kpos = c * C + jnp.arange(C, dtype=jnp.int32)
+        visible = (valid[:, :, None] & (kpos <= qpos[:, :, None])
+                   & (kpos < limit[:, None, None]))  # [NB, Bq, C]
+        s = jnp.where(visible[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        # A row with nothing visible yet keeps max -inf: shift by 0 so exp(-inf) = 0, not NaN.
+        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        e = jnp.exp(s - shift[..., None])  # [NB, K, G, Bq, C]
+        scale = jnp.exp(jnp.where(jnp.isfinite(m), m - shift, -jnp.inf))  # old terms, rescaled
+        total = total * scale + jnp.sum(e, axis=-1)
+        acc = acc * scale[..., None] + _weighted_values(e.astype(vc.dtype), vc.astype(q.dtype),
+                                                        precision)
+        return m_new, total, acc
 
-    # Output in the probabilities' order, transposed afterwards: asking the product for
-    # "bqkgd" directly makes XLA on CPU transpose the whole gathered V instead (3x slower).
-    out = _weighted_values(probs.astype(vb.dtype), vb, precision)  # [NB, kv_heads, group, Bq, D]
+    def step(carry, c):
+        # Chunks past the longest context of the batch cost nothing (only the taken branch runs).
+        return jax.lax.cond(c * C < longest, attend, lambda carry, c: carry, carry, c), None
+
+    init = (jnp.full((nb, kv_heads, group, bq), -jnp.inf, jnp.float32),
+            jnp.zeros((nb, kv_heads, group, bq), jnp.float32),
+            jnp.zeros((nb, kv_heads, group, bq, head_dim), jnp.float32))
+    (_, total, acc), _ = jax.lax.scan(step, init, jnp.arange(chunks, dtype=jnp.int32))
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # a padding row (sum 0) gives zeros
     out = out.transpose(0, 3, 1, 2, 4).reshape(nb, bq, heads, head_dim).astype(q.dtype)
     # Each valid row of q is in exactly one block. Invalid rows must aim past the end (dropped):
     # left at `rows` they would race with the next sequence's block for the same row of out.
