@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--kv-slack", type=int, default=64,
                    help="KV room per sequence beyond max_seq_len (positions)")
     d.add_argument("--decode-steps", type=int, default=25,
-                   help="decode steps wanted per round (fewer if the page bucket would change)")
+                   help="decode steps wanted per round (fewer if the context would run out)")
     d.add_argument("--min-decode-steps", type=int, default=20)
     d.add_argument("--prefill-chunk", type=int, default=32,
                    help="prefill tokens per request per step; max_step_tokens = batch x this")
@@ -230,7 +230,7 @@ def decode_round(args, engine, label: str, context: int, round_no: int) -> dict:
     if max_tokens < 2:
         raise ValueError(f"{label}: context {context} leaves no room to decode "
                          f"(max_seq_len {runner.seq_len})")
-    runner.dry_step(args.batch, runner.page_bucket(1), block=1)  # compile the decode variant
+    runner.dry_step(args.batch, block=1)  # compile the decode variant
     rng = np.random.default_rng([args.seed, context, round_no + 1, 17])
     names = list(engine.adapters)
     sampling = carajax.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=())
@@ -271,7 +271,7 @@ def decode_round(args, engine, label: str, context: int, round_no: int) -> dict:
         raise RuntimeError(f"{label}@{context}: requests ended badly: {bad[:4]}")
     ms = med(times) * 1e3 if times else None
     res = {"engine": label, "context": context, "round": round_no, "max_tokens": max_tokens,
-           "page_bucket_positions": bucket_pages * ps, "timed_steps": len(times),
+           "positions_read": bucket_pages * ps, "timed_steps": len(times),
            "compile_steps_excluded": compiled, "prefill_steps": untimed,
            "prefill_s": (t_first_decode - t_submit) if t_first_decode else None,
            "step_ms_median": ms, "step_ms_min": min(times) * 1e3 if times else None,
@@ -280,7 +280,7 @@ def decode_round(args, engine, label: str, context: int, round_no: int) -> dict:
            "tokens_per_s": args.batch / (ms / 1e3) if ms else None,
            "enough_steps": len(times) >= args.min_decode_steps}
     log(f"  {label}@{context} round {round_no}: {fmt(ms)} ms/step over {len(times)} decode steps "
-        f"(bucket {bucket_pages * ps} positions, {compiled} compile steps left out, prefill "
+        f"(attention reads {bucket_pages * ps} positions, {compiled} compile steps left out, prefill "
         f"{untimed} steps {fmt(res['prefill_s'], 1)} s)")
     return res
 
@@ -330,7 +330,7 @@ def part_decode(args, model, adapters) -> dict:
                          "timed_steps": len(pooled),
                          "host_ms": med([r["host_ms_median"] for r in rs
                                          if r["host_ms_median"] is not None]),
-                         "page_bucket_positions": rs[0]["page_bucket_positions"],
+                         "positions_read": rs[0]["positions_read"],
                          "round_medians_ms": [r["step_ms_median"] for r in rs]})
     get = {(r["engine"], r["context"]): r["step_ms"] for r in rows}
     ratios = {}
@@ -346,13 +346,13 @@ def print_decode(res: dict) -> None:
     print("\n## 1. Decode step vs real context at fixed capacity\n")
     print(f"{res['batch']} sequences decoding (adapters i % 8, cached), median of the timed "
           "decode steps (engine.step() wall time).\n")
-    print("| engine | max_seq_len | KV pages | context | page bucket | ms/step | host ms | "
+    print("| engine | max_seq_len | KV pages | context | positions read | ms/step | host ms | "
           "tokens/s | steps |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in res["rows"]:
         lay = res["engines"][r["engine"]]
         print(f"| {r['engine']} | {r['capacity']} | {lay['num_pages']} | {r['context']} | "
-              f"{r['page_bucket_positions']} | {fmt(r['step_ms'])} | {fmt(r['host_ms'])} | "
+              f"{r['positions_read']} | {fmt(r['step_ms'])} | {fmt(r['host_ms'])} | "
               f"{fmt(r['tokens_per_s'], 0)} | {r['timed_steps']} |")
     for k, v in res["ratios"].items():
         verdict = "meets" if v <= res["goal"] else "misses"

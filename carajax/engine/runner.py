@@ -45,6 +45,7 @@ _TRACES: collections.Counter[str] = collections.Counter()
 # steps of many decodes want small ones); decode-only steps: 1.
 PREFILL_BLOCK = 16
 MAX_PREFILL_BLOCK = 64
+CPU_ROWS_SMALL = 8  # see ModelRunner.cpu_rows_bucket
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -158,13 +159,20 @@ class ModelRunner:
         lo = min(8, self.config.max_batch_size) if decode_only else self.config.min_prefill_bucket
         return bucket(T, lo)
 
+    @staticmethod
+    def cpu_rows_bucket(n: int, T: int) -> int:
+        """Rows a CPU-assist step gathers for the host: 8 (a few cold decode tokens) or all T
+        (cold prefill chunks), so CPU-assist variants are two per token bucket, all warmed up."""
+        return min(T, CPU_ROWS_SMALL) if n <= CPU_ROWS_SMALL else T
+
     def query_block(self, T: int, decode_only: bool) -> int:
         """The attention's query block for a step of T (bucketed) tokens; static per variant."""
         if decode_only:
             return 1
         return min(MAX_PREFILL_BLOCK, max(PREFILL_BLOCK, bucket(T // self.config.max_batch_size, 1)))
 
-    def page_bucket(self, pages: int) -> int:
+    @property
+    def table_width(self) -> int:
         """Block-table width: always the longest context's pages. The attention walks the pages
         in chunks and skips those past the step's longest context, so the width costs nothing
         and is no compiled-variant axis."""
@@ -181,7 +189,7 @@ class ModelRunner:
         decode_only = all(c.length == 1 for c in chunks)
         Tb = self.token_bucket(T, decode_only)
         tables = [table(c.request) for c in chunks]
-        Pb = self.page_bucket(max((len(t) for t in tables), default=1))
+        Pb = self.table_width
         R = min(Tb, S)
         tokens = np.zeros(Tb, np.int32)
         positions = np.zeros(Tb, np.int32)
@@ -219,7 +227,7 @@ class ModelRunner:
                 samplers.append((i, req))
             o = end
         query_starts[len(chunks):] = T
-        C = bucket(len(cpu_rows), 8) if cpu_rows else 0
+        C = self.cpu_rows_bucket(len(cpu_rows), Tb) if cpu_rows else 0
         rows = np.full(C, Tb, np.int32)
         rows[:len(cpu_rows)] = cpu_rows
         owners = np.full(C, -1, np.int32)
@@ -288,8 +296,9 @@ class ModelRunner:
         lowered = []
         for bridge in ((None, self.bridge) if cpu else (None,)):
             for T, block in shapes:
-                args, kwargs, sampling = self._dry_args(T, self.page_bucket(1), block, bridge)
-                lowered.append(_step.lower(*args, **kwargs))
+                for C in ({self.cpu_rows_bucket(n, T) for n in (1, T)} if bridge else {0}):
+                    args, kwargs, sampling = self._dry_args(T, self.table_width, block, bridge, C)
+                    lowered.append(_step.lower(*args, **kwargs))
         for R in sorted({min(T, cfg.max_batch_size) for T, _ in shapes}):
             lowered.append(_sample.lower(jax.ShapeDtypeStruct((R, self.model_config.vocab_size),
                                                               jnp.float32), self._dry_args(R, 1, 1, None)[2]))
@@ -301,7 +310,7 @@ class ModelRunner:
                     progress(done, len(lowered))
         return sum(_TRACES.values()) - before
 
-    def _dry_args(self, T: int, P: int, block: int, bridge):
+    def _dry_args(self, T: int, P: int, block: int, bridge, C: int | None = None):
         """Arguments of a step of T padding tokens (every KV write dropped, no sequence
         attends): (positional, keyword, sampling arrays)."""
         S = self.config.max_batch_size
@@ -310,7 +319,8 @@ class ModelRunner:
                           slots=np.full(T, -1, np.int32), block_tables=np.zeros((S, P), np.int32),
                           seq_lens=np.zeros(S, np.int32), query_starts=np.zeros(S + 1, np.int32),
                           logit_rows=np.zeros(R, np.int32))
-        C = 8 if bridge is not None else 0
+        if C is None:
+            C = self.cpu_rows_bucket(1, T) if bridge is not None else 0
         sampling = (np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32),
                     np.zeros(R, np.uint32), np.zeros(R, np.int32))
         args = (self.graphdef, self.state, self.pool.weights, self.cache, batch,
@@ -319,10 +329,10 @@ class ModelRunner:
                       bridge=bridge, block=block)
         return args, kwargs, sampling
 
-    def dry_step(self, T: int, P: int = 1, block: int | None = None, bridge=None) -> None:
+    def dry_step(self, T: int, block: int | None = None, bridge=None) -> None:
         """A step of T padding tokens, to time the projections of T tokens; waits for it."""
         T = bucket(T, 1)
         block = self.query_block(T, False) if block is None else block
-        args, kwargs, sampling = self._dry_args(T, P, block, bridge)
+        args, kwargs, sampling = self._dry_args(T, self.table_width, block, bridge)
         logits, self.cache = _step(*args, **kwargs)
         jax.block_until_ready(_sample(logits, sampling))
