@@ -1,7 +1,9 @@
 """A discrete-event simulator of a LoRA serving cluster, in virtual time.
 
 It answers "what at 60 workers and 40k adapters" with the same routing code the gRPC router uses
-(`carajax.sched.router`). Each worker is modelled like the engine (`carajax/scheduler.py`):
+(`carajax.sched.router`). Each worker is modelled like the engine's planner as it was before the
+paged, one-forward step (`carajax/engine/planner.py`; pricing the fused step is issue 15's open
+item 9):
 
 * continuous batching: at the start of every step the worker admits requests from its FIFO queue
   (up to `max_batch` running, prefilling ones included; KV rows reserved for prompt + output;
