@@ -32,26 +32,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRACE = os.path.join(ROOT, "data", "traces", "azure_llm_2023", "azure2023_conv.jsonl")
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+# The machine record, paths and progress log are bench_step's (this script's directory is on
+# sys.path when it runs).
+from bench_step import TRACE, log
+from bench_step import machine_info as base_machine_info
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,32 +117,14 @@ def quiet_hf() -> None:
 
 
 def machine_info() -> dict:
-    import jax
+    """bench_step's record of the machine, plus the torch / transformers / peft side."""
     import peft
     import torch
     import transformers
 
-    import carajax
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        # `git diff` (unlike `git status`) never writes the index.
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT,
-                               capture_output=True, timeout=10).returncode == 1 if commit else None
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(), "jax": jax.__version__,
-        "jax_devices": [str(d) for d in jax.devices()], "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-        "peft": peft.__version__, "numpy": np.__version__, "git_commit": commit,
-        "git_dirty": dirty, "carajax_path": os.path.dirname(os.path.abspath(carajax.__file__)),
-    }
+    return {**base_machine_info(), "torch": torch.__version__,
+            "torch_num_threads": torch.get_num_threads(), "transformers": transformers.__version__,
+            "peft": peft.__version__}
 
 
 # -- model and adapters -----------------------------------------------------------------------
@@ -330,10 +306,6 @@ def compare(wl: Workload, hf: list[list[int]], cj: list[list[int]]) -> dict:
 def same(runs: list) -> bool | None:
     """Whether every timed run produced the same tokens (None: one run)."""
     return all(r == runs[0] for r in runs[1:]) if len(runs) > 1 else None
-
-
-def bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def run_workload(args, wl: Workload, hf: HFRunner, ckpt: str, adapters) -> dict:

@@ -81,7 +81,7 @@ def collectives(e: carajax.Engine, Tq: int = 1) -> dict:
     adapters of mixed ranks: decode (Tq=1) or prefill chunks (Tq=16), as one flattened batch."""
     r, B = e.runner, 4
     T = r.token_bucket(B * Tq, Tq == 1)
-    args, kw, _ = r._dry_args(T, r.table_width, r.query_block(T, Tq == 1), None)
+    args, kw = r._dry_args(T, r.query_block(T, Tq == 1), None)
     slots = np.full(r.config.max_batch_size, -1, np.int32)
     slots[:B] = [e.pool.slot(a) if a else -1 for a in ADAPTERS]
     kw["use_lora"] = True

@@ -92,12 +92,10 @@ class SeqChunk:
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """One engine step: the chunks (decodes first), the adapters to load first, and the
-    requests preempted to make room (already back in the queue)."""
+    """One engine step: the chunks (decodes first) and the adapters to load first."""
 
     chunks: tuple[SeqChunk, ...]
     sync_loads: tuple[str, ...] = ()  # `wait` policy: load these before running (the batch waits)
-    preempted: tuple[Request, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -138,6 +136,7 @@ class BatchPlanner:
         self.watermark = max(1, layout.num_pages // 100)
         self.preemptions = 0
         self.step_times = StepTimes()  # the engine adds every step; read under tpot_target_s
+        self._preempted: list[Request] = []  # preempted during the step being planned
         # The padded token count the runner will compile a step with (mixed steps): a step
         # whose chunks fall short of it is topped up with more prompt tokens, which cost nothing.
         self.token_bucket = token_bucket
@@ -167,8 +166,19 @@ class BatchPlanner:
     def schedule(self) -> Schedule:
         """Decodes first, then prefill chunks of running requests, then admissions, each while
         the step's token budget, the prefill share and the KV pages allow."""
+        self._preempted = []  # this step's; none of them comes back in it
+        chunks = self._plan()
+        while not chunks and len(self.running) > 1:
+            # Every running request is stuck prefilling for lack of pages: free the youngest's
+            # so the others can go on (it recomputes later).
+            self._preempt(self.running[-1])
+            chunks = self._plan()
+        self._fill_bucket(chunks)
+        loads = tuple(dict.fromkeys(c.request.adapter for c in chunks if c.path == "load"))
+        return Schedule(tuple(chunks), loads)
+
+    def _plan(self) -> list[SeqChunk]:
         cfg = self.config
-        preempted: list[Request] = []
         chunks: list[SeqChunk] = []
         budget, prefill_budget = cfg.max_step_tokens, cfg.max_prefill_tokens
 
@@ -182,7 +192,6 @@ class BatchPlanner:
                     self._finish(req, "length", now())
                     break
                 self._preempt(victim)
-                preempted.append(victim)
                 if victim is req:
                     break
             if req in self.running:
@@ -198,7 +207,7 @@ class BatchPlanner:
 
         while self.waiting and len(self.running) < cfg.max_batch_size and budget > 0:
             req = self.waiting[0]
-            if req in preempted:  # not back in the step that made room by preempting it
+            if req in self._preempted:  # not back in the step that made room by preempting it
                 break
             n = min(cfg.prefill_chunk, budget, prefill_budget, req.num_tokens)
             if n <= 0 or self.pages.num_free - self.layout.pages_for(n) < self.watermark:
@@ -212,18 +221,7 @@ class BatchPlanner:
             if n > 0:
                 chunks.append(self._chunk(req, n))
                 budget, prefill_budget = budget - n, prefill_budget - n
-
-        if not chunks and self.running:
-            # Every running request is stuck prefilling for lack of pages: free the youngest's
-            # so the others can go on (it recomputes later).
-            victim = self.running[-1]
-            if len(self.running) > 1:
-                self._preempt(victim)
-                preempted.append(victim)
-                return dataclasses.replace(self.schedule(), preempted=tuple(preempted))
-        self._fill_bucket(chunks)
-        loads = tuple(dict.fromkeys(c.request.adapter for c in chunks if c.path == "load"))
-        return Schedule(tuple(chunks), loads, tuple(preempted))
+        return chunks
 
     def _fill_bucket(self, chunks: list[SeqChunk]) -> None:
         """Lengthen prefill chunks into the padding the step's token bucket would compute
@@ -295,6 +293,7 @@ class BatchPlanner:
         req.phase = Phase.WAITING
         req.metrics.preemptions += 1
         self.preemptions += 1
+        self._preempted.append(req)
         self.waiting.appendleft(req)
 
     # -- results -----------------------------------------------------------------------------

@@ -95,6 +95,12 @@ def _sample(logits, sampling):
     return sample_tokens(logits, *sampling)
 
 
+def _greedy(R: int) -> tuple:
+    """Sampling arrays of R greedy rows (temperature, top_k, top_p, seeds, steps)."""
+    return (np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32),
+            np.zeros(R, np.uint32), np.zeros(R, np.int32))
+
+
 @dataclasses.dataclass
 class StepInputs:
     """Host arrays of one step (numpy), before they go to the device."""
@@ -199,8 +205,7 @@ class ModelRunner:
         query_starts = np.full(S + 1, T, np.int32)
         logit_rows = np.zeros(R, np.int32)
         seg_slots = np.full(S, -1, np.int32)
-        temperature, top_k = np.zeros(R, np.float32), np.zeros(R, np.int32)
-        top_p, seeds, steps = np.ones(R, np.float32), np.zeros(R, np.uint32), np.zeros(R, np.int32)
+        temperature, top_k, top_p, seeds, steps = _greedy(R)  # rows that do not sample: greedy
         cpu_rows, cpu_owner, samplers = [], [], []
         o = 0
         for i, (c, tab) in enumerate(zip(chunks, tables)):
@@ -297,11 +302,11 @@ class ModelRunner:
         for bridge in ((None, self.bridge) if cpu else (None,)):
             for T, block in shapes:
                 for C in ({self.cpu_rows_bucket(n, T) for n in (1, T)} if bridge else {0}):
-                    args, kwargs, sampling = self._dry_args(T, self.table_width, block, bridge, C)
+                    args, kwargs = self._dry_args(T, block, bridge, C)
                     lowered.append(_step.lower(*args, **kwargs))
         for R in sorted({min(T, cfg.max_batch_size) for T, _ in shapes}):
-            lowered.append(_sample.lower(jax.ShapeDtypeStruct((R, self.model_config.vocab_size),
-                                                              jnp.float32), self._dry_args(R, 1, 1, None)[2]))
+            logits = jax.ShapeDtypeStruct((R, self.model_config.vocab_size), jnp.float32)
+            lowered.append(_sample.lower(logits, _greedy(R)))
         done = 0
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             for _ in concurrent.futures.as_completed([pool.submit(lw.compile) for lw in lowered]):
@@ -310,29 +315,28 @@ class ModelRunner:
                     progress(done, len(lowered))
         return sum(_TRACES.values()) - before
 
-    def _dry_args(self, T: int, P: int, block: int, bridge, C: int | None = None):
+    def _dry_args(self, T: int, block: int, bridge, C: int | None = None):
         """Arguments of a step of T padding tokens (every KV write dropped, no sequence
-        attends): (positional, keyword, sampling arrays)."""
+        attends): (positional, keyword)."""
         S = self.config.max_batch_size
         R = min(T, S)
         batch = StepBatch(tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
-                          slots=np.full(T, -1, np.int32), block_tables=np.zeros((S, P), np.int32),
+                          slots=np.full(T, -1, np.int32),
+                          block_tables=np.zeros((S, self.table_width), np.int32),
                           seq_lens=np.zeros(S, np.int32), query_starts=np.zeros(S + 1, np.int32),
                           logit_rows=np.zeros(R, np.int32))
         if C is None:
             C = self.cpu_rows_bucket(1, T) if bridge is not None else 0
-        sampling = (np.zeros(R, np.float32), np.zeros(R, np.int32), np.ones(R, np.float32),
-                    np.zeros(R, np.uint32), np.zeros(R, np.int32))
         args = (self.graphdef, self.state, self.pool.weights, self.cache, batch,
                 np.full(S, -1, np.int32), np.full(C, T, np.int32), np.full(C, -1, np.int32))
         kwargs = dict(use_lora=len(self.pool) > 0, impl=self.lora_impl, pad=self.pad,
                       bridge=bridge, block=block)
-        return args, kwargs, sampling
+        return args, kwargs
 
     def dry_step(self, T: int, block: int | None = None, bridge=None) -> None:
         """A step of T padding tokens, to time the projections of T tokens; waits for it."""
         T = bucket(T, 1)
         block = self.query_block(T, False) if block is None else block
-        args, kwargs, sampling = self._dry_args(T, self.table_width, block, bridge)
+        args, kwargs = self._dry_args(T, block, bridge)
         logits, self.cache = _step(*args, **kwargs)
-        jax.block_until_ready(_sample(logits, sampling))
+        jax.block_until_ready(_sample(logits, _greedy(logits.shape[0])))
