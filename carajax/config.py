@@ -251,6 +251,9 @@ class EngineConfig:
     # Sarathi-Serve: while requests decode, cap the prefill share so a step's predicted time (a
     # line fitted to recent steps' token counts and times) stays under this; None: no target.
     tpot_target_s: float | None = None
+    # Plan and launch step N + 1 while step N runs on the device (its tokens still there): the
+    # host's planning hides under the device's work. False: every step waits for its tokens.
+    async_scheduling: bool = True
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     min_prefill_bucket: int = 16  # smallest padded token count of a step (then powers of two)
     # Adapters.

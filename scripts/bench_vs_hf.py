@@ -24,7 +24,8 @@ drawn from seed + r, identical for both systems; with --repeats N the tok/s are 
     python scripts/bench_vs_hf.py --quick          # tiny sizes, a smoke test
 
 Prints a markdown table (useful tokens/s per system, carajax/HF ratio, requests whose greedy
-token ids are identical) and writes JSON with machine info and per-request disagreements
+token ids are identical, and carajax again with async scheduling off, the same engine waiting
+for every step's tokens, run right after it on the same prompts) and writes JSON with machine info and per-request disagreements
 (first differing position). Progress goes to stderr.
 """
 
@@ -335,6 +336,7 @@ def run_workload(args, wl: Workload, hf: HFRunner, ckpt: str, adapters) -> dict:
     log(f"  carajax warm-up generate: {gen_warm:.1f}s")
     compiled_before = sum(engine.compiled_variants().values())
     hf_runs, cj_runs, agreement, hf_tokens_runs, cj_tokens_runs = [], [], [], [], []
+    sync_runs, sync_same = [], True  # the same engine waiting for every step's tokens
     try:
         for r in range(args.repeats):
             prompts = wl.prompts(r)
@@ -343,6 +345,14 @@ def run_workload(args, wl: Workload, hf: HFRunner, ckpt: str, adapters) -> dict:
             cj_tokens, cj_s = carajax_run(engine, wl, prompts)
             log(f"  run {r + 1}/{args.repeats} carajax: {cj_s:.1f}s, "
                 f"{wl.useful_tokens / cj_s:.1f} tok/s")
+            # The same engine with async scheduling off (it reads its config every step).
+            engine.config = dataclasses.replace(config, async_scheduling=False)
+            sync_tokens, sync_s = carajax_run(engine, wl, prompts)
+            engine.config = config
+            log(f"  run {r + 1}/{args.repeats} carajax, waiting for every step: {sync_s:.1f}s, "
+                f"{wl.useful_tokens / sync_s:.1f} tok/s")
+            sync_runs.append(sync_s)
+            sync_same &= sync_tokens == cj_tokens
             hf_runs.append(hf_s)
             cj_runs.append(cj_s)
             agreement.append(compare(wl, hf_tokens, cj_tokens))
@@ -370,6 +380,10 @@ def run_workload(args, wl: Workload, hf: HFRunner, ckpt: str, adapters) -> dict:
                     "warmup_compile_s": compile_s, "warmup_variants": variants,
                     "warmup_generate_s": gen_warm, "compiled_during_timed_runs": compiled_during,
                     "max_seq_len": max_seq_len, "steps": stats.get("steps"),
+                    "step_host_ms": stats.get("step_host_ms"), "step_ms": stats.get("step_ms"),
+                    "step_wait_ms": stats.get("step_wait_ms"),
+                    "sync_tok_s": wl.useful_tokens / statistics.median(sync_runs),
+                    "sync_runs_s": sync_runs, "sync_same_tokens": sync_same,
                     "same_tokens_every_run": same(cj_tokens_runs),
                     "engine_config": dataclasses.asdict(config)},
         "ratio": cj_tps / hf_tps,
@@ -381,13 +395,16 @@ def run_workload(args, wl: Workload, hf: HFRunner, ckpt: str, adapters) -> dict:
 
 def table(results: dict) -> str:
     lines = ["| workload | requests | useful tokens | HF PEFT tok/s | carajax tok/s | ratio | "
-             "greedy identical | HF wall s | carajax wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "greedy identical | carajax waiting for every step, tok/s | HF wall s | "
+             "carajax wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
+        cj = r["carajax"]
         lines.append(f"| {name} | {r['requests']} | {r['useful_tokens']} | {r['hf']['tok_s']:.1f} | "
-                     f"{r['carajax']['tok_s']:.1f} | {r['ratio']:.2f}x | "
-                     f"{r['greedy_identical']}/{r['greedy_n']} | {r['hf']['wall_s']:.2f} | "
-                     f"{r['carajax']['wall_s']:.2f} |")
+                     f"{cj['tok_s']:.1f} | {r['ratio']:.2f}x | "
+                     f"{r['greedy_identical']}/{r['greedy_n']} | {cj['sync_tok_s']:.1f} "
+                     f"({'same' if cj['sync_same_tokens'] else 'DIFFERENT'} tokens) | "
+                     f"{r['hf']['wall_s']:.2f} | {cj['wall_s']:.2f} |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@
 
 A loop thread runs `step()` while there is work. Each step reads top to bottom:
     poll the adapter pool (non-blocking) -> plan (host only) -> load synchronously if the policy
-    is `wait` -> run one forward per batch kind on the device -> sample -> stream and retire.
+    is `wait` -> launch one forward over every scheduled token and its sampling on the device ->
+    read the tokens of the step before (async scheduling) or of this one -> stream and retire.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import threading
 import time
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from carajax.config import PRESET_CHECKPOINTS, TARGET_MODULES, EngineConfig, ModelConfig
-from carajax.engine.planner import BatchPlanner
+from carajax.engine.planner import BatchPlanner, Schedule
 from carajax.engine.request import (
     QueueFullError,
     Request,
@@ -36,7 +38,7 @@ from carajax.engine.request import (
     RequestOutput,
     now,
 )
-from carajax.engine.runner import ModelRunner
+from carajax.engine.runner import ModelRunner, StepInputs
 from carajax.engine.sampling import SamplingParams
 from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
 from carajax.lora.cpu_assist import CpuAssistBridge, CpuLoraWorker
@@ -48,6 +50,22 @@ from carajax.models.tokenizer import Tokenizer, load_tokenizer
 Prompt = str | Sequence[int]
 _CPU_PROFILES: dict[tuple, float] = {}  # see Engine._profile_cpu_assist
 __all__ = ["Engine", "QueueFullError", "RequestError", "RequestOutput"]
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A step dispatched to the device whose tokens have not been read."""
+
+    plan: Schedule
+    inputs: StepInputs
+    tokens: jax.Array  # int32 [max_batch_size] on the device
+    stalled: float  # seconds its synchronous adapter loads took
+    t0: float  # perf_counter when its planning began
+    host_s: float  # host seconds planning and preparing it (loads excluded)
+
+
+def _median_ms(times: list[tuple[float, ...]], i: int) -> float | None:
+    return 1e3 * statistics.median(t[i] for t in times) if times else None
 
 
 class Engine:
@@ -75,7 +93,13 @@ class Engine:
                                     lambda n: self.runner.token_bucket(n, decode_only=False))
         # Per step: (seconds on the host: planning, building inputs, applying results; seconds
         # in all). Host time is what a faster device cannot remove.
-        self._step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
+        # Per step: (host seconds: planning, building inputs, applying results; the step's
+        # period; seconds waiting for its tokens). Host time is what a faster device cannot
+        # remove, unless async scheduling hides it under the device's work.
+        self._step_times: collections.deque[tuple[float, float, float]] = collections.deque(
+            maxlen=256)
+        self._inflight: _Launched | None = None  # async scheduling: the step on the device
+        self._last_applied = 0.0
         self._adapters: dict[str, LoraAdapter] = {}
         self._cpu_ids: dict[str, int] = {}
         self._rng = np.random.default_rng()
@@ -327,25 +351,53 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> bool:
-        """Run one engine iteration; returns False when there was nothing to do."""
+        """Run one engine iteration; returns False when there was nothing to do.
+
+        With `async_scheduling` an iteration plans and launches step N + 1 while step N still
+        runs on the device, then waits for N's tokens and applies them: the host's planning
+        hides under the device's work (vLLM's async scheduling). Step N + 1 was planned with
+        N's tokens PENDING, so a request that N's token stops runs one wasted token in N + 1,
+        dropped; a request that N's token brings to max_tokens is never planned again."""
         with self._lock:
             self.pool.poll()  # install finished copies; never blocks
             t0 = time.perf_counter()
+            prev, self._inflight = self._inflight, None
             plan = self.planner.schedule()
-            if plan.empty:
+            if plan.empty and prev is None:
                 return False
-            stalled = sum(self.pool.load_now(name) for name in plan.sync_loads)
-            inputs = self.runner.prepare(plan, self.planner.pages.table, self._cpu_ids)
-            out = self.runner.launch(inputs)[0]
-            t2 = time.perf_counter()
-            tokens, failed = self.runner.collect(plan, inputs, out, self._cpu_ids)
-            t3 = time.perf_counter()
-            self.planner.postprocess(plan, tokens, stalled, failed)
-            t4 = time.perf_counter()
-            self._step_times.append(((t2 - t0 - stalled) + (t4 - t3), t4 - t0))
-            self.planner.step_times.add(plan.num_tokens, t4 - t0 - stalled)
-            self.steps += 1
+            launched = None
+            if not plan.empty:
+                stalled = sum(self.pool.load_now(name) for name in plan.sync_loads)
+                inputs = self.runner.prepare(plan, self.planner.pages.table, self._cpu_ids)
+                tokens = self.runner.launch(inputs)[0]
+                self.planner.commit(plan)
+                launched = _Launched(plan, inputs, tokens, stalled, t0,
+                                     time.perf_counter() - t0 - stalled)
+            # Steps with CPU-assisted tokens are applied at once: their host callbacks' errors
+            # must be read against the step that made them.
+            if (launched is not None and self.config.async_scheduling
+                    and not any(c.path == "cpu" for c in plan.chunks)):
+                self._inflight = launched
+                launched = None
+            for step in (prev, launched):
+                if step is not None:
+                    self._apply(step)
             return True
+
+    def _apply(self, step: _Launched) -> None:
+        """Wait for a launched step's tokens and apply them; record its times."""
+        t_sync = time.perf_counter()
+        tokens, failed = self.runner.collect(step.plan, step.inputs, step.tokens, self._cpu_ids)
+        t_got = time.perf_counter()
+        self.planner.postprocess(step.plan, tokens, step.stalled, failed)
+        t_end = time.perf_counter()
+        # The step's period: since the previous step's results were applied (or since this one
+        # was planned, after an idle spell). Host: its planning and inputs, and its results.
+        period = t_end - max(self._last_applied, step.t0) - step.stalled
+        self._last_applied = t_end
+        self._step_times.append((step.host_s + (t_end - t_got), period, t_got - t_sync))
+        self.planner.step_times.add(step.plan.num_tokens, period)
+        self.steps += 1
 
     def _ensure_loop(self) -> None:
         if not self.background:
@@ -364,6 +416,7 @@ class Engine:
                 try:
                     self.step()
                 except Exception as e:  # a bug must not hang callers: fail what was running
+                    self._inflight = None
                     self.planner.fail_all(f"engine step failed: {type(e).__name__}: {e}")
 
     def stats(self) -> dict:
@@ -383,10 +436,12 @@ class Engine:
                     "kv_cache": {"pages_total": layout.num_pages, "pages_free": pages.num_free,
                                  "page_size": layout.page_size,
                                  "preemptions": self.planner.preemptions},
-                    # Medians over the last steps: host time (planning, inputs, results) and
-                    # the whole step; their gap is the device.
-                    "step_host_ms": 1e3 * statistics.median(h for h, _ in times) if times else None,
-                    "step_ms": 1e3 * statistics.median(t for _, t in times) if times else None,
+                    # Medians over the last steps: host time (planning, inputs, results), the
+                    # step's period, and the wait for its tokens (the device's share the host
+                    # did not hide).
+                    "step_host_ms": _median_ms(times, 0), "step_ms": _median_ms(times, 1),
+                    "step_wait_ms": _median_ms(times, 2),
+                    "async_scheduling": self.config.async_scheduling,
                     "adapters": self.pool.stats(), "cpu_assist": self.bridge.stats()}
 
     def close(self) -> None:

@@ -168,10 +168,11 @@ class BatchPlanner:
         the step's token budget, the prefill share and the KV pages allow."""
         self._preempted = []  # this step's; none of them comes back in it
         chunks = self._plan()
-        while not chunks and len(self.running) > 1:
+        while not chunks and len(stuck := [r for r in self.running
+                                           if not self._ends_with_pending(r)]) > 1:
             # Every running request is stuck prefilling for lack of pages: free the youngest's
             # so the others can go on (it recomputes later).
-            self._preempt(self.running[-1])
+            self._preempt(stuck[-1])
             chunks = self._plan()
         self._fill_bucket(chunks)
         loads = tuple(dict.fromkeys(c.request.adapter for c in chunks if c.path == "load"))
@@ -183,8 +184,8 @@ class BatchPlanner:
         budget, prefill_budget = cfg.max_step_tokens, cfg.max_prefill_tokens
 
         for req in [r for r in self.running if self._decoding(r)]:
-            if req not in self.running:  # preempted by an older request this step
-                continue
+            if req not in self.running or self._ends_with_pending(req):
+                continue  # preempted by an older request this step, or finishes on its token
             while not self.pages.grow(req, self.layout.pages_for(req.num_computed + 1)):
                 victim = self.running[-1]
                 if victim is req and len(self.running) == 1:
@@ -254,7 +255,13 @@ class BatchPlanner:
         return max(MIN_PREFILL_SHARE, most - decodes)
 
     def _decoding(self, req: Request) -> bool:
-        return bool(req.output_ids) and req.num_tokens - req.num_computed == 1
+        return req.generated > 0 and req.num_tokens - req.num_computed == 1
+
+    def _ends_with_pending(self, req: Request) -> bool:
+        """Its token still on the device will finish it whatever its id (max_tokens, or the
+        context full): planning ahead of that token must not give it another step."""
+        return bool(req.pending) and (req.generated >= req.sampling.max_tokens
+                                      or req.last_position >= self.seq_len)
 
     def _fit(self, req: Request, n: int, reserve: int = 0) -> int:
         """Up to n of req's next tokens, as many as its pages (grown from the free ones, leaving
@@ -297,13 +304,12 @@ class BatchPlanner:
         self.waiting.appendleft(req)
 
     # -- results -----------------------------------------------------------------------------
-    def postprocess(self, plan: Schedule, tokens: dict[Request, int], stalled_s: float,
-                    failed: dict[Request, str]) -> None:
-        """Advance every planned request: progress, new tokens, stops, metrics."""
-        t = now()
+    def commit(self, plan: Schedule) -> None:
+        """The launched step's progress, known before its tokens are: every chunk's tokens are
+        computed, and each sampling chunk's request has a token PENDING on the device. With
+        async scheduling the next step is planned from this state while the device runs."""
         for chunk in plan.chunks:
             req = chunk.request
-            req.metrics.stalled_s += stalled_s
             if chunk.path == "cpu":
                 req.metrics.cpu_prefill_tokens += chunk.prompt_tokens
                 req.metrics.cpu_decode_tokens += chunk.length - chunk.prompt_tokens
@@ -311,6 +317,19 @@ class BatchPlanner:
                   and req.metrics.handover_token is None):
                 req.metrics.handover_token = chunk.start
             req.num_computed += chunk.length
+            if chunk.samples:
+                req.pending += 1
+
+    def postprocess(self, plan: Schedule, tokens: dict[Request, int], stalled_s: float,
+                    failed: dict[Request, str]) -> None:
+        """Apply a committed step's tokens: stream them, stop, finish, metrics. A request may
+        have been preempted (it keeps its token and recomputes later) or finished (a stop
+        token, a cancel) since the step was planned; then the token is dropped."""
+        t = now()
+        for chunk in plan.chunks:
+            chunk.request.metrics.stalled_s += stalled_s
+            if chunk.samples:
+                chunk.request.pending -= 1
         for req, reason in failed.items():
             self._finish(req, "error", t, error=reason)
         for req, tok in tokens.items():
@@ -319,7 +338,8 @@ class BatchPlanner:
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = t
             req.output_ids.append(tok)
-            req.phase = Phase.DECODE
+            if req.phase is Phase.PREFILL:
+                req.phase = Phase.DECODE
             req.handle._push(tok)
             if tok in req.stop_ids:
                 self._finish(req, "stop", t)
@@ -355,6 +375,8 @@ class BatchPlanner:
     def _finish(self, req: Request, reason: str, t: float, error: str | None = None) -> None:
         if req.phase is Phase.FINISHED:
             return
+        if req.phase is Phase.WAITING and req in self.waiting:  # preempted, its token pending
+            self.waiting.remove(req)
         if req in self.running:
             self.running.remove(req)
             self.pages.free(req)

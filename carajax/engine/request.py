@@ -97,11 +97,20 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     admitted: int = -1  # admission order while running: the youngest is preempted first
+    # Tokens sampled for it still on the device (async scheduling: step N + 1 is planned and
+    # launched before N's tokens are read, so 1 while planning, 2 for a moment after); their ids
+    # are PENDING on the host until read.
+    pending: int = 0
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far, the one still on the device included."""
+        return len(self.output_ids) + self.pending
 
     @property
     def num_tokens(self) -> int:
         """Tokens of its sequence so far: the prompt and what it generated."""
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + self.generated
 
     @property
     def last_position(self) -> int:
@@ -109,13 +118,18 @@ class Request:
         return self.num_tokens - 1
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of the sequence (prompt, then generated)."""
+        """Tokens [start, end) of the sequence (prompt, then generated; PENDING for the token
+        still on the device)."""
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]
-        return self.prompt_ids[start:] + self.output_ids[max(start - n, 0):end - n]
+        ids = self.prompt_ids[start:] + self.output_ids[max(start - n, 0):end - n]
+        return ids + [PENDING] * (end - start - len(ids))
 
 
+# The host's id for a token sampled on the device and not read yet (never a vocabulary id): the
+# runner feeds the step's input from the previous step's device output instead.
+PENDING = -1
 _DONE = object()
 
 

@@ -76,23 +76,29 @@ def _score(graphdef, state, lora, batch: StepBatch, cache: PagedKVCache, seg_slo
 @functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "bridge", "pad",
                                              "block"), donate_argnames=("cache",))
 def _step(graphdef, state, lora, cache: PagedKVCache, batch: StepBatch, seg_slots, cpu_rows,
-          cpu_ids, *, use_lora: bool, impl: str, bridge, pad: bool, block: int):
+          cpu_ids, prev_tokens, from_prev, *, use_lora: bool, impl: str, bridge, pad: bool,
+          block: int):
     """One engine step's forward over the flattened batch: (logits float32 [R, V] at
-    `logit_rows`, the cache)."""
+    `logit_rows`, the cache). Tokens with `from_prev` >= 0 are the previous step's sampled
+    tokens (`prev_tokens` [S], still on the device: the host planned this step without them)."""
     _TRACES["step"] += 1
     model: Llama = nnx.merge(graphdef, state)
+    tokens = jnp.where(from_prev >= 0, prev_tokens[jnp.maximum(from_prev, 0)], batch.tokens)
+    batch = dataclasses.replace(batch, tokens=tokens)
     cpu = (bridge, cpu_rows, cpu_ids) if bridge is not None else None
     hook = _hook(lora, batch, seg_slots, cpu, use_lora, impl, pad)
     return model(batch, cache, hook, query_block=block)
 
 
-@jax.jit
-def _sample(logits, sampling):
-    """The step's tokens, int32 [R]. Its own jit (dispatched right after the forward, no sync
-    between): its variants follow R alone, so the forward's many token x page buckets do not
-    each compile the sampler again (~1 s each on CPU)."""
+@functools.partial(jax.jit, static_argnames=("size",))
+def _sample(logits, sampling, size: int):
+    """The step's tokens, int32 [size] (the first R are the logit rows'; size = max_batch_size,
+    so the next step's forward reads them with one shape). Its own jit (dispatched right after
+    the forward, no sync between): its variants follow R alone, so the forward's many token
+    buckets do not each compile the sampler again (~1 s each on CPU)."""
     _TRACES["sample"] += 1
-    return sample_tokens(logits, *sampling)
+    tokens = sample_tokens(logits, *sampling)
+    return jnp.pad(tokens, (0, size - tokens.shape[0]))
 
 
 def _greedy(R: int) -> tuple:
@@ -112,6 +118,7 @@ class StepInputs:
     sampling: tuple  # temperature, top_k, top_p, seeds, steps: [R] each
     block: int  # query / token block: 1 for a decode-only step
     samplers: list[tuple[int, Request]]  # (logit row, request) of the chunks that sample
+    from_prev: np.ndarray  # int32 [T]: row of the previous step's tokens to read; -1: `tokens`
 
 
 class ModelRunner:
@@ -138,6 +145,10 @@ class ModelRunner:
             self.state = parallel.shard_params(self.state, self.mesh)
             self.cache = parallel.shard_cache(self.cache, self.mesh)
             pool.shard(parallel.lora_shardings(pool.weights, self.mesh))
+        # The last launched step's sampled tokens (device, [S]) and each sampling request's row
+        # in them: what a step planned before reading them feeds its PENDING tokens from.
+        self._prev_tokens = jnp.zeros(config.max_batch_size, jnp.int32)
+        self._prev_rows: dict[Request, int] = {}
 
     @staticmethod
     def compiled_variants() -> dict[str, int]:
@@ -204,6 +215,7 @@ class ModelRunner:
         seq_lens = np.zeros(S, np.int32)
         query_starts = np.full(S + 1, T, np.int32)
         logit_rows = np.zeros(R, np.int32)
+        from_prev = np.full(Tb, -1, np.int32)
         seg_slots = np.full(S, -1, np.int32)
         temperature, top_k, top_p, seeds, steps = _greedy(R)  # rows that do not sample: greedy
         cpu_rows, cpu_owner, samplers = [], [], []
@@ -213,6 +225,9 @@ class ModelRunner:
             end = o + n
             pos = np.arange(c.start, c.start + n, dtype=np.int32)
             tokens[o:end] = req.token_ids(c.start, c.start + n)
+            if req.pending and c.start + n == req.num_tokens:  # its last token is PENDING
+                from_prev[end - 1] = self._prev_rows[req]
+                tokens[end - 1] = 0
             positions[o:end] = pos
             tab = np.asarray(tab, np.int32)
             slots[o:end] = tab[pos // ps] * ps + pos % ps
@@ -228,7 +243,7 @@ class ModelRunner:
             if c.samples:
                 p = req.sampling
                 temperature[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
-                seeds[i], steps[i] = req.seed, len(req.output_ids)
+                seeds[i], steps[i] = req.seed, req.generated
                 samplers.append((i, req))
             o = end
         query_starts[len(chunks):] = T
@@ -242,7 +257,7 @@ class ModelRunner:
                           logit_rows=logit_rows)
         return StepInputs(batch, seg_slots, rows, owners,
                           (temperature, top_k, top_p, seeds, steps),
-                          self.query_block(Tb, decode_only), samplers)
+                          self.query_block(Tb, decode_only), samplers, from_prev)
 
     def launch(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
         """Dispatch the step (asynchronously); returns (tokens [R], logits [R, V]) on the device
@@ -250,10 +265,12 @@ class ModelRunner:
         use_cpu = inputs.cpu_rows.size > 0
         logits, self.cache = _step(
             self.graphdef, self.state, self.pool.weights, self.cache, inputs.batch,
-            inputs.seg_slots, inputs.cpu_rows, inputs.cpu_ids,
-            use_lora=self._use_lora(inputs.seg_slots), impl=self.lora_impl, pad=self.pad,
-            bridge=self.bridge if use_cpu else None, block=inputs.block)
-        return _sample(logits, inputs.sampling), logits
+            inputs.seg_slots, inputs.cpu_rows, inputs.cpu_ids, self._prev_tokens,
+            inputs.from_prev, use_lora=self._use_lora(inputs.seg_slots), impl=self.lora_impl,
+            pad=self.pad, bridge=self.bridge if use_cpu else None, block=inputs.block)
+        tokens = _sample(logits, inputs.sampling, self.config.max_batch_size)
+        self._prev_tokens, self._prev_rows = tokens, {req: i for i, req in inputs.samplers}
+        return tokens, logits
 
     def run(self, plan: Schedule, table: Callable[[Request], list[int]], cpu_ids: dict[str, int]
             ) -> tuple[dict[Request, int], dict[Request, str]]:
@@ -306,7 +323,7 @@ class ModelRunner:
                     lowered.append(_step.lower(*args, **kwargs))
         for R in sorted({min(T, cfg.max_batch_size) for T, _ in shapes}):
             logits = jax.ShapeDtypeStruct((R, self.model_config.vocab_size), jnp.float32)
-            lowered.append(_sample.lower(logits, _greedy(R)))
+            lowered.append(_sample.lower(logits, _greedy(R), cfg.max_batch_size))
         done = 0
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             for _ in concurrent.futures.as_completed([pool.submit(lw.compile) for lw in lowered]):
@@ -328,7 +345,8 @@ class ModelRunner:
         if C is None:
             C = self.cpu_rows_bucket(1, T) if bridge is not None else 0
         args = (self.graphdef, self.state, self.pool.weights, self.cache, batch,
-                np.full(S, -1, np.int32), np.full(C, T, np.int32), np.full(C, -1, np.int32))
+                np.full(S, -1, np.int32), np.full(C, T, np.int32), np.full(C, -1, np.int32),
+                self._prev_tokens, np.full(T, -1, np.int32))
         kwargs = dict(use_lora=len(self.pool) > 0, impl=self.lora_impl, pad=self.pad,
                       bridge=bridge, block=block)
         return args, kwargs
@@ -339,4 +357,4 @@ class ModelRunner:
         block = self.query_block(T, False) if block is None else block
         args, kwargs = self._dry_args(T, block, bridge)
         logits, self.cache = _step(*args, **kwargs)
-        jax.block_until_ready(_sample(logits, _greedy(logits.shape[0])))
+        jax.block_until_ready(_sample(logits, _greedy(logits.shape[0]), self.config.max_batch_size))

@@ -74,7 +74,8 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("carajax_preemptions", "Requests preempted for KV pages",
                                   value=kv["preemptions"])
         for key, doc in (("step_host_ms", "Median host time per engine step (recent steps), ms"),
-                         ("step_ms", "Median engine step time (recent steps), ms")):
+                         ("step_ms", "Median engine step time (recent steps), ms"),
+                         ("step_wait_ms", "Median wait for a step's tokens (recent steps), ms")):
             if st[key] is not None:
                 yield GaugeMetricFamily(f"carajax_{key}", doc, value=st[key])
         info = GaugeMetricFamily(
