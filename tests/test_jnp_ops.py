@@ -1,6 +1,6 @@
 """The engine's jnp LoRA ops (CPU path) against the reference the kernels are judged by.
 
-`sgmv_dense` (decode steps) and `sgmv_blocked` (prefill chunks) must equal `sgmv_reference` on a
+`sgmv_dense` and `sgmv_pool` (decode steps) and `sgmv_blocked` (prefill chunks) must equal `sgmv_reference` on a
 step's flattened batch: segments in token order (one per sequence; some empty, some without an
 adapter, gaps of padding after the last), every rank from 1 to r_max, adapters in scattered pages
 with garbage in the pages and table entries nobody owns.
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carajax.lora.jnp_ops import sgmv_blocked, sgmv_dense
+from carajax.lora.jnp_ops import sgmv_blocked, sgmv_dense, sgmv_pool
 from carajax.lora.kernels import sgmv_reference
 from tests.conftest import assert_close
 from tests.test_kernels import loop_delta, make_inputs, paginate, seg_token_slots
@@ -37,6 +37,7 @@ def check(seed, lengths, T, S=6, r_max=64, pr=16, blocks=(1, 3, 16, 64)):
     ref = sgmv_reference(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table)
     assert_close(ref, want)
     assert_close(sgmv_dense(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
+    assert_close(sgmv_pool(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
     for tb in blocks:
         got = sgmv_blocked(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table,
                            token_block=tb)
@@ -67,6 +68,7 @@ def test_every_rank_from_1_to_64_in_one_batch():
     slots = rng.permutation(64).astype(np.int32)  # each rank once
     ref = sgmv_reference(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table)
     assert_close(sgmv_dense(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
+    assert_close(sgmv_pool(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
     assert_close(sgmv_blocked(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table,
                               token_block=4), ref)
 
@@ -85,6 +87,7 @@ def test_no_adapter_anywhere_is_exactly_zero():
     starts, lens, _ = step_segments(rng, [5, 5, 5], 4)
     none = np.full(3, -1, np.int32)
     for y in (sgmv_dense(x, pa, pb, starts, lens, none, ranks, scales, page_table=table),
+              sgmv_pool(x, pa, pb, starts, lens, none, ranks, scales, page_table=table),
               sgmv_blocked(x, pa, pb, starts, lens, none, ranks, scales, page_table=table)):
         assert not np.any(np.asarray(y))
 
@@ -92,3 +95,31 @@ def test_no_adapter_anywhere_is_exactly_zero():
 @pytest.mark.parametrize("tb", [1, 8])
 def test_blocked_handles_more_segments_than_tokens_per_block(tb):
     check(4, [2] * 10, T=24, S=5, blocks=(tb,))
+
+
+def test_pool_form_ignores_stale_rows_of_slots_no_segment_uses():
+    """An evicted slot keeps its page-table row and ranks; its pages may now belong to another
+    adapter. Only the slots the step uses claim pages, so the stale row changes nothing."""
+    rng = np.random.default_rng(5)
+    T, S, r_max, pr = 12, 4, 32, 16
+    x, a, b, ranks, scales = make_inputs(5, T, 24, 20, S, r_max, ranks=np.array([32, 32, 16, 8]))
+    pa, pb, table = paginate(a, b, ranks, pr, 5)
+    starts, lens = np.array([0, 5], np.int32), np.array([5, 4], np.int32)
+    slots = np.array([0, 2], np.int32)
+    ref = sgmv_reference(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table)
+    stale = table.copy()
+    stale[1] = table[0]  # slot 1 (unused this step) points at slot 0's pages
+    stale[3, 0] = table[2, 0]  # slot 3 at slot 2's page
+    assert_close(sgmv_pool(x, pa, pb, starts, lens, slots, ranks, scales, page_table=stale), ref)
+    assert np.any(np.asarray(ref))
+
+
+def test_the_hook_picks_the_form_with_the_fewest_multiply_adds():
+    from carajax.lora.hook import jnp_form
+    # 16 decodes, rank-64 slots: a pool of 32 pages x 16 rows (512) beats gathering 16 x 64.
+    assert jnp_form(16, 16, 512, 64) == "pool"
+    assert jnp_form(16, 16, 2048, 64) == "dense"  # a pool of 128 pages: gather instead
+    # 512 prefill tokens in 16 segments: 24 blocks of 64 x 64 rows beat 512 x 512 pool rows,
+    # but not a pool of 8 pages (128 rows).
+    assert jnp_form(512, 16, 512, 64) == "blocked"
+    assert jnp_form(512, 16, 128, 64) == "pool"

@@ -29,6 +29,19 @@ DENSE_TOKENS_PER_SEGMENT = 4
 PREFILL_TOKEN_BLOCK = 64
 
 
+def jnp_form(T: int, G: int, pool_rows: int, r_max: int) -> str:
+    """Which jnp formulation a step of T tokens in G segments runs (static shapes, so one
+    choice per compiled variant), by multiply-adds per unit of d: "dense" T * G * r_max (two
+    GEMMs, every segment's adapter gathered), "pool" T * pool_rows (two GEMMs against the
+    layer's whole pool, nothing gathered), "blocked" NB * 64 * r_max (blocks of one segment).
+    Decode-like steps take dense or pool; prefill steps blocked or pool."""
+    pool = T * pool_rows
+    if T <= DENSE_TOKENS_PER_SEGMENT * G:
+        return "pool" if pool <= T * G * r_max else "dense"
+    blocks = min(T, -(-T // PREFILL_TOKEN_BLOCK) + G)
+    return "pool" if pool <= blocks * PREFILL_TOKEN_BLOCK * r_max else "blocked"
+
+
 def resolve_lora_impl(name: str = "auto") -> str:
     """"auto": Pallas kernels on a GPU; the pure-jnp references elsewhere (on CPU, Pallas only
     runs in interpret mode, several times slower than jnp). "interpret" forces the kernels in
@@ -86,18 +99,29 @@ class BatchLora:
     def _device(self, layer: jax.Array, module: str, x: jax.Array) -> jax.Array:
         w = self.weights
         a, b = w.a[module], w.b[module]  # [L, P, pr, d_in], [L, P, d_out, pr]
-        L, P = a.shape[:2]
-        # Layer l's pages are [l * P, (l + 1) * P) of the flat pool (a free reshape), so the ops
-        # read only the pages the batch uses instead of slicing out the whole layer.
-        a, b = a.reshape(L * P, *a.shape[2:]), b.reshape(L * P, *b.shape[2:])
-        table = w.page_table + layer * P  # [S, r_max // pr]
+        L, P, pr = a.shape[:3]
         ranks, scales = w.ranks[module][layer], w.scales[module][layer]  # [S], [S]
+        form = (jnp_form(x.shape[0], len(self.seg_slots), P * pr, w.page_table.shape[1] * pr)
+                if self.impl == "reference" else None)
+        if form == "pool":  # the layer's own pages, all of them, read in place
+            a = jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # [P, pr, d_in]
+            b = jax.lax.dynamic_index_in_dim(b, layer, keepdims=False)  # [P, d_out, pr]
+            table = w.page_table  # [S, r_max // pr]
+        else:
+            # Layer l's pages are [l * P, (l + 1) * P) of the flat pool (a free reshape), so
+            # the ops read only the pages the batch uses instead of slicing out the layer.
+            a, b = a.reshape(L * P, *a.shape[2:]), b.reshape(L * P, *b.shape[2:])
+            table = w.page_table + layer * P  # [S, r_max // pr]
         meta = (self.seg_starts, self.seg_lens, self.seg_slots, ranks, scales, table)
-        if self.impl == "reference" and x.shape[0] <= DENSE_TOKENS_PER_SEGMENT * len(self.seg_slots):
+        if form == "pool":
+            def op(x, a, b, starts, lens, slots, ranks, scales, table):
+                return jnp_ops.sgmv_pool(x, a, b, starts, lens, slots, ranks, scales,
+                                         page_table=table)
+        elif form == "dense":
             def op(x, a, b, starts, lens, slots, ranks, scales, table):  # decode-like: few tokens
                 return jnp_ops.sgmv_dense(x, a, b, starts, lens, slots, ranks, scales,
                                           page_table=table)
-        elif self.impl == "reference":
+        elif form == "blocked":
             def op(x, a, b, starts, lens, slots, ranks, scales, table):  # prefill chunks
                 return jnp_ops.sgmv_blocked(x, a, b, starts, lens, slots, ranks, scales,
                                             page_table=table, token_block=PREFILL_TOKEN_BLOCK)

@@ -136,3 +136,61 @@ def sgmv_dense(
     # Pages past a slot's rank may hold another adapter's columns: zero them in B as well.
     B = jnp.where(live[:, None], B.astype(jnp.float32), 0)
     return jnp.dot(xa, B, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+
+
+@jax.jit
+def sgmv_pool(
+    x: jax.Array,  # [T, d_in]
+    a: jax.Array,  # ONE layer's pages: [P, page_rank, d_in]
+    b: jax.Array,  # ONE layer's pages: [P, d_out, page_rank]
+    seg_starts: jax.Array,  # int32 [G]
+    seg_lens: jax.Array,  # int32 [G]
+    seg_slots: jax.Array,  # int32 [G]; -1: no LoRA
+    ranks: jax.Array,  # int32 [S]
+    scales: jax.Array,  # float32 [S]
+    *,
+    page_table: jax.Array,  # int32 [S, r_max // page_rank], pages of this layer
+) -> jax.Array:  # [T, d_out]
+    """The same op as `sgmv_dense`, against the layer's whole page pool instead of a gather:
+
+        xa = x @ [every page's A rows]^T    [T, P * page_rank], kept where the page belongs
+                                            to the token's own adapter, within its rank
+        y  = xa @ [every page's B columns]  [T, d_out]
+
+    Work 2 * T * P * page_rank * d and no gather at all: the pool's pages are read in place.
+    It wins over `sgmv_dense` when the pool holds fewer rank rows than the step's segments would
+    gather (P * page_rank <= G * r_max: a pool sized for a few adapters, and tight ranks: a rank-8
+    adapter costs one page, not r_max rows). Only the slots the step's segments use claim pages,
+    so stale page-table rows of evicted slots are never read.
+    """
+    T, d_in = x.shape
+    G = seg_starts.shape[0]
+    P, pr, _ = a.shape
+    S, n = page_table.shape
+    # Which slot owns each page, and where the page sits in its adapter's rank.
+    used = jnp.zeros(S, bool).at[seg_slots].set(True, mode="drop")  # -1 dropped
+    j = jnp.arange(n, dtype=jnp.int32)
+    claims = used[:, None] & (j[None, :] * pr < ranks[:, None])  # [S, n]
+    target = jnp.where(claims, page_table, P)  # unclaimed -> out of range, dropped
+    owner = jnp.full(P, -1, jnp.int32).at[target].set(
+        jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[:, None], (S, n)), mode="drop")
+    first = jnp.zeros(P, jnp.int32).at[target].set(
+        jnp.broadcast_to(j[None, :] * pr, (S, n)), mode="drop")
+    col_owner = jnp.repeat(owner, pr)  # [P * pr]
+    col_rank = jnp.repeat(first, pr) + jnp.tile(jnp.arange(pr, dtype=jnp.int32), P)
+    s_col = jnp.maximum(col_owner, 0)
+    live = (col_owner >= 0) & (col_rank < ranks[s_col])  # [P * pr]
+    # Each token's slot (-1 outside every segment, i.e. padding).
+    t = jnp.arange(T)
+    tok_seg = jnp.sum(t[:, None] >= seg_starts[None, :] + seg_lens[None, :], axis=1)  # [T]
+    g = jnp.minimum(tok_seg, G - 1)
+    inside = (tok_seg < G) & (t >= seg_starts[g]) & (t < seg_starts[g] + seg_lens[g])
+    tok_slot = jnp.where(inside, seg_slots[g], -1)  # [T]
+    keep = (col_owner[None, :] == tok_slot[:, None]) & live[None, :] & (tok_slot >= 0)[:, None]
+    hi = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # no TF32 on GPU
+    A = a.reshape(P * pr, d_in)  # free: pages are rank rows already
+    xa = jnp.dot(x, A.T.astype(x.dtype), preferred_element_type=jnp.float32, precision=hi)
+    xa = jnp.where(keep, xa * scales[s_col][None, :], 0)  # [T, P * pr]
+    y = jnp.einsum("tpr,por->to", xa.reshape(T, P, pr), b.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
