@@ -147,7 +147,10 @@ def simulate_cmd(args: argparse.Namespace) -> dict:
                     adapter_pages=args.adapter_pages, page_rank=args.page_rank, cold_start=args.cold_start,
                     slo_tpot=args.slo_tpot_ms / 1e3, slo_ttft=args.slo_ttft_s, slo_metric=args.slo_metric,
                     cpu_slowdown=args.cpu_slowdown, prefill_chunk=args.prefill_chunk,
-                    max_prefill_tokens=args.max_prefill_tokens)
+                    max_prefill_tokens=args.max_prefill_tokens, fused_step=args.step == "fused")
+    if cfg.fused_step and getattr(cost, "step", None) is None:
+        raise SystemExit(f"carajax simulate: {cost_path} has no step model (fitted before the engine "
+                         "fused its steps): refit it (carajax profile --fit) or pass --step two")
     span = (reqs[-1].arrival_s - reqs[0].arrival_s) if len(reqs) > 1 else 0.0
     derived = "not measured" in cost.source.lower()
     print(f"trace {trace}: {len(reqs)} requests over {span:.0f} s (rate x{args.scale:g}, "
@@ -156,7 +159,9 @@ def simulate_cmd(args: argparse.Namespace) -> dict:
     print(f"cluster: {cfg.n_workers} workers, max batch {cfg.max_batch}, {cfg.kv_rows} KV rows, "
           f"{cfg.adapter_pages} adapter pages of rank {cfg.page_rank}, cold start {cfg.cold_start}, "
           + (f"prefill chunks of {cfg.prefill_chunk} (<= {cfg.max_prefill_tokens} per step)"
-             if cfg.prefill_chunk else "whole-prompt prefill") + "; SLO "
+             if cfg.prefill_chunk else "whole-prompt prefill")
+          + ("; one fused forward per step" if cfg.fused_step else "; two forwards per step (Pre + Dec)")
+          + "; SLO "
           f"{cfg.slo_metric} <= {args.slo_tpot_ms:g} ms, TTFT <= {cfg.slo_ttft:g} s")
     print(f"cost model {cost_path} ({cost.kernel}, {cost.device or 'device unknown'})"
           + ("\n  NOTE: derived from published numbers (datasheet roofline + the paper's load times), "
@@ -214,6 +219,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per request per "
                    "step (chunked prefill, as the engine); 0: whole prompts (the older simulator)")
     p.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens per step")
+    p.add_argument("--step", default="fused", choices=["fused", "two"], help="step pricing: fused (one "
+                   "forward over decodes and chunks, the engine now; needs the cost model's step model) "
+                   "or two (Pre(chunks) + Dec(decoders), the engine before issue 15)")
     p.add_argument("--max-prompt", type=int, default=4096, help="clip prompts (tokens)")
     p.add_argument("--max-output", type=int, default=1024, help="clip outputs (tokens)")
     p.add_argument("--risk-weight", type=float, default=0.5, help="carajax: what one expected "

@@ -24,9 +24,9 @@ drawn from seed + r, identical for both systems; with --repeats N the tok/s are 
     python scripts/bench_vs_hf.py --quick          # tiny sizes, a smoke test
 
 Prints a markdown table (useful tokens/s per system, carajax/HF ratio, requests whose greedy
-token ids are identical, and carajax again with async scheduling off, the same engine waiting
-for every step's tokens, run right after it on the same prompts) and writes JSON with machine info and per-request disagreements
-(first differing position). Progress goes to stderr.
+token ids are identical, and carajax again with async scheduling off, the same engine
+waiting for every step's tokens, run right after it on the same prompts) and writes JSON with
+machine info and per-request disagreements (first differing position). Progress: stderr.
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
     python scripts/sim_results.py                                  # 60 workers, 40k adapters, 20k requests
     python scripts/sim_results.py --requests 3000 --workers 16 --adapters 2000 --scales 2 4 8   # quick
     python scripts/sim_results.py --prefill-chunk 0 ...            # whole-prompt prefill (the old simulator)
+    python scripts/sim_results.py --steps fused two ...            # fused steps and the old two forwards
+
+`--steps`: how a step is priced. "fused" (default): one forward over the step's decodes and prefill
+chunks, `cost.step_time` of the merged batch (the engine since issue 15); "two": Pre(chunks) +
+Dec(decoders), two forwards (the engine before; the older tables were priced so). With both, every
+run is made under each on the same workloads; runs are keyed "trace" (one mode) or "trace/mode".
 
 Prints Markdown tables of SLO attainment (the simulator's TPOT-SLO metric) per policy and load scale,
 with, per policy, the highest load at which attainment >= the target (default 99%) and the ratio
@@ -16,6 +22,7 @@ Writes everything to results/sim_results.json. The cost model is derived from pu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,6 +36,8 @@ TRACES = {
     "code": REPO / "data" / "traces" / "azure_llm_2023" / "azure2023_code.jsonl",
 }
 POLICIES = ("caraserve", "carajax", "most_idle", "random", "first_fit")
+STEPS = {"fused": "one fused forward per step: cost.step_time(decodes + chunks merged)",
+         "two": "two forwards per step: Pre(chunks) + Dec(decoders) (the engine before issue 15)"}
 
 
 def max_sustained(table: dict[float, float], target: float) -> float | None:
@@ -133,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="carajax: cost of one expected SLO miss (0: the policy without its risk term)")
     ap.add_argument("--target", type=float, default=0.99, help="attainment needed to sustain a load")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", nargs="+", default=["fused"], choices=sorted(STEPS),
+                    help="step pricing: fused (the engine now) and/or two (two forwards, the engine "
+                         "before issue 15); several: each on the same workloads, side by side")
     ap.add_argument("--cost-model", default=str(REPO / "data" / "cost_models" / "a10_paper.json"))
     ap.add_argument("--out", default=str(REPO / "results" / "sim_results.json"))
     ap.add_argument("--render", nargs="+", metavar="JSON", help="print the tables of saved runs and exit")
@@ -149,12 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
         return docs[0] if len(docs) == 1 else {"docs": docs}
 
     cost = cm.load(args.cost_model)
-    cfg = SimConfig(n_workers=args.workers, max_batch=args.max_batch, kv_rows=args.kv_rows,
+    base = SimConfig(n_workers=args.workers, max_batch=args.max_batch, kv_rows=args.kv_rows,
                     adapter_pages=args.adapter_pages, slo_tpot=args.slo_tpot_ms / 1e3,
                     slo_ttft=args.slo_ttft_s, slo_metric=args.slo_metric, cold_start=args.cold_start,
                     cpu_slowdown=args.cpu_slowdown, prefill_chunk=args.prefill_chunk,
                     max_prefill_tokens=args.max_prefill_tokens)
-    jobs = [(t, s, p) for t in args.traces for s in args.scales for p in args.policies]
+    cfgs = {m: dataclasses.replace(base, fused_step=m == "fused") for m in args.steps}
+    keys = {(t, m): t if len(cfgs) == 1 else f"{t}/{m}" for t in args.traces for m in cfgs}
+    jobs = [(t, s, p, m) for t in args.traces for s in args.scales for p in args.policies for m in cfgs]
     try:
         from tqdm import tqdm
 
@@ -162,20 +176,21 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         bar = None
     t0 = time.perf_counter()
-    runs: dict[str, dict[str, dict[str, dict]]] = {}  # trace -> scale -> policy -> summary
+    runs: dict[str, dict[str, dict[str, dict]]] = {}  # trace[/steps] -> scale -> policy -> summary
     for trace in args.traces:
-        runs[trace] = {}
+        for key in dict.fromkeys(keys[trace, m] for m in cfgs):
+            runs[key] = {}
         for scale in args.scales:
             reqs = load_trace(str(TRACES[trace]), n_requests=args.requests, rate_scale=scale,
                               n_adapters=args.adapters, exponent=args.zipf, ranks=args.ranks,
                               seed=args.seed, max_prompt=args.max_prompt, max_output=args.max_output)
-            runs[trace][f"{scale:g}"] = {}
-            for p in args.policies:
-                runs[trace][f"{scale:g}"][p] = simulate(reqs, p, cost, cfg,
-                                                         risk_weight=args.risk_weight).summary()
-                if bar is not None:
-                    bar.set_postfix_str(f"{trace} x{scale:g} {p}")
-                    bar.update()
+            for mode, cfg in cfgs.items():
+                by_policy = runs[keys[trace, mode]].setdefault(f"{scale:g}", {})
+                for p in args.policies:
+                    by_policy[p] = simulate(reqs, p, cost, cfg, risk_weight=args.risk_weight).summary()
+                    if bar is not None:
+                        bar.set_postfix_str(f"{trace} x{scale:g} {p} {mode}")
+                        bar.update()
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0
@@ -184,18 +199,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.requests} requests per run, SLO {args.slo_metric} <= {args.slo_tpot_ms:g} ms; "
           + (f"chunked prefill {args.prefill_chunk}/{args.max_prefill_tokens} tokens; " if args.prefill_chunk
              else "whole-prompt prefill; ")
-          + f"cold start {args.cold_start}; "
+          + f"cold start {args.cold_start}; steps priced {' and '.join(args.steps)}; "
           f"cost model {Path(args.cost_model).name} (derived from published numbers, NOT measured); "
           f"{wall:.0f} s\n")
     summary: dict[str, dict] = {}
-    for trace in args.traces:
-        att = {p: {s: runs[trace][f"{s:g}"][p]["slo_attainment"] for s in args.scales} for p in args.policies}
+    for key in runs:
+        att = {p: {s: runs[key][f"{s:g}"][p]["slo_attainment"] for s in args.scales} for p in args.policies}
         best = {p: max_sustained(att[p], args.target) for p in args.policies}
         cj, cs = best.get("carajax"), best.get("caraserve")
         ratio = cj / cs if cj is not None and cs else None
-        summary[trace] = {"attainment": {p: {f"{s:g}": a for s, a in row.items()} for p, row in att.items()},
-                          "max_sustained_scale": best, "carajax_over_caraserve": ratio}
+        summary[key] = {"attainment": {p: {f"{s:g}": a for s, a in row.items()} for p, row in att.items()},
+                        "max_sustained_scale": best, "carajax_over_caraserve": ratio}
     doc = {"args": vars(args), "wall_s": wall, "target": args.target,
+           "steps": {m: STEPS[m] for m in args.steps},
            "cost_model_note": "derived from published numbers (datasheet roofline + paper load times), "
                               "not measured",
            "summary": summary, "runs": runs}

@@ -73,3 +73,22 @@ def test_cli_simulate_rejects_unknown_policy(tmp_path):
     trace.write_text('{"arrival_s": 0.0, "prompt_tokens": 8, "output_tokens": 2}\n')
     with pytest.raises(SystemExit):
         main(["simulate", "--trace", str(trace), "--workers", "1", "--policies", "nope"])
+
+
+def test_cli_simulate_step_pricing(tmp_path):
+    # --step two prices the old two forwards (and says so in the JSON); the default fused pricing
+    # refuses a cost model without a step model, naming the way out.
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(f'{{"arrival_s": {0.1 * i}, "prompt_tokens": 300, "output_tokens": 4}}\n'
+                             for i in range(20)))
+    old = tmp_path / "old.json"
+    d = json.loads(cm.a10_first_principles("padded").to_json())
+    del d["step"]
+    old.write_text(json.dumps(d))
+    args = ["simulate", "--trace", str(trace), "--workers", "2", "--adapters", "4", "--cost-model", str(old),
+            "--policies", "caraserve"]
+    with pytest.raises(SystemExit, match="no step model.*--step two"):
+        main(args)
+    main(args + ["--step", "two", "--json", str(tmp_path / "o.json")])
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert doc["config"]["fused_step"] is False and doc["results"]["caraserve"]["requests"] == 20

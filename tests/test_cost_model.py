@@ -203,3 +203,76 @@ def test_train_test_split_and_plot():
         import matplotlib  # noqa: F401
     except ImportError:
         assert cm.plot_predicted_vs_measured(model, batches, [1e-3, 2e-3], "/nonexistent/x.png") is False
+
+
+# -- the fused step (one forward over every sequence of a step) ----------------------------------------
+
+
+def _step_rows(rng, true: RichForm, n: int = 120) -> list[dict]:
+    """Profiler-shaped rows of all three kinds, timed by `true` with 1% noise: prefill (B chunks of
+    T at offset c), decode (B tokens at context c) and mixed (B decodes + one chunk of T)."""
+    rows = []
+    for phase in cm.STEP_PHASES:
+        for _ in range(n):
+            b, t, c = int(rng.integers(1, 17)), int(rng.choice([16, 64, 256])), int(rng.integers(0, 1024))
+            ranks = tuple(int(r) for r in rng.choice(RANKS, size=b + (phase == "mixed")))
+            tokens, context = {"prefill": (b * t, b * (c + t)), "decode": (b, b * (c + 1)),
+                               "mixed": (b + t, b * (c + 1) + c + t)}[phase]
+            seconds = true.predict(Batch(ranks, tokens, context)) * (1 + 0.01 * rng.standard_normal())
+            rows.append({"phase": phase, "kernel": "padded", "ranks": list(ranks), "tokens": tokens,
+                         "context": context, "seconds": seconds})
+    return rows
+
+
+def test_fit_recovers_the_step_form_from_every_kind_of_row():
+    rng = np.random.default_rng(6)
+    true = RichForm((2e-4, 3e-8, 1e-6, 0.0, 4e-6, 0.0, 0.02))
+    rows = _step_rows(rng, true)
+    model = cm.fit_cost_model(rows, form="rich")
+    # tokens, context, |S|*max_rank and the fixed cost come back within 5%; the zeros stay small
+    # (under a tenth of their neighbours: decode rows make |S| collinear with tokens, and Σrank
+    # overlaps |S|*max_rank).
+    for i in (0, 2, 4, 6):
+        assert model.step.coef[i] == pytest.approx(true.coef[i], rel=0.05), RichForm.feature_names[i]
+    assert model.step.coef[3] < 0.1 * 2e-4 and model.step.coef[5] < 0.1 * 4e-6
+    rep = cm.fit_report(rows, form="rich")
+    assert rep["step"]["n_train"] + rep["step"]["n_test"] == len(rows) == 360
+    assert rep["step"]["r2"] > 0.99 and rep["step"]["mape"] < 0.02  # 1% noise -> E|err| ~ 0.8%
+    # Prefill and decode keep their own rows (120 each), as the router prices with them.
+    assert rep["prefill"]["n_train"] + rep["prefill"]["n_test"] == 120
+    # A profile without mixed rows (the engine before the fused step) gets no step model.
+    old = [r for r in rows if r["phase"] != "mixed"]
+    assert cm.fit_cost_model(old).step is None and "step" not in cm.fit_report(old)
+
+
+def test_step_model_json_round_trip_and_files_without_one(tmp_path):
+    rng = np.random.default_rng(7)
+    model = cm.fit_cost_model(_step_rows(rng, RichForm((2e-4, 0, 1e-6, 0, 4e-6, 0, 0.02)), 40))
+    model.save(tmp_path / "m.json")
+    back = cm.load(tmp_path / "m.json")
+    assert back == model and back.step == model.step
+    b = Batch((8, 64, 16), 259, 3000)
+    assert back.step_time(b) == model.step.predict(b) > 0
+    # A file written before the step model existed: no "step" key -> step None, and asking for it
+    # says how to get one.
+    d = json.loads((tmp_path / "m.json").read_text())
+    del d["step"]
+    old = CostModel.from_json(json.dumps(d))
+    assert old.step is None and old.decode == model.decode
+    assert "step" not in json.loads(old.to_json())  # and it writes back as it was
+    with pytest.raises(ValueError, match="carajax profile --fit"):
+        old.step_time(b)
+
+
+def test_a10_step_is_the_decode_form_and_a_mixed_step_costs_less_than_two_forwards():
+    model = cm.a10_first_principles("padded")
+    assert model.step == model.decode
+    # 8 decodes at 512 cached tokens beside one 256-token chunk, all rank 16. Two forwards pay both
+    # intercepts; the fused step reads the weights once, so it saves the prefill's 5 ms exactly
+    # (every other term adds up across the two batches when the ranks are equal).
+    dec = Batch((16,) * 8, 8, 8 * 513)
+    pre = Batch((16,), 256, 256)
+    merged = Batch(dec.ranks + pre.ranks, dec.tokens + pre.tokens, dec.context + pre.context)
+    two = model.prefill_time(pre) + model.decode_time(dec)
+    assert model.step_time(merged) == pytest.approx(two - 5e-3, rel=1e-9)
+    assert "upper bound" in model.notes and "step" in json.loads(model.to_json())

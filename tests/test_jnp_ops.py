@@ -1,6 +1,6 @@
 """The engine's jnp LoRA ops (CPU path) against the reference the kernels are judged by.
 
-`sgmv_dense` and `sgmv_pool` (decode steps) and `sgmv_blocked` (prefill chunks) must equal `sgmv_reference` on a
+`sgmv_dense`, `sgmv_pool` (decode steps) and `sgmv_blocked` (prefill chunks) must equal `sgmv_reference` on a
 step's flattened batch: segments in token order (one per sequence; some empty, some without an
 adapter, gaps of padding after the last), every rank from 1 to r_max, adapters in scattered pages
 with garbage in the pages and table entries nobody owns.
@@ -100,7 +100,6 @@ def test_blocked_handles_more_segments_than_tokens_per_block(tb):
 def test_pool_form_ignores_stale_rows_of_slots_no_segment_uses():
     """An evicted slot keeps its page-table row and ranks; its pages may now belong to another
     adapter. Only the slots the step uses claim pages, so the stale row changes nothing."""
-    rng = np.random.default_rng(5)
     T, S, r_max, pr = 12, 4, 32, 16
     x, a, b, ranks, scales = make_inputs(5, T, 24, 20, S, r_max, ranks=np.array([32, 32, 16, 8]))
     pa, pb, table = paginate(a, b, ranks, pr, 5)

@@ -23,9 +23,11 @@ def _a10() -> cm.CostModel:
 
 
 def _paper_forms() -> cm.CostModel:
-    # The paper's two-coefficient forms (prefill padded, decode unpadded), with a load table.
+    # The paper's two-coefficient forms (prefill padded, decode unpadded), with a load table; the
+    # fused step (what the simulator charges, not what the router prices) in the decode's form.
     return cm.CostModel(prefill=cm.PaddedForm((2e-5, 0.03)), decode=cm.UnpaddedForm((4e-5, 0.02)),
-                        kernel="padded", load_time=((8, 0.004), (64, 0.03)))
+                        kernel="padded", load_time=((8, 0.004), (64, 0.03)),
+                        step=cm.UnpaddedForm((4e-5, 0.02)))
 
 
 @pytest.mark.parametrize("form", sorted(cm.FORMS))

@@ -18,10 +18,11 @@ from carajax.sched import profiler
 from carajax.sched.profiler import ProfileGrid, mix_ranks
 
 # Compilation dominates on CPU (seconds per step variant), so as few variants as give a 64x
-# spread in tokens: prefill chunks of 16 and 1024 (llama-test's whole KV row), and decode.
+# spread in tokens: prefill chunks of 16 and 1024 (llama-test's whole KV row), decode, and mixed
+# steps with a 16-token chunk only (a 1024-token one would compile a 2048-token variant).
 TINY = ProfileGrid(batch_sizes=(1,), prompt_tokens=(16, 1024), contexts=(0,),
                    rank_mixes=("base", "uniform8", "mixed 8..32"), kernels=("unpadded", "padded"),
-                   warmup=1, repeats=3, load_ranks=(8, 32), load_repeats=2)
+                   warmup=1, repeats=3, load_ranks=(8, 32), load_repeats=2, mixed_prompt_tokens=(16,))
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,14 @@ def test_mix_ranks():
         ProfileGrid(kernels=("bgmv",))
     with pytest.raises(ValueError):
         ProfileGrid(seq_len=100, contexts=(64,), prompt_tokens=(64,))
+    with pytest.raises(ValueError):  # the mixed points' chunk must fit too
+        ProfileGrid(seq_len=100, contexts=(32,), prompt_tokens=(16,), mixed_prompt_tokens=(96,))
+    with pytest.raises(ValueError):
+        ProfileGrid(mixed_prompt_tokens=(0,))
+    grid = ProfileGrid(batch_sizes=(1, 2), prompt_tokens=(16, 64), contexts=(0,), rank_mixes=("base",))
+    assert [p for p in grid.points() if p[0] == "mixed"] == [
+        ("mixed", "base", b, t, 0) for b in (1, 2) for t in (16, 64)]
+    assert not any(p[0] == "mixed" for p in dataclasses.replace(grid, mixed_prompt_tokens=()).points())
     assert ProfileGrid(rank_mixes=("uniform8", "mixed 8..128"), load_ranks=(8,)).max_rank == 128
 
 
@@ -77,14 +86,20 @@ def test_every_grid_point_measured_once(doc):
     got = sorted((r["phase"], r["mix"], r["batch_size"], r["chunk"], r["context_per_request"])
                  for r in rows)
     assert got == sorted(TINY.points())
+    assert {r["phase"] for r in rows} == {"prefill", "decode", "mixed"}
     for r in rows:
         assert r["kernel"] == "padded" and r["impl"] == "reference"
-        assert tuple(r["ranks"]) == mix_ranks(r["mix"], r["batch_size"])
-        assert r["tokens"] == r["batch_size"] * r["chunk"]
         assert len(r["repeats"]) == TINY.repeats and all(t > 0 for t in r["repeats"])
         assert r["seconds"] == statistics.median(r["repeats"])
-        per_row = r["context_per_request"] + (r["chunk"] if r["phase"] == "prefill" else 1)
-        assert r["context"] == r["batch_size"] * max(per_row, 2 if r["phase"] == "decode" else 0)
+        b, t, c = r["batch_size"], r["chunk"], r["context_per_request"]
+        if r["phase"] == "mixed":  # b decodes and one more request's chunk, the mix's next rank
+            assert tuple(r["ranks"]) == mix_ranks(r["mix"], b + 1)
+            assert r["tokens"] == b + t and r["context"] == b * max(c + 1, 2) + c + t
+        else:
+            assert tuple(r["ranks"]) == mix_ranks(r["mix"], b)
+            assert r["tokens"] == b * t
+            per_row = c + (t if r["phase"] == "prefill" else 1)
+            assert r["context"] == b * max(per_row, 2 if r["phase"] == "decode" else 0)
 
 
 def test_base_rows_run_the_lora_variant():
@@ -98,6 +113,35 @@ def test_base_rows_run_the_lora_variant():
     with Engine(model, None, cfg) as engine:
         profiler._Session(engine, {}, seed=0)
         assert engine.runner._use_lora(np.full(4, -1, np.int32))  # an all-base batch
+
+
+def test_mixed_rows_describe_the_schedule_that_ran(monkeypatch):
+    """A mixed point is one Schedule: B decodes first, then one prefill chunk; its row's tokens,
+    context and ranks are the chunks' lengths, Σ(start + length) and the adapters' ranks."""
+    from carajax.config import ModelConfig
+    from carajax.engine.engine import Engine
+    from carajax.models import weights
+
+    grid = dataclasses.replace(TINY, batch_sizes=(3,), contexts=(40,))
+    model = weights.random_model(ModelConfig.from_name("llama-test"))
+    cfg = profiler.engine_config(grid, model.config, "float32", "reference", "padded")
+    assert cfg.max_batch_size == 4  # 3 decodes + the chunk's request
+    with Engine(model, None, cfg) as engine:
+        session = profiler._Session(engine, {}, seed=0)
+        ran = []
+        monkeypatch.setattr(engine.runner, "run", lambda plan, table, cpu: ran.append((plan, table)))
+        ranks = mix_ranks("mixed 8..32", 4)  # (32, 16, 8, 32): the chunk's request has rank 32
+        session.step("mixed", ranks, 16, 40)()
+        (plan, table), = ran
+        chunks = plan.chunks
+        assert [c.is_decode for c in chunks] == [True, True, True, False]
+        assert [(c.start, c.length) for c in chunks] == [(40, 1)] * 3 + [(40, 16)]
+        assert sum(c.length for c in chunks) == 3 + 16  # the row's tokens
+        assert sum(c.start + c.length for c in chunks) == 3 * 41 + 56  # the row's context
+        assert [session.cache[c.request.adapter].rank for c in chunks] == list(ranks)
+        assert all(engine.pool.slot(c.request.adapter) >= 0 for c in chunks)  # resident, on the device
+        pages = [table(c.request) for c in chunks]  # each request its own KV pages
+        assert len({p for ps in pages for p in ps}) == sum(len(ps) for ps in pages)
 
 
 def test_metadata(doc):
@@ -146,9 +190,14 @@ def test_fit_round_trips(doc, tmp_path):
     assert back == model and back.to_json() == model.to_json()
     batch = cm.Batch((8, 8), 256, 256)
     assert back.prefill_time(batch) == model.prefill_time(batch) > 0
+    # The fused step model, fitted on every row (mixed ones included).
+    assert model.step is not None and back.step_time(batch) == model.step_time(batch) > 0
     rep = profiler.report(doc)
     assert set(rep["padded"]) == set(cm.FORMS)
-    assert "rich" in profiler.format_report(rep)
+    assert set(rep["padded"]["rich"]) == {"prefill", "decode", "step"}
+    assert rep["padded"]["rich"]["step"]["n_train"] + rep["padded"]["rich"]["step"]["n_test"] == len(
+        doc["measurements"])
+    assert "rich" in profiler.format_report(rep) and "step" in profiler.format_report(rep)
 
 
 def test_cli_writes_profile_fit_and_plot(doc, tmp_path, monkeypatch, capsys):
@@ -184,6 +233,8 @@ def test_committed_cost_models_are_fits_of_committed_profiles(model):
     assert doc["metadata"]["model_name"] == model and doc["metadata"]["device"]["platform"] == "cpu"
     committed = json.loads((root / "cost_models" / f"cpu_{model}.json").read_text())
     refit = json.loads(profiler.fit_profile(doc).to_json())
+    # Both were profiled on the fused-step engine: mixed rows, so a step model.
+    assert "step" in committed and any(r["phase"] == "mixed" for r in doc["measurements"])
     # Same document; the floats of the least-squares fit to 1e-9 (the last digit moves with the
     # numpy/LAPACK build: numpy 2.4 changed one in the 11th significant digit).
     assert _close_tree(committed, refit, 1e-9)

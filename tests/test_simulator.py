@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from carajax.sched import cost_model as cm
+from carajax.sched.cost_model import Batch
 from carajax.sched.simulator import (
     AnalyticCost,
     SimConfig,
@@ -25,6 +27,7 @@ from carajax.sched.simulator import (
 
 # The copy shipped in the repo (data/traces, CC-BY 4.0), so the tests run on a user's clone.
 TRACE = str(Path(__file__).resolve().parents[1] / "data/traces/azure_llm_2023/azure2023_conv.jsonl")
+COST_MODELS = Path(__file__).resolve().parents[1] / "data/cost_models"
 
 # Every step costs exactly 10 ms and a load 0.5 s, whatever the batch: timings can be read off.
 FLAT = AnalyticCost(
@@ -62,16 +65,19 @@ def test_one_request_timed_by_hand():
     assert cached.ttft[0] == pytest.approx(0.01)
 
 
-def test_batching_and_a_late_joiner():
+@pytest.mark.parametrize("fused", [False, True])
+def test_batching_and_a_late_joiner(fused):
     # A (out 4) arrives at 0; B (out 2) at 0.015, during A's first step [0, 0.51) (load + prefill).
-    # Step 2 [0.51, 0.52): admits B (its adapter is resident: no load) — prefill B + decode A: 10 ms
-    # (FLAT charges one beta per phase, so prefill + decode = 0.02) → [0.51, 0.53): B's first token
-    # at 0.53, A has 2 tokens. Step 3 [0.53, 0.54): decode A and B → A 3 tokens, B done (2 tokens).
-    # Step 4 [0.54, 0.55): A done (4 tokens).
+    # Step 2 admits B (its adapter is resident: no load): prefill B + decode A.
+    # Two forwards (FLAT charges one beta per forward, so prefill + decode = 0.02) → [0.51, 0.53):
+    #   B's first token at 0.53, A has 2 tokens. Step 3 [0.53, 0.54): decode A and B → A 3 tokens,
+    #   B done (2 tokens). Step 4 [0.54, 0.55): A done (4 tokens).
+    # Fused (one forward, one beta) → [0.51, 0.52): B's first token at 0.52; B done at 0.53, A at 0.54.
     reqs = [SimRequest(0.0, 10, 4, "x", 8), SimRequest(0.015, 10, 2, "x", 8)]
-    r = simulate(reqs, "round_robin", FLAT, SimConfig(n_workers=1))
-    assert r.ttft.tolist() == pytest.approx([0.51, 0.53 - 0.015])
-    assert r.latency.tolist() == pytest.approx([0.55, 0.54 - 0.015])
+    r = simulate(reqs, "round_robin", FLAT, SimConfig(n_workers=1, fused_step=fused))
+    mixed = 0.01 if fused else 0.02
+    assert r.ttft.tolist() == pytest.approx([0.51, 0.51 + mixed - 0.015])
+    assert r.latency.tolist() == pytest.approx([0.53 + mixed, 0.52 + mixed - 0.015])
     assert r.loads == 1
 
 
@@ -218,10 +224,12 @@ def test_a_worker_in_a_long_prefill_is_not_idle():
 # -- chunked prefill and CPU-assisted cold starts --------------------------------------------------
 
 # Steps priced by hand: prefill = 0.01 + 1e-4·tokens, decode = 0.01 (no rank, context or batch terms);
-# loads 0.05 s.
+# loads 0.05 s. The hand-timed tests below use two forwards per step (fused_step=False: Pre + Dec),
+# the pricing they were written for; the fused step has its own tests further down.
 LINEAR = AnalyticCost(
     beta=0.01, pre_tok=1e-4, dec_tok=0.0, ctx=0.0, alpha=0.0, load_fixed=0.05, load_per_rank=0.0
 )
+TWO = {"fused_step": False}
 
 
 @pytest.mark.parametrize("policy", ["caraserve", "carajax", "most_idle", "random"])
@@ -253,7 +261,7 @@ def test_chunked_prefill_bounds_the_stall_of_a_long_prompt():
     #   B's 3 more chunks run alone, 0.035 each: first token at 0.056 + 3·0.035 = 0.161 (TTFT
     #   0.156: its 3 extra fixed costs are what chunking costs it), then one decode step → 0.171.
     reqs = [SimRequest(0.0, 10, 2, "x", 8), SimRequest(0.005, 1000, 2, "x", 8)]
-    cfg = SimConfig(n_workers=1, cold_start="cached", prefill_chunk=0)
+    cfg = SimConfig(n_workers=1, cold_start="cached", prefill_chunk=0, **TWO)
     whole = simulate(reqs, "round_robin", LINEAR, cfg)
     assert whole.tpot.tolist() == pytest.approx([0.12, 0.01])
     assert whole.ttft.tolist() == pytest.approx([0.011, 0.126])
@@ -271,7 +279,7 @@ def test_chunked_prefill_step_budget_in_admission_order():
     # Step 4: C's last 100 → Pre(100) = 0.02: C's token at 0.111 (TTFT 0.11).
     reqs = [SimRequest(0.0, 10, 1, "x", 8), SimRequest(0.001, 500, 1, "x", 8),
             SimRequest(0.001, 200, 1, "x", 8)]
-    cfg = SimConfig(n_workers=1, cold_start="cached", prefill_chunk=250, max_prefill_tokens=300)
+    cfg = SimConfig(n_workers=1, cold_start="cached", prefill_chunk=250, max_prefill_tokens=300, **TWO)
     r = simulate(reqs, "round_robin", LINEAR, cfg)
     assert r.ttft.tolist() == pytest.approx([0.011, 0.09, 0.11])
 
@@ -305,9 +313,10 @@ def test_cpu_assist_starts_before_the_load_lands():
     #             flight; chunks starting at 0 and 0.0441 (< 0.05) are CPU chunks, the two from 0.0882
     #             on run on the device: first token at 2·0.0441 + 2·0.035 = 0.1582; 500 CPU tokens.
     req = [SimRequest(0.0, 1000, 2, "x", 8)]
-    wait = simulate(req, "round_robin", LINEAR, SimConfig(n_workers=1, cold_start="wait", prefill_chunk=250))
+    wait = simulate(req, "round_robin", LINEAR, SimConfig(n_workers=1, cold_start="wait", prefill_chunk=250,
+                                                          **TWO))
     assert wait.ttft[0] == pytest.approx(0.19) and wait.cpu_prefill_tokens == 0
-    cfg = SimConfig(n_workers=1, cold_start="cpu_assist", prefill_chunk=250, cpu_slowdown=0.26)
+    cfg = SimConfig(n_workers=1, cold_start="cpu_assist", prefill_chunk=250, cpu_slowdown=0.26, **TWO)
     cpu = simulate(req, "round_robin", LINEAR, cfg)
     assert cpu.ttft[0] == pytest.approx(2 * 0.0441 + 2 * 0.035)
     assert cpu.cpu_prefill_tokens == 500 and cpu.loads == 1
@@ -332,23 +341,105 @@ def test_cpu_assist_starts_before_the_load_lands():
 def test_whole_prompt_mode_matches_the_old_simulator_on_a_hand_case():
     # prefill_chunk=0 is the simulator before chunking: test_batching_and_a_late_joiner's timings.
     reqs = [SimRequest(0.0, 10, 4, "x", 8), SimRequest(0.015, 10, 2, "x", 8)]
-    r = simulate(reqs, "round_robin", FLAT, SimConfig(n_workers=1, prefill_chunk=0))
+    r = simulate(reqs, "round_robin", FLAT, SimConfig(n_workers=1, prefill_chunk=0, **TWO))
     assert r.ttft.tolist() == pytest.approx([0.51, 0.53 - 0.015])
     assert r.latency.tolist() == pytest.approx([0.55, 0.54 - 0.015])
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("cold_start", ["wait", "cpu_assist"])
-def test_fast_forward_matches_stepping_every_decode_step(cold_start):
+def test_fast_forward_matches_stepping_every_decode_step(cold_start, fused):
     # Decode-only runs become one event up to the next completion, synced at each arrival and cut
     # when a request is routed to the worker; every request's timings and placement must be those
-    # of the step-by-step simulation (to float rounding).
+    # of the step-by-step simulation (to float rounding), with fused steps (a decode-only step is
+    # then `step_time`) and with two forwards (`decode_time`).
     reqs = load_trace(TRACE, n_requests=400, rate_scale=8, n_adapters=200, max_prompt=4096,
                       max_output=1024, seed=3)
-    base = SimConfig(n_workers=6, kv_rows=40_000, adapter_pages=16, slo_tpot=0.04, cold_start=cold_start)
+    base = SimConfig(n_workers=6, kv_rows=40_000, adapter_pages=16, slo_tpot=0.04, cold_start=cold_start,
+                     fused_step=fused)
+    # AnalyticCost's decode-only step equals its decode time; the A10 model's step model is its
+    # decode form too, but the fit of a profile need not be: the measured llama-test model checks
+    # that a run extrapolates the step model, not the decode one.
+    cost = cm.load(COST_MODELS / "cpu_llama-test.json") if fused else None
     for policy in ("caraserve", "carajax"):
-        fast = simulate(reqs, policy, None, base)
-        slow = simulate(reqs, policy, None, dataclasses.replace(base, fast_forward=False))
+        fast = simulate(reqs, policy, cost, base)
+        slow = simulate(reqs, policy, cost, dataclasses.replace(base, fast_forward=False))
         assert fast.worker.tolist() == slow.worker.tolist(), policy
         np.testing.assert_allclose(fast.ttft, slow.ttft, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(fast.latency, slow.latency, rtol=1e-9, atol=1e-12)
         assert fast.loads == slow.loads and fast.tokens.sum() == slow.tokens.sum()
+
+
+# -- the fused step: one forward over every sequence of a step (the engine since issue 15) ----------
+
+# prefill = 0.01 + 1e-4·tokens, decode = 0.01 + 1e-4·|S|, fused step = 0.01 + 1e-4·tokens: one beta.
+PER_TOKEN = AnalyticCost(beta=0.01, pre_tok=1e-4, dec_tok=1e-4, ctx=0.0, alpha=0.0, load_fixed=0.05,
+                         load_per_rank=0.0)
+
+
+def test_a_fused_step_pays_one_fixed_cost():
+    # test_chunked_prefill_bounds_the_stall_of_a_long_prompt with fused steps. A (10-token prompt,
+    # 2 out) at 0, B (1000 tokens, 2 out) at 0.005, chunks of 250, adapters cached.
+    # Step 1 [0, 0.011): A's prompt, 0.01 + 10e-4. Step 2: B's first chunk beside A's decode, one
+    # forward of 251 tokens = 0.0351 (two forwards: Pre(250) 0.035 + Dec(1) 0.0101 = 0.0451) →
+    # A done at 0.0461, TPOT 0.0351. Steps 3-5: B's chunks alone, 0.035 each → B's first token at
+    # 0.1511 (TTFT 0.1461); step 6: B's decode 0.0101 → 0.1612.
+    reqs = [SimRequest(0.0, 10, 2, "x", 8), SimRequest(0.005, 1000, 2, "x", 8)]
+    cfg = SimConfig(n_workers=1, cold_start="cached", prefill_chunk=250)
+    fused = simulate(reqs, "round_robin", PER_TOKEN, cfg)
+    assert fused.tpot.tolist() == pytest.approx([0.0351, 0.0101])
+    assert fused.ttft.tolist() == pytest.approx([0.011, 0.1461])
+    assert fused.latency[1] == pytest.approx(0.1612 - 0.005)
+    two = simulate(reqs, "round_robin", PER_TOKEN, dataclasses.replace(cfg, fused_step=False))
+    assert two.tpot[0] == pytest.approx(0.0451)
+
+
+def test_a_mixed_step_costs_the_step_model_of_the_merged_batch():
+    # A (rank 16, 20-token prompt, 2 out) is alone in step 1; B (rank 64, 200-token prompt, 3 out)
+    # arrives during it. Step 2 holds A's one decode and B's whole prompt: A's TPOT is that step's
+    # duration. Fused: step_time of the merged batch (ranks (16, 64), 201 tokens, context
+    # (20 + 1) + 200). Two forwards: Pre(B's chunk) + Dec(A). A10 model: the fused step reads the
+    # weights once and skips the prefill's 5 ms intercept, so it is cheaper by about that (the
+    # merged batch's padded LoRA read, 2 x 64 rank units, and its mean-rank compute term move it
+    # by 0.03 ms: their features do not add up across the two batches).
+    a10 = cm.load(COST_MODELS / "a10_paper.json")
+    reqs = [SimRequest(0.0, 20, 2, "a", 16), SimRequest(0.001, 200, 3, "b", 64)]
+    cfg = SimConfig(n_workers=1, cold_start="cached")
+    fused = simulate(reqs, "round_robin", a10, cfg)
+    two = simulate(reqs, "round_robin", a10, dataclasses.replace(cfg, fused_step=False))
+    merged = Batch((16, 64), 1 + 200, 21 + 200)
+    assert fused.tpot[0] == pytest.approx(a10.step_time(merged), rel=1e-12)
+    pre_dec = a10.prefill_time(Batch((64,), 200, 200)) + a10.decode_time(Batch((16,), 1, 21))
+    assert two.tpot[0] == pytest.approx(pre_dec, rel=1e-12)
+    assert pre_dec - fused.tpot[0] == pytest.approx(5e-3, abs=1e-4)
+    # A decode-only step is the step model of the decodes: B's last step decodes it alone.
+    assert fused.latency[1] - fused.ttft[1] == pytest.approx(
+        a10.step_time(Batch((64,), 1, 201)) + a10.step_time(Batch((64,), 1, 202)), rel=1e-12)
+
+
+def test_two_forward_pricing_reproduces_the_simulator_before_the_fused_step():
+    # Per-request sums of a small conv workload, computed with the simulator before `fused_step`
+    # existed (commit e089908), under the A10 model (`wait`) and AnalyticCost (`cpu_assist`):
+    # fused_step=False must give the very same floats.
+    reqs = load_trace(TRACE, n_requests=200, rate_scale=1, n_adapters=50, max_prompt=4096,
+                      max_output=512, seed=4)
+    cfg = SimConfig(n_workers=8, kv_rows=40_000, adapter_pages=16, slo_tpot=0.04, fused_step=False)
+    old = {"wait": (97.09254322620994, 1547.3264892128, 69, 0.995, 0),
+           "cpu_assist": (108.21692003333676, 1288.4557778000035, 65, 1.0, 14807)}
+    for cold, cost in (("wait", cm.a10_first_principles("padded")), ("cpu_assist", AnalyticCost())):
+        r = simulate(reqs, "carajax", cost, dataclasses.replace(cfg, cold_start=cold))
+        s = r.summary()
+        got = (float(r.ttft.sum()), float(r.latency.sum()), r.loads, s["slo_attainment"],
+               s["cpu_prefill_tokens"])
+        assert got == old[cold], cold
+        fused = simulate(reqs, "carajax", cost, dataclasses.replace(cfg, cold_start=cold, fused_step=True))
+        assert float(fused.latency.sum()) != old[cold][1]  # the default prices something else
+
+
+def test_fused_steps_need_a_step_model():
+    old = dataclasses.replace(cm.a10_first_principles("padded"), step=None)  # a model fitted before
+    reqs = [SimRequest(0.0, 10, 2, "x", 8)]
+    with pytest.raises(ValueError, match=r"has none.*carajax profile --fit.*fused_step=False"):
+        simulate(reqs, "round_robin", old, SimConfig(n_workers=1))
+    r = simulate(reqs, "round_robin", old, SimConfig(n_workers=1, fused_step=False))
+    assert r.tokens.tolist() == [2]

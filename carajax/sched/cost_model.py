@@ -29,6 +29,9 @@ import numpy as np
 
 KERNELS = ("padded", "unpadded")
 PHASES = ("prefill", "decode")
+# Rows of a profile: prefill-only steps, decode-only steps, and "mixed" steps (decodes plus a prefill
+# chunk in one forward). The step model is fitted on all of them; prefill/decode on their own.
+STEP_PHASES = ("prefill", "decode", "mixed")
 FORMAT = "carajax.cost_model/v1"
 
 
@@ -37,7 +40,9 @@ class Batch:
     """The host-side description of one engine step's batch.
 
     `ranks`: LoRA rank of each request (0 = base model only). `tokens`: tokens computed this step
-    (prefill: prompt tokens; decode: len(ranks)). `context`: KV-cache tokens read, summed over the batch.
+    (prefill: prompt tokens; decode: len(ranks)). `context`: KV-cache tokens read, summed over the batch
+    (a chunk reads its start + its length, a decode its context + 1). A fused step's batch holds every
+    sequence of the step: its chunks' and its decodes' ranks, tokens and context together.
     """
 
     ranks: tuple[int, ...]
@@ -364,9 +369,15 @@ def train_test_split(n: int, frac: float = 0.8, seed: int = 0) -> tuple[np.ndarr
 
 
 def _parse(measurements: Sequence[Mapping[str, Any]], phase: str, kernel: str | None):
-    rows = [m for m in measurements if m["phase"] == phase and (kernel is None or m.get("kernel") == kernel)]
+    """(batches, seconds) of the rows of `phase` ("step": every row) for `kernel` (None: any)."""
+    rows = [m for m in measurements if (phase == "step" or m["phase"] == phase)
+            and (kernel is None or m.get("kernel") == kernel)]
     batches = [Batch(tuple(m["ranks"]), int(m["tokens"]), int(m.get("context", 0))) for m in rows]
     return batches, np.array([float(m["seconds"]) for m in rows])
+
+
+def _has_mixed(measurements: Sequence[Mapping[str, Any]], kernel: str) -> bool:
+    return any(m["phase"] == "mixed" and m.get("kernel") == kernel for m in measurements)
 
 
 def _infer_kernel(measurements: Sequence[Mapping[str, Any]], kernel: str | None) -> str:
@@ -383,10 +394,11 @@ def _infer_kernel(measurements: Sequence[Mapping[str, Any]], kernel: str | None)
 def fit_report(
     measurements: Sequence[Mapping[str, Any]], form: str = "rich", seed: int = 0, kernel: str | None = None
 ) -> dict[str, dict[str, float]]:
-    """Per phase: fit on a random 80%, report R^2 and MAPE on the held-out 20% (plus the row counts)."""
+    """Per phase: fit on a random 80%, report R^2 and MAPE on the held-out 20% (plus the row counts).
+    "step" (when there are mixed rows, see `fit_cost_model`) is fitted and tested on every row."""
     kernel = _infer_kernel(measurements, kernel)
     report = {}
-    for phase in PHASES:
+    for phase in PHASES + (("step",) if _has_mixed(measurements, kernel) else ()):
         batches, seconds = _parse(measurements, phase, kernel)
         if len(batches) < 2:
             continue
@@ -418,6 +430,9 @@ def _interp_load(table: tuple[tuple[int, float], ...], rank: float) -> float:
 class CostModel:
     """Prefill and decode step-latency models for one LoRA kernel on one device, plus cold-start costs.
 
+    `step`: the engine's fused step, one forward over all of a step's sequences, priced on the merged
+    `Batch` (every sequence's rank, all tokens, Σ KV positions read); None for models measured
+    before the engine fused its steps (they price a step as Pre(chunks) + Dec(decoders) only).
     `load_time`: ((rank, seconds), ...) measured adapter load times; `load_bytes_per_rank`: the adapter
     bytes per unit of rank those loads moved, so a load of some other size can be priced by bytes."""
 
@@ -431,6 +446,7 @@ class CostModel:
     notes: str = ""
     load_time: tuple[tuple[int, float], ...] = ()
     load_bytes_per_rank: float | None = None
+    step: Model | None = None
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -444,6 +460,15 @@ class CostModel:
     def decode_time(self, batch: Batch) -> float:
         """Seconds for one decode step over `batch`."""
         return self.decode.predict(batch)
+
+    def step_time(self, batch: Batch) -> float:
+        """Seconds for one fused engine step over `batch`: every sequence of the step, prefill chunks
+        and decodes merged (see `Batch`)."""
+        if self.step is None:
+            raise ValueError(f"cost model {self.model_name or '?'} ({self.device or 'device unknown'}, "
+                             f"{self.date or 'undated'}) has no step model: it was fitted before the "
+                             "engine's fused step; refit it from a new profile (carajax profile --fit)")
+        return self.step.predict(batch)
 
     def prefill_time_stats(self, n: int, sum_rank: int, max_rank: int, tokens: int, context: int) -> float:
         """`prefill_time` of a batch given by its totals (n requests, Σrank, max rank, tokens,
@@ -493,6 +518,8 @@ class CostModel:
             "load_time": {str(r): s for r, s in self.load_time},
             "load_bytes_per_rank": self.load_bytes_per_rank,
         }
+        if self.step is not None:  # absent, not null, in models without one (older files stay as they were)
+            d["step"] = self.step.to_dict()
         return json.dumps(d, indent=2) + "\n"
 
     def save(self, path: str | os.PathLike) -> None:
@@ -516,6 +543,7 @@ class CostModel:
             notes=meta.get("notes", ""),
             load_time=tuple((int(r), float(s)) for r, s in d.get("load_time", {}).items()),
             load_bytes_per_rank=d.get("load_bytes_per_rank"),
+            step=model_from_dict(d["step"]) if d.get("step") is not None else None,
         )
 
 
@@ -546,8 +574,11 @@ def fit_cost_model(
     kernel: str | None = None,
     **metadata: Any,
 ) -> CostModel:
-    """Fit prefill and decode models to profiler measurements of one kernel (all rows of it).
+    """Fit prefill and decode models to profiler measurements of one kernel (each on its own rows),
+    and the fused `step` model on every row (prefill, decode and mixed) when there are mixed rows.
 
+    Without mixed rows (a profile of the engine before it fused its steps) there is no step model:
+    one fitted only on steps of one kind would price the mixed steps it never saw.
     `metadata`: CostModel fields such as source, device, model_name, date, notes, load_time."""
     kernel = _infer_kernel(measurements, kernel)
     models = {}
@@ -556,7 +587,9 @@ def fit_cost_model(
         if not batches:
             raise ValueError(f"no {phase} measurements for kernel {kernel!r}")
         models[phase] = fit(form, batches, seconds)
-    return CostModel(prefill=models["prefill"], decode=models["decode"], kernel=kernel, **metadata)
+    step = fit(form, *_parse(measurements, "step", kernel)) if _has_mixed(measurements, kernel) else None
+    return CostModel(prefill=models["prefill"], decode=models["decode"], kernel=kernel, step=step,
+                     **metadata)
 
 
 def plot_predicted_vs_measured(
@@ -632,6 +665,12 @@ def a10_first_principles(kernel: str = "padded") -> CostModel:
             f"LoRA compute = 2*4*2*4096*32 FLOP / 75 TFLOP/s = {lora_flop_per_token_rank * 1e9:.3f} ns per",
             "token per unit rank. load_time: the paper's measured q,k,v adapter loads; load_bytes_per_rank",
             "= 3*2*4096*2 B*32 layers (q,k,v, bf16).",
+            "step (the engine's fused step: one forward over every sequence of a step, prefill chunks",
+            "and decodes) = the decode coefficients on the merged batch: the weights are read once per",
+            f"step ({weight_read * 1e3:.2f} ms) and every token's FLOPs are added to that read, not",
+            "max'ed with it: an upper bound, by up to the weight read on a step with a long chunk, where",
+            "compute hides it (so a prefill-only step costs more than the prefill model says; a mixed",
+            f"step saves the prefill intercept, {prefill_overhead * 1e3:.1f} ms, against Pre + Dec).",
         ]
     )
     return CostModel(
@@ -654,4 +693,5 @@ def a10_first_principles(kernel: str = "padded") -> CostModel:
         notes=notes,
         load_time=PAPER_A10_LOAD_TIME,
         load_bytes_per_rank=float(3 * 2 * d * bytes_el * layers),
+        step=decode,
     )

@@ -6,6 +6,9 @@ runs: `ModelRunner.run(Schedule)` (the forward plus sampling) for
 
 - prefill steps: B requests, each a chunk of T prompt tokens starting at context offset c;
 - decode steps: B requests, one token each, with c tokens already in the KV cache;
+- mixed steps: those B decodes plus ONE prefill chunk of T prompt tokens at offset c from one more
+  request, in one `Schedule` (decodes first, then the chunk, as the planner orders them): the
+  engine's fused step, which the cost model's `step` form is fitted to (with the other two);
 
 for every rank mix and LoRA kernel mode of a `ProfileGrid`. Each point runs `warmup` times (the
 first compiles), then `repeats` timed times (`jax.block_until_ready`) interleaved with the other
@@ -68,9 +71,11 @@ def mix_ranks(mix: str, batch_size: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class ProfileGrid:
-    """What to measure. Every (batch size, prompt tokens, context) is a prefill point and every
-    (batch size, context) a decode point, for each rank mix and kernel mode; `load_ranks` are the
-    adapter ranks whose load time is measured (`load_repeats` each, after one warm-up load)."""
+    """What to measure. Every (batch size, prompt tokens, context) is a prefill point and a mixed
+    point (batch size = its decodes; the chunk takes `mixed_prompt_tokens`, default
+    `prompt_tokens`; () for none), and every (batch size, context) a decode point, for each rank
+    mix and kernel mode; `load_ranks` are the adapter ranks whose load time is measured
+    (`load_repeats` each, after one warm-up load)."""
 
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     prompt_tokens: tuple[int, ...] = (16, 64)  # per request per prefill step (one chunk)
@@ -81,11 +86,17 @@ class ProfileGrid:
     repeats: int = 5
     load_ranks: tuple[int, ...] = (8, 16, 32, 64)
     load_repeats: int = 5
-    # KV-cache row length. Attention reads whole rows (masked), so it sets every step's attention
-    # cost; None profiles what a serving engine uses by default (EngineConfig.max_seq_len=None).
+    # The engine's longest context per request (EngineConfig.max_seq_len; None: the serving
+    # default). The attention walks pages only up to the step's longest context, so this sets the
+    # KV pages' capacity, not the steps' cost.
     seq_len: int | None = None
+    mixed_prompt_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.mixed_prompt_tokens is not None:
+            object.__setattr__(self, "mixed_prompt_tokens", tuple(self.mixed_prompt_tokens))
+            if any(t <= 0 for t in self.mixed_prompt_tokens):
+                raise ValueError("ProfileGrid.mixed_prompt_tokens must be positive")
         for f in ("batch_sizes", "prompt_tokens", "contexts", "rank_mixes", "kernels", "load_ranks"):
             object.__setattr__(self, f, tuple(getattr(self, f)))
         for f in ("batch_sizes", "prompt_tokens", "load_ranks"):
@@ -93,8 +104,8 @@ class ProfileGrid:
                 raise ValueError(f"ProfileGrid.{f} must be non-empty and positive")
         if not self.contexts or min(self.contexts) < 0:
             raise ValueError("ProfileGrid.contexts must be non-empty and >= 0")
-        if self.seq_len is not None and self.seq_len < max(self.contexts) + max(self.prompt_tokens):
-            raise ValueError("ProfileGrid.seq_len must hold max(contexts) + max(prompt_tokens)")
+        if self.seq_len is not None and self.seq_len < max(self.contexts) + self.max_chunk:
+            raise ValueError("ProfileGrid.seq_len must hold max(contexts) + the longest chunk")
         if self.warmup < 1 or self.repeats < 1 or self.load_repeats < 1:
             raise ValueError("ProfileGrid needs warmup >= 1 (compilation) and repeats >= 1")
         if not self.kernels or any(k not in cm.KERNELS for k in self.kernels):
@@ -110,16 +121,28 @@ class ProfileGrid:
         ranks = [r for mix in self.rank_mixes for r in mix_ranks(mix, 8)] + list(self.load_ranks)
         return max(ranks)
 
+    @property
+    def mixed_tokens(self) -> tuple[int, ...]:
+        """The chunk lengths of the mixed points."""
+        return self.prompt_tokens if self.mixed_prompt_tokens is None else self.mixed_prompt_tokens
+
+    @property
+    def max_chunk(self) -> int:
+        return max(self.prompt_tokens + self.mixed_tokens)
+
     def points(self) -> list[tuple[str, str, int, int, int]]:
-        """(phase, mix, batch size, tokens per request, context) for one kernel mode."""
+        """(phase, mix, batch size, chunk tokens, context) for one kernel mode. Mixed points: the
+        batch size counts their decodes (one more request brings the chunk)."""
         pts = [("prefill", mix, b, t, c) for mix in self.rank_mixes for b in self.batch_sizes
                for t in self.prompt_tokens for c in self.contexts]
-        return pts + [("decode", mix, b, 1, c) for mix in self.rank_mixes for b in self.batch_sizes
-                      for c in self.contexts]
+        pts += [("decode", mix, b, 1, c) for mix in self.rank_mixes for b in self.batch_sizes
+                for c in self.contexts]
+        return pts + [("mixed", mix, b, t, c) for mix in self.rank_mixes for b in self.batch_sizes
+                      for t in self.mixed_tokens for c in self.contexts]
 
 
 GRIDS = {
-    # ~1-2 minutes for llama-test on a 2-core CPU (most of it compiling 12 step variants).
+    # ~2-3 minutes for llama-test on a 2-core CPU (most of it compiling the step variants).
     "quick": ProfileGrid(warmup=2),
     # Minutes to hours depending on the model: a fit worth committing on a GPU.
     "full": ProfileGrid(batch_sizes=(1, 2, 4, 8, 16, 32), prompt_tokens=(16, 64, 128, 256, 512),
@@ -200,41 +223,45 @@ class _Session:
         return names
 
     def step(self, phase: str, ranks: tuple[int, ...], tokens: int, context: int) -> Callable:
+        """One step as the planner would schedule it: decodes first, then prefill chunks. A mixed
+        step's last rank is its chunk's request; the others decode."""
         names = self.adapters(ranks)
         vocab = self.engine.model_config.vocab_size
         ids = lambda n: self.rng.integers(4, vocab, n).tolist()  # noqa: E731
         paths = ["base" if n is None else "device" for n in names]
-        if phase == "prefill":
-            reqs = [_request(i, ids(context + tokens), n, []) for i, n in enumerate(names)]
-            chunks = tuple(SeqChunk(r, context, tokens, p, samples=True)
-                           for r, p in zip(reqs, paths))
-        else:  # `context` tokens cached; the newest generated token sits at position `context`
-            reqs = [_request(i, ids(max(context, 1)), n, ids(1)) for i, n in enumerate(names)]
-            chunks = tuple(SeqChunk(r, r.num_tokens - 1, 1, p, samples=True)
-                           for r, p in zip(reqs, paths))
+        n_dec = {"prefill": 0, "decode": len(names), "mixed": len(names) - 1}[phase]
+        # Decodes: `context` tokens cached; the newest generated token sits at position `context`.
+        reqs = [_request(i, ids(max(context, 1)), n, ids(1)) for i, n in enumerate(names[:n_dec])]
+        chunks = [SeqChunk(r, r.num_tokens - 1, 1, p, samples=True) for r, p in zip(reqs, paths)]
+        for i in range(n_dec, len(names)):  # prompt chunks of `tokens` at offset `context`
+            reqs.append(_request(i, ids(context + tokens), names[i], []))
+            chunks.append(SeqChunk(reqs[-1], context, tokens, paths[i], samples=True))
         runner = self.engine.runner
         # Request i owns pages [i * need, (i + 1) * need): the engine is sized for the grid's
         # largest batch at its longest context (`engine_config`), so they fit.
         need = runner.layout.pages_for(max(r.num_tokens for r in reqs))
         tables = {r: list(range(i * need, (i + 1) * need)) for i, r in enumerate(reqs)}
-        plan = Schedule(chunks)
+        plan = Schedule(tuple(chunks))
         # `run` returns host ints (it syncs on the sampled tokens); the cache is the rest of the step.
         return lambda: (runner.run(plan, tables.__getitem__, {}), runner.cache)[1]
 
 
 def engine_config(grid: ProfileGrid, model_config: ModelConfig, dtype: str, impl: str, kernel: str,
                   page_rank: int = 16) -> EngineConfig:
-    """An engine sized for the grid: a KV-cache row per request of the largest batch, prefill
-    chunks as long as the longest, and device pages for one max-rank adapter per request."""
-    max_b, max_t = max(grid.batch_sizes), max(grid.prompt_tokens)
+    """An engine sized for the grid: sequences and a KV-cache row's worth of pages for each
+    request of the largest step (the largest batch, plus the chunk's request of a mixed step),
+    prefill chunks as long as the longest, and device pages for one max-rank adapter per request
+    (plus the one `_Session` keeps registered)."""
+    max_b, max_t = max(grid.batch_sizes), grid.max_chunk
+    seqs = max_b + (1 if grid.mixed_tokens else 0)
     r_max = -(-grid.max_rank // page_rank) * page_rank
-    # As EngineConfig.lora_budget_bytes, but for max_b adapters of the largest rank rather than 8.
+    # As EngineConfig.lora_budget_bytes, but for seqs adapters of the largest rank rather than 8.
     per_rank = sum(sum(model_config.projection_shape(m)) for m in TARGET_MODULES)
     itemsize = np.dtype(jax.numpy.dtype(dtype)).itemsize
-    budget = max_b * r_max * per_rank * model_config.num_layers * itemsize
-    return EngineConfig(dtype=dtype, max_seq_len=grid.seq_len, max_batch_size=max_b,
+    budget = (seqs * r_max + page_rank) * per_rank * model_config.num_layers * itemsize
+    return EngineConfig(dtype=dtype, max_seq_len=grid.seq_len, max_batch_size=seqs,
                         prefill_chunk=max_t, max_prefill_tokens=max_b * max_t, max_lora_rank=r_max,
-                        lora_page_rank=page_rank, max_loras=max(64, max_b + 1),
+                        lora_page_rank=page_rank, max_loras=max(64, seqs + 1),
                         device_lora_budget_bytes=budget, cold_start="wait", lora_impl=impl,
                         lora_kernel=kernel)
 
@@ -279,16 +306,21 @@ def _measure(session: _Session, grid: ProfileGrid, kernel: str, seed: int, tick)
     points = grid.points()
     for mix in grid.rank_mixes:  # one mix at a time: its adapters (one per request) fit the pool
         group = [p for p in points if p[1] == mix]
-        fns = [session.step(ph, mix_ranks(mix, b), t, c) for ph, _, b, t, c in group]
-        for (phase, _, b, t, c), times in zip(group, time_interleaved(fns, grid.warmup, grid.repeats,
-                                                                      seed, tick)):
+        # A mixed step's chunk comes from one more request, with the mix's next rank.
+        ranks = [mix_ranks(mix, b + (ph == "mixed")) for ph, _, b, _, _ in group]
+        fns = [session.step(ph, r, t, c) for (ph, _, _, t, c), r in zip(group, ranks)]
+        for (phase, _, b, t, c), r, times in zip(group, ranks, time_interleaved(
+                fns, grid.warmup, grid.repeats, seed, tick)):
             times = [round(x, 7) for x in times]  # 0.1 us: far below the noise
-            read = c + t if phase == "prefill" else max(c, 1) + 1  # KV positions each row reads
-            # The flattened step's padded token count (one forward over b * t tokens).
-            shape = [session.engine.runner.token_bucket(b * t, phase == "decode")]
+            # Tokens computed and KV positions read: a chunk reads its start + its length, a
+            # decode its context + the newest token (the cost model's Batch conventions).
+            tokens, context = {"prefill": (b * t, b * (c + t)), "decode": (b, b * (max(c, 1) + 1)),
+                               "mixed": (b + t, b * (max(c, 1) + 1) + c + t)}[phase]
+            # The flattened step's padded token count (one forward over every token).
+            shape = [session.engine.runner.token_bucket(tokens, phase == "decode")]
             rows.append({"phase": phase, "kernel": kernel, "impl": impl, "mix": mix, "batch_size": b,
-                         "ranks": list(mix_ranks(mix, b)), "chunk": t, "tokens": b * t,
-                         "context_per_request": c, "context": b * read, "padded_shape": shape,
+                         "ranks": list(r), "chunk": t, "tokens": tokens,
+                         "context_per_request": c, "context": context, "padded_shape": shape,
                          "seconds": statistics.median(times), "repeats": times})
     return rows
 
@@ -299,9 +331,15 @@ def _notes(impl: str, seq_len: int, r_max: int) -> list[str]:
         "jax.block_until_ready), after `warmup` untimed calls that include compilation; timed "
         "calls interleave the points of one rank mix in shuffled rounds.",
         "Every request has its own adapter (all seven projections); rank-0 rows are base-model "
-        "rows, which still run the LoRA variant, as the engine does once adapters are registered.",
-        f"Attention reads the whole KV-cache row (seq_len {seq_len}) under a mask, so step time "
-        "does not depend on the context length in this implementation.",
+        "rows, which still run the LoRA variant, as the engine does once adapters are registered; "
+        "that variant skips each projection no sequence's adapter has (lax.cond), so a step of "
+        "base rows only does no LoRA work.",
+        "mixed rows: batch_size decodes (context_per_request cached each) plus one prefill chunk "
+        "of `chunk` prompt tokens at offset context_per_request from one more request (the last "
+        "of `ranks`), run as one Schedule, decodes first: the engine's fused step.",
+        f"Attention walks each sequence's KV pages in chunks of 8 and skips the chunks past the "
+        f"step's longest context, so a step's attention cost follows the contexts it reads, not "
+        f"the KV capacity (seq_len {seq_len}).",
         "load_time: pool.load_now from the host tier (host page layout + jax.device_put + "
         "install), median of load_repeats after one warm-up load per rank.",
     ]
@@ -347,7 +385,7 @@ def profile(model: str = "llama-test", grid: ProfileGrid = GRIDS["quick"], *, dt
         cfg = engine_config(grid, mcfg, dtype, impl, kernel)
         with Engine(llama, None, cfg) as engine:
             seq_len = engine.runner.seq_len
-            if seq_len < max(grid.contexts) + max(grid.prompt_tokens):
+            if seq_len < max(grid.contexts) + grid.max_chunk:
                 raise ValueError(f"the grid's longest prefill ends past the KV-cache row ({seq_len} "
                                  f"tokens for {mcfg.name}); lower contexts or prompt_tokens")
             if not loads:
@@ -436,8 +474,9 @@ def format_report(rep: Mapping[str, Any]) -> str:
 
 
 def plot_profile(doc: Mapping[str, Any], model: cm.CostModel, path: str | os.PathLike) -> bool:
-    """Predicted vs measured (log-log, y = x) for prefill and decode side by side, points coloured
-    by rank mix; False (nothing written) without matplotlib."""
+    """Predicted vs measured (log-log, y = x) for prefill and decode, points coloured by rank mix,
+    and, when the model has one, the fused step model on every row, coloured by phase; False
+    (nothing written) without matplotlib."""
     try:
         import matplotlib
 
@@ -446,21 +485,23 @@ def plot_profile(doc: Mapping[str, Any], model: cm.CostModel, path: str | os.Pat
     except ImportError:
         return False
     rows = [r for r in doc["measurements"] if r["kernel"] == model.kernel]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
-    for ax, phase in zip(axes, cm.PHASES):
-        sub = [r for r in rows if r["phase"] == phase]
-        form = getattr(model, phase)
+    panels = [(phase, getattr(model, phase), [r for r in rows if r["phase"] == phase], "mix")
+              for phase in cm.PHASES]
+    if model.step is not None:
+        panels.append(("step", model.step, rows, "phase"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2))
+    for ax, (name, form, sub, colour) in zip(axes, panels):
         batches = [cm.Batch(tuple(r["ranks"]), r["tokens"], r["context"]) for r in sub]
         y = np.array([r["seconds"] for r in sub]) * 1e3
         pred = form.predict_many(batches) * 1e3
-        for mix in dict.fromkeys(r["mix"] for r in sub):
-            keep = np.array([r["mix"] == mix for r in sub])
-            ax.scatter(y[keep], pred[keep], s=10, alpha=0.7, label=mix)
+        for key in dict.fromkeys(r[colour] for r in sub):
+            keep = np.array([r[colour] == key for r in sub])
+            ax.scatter(y[keep], pred[keep], s=10, alpha=0.7, label=key)
         lo, hi = min(y.min(), pred.min()), max(y.max(), pred.max())
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         m = cm.evaluate(form, batches, y / 1e3)
         ax.set(xscale="log", yscale="log", xlabel="measured (ms)", ylabel="predicted (ms)",
-               title=f"{phase}: R2={m['r2']:.3f}, MAPE={100 * m['mape']:.1f}% (all rows)")
+               title=f"{name}: R2={m['r2']:.3f}, MAPE={100 * m['mape']:.1f}% ({len(sub)} rows)")
         ax.legend(fontsize=7)
     meta = doc["metadata"]
     fig.suptitle(f"{meta['model_name']} on {meta['device']['device_kind']}, {model.prefill.name} form, "

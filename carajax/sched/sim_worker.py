@@ -79,6 +79,8 @@ class SimWorker(WorkerState):
             max_batch=cfg.max_batch,
         )
         self.index = index
+        # A decode-only step of the engine: its fused step (since issue 15) or the decode forward.
+        self.decode_step_time = cost.step_time if cfg.fused_step else cost.decode_time
         self.ignore_memory = False  # set while re-routing a request no worker has pages for now
         self.resident = collections.OrderedDict()  # type: ignore[assignment]  # adapter -> pages, LRU first
         self.pinned: dict[str, int] = {}  # adapter -> running requests using it
@@ -214,10 +216,11 @@ class SimWorker(WorkerState):
         return self._dec_cache
 
     def step_decode_seconds(self) -> float:
-        """The decode part of the step starting now: the requests already decoding."""
+        """The decode part of the step starting now, the requests already decoding: with fused
+        steps, the whole of a decode-only step; otherwise the decode forward of any step."""
         if self._step_dec_cache is None:
             batch = _batch(self._run_ranks(), self.n_run, self.ctx_sum)
-            self._step_dec_cache = self.cost.decode_time(batch) if self.n_run else 0.0
+            self._step_dec_cache = self.decode_step_time(batch) if self.n_run else 0.0
         return self._step_dec_cache
 
     def set_in_flight(self) -> None:

@@ -1,9 +1,8 @@
 """A discrete-event simulator of a LoRA serving cluster, in virtual time.
 
 It answers "what at 60 workers and 40k adapters" with the same routing code the gRPC router uses
-(`carajax.sched.router`). Each worker is modelled like the engine's planner as it was before the
-paged, one-forward step (`carajax/engine/planner.py`; pricing the fused step is issue 15's open
-item 9):
+(`carajax.sched.router`). Each worker is modelled like the engine's planner
+(`carajax/engine/planner.py`):
 
 * continuous batching: at the start of every step the worker admits requests from its FIFO queue
   (up to `max_batch` running, prefilling ones included; KV rows reserved for prompt + output;
@@ -13,18 +12,20 @@ item 9):
   remaining prompt tokens, at most `max_prefill_tokens` over all of them, and every decoding
   request one token. `prefill_chunk=0` is the old whole-prompt simulator: a request's whole prompt
   is prefilled in the step that admits it, with no per-step token budget;
-* the step time is Pre(chunks) + Dec(decoders) from the worker's cost model: the engine's runner
-  runs the step's prefill chunks and its decode tokens as two forwards, one after the other
-  (`ModelRunner.run`), so a mixed step pays both, each with its own fixed cost (a fused
-  Sarathi-style step would share the decode's weight read and cost less; carajax does not fuse).
-  The chunks are priced as one prefill batch with the profiler's conventions: tokens = Σ chunk
-  lengths, context = Σ (chunk start + chunk length), the KV positions each chunk reads;
+* the step time (`fused_step=True`, the engine since issue 15): the engine runs every step as ONE
+  forward over all of its tokens, decodes and prefill chunks alike (`ModelRunner.run`), so a step
+  costs `cost.step_time` of the merged batch: every sequence's rank, all tokens, and context =
+  Σ KV positions read (chunk start + chunk length for a chunk, context + 1 for a decode, the
+  profiler's conventions), with one fixed cost and one read of the weights. `fused_step=False` is
+  the engine before issue 15, which ran a step's prefill chunks and its decode tokens as two
+  forwards: Pre(chunks) + Dec(decoders), each with its own fixed cost (old results reproduce with
+  it). The router prices placements with the prefill and decode views in both modes;
 * adapters: a per-worker page budget with LRU eviction of adapters no running request uses. A cold
   adapter under `cold_start="wait"` is loaded synchronously in the request's first step (the whole
   step waits `load_seconds(rank)`), as in the engine's `wait` policy; under `"cpu_assist"` the copy
   starts at admission on the worker's one host-to-device link (copies queue behind each other) and
   the request starts at once: its prefill chunks that begin before the copy lands run on the CPU
-  path and cost (1 + `cpu_slowdown`) × Pre of those chunks, which stalls the whole step as the
+  path and add `cpu_slowdown` × Pre of those chunks to the step, which stalls it as the
   engine's host callbacks do; later chunks run on the device, and decode always does (the engine
   would decode on the CPU path too while a copy is in flight; not modelled: a copy of 5-50 ms
   almost always lands during the prefill); `"cached"` makes every load free.
@@ -88,8 +89,9 @@ class SimConfig:
     page_rank: int = 8
     cold_start: str = "wait"  # "wait" | "cpu_assist" | "cached"
     # Slowdown of prefill chunks run with their LoRA on the CPU (cold adapter under "cpu_assist"):
-    # the step pays cpu_slowdown × Pre(those chunks as one batch) on top of its Pre(all chunks), so
-    # a step of only CPU chunks costs (1 + cpu_slowdown) × Pre. 0.26 is the measured mean-TTFT overhead of
+    # the step pays cpu_slowdown × Pre(those chunks as one batch) on top of its own price (its step
+    # model, or Pre(all chunks) + Dec with two forwards, where a step of only CPU chunks then costs
+    # (1 + cpu_slowdown) × Pre). 0.26 is the measured mean-TTFT overhead of
     # cpu_assist over cached in BENCHMARKS.md ("Cold starts", llama-test on a 2-core CPU, emulated
     # 25 GB/s link, every request cold), read as a prefill slowdown; it is rough (that TTFT also
     # holds queueing and mid-prefill handovers), and close to the paper's A10 figure (+22% TTFT).
@@ -111,6 +113,10 @@ class SimConfig:
     # Run a worker's decode-only steps up to its next completion as one event (`decode_run`); False
     # simulates every step (the reference the fast path is tested against).
     fast_forward: bool = True
+    # True: a step is one fused forward over all its sequences, priced `cost.step_time(merged batch)`
+    # (the engine since issue 15; needs a cost model with a step model). False: Pre(chunks) +
+    # Dec(decoders), two forwards (the engine before; the older results reproduce with it).
+    fused_step: bool = True
 
     def __post_init__(self):
         if self.slo_metric not in ("latency_per_token", "tpot"):
@@ -131,7 +137,10 @@ class AnalyticCost:
 
     prefill = beta + pre_tok·tokens + alpha·R·tokens/|S|
     decode  = beta + dec_tok·|S| + ctx·context + alpha·R
+    step    = beta + dec_tok·|S| + pre_tok·(tokens − |S|) + ctx·context + alpha·R·tokens/|S|
     with R = |S|·max_rank when `padded` (BGMV) else Σrank (MBGMV); load = load_fixed + load_per_rank·r.
+    The fused step pays beta once; each sequence costs what a decode row does and each token past a
+    sequence's first what a prompt token does, so a decode-only step costs exactly `decode_time`.
     The defaults are in the range of the paper's A10 numbers (Llama-2-7B: ~30 ms decode steps,
     5-50 ms loads); they are a placeholder, not a fit.
     """
@@ -162,6 +171,12 @@ class AnalyticCost:
             + self.ctx * batch.context
             + self.alpha * self._rank_term(batch.ranks)
         )
+
+    def step_time(self, batch: Batch) -> float:
+        n = len(batch.ranks)
+        lora = self.alpha * self._rank_term(batch.ranks) * batch.tokens / max(1, n)
+        return (self.beta + self.dec_tok * n + self.pre_tok * (batch.tokens - n)
+                + self.ctx * batch.context + lora)
 
     def load_seconds(self, rank: int) -> float:
         return self.load_fixed + self.load_per_rank * rank
@@ -263,6 +278,15 @@ def simulate(
     costs = [cost or AnalyticCost()] * cfg.n_workers if not isinstance(cost, Sequence) else list(cost)
     if len(costs) != cfg.n_workers:
         raise ValueError(f"{len(costs)} cost models for {cfg.n_workers} workers")
+    if cfg.fused_step:
+        for c in costs:
+            if getattr(c, "step", True) is None or not hasattr(c, "step_time"):
+                name = getattr(c, "model_name", "") or type(c).__name__
+                raise ValueError(
+                    f"SimConfig(fused_step=True) prices each step with the cost model's step model, and "
+                    f"{name} ({getattr(c, 'device', '') or 'device unknown'}) has none: it was fitted "
+                    "before the engine fused its steps. Refit it from a new profile (`carajax profile "
+                    "--fit`), or pass fused_step=False for the old two-forward pricing (Pre + Dec).")
     workers = SimCluster([SimWorker(i, c, cfg) for i, c in enumerate(costs)], cfg)
     for r in requests:  # a request that can never fit would stall its worker forever
         if r.prompt_tokens + r.output_tokens > cfg.kv_rows or (
@@ -281,7 +305,7 @@ def simulate(
     unlimited = 1 << 62
     chunk_cap = cfg.prefill_chunk or unlimited  # 0: whole prompts, no per-step budget
     step_budget = cfg.max_prefill_tokens if cfg.prefill_chunk else unlimited
-    slowdown = cfg.cpu_slowdown
+    slowdown, fused = cfg.cpu_slowdown, cfg.fused_step
     # (end time, seq, worker, chunked, decode steps, is a run): one event is one step, or a run of
     # decode-only steps up to the worker's next completion (`decode_run`), which an arrival routed
     # to the worker cuts short (`cut_run`); a cut run's old event is stale and skipped.
@@ -341,12 +365,15 @@ def simulate(
                 cpu_toks += c
                 cpu_ctx += r.done + c
         dur = load_s
-        if chunked:
+        if chunked and fused:  # one forward: the decodes (first, as the planner orders them), the chunks
+            merged = _batch(w._run_ranks() + tuple(ranks), w.n_run + toks, w.ctx_sum + ctx)
+            dur += w.cost.step_time(merged)
+        elif chunked:
             dur += w.cost.prefill_time(_batch(tuple(ranks), toks, ctx))
-            if cpu_ranks:
-                dur += slowdown * w.cost.prefill_time(_batch(tuple(cpu_ranks), cpu_toks, cpu_ctx))
-                cpu_tokens += cpu_toks
-        if w.n_run:
+        if cpu_ranks:
+            dur += slowdown * w.cost.prefill_time(_batch(tuple(cpu_ranks), cpu_toks, cpu_ctx))
+            cpu_tokens += cpu_toks
+        if w.n_run and not (chunked and fused):
             dur += w.step_decode_seconds()
         w.set_in_flight()
         if not chunked and not w.n_run:
@@ -369,9 +396,9 @@ def simulate(
         k_max = w.done_heap[0][0] - w.decode_steps
         if k_max <= 1:
             return None
-        ranks, n = w._run_ranks(), w.n_run
-        d1 = w.cost.decode_time(_batch(ranks, n, w.ctx_sum + n))
-        d2 = w.cost.decode_time(_batch(ranks, n, w.ctx_sum + 2 * n))
+        ranks, n, price = w._run_ranks(), w.n_run, w.decode_step_time  # as `step_decode_seconds`
+        d1 = price(_batch(ranks, n, w.ctx_sum + n))
+        d2 = price(_batch(ranks, n, w.ctx_sum + 2 * n))
         slope = d1 - dur
         if abs(d2 - d1 - slope) > 1e-9 * max(d2, 1e-9):
             return None  # not affine in context: step by step
