@@ -245,8 +245,9 @@ def decode_round(args, engine, label: str, context: int, round_no: int) -> dict:
         st = engine.stats()
         run = st["running"]
         all_decoding = (st["waiting"] == 0 and len(run) == args.batch
-                        and all(r["output_tokens"] >= 1
-                                and r["computed"] == r["prompt_tokens"] + r["output_tokens"] - 1
+                        and all(r["output_tokens"] + r["pending"] >= 1
+                                and r["computed"] == (r["prompt_tokens"] + r["output_tokens"]
+                                                      + r["pending"] - 1)
                                 for r in run))
         before = trace_count()
         t0 = time.perf_counter()

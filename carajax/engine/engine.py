@@ -240,6 +240,8 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------
     def _token_ids(self, prompt: Prompt, limit: int) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:  # "" still encodes to [BOS]: a prompt of nothing, not a request
+                raise RequestError("empty prompt")
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer; pass token ids")
             ids = self.tokenizer.encode(prompt)
@@ -425,7 +427,8 @@ class Engine:
             running = [{"request_id": r.request_id, "adapter": r.adapter,
                         "rank": self._adapters[r.adapter].rank if r.adapter else 0,
                         "phase": r.phase.value, "prompt_tokens": len(r.prompt_ids),
-                        "computed": r.num_computed, "output_tokens": len(r.output_ids)}
+                        "computed": r.num_computed, "output_tokens": len(r.output_ids),
+                        "pending": r.pending}
                        for r in self.planner.running]
             layout, pages = self.runner.layout, self.planner.pages
             times = list(self._step_times)
