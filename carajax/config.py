@@ -229,7 +229,7 @@ PRESET_CHECKPOINTS: dict[str, str] = {
     DEMO_MODEL: os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "model"),
 }
 
-COLD_START_POLICIES = ("cpu_assist", "wait", "cached")
+COLD_START_POLICIES = ("auto", "cpu_assist", "async", "wait", "cached")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -262,8 +262,12 @@ class EngineConfig:
     lora_page_rank: int = 16  # device pool granularity: an adapter of rank r takes ceil(r/16) pages
     device_lora_budget_bytes: int | None = None  # None: room for 8 adapters of max_lora_rank
     host_lora_budget_bytes: int | None = None  # None: unlimited
-    # Cold starts: "cpu_assist" (CaraServe), "wait" (on-demand, S-LoRA/vLLM), "cached" (ideal).
-    cold_start: str = "cpu_assist"
+    # Cold starts (a request whose adapter is not on the device): "auto" (per request, CPU assist
+    # when the host would finish its prompt's LoRA before the copy lands, else async),
+    # "cpu_assist" (CaraServe: start at once, LoRA on the CPU until the copy lands), "async"
+    # (vLLM / S-LoRA: it waits in the queue while its copy runs; the batch goes on), "wait" (the
+    # step that needs it blocks on the copy: the worst case), "cached" (every adapter resident).
+    cold_start: str = "auto"
     cpu_threads: int | None = None  # CPU LoRA threads; None: all cores
     # Emulated host->device link (machines without an accelerator): readiness of a copy is
     # delayed to latency + bytes / bandwidth. Results from it are labelled emulated.

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from carajax.config import PRESET_CHECKPOINTS, TARGET_MODULES, EngineConfig, ModelConfig
+from carajax.engine.cold_start import HostLoraCost, measure_host_lora
 from carajax.engine.planner import BatchPlanner, Schedule
 from carajax.engine.request import (
     QueueFullError,
@@ -48,7 +49,10 @@ from carajax.models.llama import Llama
 from carajax.models.tokenizer import Tokenizer, load_tokenizer
 
 Prompt = str | Sequence[int]
-_CPU_PROFILES: dict[tuple, float] = {}  # see Engine._profile_cpu_assist
+# How long an engine with nothing to run but requests waiting for adapter copies sleeps between
+# polls (outside its lock, so submissions and cancels go through).
+COPY_POLL_S = 0.5e-3
+_CPU_PROFILES: dict[tuple, object] = {}  # see Engine._profile_cpu_assist and _host_lora
 __all__ = ["Engine", "QueueFullError", "RequestError", "RequestOutput"]
 
 
@@ -90,7 +94,8 @@ class Engine:
         self.runner = ModelRunner(model, config, self.pool, self.bridge)
         self.planner = BatchPlanner(config, self.runner.layout, self.runner.seq_len, self.pool,
                                     self._decode_text,
-                                    lambda n: self.runner.token_bucket(n, decode_only=False))
+                                    lambda n: self.runner.token_bucket(n, decode_only=False),
+                                    host_lora=self._host_lora, num_layers=model.config.num_layers)
         # Per step: (seconds on the host: planning, building inputs, applying results; seconds
         # in all). Host time is what a faster device cannot remove.
         # Per step: (host seconds: planning, building inputs, applying results; the step's
@@ -109,7 +114,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0
-        if config.cold_start == "cpu_assist":
+        if config.cold_start in ("cpu_assist", "auto"):
             self._profile_cpu_assist()
 
     def _profile_cpu_assist(self) -> None:
@@ -130,6 +135,17 @@ class Engine:
             _CPU_PROFILES[key] = self.bridge.worker.profile(
                 c.hidden_size, c.hidden_size, self.config.max_lora_rank, budget, repeats=3)
         self.bridge.worker.tokens_per_core = _CPU_PROFILES[key]
+
+    def _host_lora(self) -> HostLoraCost:
+        """`auto`'s measured host LoRA costs, once per model shape, dtype and chunk in a process
+        (measured on the first cold request, so engines that never see one pay nothing)."""
+        c = self.model_config
+        key = ("host_lora", c, self.config.prefill_chunk, self.config.max_lora_rank)
+        if key not in _CPU_PROFILES:
+            chunk = min(self.config.prefill_chunk, self.config.max_step_tokens)
+            _CPU_PROFILES[key] = measure_host_lora(self.bridge.worker, c, self.config.max_lora_rank,
+                                                   chunk)
+        return _CPU_PROFILES[key]
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: str = "float32",
@@ -163,7 +179,7 @@ class Engine:
         returns how many were compiled. `progress(done, total)` is called as variants finish."""
         with self._lock:
             self.pool.warmup()  # adapter installs, one variant per page count
-            return self.runner.warmup(cpu=self.config.cold_start == "cpu_assist",
+            return self.runner.warmup(cpu=self.config.cold_start in ("cpu_assist", "auto"),
                                       progress=progress)
 
     # -- adapters ---------------------------------------------------------------------------
@@ -366,25 +382,33 @@ class Engine:
             prev, self._inflight = self._inflight, None
             plan = self.planner.schedule()
             if plan.empty and prev is None:
-                return False
+                copying = bool(self.planner.waiting)  # only requests waiting for their copies
+            else:
+                copying = None
+                self._run(plan, prev, t0)
+        if copying:  # (async) let the copies land; outside the lock: submits and cancels go on
+            time.sleep(COPY_POLL_S)
+        return copying is not False
+
+    def _run(self, plan: Schedule, prev: _Launched | None, t0: float) -> None:
+        """Launch `plan` (if any) and apply the step before it, or both (see `step`)."""
+        launched = None
+        if not plan.empty:
+            stalled = sum(self.pool.load_now(name) for name in plan.sync_loads)
+            inputs = self.runner.prepare(plan, self.planner.pages.table, self._cpu_ids)
+            tokens = self.runner.launch(inputs)[0]
+            self.planner.commit(plan)
+            launched = _Launched(plan, inputs, tokens, stalled, t0,
+                                 time.perf_counter() - t0 - stalled)
+        # Steps with CPU-assisted tokens are applied at once: their host callbacks' errors
+        # must be read against the step that made them.
+        if (launched is not None and self.config.async_scheduling
+                and not any(c.path == "cpu" for c in plan.chunks)):
+            self._inflight = launched
             launched = None
-            if not plan.empty:
-                stalled = sum(self.pool.load_now(name) for name in plan.sync_loads)
-                inputs = self.runner.prepare(plan, self.planner.pages.table, self._cpu_ids)
-                tokens = self.runner.launch(inputs)[0]
-                self.planner.commit(plan)
-                launched = _Launched(plan, inputs, tokens, stalled, t0,
-                                     time.perf_counter() - t0 - stalled)
-            # Steps with CPU-assisted tokens are applied at once: their host callbacks' errors
-            # must be read against the step that made them.
-            if (launched is not None and self.config.async_scheduling
-                    and not any(c.path == "cpu" for c in plan.chunks)):
-                self._inflight = launched
-                launched = None
-            for step in (prev, launched):
-                if step is not None:
-                    self._apply(step)
-            return True
+        for step in (prev, launched):
+            if step is not None:
+                self._apply(step)
 
     def _apply(self, step: _Launched) -> None:
         """Wait for a launched step's tokens and apply them; record its times."""
@@ -445,6 +469,7 @@ class Engine:
                     "step_host_ms": _median_ms(times, 0), "step_ms": _median_ms(times, 1),
                     "step_wait_ms": _median_ms(times, 2),
                     "async_scheduling": self.config.async_scheduling,
+                    "cold_paths": dict(self.planner.cold_paths),
                     "adapters": self.pool.stats(), "cpu_assist": self.bridge.stats()}
 
     def close(self) -> None:

@@ -22,6 +22,9 @@ each request's LoRA path for the step:
              request hands over mid-prefill at the next chunk);
     "load"   cold under `wait`: the step first loads the adapter synchronously (everyone in the
              batch waits), then runs it on the device.
+Under `async` a cold request is not admitted: it stays queued while its copy runs (later requests
+go ahead of it), and starts on the device once resident. Under `auto` each cold request is given
+one of `cpu_assist` or `async` when it is first considered (`cold_start.choose`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from collections.abc import Callable
 import numpy as np
 
 from carajax.config import EngineConfig
+from carajax.engine import cold_start
 from carajax.engine.kv_pages import KVLayout, PageAllocator
 from carajax.engine.request import Phase, QueueFullError, Request, RequestOutput, now
 
@@ -122,7 +126,9 @@ class BatchPlanner:
     """Waiting queue (bounded), running set with KV pages, and the per-step plan."""
 
     def __init__(self, config: EngineConfig, layout: KVLayout, seq_len: int, pool, decode_text,
-                 token_bucket: Callable[[int], int] | None = None):
+                 token_bucket: Callable[[int], int] | None = None,
+                 host_lora: Callable[[], cold_start.HostLoraCost] | None = None,
+                 num_layers: int = 1):
         self.config = config
         self.layout = layout
         self.seq_len = seq_len  # longest context of one request (positions)
@@ -140,6 +146,9 @@ class BatchPlanner:
         # The padded token count the runner will compile a step with (mixed steps): a step
         # whose chunks fall short of it is topped up with more prompt tokens, which cost nothing.
         self.token_bucket = token_bucket
+        self.host_lora = host_lora  # `auto`: the measured host LoRA costs (measured on first use)
+        self.num_layers = num_layers
+        self.cold_paths: collections.Counter[str] = collections.Counter()  # cold requests per path
 
     # -- queue -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -156,7 +165,7 @@ class BatchPlanner:
             return "base"
         if self.pool.slot(req.adapter) is not None:
             return "device"
-        if self.config.cold_start == "cpu_assist":
+        if req.metrics.cold_path == "cpu_assist":
             if self.pool.where(req.adapter) == "host":
                 self.pool.prefetch(req.adapter)  # retry: the pool may have room now
             return "cpu"
@@ -206,10 +215,13 @@ class BatchPlanner:
                 chunks.append(self._chunk(req, n))
                 budget, prefill_budget = budget - n, prefill_budget - n
 
-        while self.waiting and len(self.running) < cfg.max_batch_size and budget > 0:
-            req = self.waiting[0]
+        for req in list(self.waiting):
+            if len(self.running) >= cfg.max_batch_size or budget <= 0:
+                break
             if req in self._preempted:  # not back in the step that made room by preempting it
                 break
+            if self._waits_for_copy(req):
+                continue  # async: queued while its copy runs; the requests behind it go ahead
             n = min(cfg.prefill_chunk, budget, prefill_budget, req.num_tokens)
             if n <= 0 or self.pages.num_free - self.layout.pages_for(n) < self.watermark:
                 if self.running or chunks:
@@ -217,7 +229,8 @@ class BatchPlanner:
                 # An empty engine admits whatever fits, watermark or not (it has the cache).
                 if not self.pages.grow(req, self.layout.pages_for(max(n, 1))):
                     break
-            self._admit(self.waiting.popleft())
+            self.waiting.remove(req)
+            self._admit(req)
             n = self._fit(req, n)
             if n > 0:
                 chunks.append(self._chunk(req, n))
@@ -280,9 +293,33 @@ class BatchPlanner:
         start = req.num_computed
         return SeqChunk(req, start, n, self._path(req), samples=start + n == req.num_tokens)
 
+    def _waits_for_copy(self, req: Request) -> bool:
+        """Whether req stays queued for its adapter's copy (starting the copy if need be). The
+        first time a cold request is considered it gets its path: the policy's, or under `auto`
+        the faster of CPU assist and waiting for the copy, by measured predictions."""
+        if req.adapter is None or self.pool.slot(req.adapter) is not None:
+            return False
+        if req.metrics.cold_path is None:
+            policy = self.config.cold_start
+            if policy == "auto":
+                adapter = self.pool.adapter(req.adapter)
+                choice = cold_start.choose(self.host_lora(), adapter, len(req.prompt_ids),
+                                           self.num_layers, self.pool.copy_seconds(req.adapter))
+                req.metrics.cold_path = choice.path
+                req.metrics.predicted_cpu_s = choice.cpu_s
+                req.metrics.predicted_copy_s = choice.copy_s
+            else:
+                req.metrics.cold_path = "cpu_assist" if policy == "cpu_assist" else (
+                    "async" if policy == "async" else "wait")
+            self.cold_paths[req.metrics.cold_path] += 1
+        if req.metrics.cold_path != "async":
+            return False
+        self.pool.prefetch(req.adapter)  # no-op while loading; retried when the pool is full
+        return True
+
     def _admit(self, req: Request) -> None:
         if req.adapter is not None:
-            if self.config.cold_start == "cpu_assist":
+            if req.metrics.cold_path == "cpu_assist":
                 # Start the copy now; the request begins on the CPU path either way.
                 self.pool.prefetch(req.adapter)
             self.pool.acquire(req.adapter)

@@ -43,6 +43,11 @@ class RequestMetrics:
     handover_token: int | None = None  # prompt position where the device took over from the CPU
     stalled_s: float = 0.0  # time its steps spent blocked on synchronous adapter loads
     preemptions: int = 0  # times its KV pages were taken back (it recomputed them later)
+    # A cold request's path ("cpu_assist" | "async" | "wait"; None: warm or no adapter) and, under
+    # `auto`, the two predictions it was chosen by (seconds; see carajax/engine/cold_start.py).
+    cold_path: str | None = None
+    predicted_cpu_s: float | None = None
+    predicted_copy_s: float | None = None
 
     @property
     def ttft_s(self) -> float | None:

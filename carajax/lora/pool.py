@@ -19,6 +19,7 @@ each copy's readiness to what a PCIe link of that bandwidth would take; copies s
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -87,6 +88,10 @@ def _install(w: PagedLoraWeights, slot, pages, table_row, a, b, ranks, scales) -
         scales={m: w.scales[m].at[:, slot].set(scales[m]) for m in w.scales}, mesh=w.mesh)
 
 
+def _median_ms(xs: list[float]) -> float | None:
+    return 1e3 * float(np.median(xs)) if xs else None
+
+
 @dataclasses.dataclass(eq=False)
 class _Load:
     """One host-to-device copy: reserved by `prefetch`, staged on the loader thread, installed on
@@ -95,6 +100,8 @@ class _Load:
     adapter: LoraAdapter
     n_pages: int
     ready_at: float  # emulated link deadline (time.monotonic); 0: no emulation
+    started: float = 0.0  # time.monotonic() when the copy was queued
+    predicted_s: float = 0.0  # `copy_seconds` when it was queued
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     staged: tuple | None = None  # (a {m: device}, b {m: device}, ranks {m: [L]}, scales {m: [L]})
     error: BaseException | None = None
@@ -179,6 +186,9 @@ class AdapterPool:
         self._host_bytes = 0
         self._clock = itertools.count(1)  # LRU timestamps
         self._link_free_at = 0.0
+        self._link: tuple[float, float] | None = None  # measured (bytes/s, latency s)
+        # (predicted, real) seconds of recent copies, real = queued -> installed by `poll`.
+        self.copies: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
         self._closed = False
         self._queue: queue.Queue[_Load | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loader, name="carajax-adapter-loader", daemon=True)
@@ -250,6 +260,11 @@ class AdapterPool:
         """How many adapters are registered (in any tier)."""
         with self._lock:
             return len(self._entries)
+
+    def adapter(self, name: str) -> LoraAdapter:
+        """The registered adapter's host copy."""
+        with self._lock:
+            return self._get(name).adapter
 
     def where(self, name: str) -> str:
         """"host", "loading" (pages reserved, copy in flight) or "device" (ready to serve)."""
@@ -389,6 +404,9 @@ class AdapterPool:
                 "on_device": names("device"), "loading": names("loading"), "host_only": names("host"),
                 "pinned": [n for n, e in self._entries.items() if e.pinned],
                 "in_use": {n: e.refcount for n, e in self._entries.items() if e.refcount},
+                "copies": len(self.copies),
+                "copy_predicted_ms_median": _median_ms([p for p, _ in self.copies]),
+                "copy_real_ms_median": _median_ms([r for _, r in self.copies]),
             }
 
     def close(self) -> None:
@@ -443,12 +461,53 @@ class AdapterPool:
         self._free_pages.difference_update(e.pages)
         e.slot = min(self._free_slots)
         self._free_slots.remove(e.slot)
-        e.load = _Load(adapter=e.adapter, n_pages=e.n_pages,
-                       ready_at=self._link_deadline(e.n_pages * self.page_bytes))
+        nbytes = e.n_pages * self.page_bytes
+        predicted = self._predict_copy(nbytes)
+        e.load = _Load(adapter=e.adapter, n_pages=e.n_pages, ready_at=self._link_deadline(nbytes),
+                       started=time.monotonic(), predicted_s=predicted)
         e.state = "loading"
         self._loading[e.adapter.name] = e.load
         self._queue.put(e.load)
         return True
+
+    # -- the link -----------------------------------------------------------------------------
+    def copy_seconds(self, name: str) -> float:
+        """Predicted seconds until `name` is resident if its copy started now (0 if it is; the
+        time left if it is loading): the link's backlog, its latency, bytes / bandwidth. From
+        the emulated link's numbers, or from `measure_link` on a real device."""
+        with self._lock:
+            e = self._get(name)
+            if e.state == "device":
+                return 0.0
+            if e.state == "loading":
+                return max(0.0, e.load.started + e.load.predicted_s - time.monotonic())
+            return self._predict_copy(e.n_pages * self.page_bytes)
+
+    def measure_link(self, nbytes: int = 16 << 20, repeats: int = 3) -> tuple[float, float]:
+        """(bytes per second, latency in seconds) of host -> device copies, measured once with
+        `jax.device_put` of a buffer of `nbytes` and of a tiny one (medians of `repeats`); the
+        emulated link's own numbers when one is set."""
+        if self.emulated_link_gbps is not None:
+            return self.emulated_link_gbps * 1e9, self._latency_s
+        if self._link is None:
+            def put(n: int) -> float:
+                host = np.ones(n // 4, np.float32)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(jax.device_put(host))
+                    times.append(time.perf_counter() - t0)
+                return float(np.median(times))
+            put(nbytes)  # first touch
+            small, big = put(4096), put(nbytes)
+            self._link = (nbytes / max(big - small, 1e-9), small)
+        return self._link
+
+    def _predict_copy(self, nbytes: int) -> float:
+        bandwidth, latency = self.measure_link()
+        backlog = max(0.0, self._link_free_at - time.monotonic()) if self.emulated_link_gbps else (
+            sum(j.n_pages for j in self._loading.values()) * self.page_bytes / bandwidth)
+        return backlog + latency + nbytes / bandwidth
 
     def _link_deadline(self, nbytes: int) -> float:
         """When an emulated copy of `nbytes` finishes: copies serialize over one link."""
@@ -488,6 +547,8 @@ class AdapterPool:
         row[:e.n_pages] = e.pages
         self._weights = _install(self._weights, np.int32(e.slot), np.asarray(e.pages, np.int32), row,
                                  a, b, ranks, scales)
+        # Seen at the first poll after it landed: the time a request waiting on it saw.
+        self.copies.append((job.predicted_s, time.monotonic() - job.started))
         e.state, e.load = "device", None
         self._touch(e)
 

@@ -1,0 +1,139 @@
+"""Cold starts beyond CPU assist: `async` (the cold request waits in the queue while its copy runs;
+the batch goes on) and `auto` (per request, CPU assist iff the host finishes its prompt's LoRA
+before the copy would land), with the predictions behind each choice and the copies' real times.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import carajax
+from carajax.config import TARGET_MODULES, EngineConfig, ModelConfig
+from carajax.engine.cold_start import HostLoraCost, choose
+from carajax.lora.adapter import LoraAdapter, LoraModule
+from carajax.models import weights
+from carajax.models.tokenizer import ByteTokenizer
+from carajax.testing import write_random_adapter
+
+CFG = ModelConfig.from_name("llama-test")
+GREEDY = carajax.SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=())
+COLD_PROMPT = [2, *range(40, 80)]  # 41 tokens
+WARM_PROMPT = [2, *range(100, 110)]
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cold-adapters")
+    return {name: write_random_adapter(root / name, CFG, rank=r, seed=i)
+            for i, (name, r) in enumerate([("warm", 16), ("cold", 64)])}
+
+
+def _engine(adapter_dirs, **kw) -> carajax.Engine:
+    model = weights.random_model(CFG, seed=0, init_std=0.1)
+    engine = carajax.Engine(model, ByteTokenizer(),
+                            EngineConfig(max_batch_size=4, prefill_chunk=16, max_step_tokens=32,
+                                         max_prefill_tokens=32, **kw), background=False)
+    for name, path in adapter_dirs.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def reference(adapter_dirs):
+    with _engine(adapter_dirs, cold_start="cached") as e:
+        return [o.token_ids for o in e.generate([WARM_PROMPT, COLD_PROMPT],
+                                                adapters=["warm", "cold"], sampling=GREEDY)]
+
+
+def _drain(handle):
+    """The tokens a handle has streamed so far (without waiting for more)."""
+    seen = getattr(handle, "_seen", [])
+    while not handle._tokens.empty():
+        item = handle._tokens.get()
+        if isinstance(item, int):
+            seen.append(item)
+    handle._seen = seen
+    return seen
+
+
+def test_async_cold_request_waits_in_the_queue_while_the_batch_goes_on(adapter_dirs, reference):
+    """A 1 s copy: the warm request decodes meanwhile; the cold one is not admitted until its
+    adapter is resident, then runs on the device only (no CPU tokens)."""
+    with _engine(adapter_dirs, cold_start="async", emulated_link_gbps=1.0,
+                 emulated_link_latency_ms=1000) as e:
+        e.warmup()  # no compiles inside the copy's second
+        e.pool.load_now("warm")
+        warm = e.submit(WARM_PROMPT, adapter="warm", sampling=GREEDY)
+        cold = e.submit(COLD_PROMPT, adapter="cold", sampling=GREEDY)
+        e.step()
+        assert e.pool.where("cold") == "loading"  # its copy started at once
+        assert [r["request_id"] for r in e.stats()["running"]] == [warm.request_id]
+        produced_while_copying = 0
+        while e.step():
+            if e.pool.where("cold") == "loading":
+                assert cold.request_id not in [r["request_id"] for r in e.stats()["running"]]
+                produced_while_copying = len(list(_drain(warm)))
+        outs = [warm.result(), cold.result()]
+    assert [o.token_ids for o in outs] == reference
+    assert produced_while_copying >= 1  # the batch went on during the copy
+    m = outs[1].metrics
+    assert m.cold_start and m.cold_path == "async" and m.cpu_prefill_tokens == 0
+    assert m.ttft_s >= 1.0
+    assert e.stats()["cold_paths"] == {"async": 1}
+
+
+@pytest.mark.parametrize("latency_ms,path", [(2000, "cpu_assist"), (0, "async")])
+def test_auto_takes_cpu_assist_only_when_the_copy_is_slower(adapter_dirs, reference, latency_ms,
+                                                             path):
+    """A 2 s copy: the host's LoRA for 41 tokens (well under a second, measured) wins, the request
+    starts on the CPU path. A copy at 1000 GB/s with no latency: waiting for it wins."""
+    with _engine(adapter_dirs, cold_start="auto", emulated_link_gbps=1000.0,
+                 emulated_link_latency_ms=latency_ms) as e:
+        e.pool.load_now("warm")
+        outs = e.generate([WARM_PROMPT, COLD_PROMPT], adapters=["warm", "cold"], sampling=GREEDY)
+        stats = e.stats()
+    assert [o.token_ids for o in outs] == reference
+    m = outs[1].metrics
+    assert m.cold_path == path and stats["cold_paths"] == {path: 1}
+    assert m.predicted_copy_s == pytest.approx(latency_ms / 1e3 + 64 * 4 * 2 * 2 * 64 * 4 / 1e12,
+                                               rel=0.05, abs=1e-3)
+    assert 0 < m.predicted_cpu_s < 1.0
+    assert (m.cpu_prefill_tokens > 0) == (path == "cpu_assist")
+    assert outs[0].metrics.cold_path is None  # warm: no choice to make
+
+
+def _adapter(rank: int, d: int = 64, layers: int = 2) -> LoraAdapter:
+    z = np.zeros
+    return LoraAdapter("x", "<mem>", {(i, m): LoraModule(z((rank, d), np.float32),
+                                                         z((d, rank), np.float32), 1.0)
+                                      for i in range(layers) for m in TARGET_MODULES[:4]})
+
+
+def test_choice_compares_the_host_lora_time_with_the_copy_time():
+    cost = HostLoraCost(seconds_per_mac=1e-9, callback_s=1e-4, chunk=16)
+    adapter = _adapter(8)  # 2 layers x 4 projections x 8 x (64 + 64) = 8192 MACs per token
+    # 32 tokens: 262,144 MACs = 0.262 ms, + 2 chunks x 2 layers x 0.1 ms callbacks = 0.662 ms.
+    assert cost.prefill_seconds(adapter, 32, num_layers=2) == pytest.approx(0.662144e-3)
+    assert choose(cost, adapter, 32, 2, copy_s=1e-3).path == "cpu_assist"
+    assert choose(cost, adapter, 32, 2, copy_s=0.5e-3).path == "async"
+    # A rank-64 adapter costs 8x the MACs: the same copy is no longer worth beating.
+    assert choose(cost, _adapter(64), 32, 2, copy_s=1e-3).path == "async"
+
+
+def test_pool_predicts_copies_from_the_link_and_records_the_real_time(adapter_dirs):
+    with _engine(adapter_dirs, cold_start="async", emulated_link_gbps=0.5,
+                 emulated_link_latency_ms=50) as e:
+        pool = e.pool
+        nbytes = pool.stats()["page_bytes"] * 4  # rank 64 = 4 pages of 16
+        one = 0.05 + nbytes / 0.5e9
+        assert pool.copy_seconds("cold") == pytest.approx(one, rel=1e-3)
+        pool.prefetch("warm")  # on the link first: "cold" now queues behind it
+        warm_s = 0.05 + pool.stats()["page_bytes"] / 0.5e9
+        assert pool.copy_seconds("cold") == pytest.approx(warm_s + one, rel=0.05)
+        pool.load_now("warm")
+        pool.load_now("cold")
+        st = pool.stats()
+    assert st["copies"] == 2
+    assert st["copy_real_ms_median"] >= 0.9 * st["copy_predicted_ms_median"]
+    assert st["copy_real_ms_median"] < 3 * st["copy_predicted_ms_median"]
