@@ -1,4 +1,4 @@
-"""Cold-start benchmark: CPU-assisted prefill vs wait-for-load vs all adapters cached.
+"""Cold-start benchmark: auto, CPU-assisted prefill, async and blocking loads vs all cached.
 
 The paper's synthetic setting (CaraServe section 7.2): Poisson arrivals, every request its own
 adapter (so every request is a cold start unless cached), rank 64 (`--ranks 8 16 32 64` for the
@@ -8,6 +8,7 @@ request stream; each engine compiles all its shape variants first (`Engine.warmu
 compilation is not measured (the table's last column shows none happened during the run).
 
     python scripts/bench_cold_start.py [--model llama-test] [--requests 40] [--rate 4]
+    python scripts/bench_cold_start.py --link-gbps 1 5 25     # one table per link speed
 
 On a machine without an accelerator the host->device link is emulated (`--link-gbps`,
 `--link-latency-ms`): results are labelled "emulated". Prints mean / p50 / p99 of TTFT, time per
@@ -18,6 +19,7 @@ latency CDF when matplotlib is installed).
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -74,7 +76,12 @@ def summarize(outs) -> dict:
             "cold_starts": sum(o.metrics.cold_start for o in outs),
             "cpu_prefill_tokens": sum(o.metrics.cpu_prefill_tokens for o in outs),
             "stalled_s": float(sum(o.metrics.stalled_s for o in outs)),
-            "errors": sum(o.finish_reason == "error" for o in outs)}
+            "errors": sum(o.finish_reason == "error" for o in outs),
+            "cold_paths": dict(collections.Counter(o.metrics.cold_path for o in outs
+                                                   if o.metrics.cold_path)),
+            # auto's predictions, per cold request it chose for (seconds)
+            "predicted_cpu_s": stats([o.metrics.predicted_cpu_s for o in outs]),
+            "predicted_copy_s": stats([o.metrics.predicted_copy_s for o in outs])}
 
 
 def _all_pages_bytes(args, requests) -> int:
@@ -85,7 +92,7 @@ def _all_pages_bytes(args, requests) -> int:
     return pages * page * np.dtype(args.dtype).itemsize
 
 
-def bench_policy(policy, args, stream, warmup, adapter_dir) -> tuple[dict, list]:
+def bench_policy(policy, args, stream, warmup, adapter_dir, gbps: float) -> tuple[dict, list]:
     emulate = jax.default_backend() == "cpu" or args.emulate
     config = carajax.EngineConfig(
         cold_start=policy, max_batch_size=args.batch, prefill_chunk=args.chunk,
@@ -93,7 +100,7 @@ def bench_policy(policy, args, stream, warmup, adapter_dir) -> tuple[dict, list]
         max_lora_rank=max(args.ranks), max_loras=len(stream) + len(warmup),
         # `cached` holds every adapter (the ideal); the others get the default budget.
         device_lora_budget_bytes=_all_pages_bytes(args, [*warmup, *stream]) if policy == "cached" else None,
-        emulated_link_gbps=args.link_gbps if emulate else None,
+        emulated_link_gbps=gbps if emulate else None,
         emulated_link_latency_ms=args.link_latency_ms if emulate else 0.0)
     engine = carajax.Engine.from_pretrained(args.model, dtype=args.dtype, config=config)
     with engine:
@@ -107,44 +114,15 @@ def bench_policy(policy, args, stream, warmup, adapter_dir) -> tuple[dict, list]
         outs = run_stream(engine, stream, np.random.default_rng(2), vocab)
         summary = summarize(outs)
         summary["compiled_during_run"] = sum(engine.compiled_variants().values()) - before
+        pool = engine.pool.stats()
+        summary["copies"] = {k: pool[k] for k in ("copies", "copy_predicted_ms_median",
+                                                   "copy_real_ms_median")}
         return summary, outs
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama-test")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--policies", nargs="+", default=["cached", "wait", "cpu_assist"])
-    p.add_argument("--requests", type=int, default=40)
-    p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
-    p.add_argument("--ranks", type=int, nargs="+", default=[64])
-    p.add_argument("--max-prompt", type=int, default=256)
-    p.add_argument("--max-output", type=int, default=32)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--link-gbps", type=float, default=25.0)
-    p.add_argument("--link-latency-ms", type=float, default=0.0)
-    p.add_argument("--emulate", action="store_true", help="emulate the link even on a GPU")
-    p.add_argument("--trace", default=TRACE)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/bench_cold_start.json")
-    args = p.parse_args()
-
-    rng = np.random.default_rng(args.seed)
-    stream = make_stream(args, rng)
-    warmup = []  # (Engine.warmup compiles every shape variant before the measured stream)
-    model_config = carajax.ModelConfig.from_name(args.model)
-    emulated = jax.default_backend() == "cpu" or args.emulate
-    results = {}
-    with tempfile.TemporaryDirectory() as adapter_dir:
-        for k, r in enumerate([*warmup, *stream]):
-            write_random_adapter(os.path.join(adapter_dir, f"{r['adapter']}-r{r['rank']}"),
-                                 model_config, rank=r["rank"], seed=k, target_modules=ATTENTION_MODULES)
-        for policy in args.policies:
-            print(f"running {policy} ({len(stream)} requests, {args.rate} req/s) ...", flush=True)
-            results[policy], _ = bench_policy(policy, args, stream, warmup, adapter_dir)
-
-    link = (f"emulated link {args.link_gbps} GB/s + {args.link_latency_ms} ms" if emulated
+def print_table(args, stream, emulated: bool, gbps: float, results: dict) -> None:
+    """One link speed's table: every policy against `cached`, and the cold requests' paths."""
+    link = (f"emulated link {gbps} GB/s + {args.link_latency_ms} ms" if emulated
             else "real host->device copies")
     print(f"\n{args.model} {args.dtype} on {jax.devices()[0].platform}; {link}; "
           f"{len(stream)} requests, Poisson {args.rate}/s, ranks {args.ranks}, prompts <= "
@@ -161,11 +139,57 @@ def main() -> None:
         print(f"{policy:<11} {t['mean']*1e3:>8.1f}/{t['p50']*1e3:>7.1f}/{t['p99']*1e3:>8.1f} "
               f"{tpot:>15.2f} {lat['mean']:>10.3f}/{lat['p99']:>9.3f} {over_t:>15} {over_l:>15} "
               f"{r['cpu_prefill_tokens']:>8} {r['stalled_s']:>10.3f} {r['compiled_during_run']:>9}")
+    for policy, r in results.items():
+        if r["cold_paths"]:
+            c = r["copies"]
+            print(f"  {policy}: cold paths {r['cold_paths']}; copies predicted / real median "
+                  f"{c['copy_predicted_ms_median'] or 0:.1f} / {c['copy_real_ms_median'] or 0:.1f} ms")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama-test")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--policies", nargs="+", default=["cached", "wait", "async", "cpu_assist", "auto"])
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
+    p.add_argument("--ranks", type=int, nargs="+", default=[64])
+    p.add_argument("--max-prompt", type=int, default=256)
+    p.add_argument("--max-output", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--link-gbps", type=float, nargs="+", default=[25.0],
+                   help="one run of every policy per link speed")
+    p.add_argument("--link-latency-ms", type=float, default=0.0)
+    p.add_argument("--emulate", action="store_true", help="emulate the link even on a GPU")
+    p.add_argument("--trace", default=TRACE)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/bench_cold_start.json")
+    args = p.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    stream = make_stream(args, rng)
+    warmup = []  # (Engine.warmup compiles every shape variant before the measured stream)
+    model_config = carajax.ModelConfig.from_name(args.model)
+    emulated = jax.default_backend() == "cpu" or args.emulate
+    runs = {}
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        for k, r in enumerate([*warmup, *stream]):
+            write_random_adapter(os.path.join(adapter_dir, f"{r['adapter']}-r{r['rank']}"),
+                                 model_config, rank=r["rank"], seed=k, target_modules=ATTENTION_MODULES)
+        for gbps in args.link_gbps:
+            results = runs[str(gbps)] = {}
+            for policy in args.policies:
+                print(f"running {policy} at {gbps} GB/s ({len(stream)} requests, {args.rate} req/s)"
+                      " ...", flush=True)
+                results[policy], _ = bench_policy(policy, args, stream, warmup, adapter_dir, gbps)
+    for gbps, results in runs.items():
+        print_table(args, stream, emulated, float(gbps), results)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0]),
                    "cpu_count": os.cpu_count(), "jax": jax.__version__, "emulated": emulated,
-                   "args": vars(args), "results": results}, f, indent=2)
+                   "args": vars(args), "runs_by_link_gbps": runs}, f, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -116,6 +116,8 @@ class Engine:
         self.steps = 0
         if config.cold_start in ("cpu_assist", "auto"):
             self._profile_cpu_assist()
+        if config.cold_start == "auto":
+            self._host_lora()  # measured now, not in the step of the first cold request
 
     def _profile_cpu_assist(self) -> None:
         """CaraServe's profiling-guided CPU parallelism: c = tokens one core handles within the
@@ -138,7 +140,7 @@ class Engine:
 
     def _host_lora(self) -> HostLoraCost:
         """`auto`'s measured host LoRA costs, once per model shape, dtype and chunk in a process
-        (measured on the first cold request, so engines that never see one pay nothing)."""
+        (at construction: a measurement inside the first cold request's step would stall it)."""
         c = self.model_config
         key = ("host_lora", c, self.config.prefill_chunk, self.config.max_lora_rank)
         if key not in _CPU_PROFILES:
