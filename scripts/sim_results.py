@@ -4,11 +4,20 @@
     python scripts/sim_results.py --requests 3000 --workers 16 --adapters 2000 --scales 2 4 8   # quick
     python scripts/sim_results.py --prefill-chunk 0 ...            # whole-prompt prefill (the old simulator)
     python scripts/sim_results.py --steps fused two ...            # fused steps and the old two forwards
+    python scripts/sim_results.py --step-noise data/profiles/cpu_llama-test.json ...  # oracle + measured
 
 `--steps`: how a step is priced. "fused" (default): one forward over the step's decodes and prefill
 chunks, `cost.step_time` of the merged batch (the engine since issue 15); "two": Pre(chunks) +
 Dec(decoders), two forwards (the engine before; the older tables were priced so). With both, every
 run is made under each on the same workloads; runs are keyed "trace" (one mode) or "trace/mode".
+
+`--step-noise PROFILE`: each point is also run in the simulator's measured mode (`SimConfig.step_noise`,
+`carajax/sched/step_noise.py`): the router still prices with the cost model, but every step takes its
+price x a relative residual (measured / predicted of the step model fitted to PROFILE, on PROFILE's own
+rows, every repeat, per step kind), so the router can be wrong. `--noise-variants raw centered`: the
+residuals as measured, and/or divided by their mean per kind (the model's spread without its average
+bias); `--noise-seeds`: one run per seed. Modes are keyed "oracle", "measured", "measured-centered"
+(+ "@seed" with several seeds).
 
 Prints Markdown tables of SLO attainment (the simulator's TPOT-SLO metric) per policy and load scale,
 with, per policy, the highest load at which attainment >= the target (default 99%) and the ratio
@@ -29,6 +38,7 @@ from pathlib import Path
 
 from carajax.sched import cost_model as cm
 from carajax.sched.simulator import SimConfig, load_trace, simulate
+from carajax.sched.step_noise import StepNoise
 
 REPO = Path(__file__).resolve().parents[1]
 TRACES = {
@@ -44,6 +54,17 @@ def max_sustained(table: dict[float, float], target: float) -> float | None:
     """The highest load scale whose attainment >= target (None if none)."""
     ok = [s for s, a in table.items() if a >= target]
     return max(ok) if ok else None
+
+
+def crossing(table: dict[float, float], target: float) -> float | None:
+    """The load where attainment first falls below target, linearly interpolated between the two
+    scales around it: less coarse than `max_sustained`, whose answer moves a whole grid step when
+    one point sits on the line (None if it never falls below, or starts below)."""
+    pts = sorted(table.items())
+    for (s0, a0), (s1, a1) in zip(pts, pts[1:]):
+        if a0 >= target > a1:
+            return s0 + (a0 - target) / (a0 - a1) * (s1 - s0)
+    return None
 
 
 def markdown(trace: str, att: dict[str, dict[float, float]], scales: list[float], target: float,
@@ -85,6 +106,32 @@ def render(doc: dict) -> None:
         print(markdown(trace, table(lambda r: r["ttft"]["p99"]), scales, target, what="TTFT p99 (s)",
                        fmt="{:.2f}", sustained=False))
         print()
+    if len(doc["runs"]) > 1:
+        print(sustained_table(doc))
+        print()
+
+
+def sustained_table(doc: dict) -> str:
+    """One line per run key: each policy's max sustained load and carajax / caraserve."""
+    target, runs = doc["target"], doc["runs"]
+    policies = list(next(iter(next(iter(runs.values())).values())))
+    lines = [f"max load sustained at >= {target:.0%} TPOT-SLO attainment (in brackets: where attainment "
+             "crosses the target, interpolated between scales)", "",
+             "| run | " + " | ".join(policies) + " | carajax / caraserve |",
+             "|---|" + "---:|" * (len(policies) + 1)]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a is not None and b else "n/a"
+
+    for key, by_scale in runs.items():
+        att = {p: {float(s): r[p]["slo_attainment"] for s, r in by_scale.items()} for p in policies}
+        best = {p: max_sustained(att[p], target) for p in policies}
+        cross = {p: crossing(att[p], target) for p in policies}
+        cells = " | ".join(("-" if best[p] is None else f"x{best[p]:g}")
+                           + ("" if cross[p] is None else f" ({cross[p]:.2f})") for p in policies)
+        lines.append(f"| {key} | {cells} | {ratio(best.get('carajax'), best.get('caraserve'))} "
+                     f"({ratio(cross.get('carajax'), cross.get('caraserve'))}) |")
+    return "\n".join(lines)
 
 
 def plot(docs: list[dict], path: str) -> None:
@@ -95,8 +142,12 @@ def plot(docs: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     runs = {t: (by, d["target"]) for d in docs for t, by in d["runs"].items()}
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
-    for ax, (trace, (by_scale, target)) in zip(axes[0], runs.items(), strict=True):
+    cols = min(3, len(runs))
+    rows = -(-len(runs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    for ax, (trace, (by_scale, target)) in zip(axes.flat, runs.items()):
         scales = sorted(float(s) for s in by_scale)
         for p in by_scale[f"{scales[0]:g}"]:
             ax.plot(scales, [by_scale[f"{s:g}"][p]["slo_attainment"] for s in scales], marker="o",
@@ -105,7 +156,7 @@ def plot(docs: list[dict], path: str) -> None:
         ax.set_ylim(0.5, 1.005)
         ax.set_xlabel("load (x the trace's arrival rate)")
         ax.set_ylabel("TPOT-SLO attainment")
-        ax.set_title(f"Azure {trace} trace")
+        ax.set_title(f"Azure {trace}" if "/" in trace else f"Azure {trace} trace")
         ax.legend(loc="lower left")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="step pricing: fused (the engine now) and/or two (two forwards, the engine "
                          "before issue 15); several: each on the same workloads, side by side")
     ap.add_argument("--cost-model", default=str(REPO / "data" / "cost_models" / "a10_paper.json"))
+    ap.add_argument("--step-noise", metavar="PROFILE", default=None,
+                    help="also run every point in measured mode: step time = price x a residual of the "
+                         "step model fitted to this profile (carajax profile JSON), beside the oracle")
+    ap.add_argument("--noise-form", default="rich", choices=sorted(cm.FORMS),
+                    help="the form of the step model whose residuals are drawn")
+    ap.add_argument("--noise-variants", nargs="+", default=["raw"], choices=["raw", "centered"],
+                    help="raw: residuals as measured; centered: divided by their mean per step kind")
+    ap.add_argument("--noise-seeds", nargs="+", type=int, default=[0], help="measured mode: one run per seed")
     ap.add_argument("--out", default=str(REPO / "results" / "sim_results.json"))
     ap.add_argument("--render", nargs="+", metavar="JSON", help="print the tables of saved runs and exit")
     ap.add_argument("--plot", metavar="PNG", help="also plot attainment vs load (needs matplotlib)")
@@ -166,8 +225,25 @@ def main(argv: list[str] | None = None) -> dict:
                     slo_ttft=args.slo_ttft_s, slo_metric=args.slo_metric, cold_start=args.cold_start,
                     cpu_slowdown=args.cpu_slowdown, prefill_chunk=args.prefill_chunk,
                     max_prefill_tokens=args.max_prefill_tokens)
-    cfgs = {m: dataclasses.replace(base, fused_step=m == "fused") for m in args.steps}
-    keys = {(t, m): t if len(cfgs) == 1 else f"{t}/{m}" for t in args.traces for m in cfgs}
+    # Step timing: the oracle (time = price), and with --step-noise each measured variant and seed.
+    timings: dict[str, tuple[StepNoise, int] | None] = {"oracle": None}
+    noises = {}
+    if args.step_noise:
+        for variant in args.noise_variants:
+            noise = StepNoise.from_profile(args.step_noise, form=args.noise_form,
+                                           center=variant == "centered")
+            noises[variant] = noise
+            for seed in args.noise_seeds:
+                label = "measured" + ("-centered" if variant == "centered" else "")
+                timings[label + (f"@{seed}" if len(args.noise_seeds) > 1 else "")] = (noise, seed)
+    cfgs = {}
+    for m in args.steps:
+        for label, timing in timings.items():
+            key = "/".join(([m] if len(args.steps) > 1 else []) + ([label] if len(timings) > 1 else []))
+            cfg = dataclasses.replace(base, fused_step=m == "fused")
+            cfgs[key] = cfg if timing is None else dataclasses.replace(
+                cfg, step_noise=timing[0], noise_seed=timing[1])
+    keys = {(t, m): f"{t}/{m}" if m else t for t in args.traces for m in cfgs}
     jobs = [(t, s, p, m) for t in args.traces for s in args.scales for p in args.policies for m in cfgs]
     try:
         from tqdm import tqdm
@@ -201,7 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
              else "whole-prompt prefill; ")
           + f"cold start {args.cold_start}; steps priced {' and '.join(args.steps)}; "
           f"cost model {Path(args.cost_model).name} (derived from published numbers, NOT measured); "
-          f"{wall:.0f} s\n")
+          + (f"step times: oracle and measured (residuals of {args.step_noise}, "
+             f"{' and '.join(args.noise_variants)}, seeds {args.noise_seeds}); " if noises else "")
+          + f"{wall:.0f} s\n")
     summary: dict[str, dict] = {}
     for key in runs:
         att = {p: {s: runs[key][f"{s:g}"][p]["slo_attainment"] for s in args.scales} for p in args.policies}
@@ -212,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "max_sustained_scale": best, "carajax_over_caraserve": ratio}
     doc = {"args": vars(args), "wall_s": wall, "target": args.target,
            "steps": {m: STEPS[m] for m in args.steps},
+           "step_noise": {v: n.summary() for v, n in noises.items()} or None,
            "cost_model_note": "derived from published numbers (datasheet roofline + paper load times), "
                               "not measured",
            "summary": summary, "runs": runs}

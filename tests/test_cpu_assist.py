@@ -1,9 +1,13 @@
-"""CPU-assisted LoRA: the worker against float64 numpy, its thread policy by hand, and the host
-callback bridge inside `jax.jit` / `lax.scan` / `vmap` against `bgmv_reference`."""
+"""CPU-assisted LoRA: the worker against float64 numpy, its thread policy, lanes and buckets by
+hand, both of its paths (numpy under SMALL_JOB_FLOPS, the JAX CPU backend over several threads
+above it), the host callback bridge inside `jax.jit` / `lax.scan` / `vmap` against
+`bgmv_reference`, and cold rows through the model against the device path's logits."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 
 from carajax.config import TARGET_MODULES
+from carajax.lora import cpu_assist
 from carajax.lora.adapter import LoraAdapter, LoraModule
 from carajax.lora.cpu_assist import CpuAssistBridge, CpuLoraWorker, bucket
 from carajax.lora.kernels import bgmv_reference
@@ -103,6 +108,93 @@ def test_worker_delta_many_isolates_failures():
         y1, err = w.delta_many([(x1, good), (x1, cursed)])
         assert_close(y1, _numpy_delta(x1, good))
         assert isinstance(err, RuntimeError)
+
+
+def test_lanes_by_hand():
+    # Jobs of 5000 and 300 tokens (5300 in all). Two threads: lanes of ceil(5300 / 2) = 2650
+    # tokens, the first job cut at 2650. One thread: a single lane, cut into pieces of at most
+    # MAX_BUCKET = 4096 tokens so no slice compiles a bucket past it.
+    work = [(0, np.zeros((5000, 4)), "w0"), (1, np.zeros((300, 4)), "w1")]
+
+    def spans(threads):
+        return [[(j, start, start + len(x), w) for j, start, x, w in lane]
+                for lane in CpuLoraWorker._lanes(work, threads)]
+
+    assert spans(2) == [[(0, 0, 2650, "w0")], [(0, 2650, 5000, "w0"), (1, 0, 300, "w1")]]
+    assert spans(1) == [[(0, 0, 4096, "w0"), (0, 4096, 5000, "w0"), (1, 0, 300, "w1")]]
+    # Three threads: ceil(5300 / 3) = 1767 per lane, the last lane takes what is left (1766).
+    assert [sum(e - s for _, s, e, _ in lane) for lane in spans(3)] == [1767, 1767, 1766]
+    assert CpuLoraWorker._lanes([], 4) == []
+
+
+@pytest.fixture
+def jax_calls(monkeypatch):
+    """Every call of the JAX CPU-backend function: (thread name, padded x shape)."""
+    calls = []
+    real = cpu_assist._lora_cpu
+
+    def spy(x, a, b, scale):
+        calls.append((threading.current_thread().name, x.shape))
+        return real(x, a, b, scale)
+
+    monkeypatch.setattr(cpu_assist, "_lora_cpu", spy)
+    return calls
+
+
+@pytest.mark.parametrize("threads, n, lanes", [
+    # tokens_per_core 16 asks for ceil(n / 16) threads, more than there are: all of them.
+    # n = 301 on 1 thread: one slice, padded to bucket(301) = 384.
+    (1, 301, [384]),
+    # n = 301 on 2 threads: slices of 151 and 150 tokens, both padded to 192.
+    (2, 301, [192, 192]),
+    # n = 997 on 3 threads: 333, 333, 331 tokens, each padded to 384.
+    (3, 997, [384, 384, 384]),
+])
+def test_jax_path_over_threads_matches_float64(jax_calls, threads, n, lanes):
+    """Above SMALL_JOB_FLOPS (a [n, 256] x rank 16 -> 192 job is n * 16 * 448 >= 2.1M multiply-adds)
+    the delta runs on the JAX CPU backend, its tokens cut into one slice per thread, each padded
+    to its bucket; the padding rows are dropped and the result is the float64 product."""
+    rng = np.random.default_rng(n + threads)
+    m = _module(rng, 256, 192, 16, scale=0.25)
+    x = rng.standard_normal((n, 256)).astype(np.float32)
+    assert n * m.rank * (256 + 192) >= cpu_assist.SMALL_JOB_FLOPS
+    with CpuLoraWorker(max_threads=threads, tokens_per_core=16.0) as w:
+        y = w.delta(x, m)
+    assert y.shape == (n, 192) and y.dtype == np.float32
+    assert_close(y, _numpy_delta(x, m))
+    assert sorted(shape[0] for _, shape in jax_calls) == lanes
+    assert all(shape[1] == 256 for _, shape in jax_calls)
+    # The caller computes one slice itself; the others run on the pool's threads.
+    names = [name for name, _ in jax_calls]
+    assert names.count(threading.current_thread().name) == 1
+    assert sum(name.startswith("cpu-lora") for name in names) == threads - 1
+
+
+def test_small_job_threshold_counts_both_products(jax_calls):
+    """n * r * (d_in + d_out) multiply-adds decide the path: a [n, 1024] x rank 8 -> 16 job costs
+    n * 8 * 1040 = 8320 n, so 126 tokens (1,048,320 < 2^20) run in numpy, 127 (1,056,640) on JAX."""
+    rng = np.random.default_rng(3)
+    m = _module(rng, 1024, 16, 8, scale=1.0)
+    with CpuLoraWorker(max_threads=1) as w:
+        for n, on_jax in ((126, False), (127, True)):
+            jax_calls.clear()
+            x = rng.standard_normal((n, 1024)).astype(np.float32)
+            assert_close(w.delta(x, m), _numpy_delta(x, m))
+            assert [shape for _, shape in jax_calls] == ([(bucket(n), 1024)] if on_jax else [])
+
+
+def test_numpy_and_jax_paths_agree():
+    """The same slice through both paths, at an odd length (37: the JAX path pads it to 48)."""
+    rng = np.random.default_rng(11)
+    m = _module(rng, 512, 384, 32, scale=0.5)
+    x = rng.standard_normal((37, 512)).astype(np.float32)
+    with CpuLoraWorker(max_threads=1) as w:
+        small = w._compute(x, m)  # what a job under SMALL_JOB_FLOPS gets
+        big = w._compute(x, w._weights(m))  # the JAX CPU backend
+    assert small.shape == big.shape == (37, 384)
+    assert_close(big, _numpy_delta(x, m))
+    # Float32 products of length 512 then 32, summed in different orders: rounding only.
+    np.testing.assert_allclose(big, small, rtol=1e-4, atol=1e-4 * np.abs(small).max())
 
 
 def test_profile_positive_and_grows_with_budget():
@@ -308,3 +400,71 @@ def test_bridge_without_cold_rows_computes_nothing(setup):
     assert (after.calls, after.cold_calls, after.tokens) == (
         before.calls + 1, before.cold_calls, before.tokens)
     assert len(after.recent_call_s) == min(1024, after.calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the model: a cold row's CPU LoRA gives the device path's logits
+# ---------------------------------------------------------------------------------------------
+def test_cold_rows_through_the_model_give_the_device_path_logits(tiny_config, jax_calls):
+    """One forward of two 160-token sequences of the same rank-64 adapter, as an engine step
+    runs them: both on the device (the pool's pages), or the first one cold (its rows gathered
+    for the bridge, `BatchLora`'s CPU part) beside the second one warm. Per layer, 160 cold
+    tokens x rank 64 x (d_in + d_out) multiply-adds: q, o 1.3M, gate, up 2.0M, down 2.0M, over
+    SMALL_JOB_FLOPS (the JAX CPU path), but k, v (d_out 32) 0.98M, under it (numpy): one
+    callback mixes both paths. 2 threads (tokens_per_core 32) split each callback's tokens."""
+    from flax import nnx
+
+    from carajax.lora.hook import BatchLora
+    from carajax.lora.pool import AdapterPool
+    from carajax.models import weights
+    from carajax.models.llama import PagedKVCache, dense_batch
+
+    n, page_size = 160, 16
+    adapter = _adapter(tiny_config, "cold", 64, TARGET_MODULES, seed=7)  # scale 2 / 64
+    model = weights.random_model(tiny_config, seed=0, init_std=0.1)
+    graphdef, state = nnx.split(model)
+    pool = AdapterPool(tiny_config, dtype=jnp.float32, max_lora_rank=64, device_budget_bytes=1 << 22)
+    worker = CpuLoraWorker(max_threads=2, tokens_per_core=32.0)
+    bridge = CpuAssistBridge(worker, tiny_config)
+    try:
+        pool.register(adapter)
+        pool.load_now("cold")
+        slot, cid = pool.slot("cold"), bridge.register(adapter)
+        batch, pages = dense_batch(2, n, page_size)
+        tokens = np.random.default_rng(0).integers(4, tiny_config.vocab_size, 2 * n)
+        batch = dataclasses.replace(batch, tokens=jnp.asarray(tokens, jnp.int32))
+        starts, lens = jnp.array([0, n], jnp.int32), jnp.array([n, n], jnp.int32)
+        # The gathered rows: the cold sequence's tokens, then 8 padding rows (>= T, dropped).
+        rows = jnp.concatenate([jnp.arange(n), jnp.full(8, 2 * n)]).astype(jnp.int32)
+        owners = jnp.where(rows < 2 * n, cid, -1).astype(jnp.int32)
+
+        @functools.partial(jax.jit, static_argnames="cold")
+        def forward(state, lora, slots, *, cold):
+            hook = BatchLora(lora, starts, lens, slots, "reference",
+                             cpu=(bridge, rows, owners) if cold else None)
+            cache = PagedKVCache.zeros(tiny_config, pages, page_size, jnp.float32)
+            return nnx.merge(graphdef, state)(batch, cache, hook, query_block=16)[0]
+
+        warm = np.asarray(forward(state, pool.weights, jnp.array([slot, slot], jnp.int32), cold=False))
+        assert jax_calls == []  # no callback without cold rows
+        before = bridge.stats()
+        cold = np.asarray(forward(state, pool.weights, jnp.array([-1, slot], jnp.int32), cold=True))
+        after = bridge.stats()
+        base = np.asarray(forward(state, pool.weights, jnp.array([-1, -1], jnp.int32), cold=False))
+    finally:
+        worker.close()
+        pool.close()
+    assert bridge.take_errors() == {}
+    assert cold.shape == warm.shape == (2 * n, tiny_config.vocab_size)
+    assert_close(cold, warm)
+    # The cold sequence's LoRA matters (it is not a match of two base forwards) ...
+    assert np.abs(warm[:n] - base[:n]).max() > 100 * np.abs(cold[:n] - warm[:n]).max()
+    # ... and the warm one beside it got its device LoRA.
+    assert_close(cold[n:], warm[n:])
+    # 4 callbacks per layer (q/k/v, o, gate/up, down): 7 projections x 160 tokens x 2 layers.
+    assert (after.cold_calls - before.cold_calls, after.tokens - before.tokens) == (8, 7 * n * 2)
+    # The JAX slices of one layer, padded: q/k/v's 480 tokens in lanes of 240, q whole in the
+    # first (160 -> 192; k, v in numpy); o in two lanes of 80 (-> 96); gate and up one lane
+    # each (160 -> 192); down (d_in 128) in two lanes of 80 (-> 96).
+    per_layer = [(96, 64)] * 2 + [(96, 128)] * 2 + [(192, 64)] * 3
+    assert sorted(shape for _, shape in jax_calls) == sorted(per_layer * 2)

@@ -192,7 +192,9 @@ class CpuLoraWorker:
                 _check_job(x, module)
                 results[j] = np.zeros((x.shape[0], np.shape(module.b)[0]), np.float32)
                 if x.shape[0]:
-                    small = x.shape[0] * module.rank * sum(np.shape(module.b)) < SMALL_JOB_FLOPS
+                    # Multiply-adds of both products: n * r * d_in (x A^T) + n * r * d_out (.. B^T).
+                    flops = x.shape[0] * module.rank * (x.shape[1] + np.shape(module.b)[0])
+                    small = flops < SMALL_JOB_FLOPS
                     work.append((j, x, module if small else self._weights(module)))
             except Exception as e:  # reported per job
                 results[j] = e
@@ -248,12 +250,14 @@ class CpuLoraWorker:
 
     def _run_lane(self, lane, results) -> None:
         for j, start, x, w in lane:
-            if isinstance(results[j], BaseException):
+            out = results[j]  # held here: another lane may swap the job's entry for its error
+            if isinstance(out, BaseException):
                 continue  # an earlier piece of this job failed
             try:
-                results[j][start:start + x.shape[0]] = self._compute(x, w)
-            except Exception as e:  # reported per job
-                results[j] = e
+                out[start:start + x.shape[0]] = self._compute(x, w)
+            except Exception as e:  # reported per job; the first failure is the one kept
+                if not isinstance(results[j], BaseException):
+                    results[j] = e
 
     def _compute(self, x: np.ndarray, weights) -> np.ndarray:
         """One slice on the calling thread: x [n, d_in] -> float32 [n, d_out] (padded to a bucket)."""

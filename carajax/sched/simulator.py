@@ -30,6 +30,13 @@ It answers "what at 60 workers and 40k adapters" with the same routing code the 
   would decode on the CPU path too while a copy is in flight; not modelled: a copy of 5-50 ms
   almost always lands during the prefill); `"cached"` makes every load free.
 
+* the step's duration: in the oracle mode (default) the price above, exactly what the router's
+  cost model predicts, so the router never mispredicts; in the measured mode (`step_noise`, see
+  `carajax.sched.step_noise`) that price times a relative residual drawn from a profile (measured /
+  predicted of the fitted step model on its own rows, per step kind: prefill-only, decode-only,
+  mixed), so steps run longer or shorter than the router expects. A synchronous adapter load is a
+  copy, not a forward, and is not scaled.
+
 A request's first token comes at the end of the step with its last prefill chunk; each later decode
 step yields one more. TTFT = first token − arrival; TPOT = (finish − first token) /
 (output_tokens − 1) (0 for a one-token output); latency = finish − arrival.
@@ -62,6 +69,7 @@ from carajax.sched.router import (
     make_policy,
 )
 from carajax.sched.sim_worker import SimCluster, SimWorker, _batch, _Running
+from carajax.sched.step_noise import StepNoise
 from carajax.trace import (  # workloads live in carajax.trace; re-exported here
     TraceRequest,
     assign_adapters,
@@ -117,6 +125,11 @@ class SimConfig:
     # (the engine since issue 15; needs a cost model with a step model). False: Pre(chunks) +
     # Dec(decoders), two forwards (the engine before; the older results reproduce with it).
     fused_step: bool = True
+    # Measured mode: each step's time is its price x a residual drawn from these samples (worker w's
+    # k-th step of a kind takes the k-th draw of its own stream seeded by (noise_seed, w)). None: the
+    # oracle mode, every step exactly its price. `StepNoise.ones()` reproduces the oracle exactly.
+    step_noise: StepNoise | None = None
+    noise_seed: int = 0
 
     def __post_init__(self):
         if self.slo_metric not in ("latency_per_token", "tpot"):
@@ -129,6 +142,8 @@ class SimConfig:
             raise ValueError("prefill_chunk must be >= 0 (0 = whole prompts) and max_prefill_tokens >= 1")
         if self.n_workers < 1 or self.max_batch < 1:
             raise ValueError("need at least one worker and a batch of at least one")
+        if self.step_noise is not None and not isinstance(self.step_noise, StepNoise):
+            raise ValueError(f"step_noise must be a StepNoise or None, got {type(self.step_noise).__name__}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +201,9 @@ class AnalyticCost:
 class _Run:
     """A worker's decode-only run in flight: its first step started at `next_end` − `d0`, step j + 1
     takes d0 + j·slope, and it has `k` steps (ending at `end`) of which `j` are done; the worker
-    had `base_steps` decode steps and `base_ctx` context rows when it began."""
+    had `base_steps` decode steps and `base_ctx` context rows when it began. Measured mode: step
+    j + 1 takes (d0 + j·slope)·es[j], `es` the worker's next `k` decode residuals (consumed when
+    the run ends, as many as it ran)."""
 
     next_end: float
     d0: float
@@ -197,6 +214,7 @@ class _Run:
     end: float
     j: int = 0
     seq: int = 0
+    es: list[float] | None = None
 
 
 @dataclasses.dataclass
@@ -262,7 +280,8 @@ def simulate(
     `cost` is one cost model for every worker or one per worker (heterogeneous clusters);
     None uses `AnalyticCost()`. A policy given by name is built with `make_policy(policy,
     slo_tpot=cfg.slo_tpot, avg_output_len=<mean output of the workload>, **policy_kw)`.
-    Deterministic: the only randomness is the policy's own seed.
+    `cfg.step_noise` switches on the measured mode (see the module docstring).
+    Deterministic: the only randomness is the policy's own seed and `cfg.noise_seed`.
     """
     t0 = time.perf_counter()
     n = len(requests)
@@ -288,6 +307,9 @@ def simulate(
                     "before the engine fused its steps. Refit it from a new profile (`carajax profile "
                     "--fit`), or pass fused_step=False for the old two-forward pricing (Pre + Dec).")
     workers = SimCluster([SimWorker(i, c, cfg) for i, c in enumerate(costs)], cfg)
+    # Measured mode: each worker's residuals, one seeded stream per worker (None: the oracle mode).
+    noise = (None if cfg.step_noise is None else
+             [cfg.step_noise.stream(cfg.noise_seed, i) for i in range(cfg.n_workers)])
     for r in requests:  # a request that can never fit would stall its worker forever
         if r.prompt_tokens + r.output_tokens > cfg.kv_rows or (
             r.rank > 0 and -(-r.rank // cfg.page_rank) > cfg.adapter_pages
@@ -364,17 +386,21 @@ def simulate(
                 cpu_ranks.append(r.rank)
                 cpu_toks += c
                 cpu_ctx += r.done + c
+        # Measured mode: the forward's residual (a step with chunks; a decode-only step's is drawn
+        # below, once it is known whether it starts a decode run). Each term is scaled on its own, so
+        # that e = 1 adds the very floats the oracle adds.
+        e = noise[wi].take("mixed" if w.n_run else "prefill") if noise is not None and chunked else 1.0
         dur = load_s
         if chunked and fused:  # one forward: the decodes (first, as the planner orders them), the chunks
             merged = _batch(w._run_ranks() + tuple(ranks), w.n_run + toks, w.ctx_sum + ctx)
-            dur += w.cost.step_time(merged)
+            dur += w.cost.step_time(merged) * e
         elif chunked:
-            dur += w.cost.prefill_time(_batch(tuple(ranks), toks, ctx))
+            dur += w.cost.prefill_time(_batch(tuple(ranks), toks, ctx)) * e
         if cpu_ranks:
-            dur += slowdown * w.cost.prefill_time(_batch(tuple(cpu_ranks), cpu_toks, cpu_ctx))
+            dur += slowdown * w.cost.prefill_time(_batch(tuple(cpu_ranks), cpu_toks, cpu_ctx)) * e
             cpu_tokens += cpu_toks
         if w.n_run and not (chunked and fused):
-            dur += w.step_decode_seconds()
+            dur += w.step_decode_seconds() * e
         w.set_in_flight()
         if not chunked and not w.n_run:
             w.busy = False  # nothing runnable: wait for an arrival (or a release, which cannot be pending)
@@ -386,6 +412,8 @@ def simulate(
             run.seq = seq
             heapq.heappush(events, (run.end, seq, wi, chunked, run.k, True))
             return
+        if not chunked and noise is not None:
+            dur *= noise[wi].take("decode")  # a decode-only step: dur is its price alone
         heapq.heappush(events, (now + dur, seq, wi, chunked, 1, False))
 
     def decode_run(w: SimWorker, now: float, dur: float) -> _Run | None:
@@ -402,18 +430,30 @@ def simulate(
         slope = d1 - dur
         if abs(d2 - d1 - slope) > 1e-9 * max(d2, 1e-9):
             return None  # not affine in context: step by step
-        t = now + dur
-        for j in range(1, k_max):  # step j + 1 ends at t_j + dur + j·slope, as stepping adds them
-            t = t + dur + j * slope
-        return _Run(now + dur, dur, slope, k_max, w.decode_steps, w.ctx_sum, t)
+        if noise is None:
+            t = now + dur
+            for j in range(1, k_max):  # step j + 1 ends at t_j + dur + j·slope, as stepping adds them
+                t = t + dur + j * slope
+            return _Run(now + dur, dur, slope, k_max, w.decode_steps, w.ctx_sum, t)
+        es = noise[w.index].peek("decode", k_max)  # step j + 1 takes (dur + j·slope)·es[j]
+        t = first = now + dur * es[0]
+        for j in range(1, k_max):  # e = 1 adds the oracle's floats: x·1.0 is x
+            e = es[j]
+            t = t + dur * e + j * slope * e
+        return _Run(first, dur, slope, k_max, w.decode_steps, w.ctx_sum, t, es=es)
 
     def sync_runs(now: float) -> None:
         """Brings every worker in a decode run to the steps it has finished by `now` (what the
         router would see had each step been an event)."""
         for wi, run in runs.items():
             j, k = run.j, run.k
+            es = run.es
             while j + 1 < k and run.next_end <= now:
-                run.next_end = run.next_end + run.d0 + (j + 1) * run.slope
+                if es is None:
+                    run.next_end = run.next_end + run.d0 + (j + 1) * run.slope
+                else:  # as `decode_run` adds them
+                    e = es[j + 1]
+                    run.next_end = run.next_end + run.d0 * e + (j + 1) * run.slope * e
                 j += 1
             if j != run.j:
                 run.j = j
@@ -438,6 +478,8 @@ def simulate(
             if run is None or run.seq != sq:
                 return  # a run cut short: its replacement event ends it
             del runs[wi]
+            if noise is not None:
+                noise[wi].skip("decode", run.k)  # the residuals of the steps it ran
             w = workers[wi]
             w.decode_steps, w.ctx_sum = run.base_steps, run.base_ctx  # end_step adds all k steps
         end_step(end, wi, adm, steps)
@@ -540,6 +582,7 @@ __all__ = [
     "SimRequest",
     "SimResult",
     "SimWorker",
+    "StepNoise",
     "assign_adapters",
     "compare",
     "load_trace",
