@@ -10,6 +10,7 @@ data_offsets}}, then the raw bytes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -24,11 +25,36 @@ _DTYPES = {
 
 
 class SafetensorsError(ValueError):
-    """The file is missing, truncated or not a safetensors file."""
+    """The file is missing, truncated, too large or not a safetensors file."""
+
+
+# The format's own readers refuse headers over 100 MB (safetensors' MAX_HEADER_SIZE): a header is
+# JSON read whole into memory, so its size is checked before a byte of it is read.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _tensor_nbytes(path: str, name, info) -> tuple[int, int]:
+    """(begin, end) of one header entry, after checking its types, dtype and size agree."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise SafetensorsError(f"{path}: header entry {name!r} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    ints = lambda xs: isinstance(xs, list) and all(  # noqa: E731
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+    if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise SafetensorsError(f"{path}: tensor {name!r} has a malformed shape or data_offsets")
+    if offsets[1] - offsets[0] != math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize:
+        raise SafetensorsError(f"{path}: tensor {name!r}: its data_offsets do not match its shape")
+    return offsets[0], offsets[1]
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """The tensor table of a safetensors file and the byte offset where its data starts."""
+    """The tensor table of a safetensors file and the byte offset where its data starts.
+
+    Reads only the 8-byte size and the JSON header: the header's size is checked (at most
+    `MAX_HEADER_BYTES`, within the file) before it is read, and every tensor's declared bytes
+    against the file before any is."""
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
@@ -37,28 +63,39 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
             if len(raw) < 8:
                 raise SafetensorsError(f"{path}: too short to be a safetensors file")
             (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES:
+                raise SafetensorsError(f"{path}: header too large ({n} bytes declared; at most "
+                                       f"{MAX_HEADER_BYTES}): not a safetensors file")
             if n > size - 8:
-                raise SafetensorsError(f"{path}: header size {n} exceeds the file ({size} bytes)")
+                raise SafetensorsError(f"{path}: header size {n} exceeds the file ({size} bytes): "
+                                       "truncated")
             header = json.loads(f.read(n))
     except FileNotFoundError as e:
         raise SafetensorsError(f"{path}: no such file") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     data_start = 8 + n
     for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _DTYPES:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        expected = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
-        if end - begin != expected or data_start + end > size:
-            raise SafetensorsError(f"{path}: tensor {name!r} is truncated or has a bad offset")
+        _, end = _tensor_nbytes(path, name, info)
+        if data_start + end > size:
+            raise SafetensorsError(f"{path}: tensor {name!r} is truncated (it ends at byte "
+                                   f"{data_start + end}, the file has {size})")
     return header, data_start
 
 
-def load(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file as read-only memory-mapped numpy arrays."""
-    header, data_start = read_header(path)
+def dtype_of(info: dict) -> np.dtype:
+    """The numpy dtype of a header entry (from `read_header`)."""
+    return np.dtype(_DTYPES[info["dtype"]])
+
+
+def load(path: str | os.PathLike, names: list[str] | None = None, *,
+         header: tuple[dict, int] | None = None) -> dict[str, np.ndarray]:
+    """Tensors of a safetensors file as read-only memory-mapped numpy arrays (nothing is read
+    until a tensor is used). `header`: what `read_header` returned for this file."""
+    header, data_start = header or read_header(path)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
     for name in header if names is None else names:

@@ -1,14 +1,15 @@
 """The `carajax` command line.
 
     carajax demo [--words hello,carajax]                  the base and every trained adapter, one batch
-    carajax simulate [--workers 60] [--adapters 40000] [--scale 1.0] [--json OUT]
+    carajax simulate [--workers 60] [--adapters 40000] [--scale 1.0] [--step-noise PROFILE] [--json OUT]
                                                           route a trace through the cluster simulator
     carajax serve [--model carajax-demo] [--adapters DIR] [--port 50051] [--metrics-port 9100]
-                                                          a gRPC worker; prints one line when ready:
+                  [--http-port 8000] [--api-key KEY]      a gRPC worker (+ the OpenAI HTTP API);
+                                                          prints one line when ready:
                                                           "carajax worker NAME ready on HOST:PORT ..."
     carajax profile [--model llama-test] [--grid quick] [--out P.json] [--fit C.json] [--plot F.png]
                                                           time real engine steps, fit cost models
-    carajax route --workers HOST:PORT,HOST:PORT [--policy carajax] [--port 50050]
+    carajax route --workers HOST:PORT,HOST:PORT [--policy carajax] [--port 50050] [--http-port 8000]
                                                           the router in front of workers; prints
                                                           "carajax router ready on HOST:PORT ..."
     carajax replay [--scale 0.5] [--cold-starts cached,wait,cpu_assist] [--mode cluster|engine]
@@ -25,11 +26,61 @@ import tempfile
 import time
 from pathlib import Path
 
+from carajax import data as packaged
 from carajax import demo as builtin
-from carajax.config import ATTENTION_MODULES, DEMO_MODEL, TARGET_MODULES, EngineConfig
+from carajax.config import (
+    ATTENTION_MODULES,
+    COLD_START_POLICIES,
+    DEMO_MODEL,
+    TARGET_MODULES,
+    EngineConfig,
+    ModelConfig,
+)
 from carajax.engine.engine import Engine
 from carajax.engine.sampling import SamplingParams
 from carajax.testing import write_random_adapter
+
+
+class UsageError(SystemExit):
+    """A bad argument found after parsing (a missing file, an unknown model, ...): `main` prints
+    one line, `carajax CMD: error: ...`, and the process exits with status 2, as argparse does
+    for what it finds itself. Raised before anything is built or started."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def existing_file(flag: str, path: str | os.PathLike) -> str:
+    """`path` if it is a file, else `UsageError` naming the flag (one line, the path once)."""
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: not a file")
+    return os.fspath(path)
+
+
+def model_config_arg(model: str, flag: str = "--model") -> ModelConfig:
+    """The ModelConfig of a --model value (an HF checkpoint directory or a preset name), read
+    without building anything; `UsageError` saying what it is not."""
+    if os.path.isdir(model):
+        try:
+            return ModelConfig.from_hf(model)
+        except FileNotFoundError:
+            raise UsageError(f"{flag} {model}: no config.json in this directory") from None
+        except (ValueError, TypeError, KeyError) as e:  # a config.json carajax cannot serve
+            raise UsageError(f"{flag} {model}: {e}") from None
+    try:
+        return ModelConfig.from_name(model)
+    except KeyError:
+        from carajax.config import PRESETS
+
+        what = ("no such directory" if os.sep in model or model.startswith(".") else
+                f"not a checkpoint directory nor a preset ({', '.join(sorted(PRESETS))})")
+        raise UsageError(f"{flag} {model}: {what}") from None
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -41,7 +92,7 @@ def demo(args: argparse.Namespace) -> None:
     import jax
 
     t0 = time.perf_counter()
-    check_tp("demo", args.model, args.tp)
+    check_tp(args.model, args.tp)
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, config=EngineConfig(
         cold_start=args.cold_start, emulated_link_gbps=args.link_gbps,
         emulated_link_latency_ms=args.link_latency_ms, tp=args.tp))
@@ -95,11 +146,10 @@ def demo(args: argparse.Namespace) -> None:
         print("This model has random weights, so its text is noise; each adapter changes it.")
 
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TRACE = REPO / "data" / "traces" / "azure_llm_2023" / "azure2023_conv.jsonl"
+DEFAULT_TRACE = packaged.CONV_TRACE
 # Fitted on a CPU for llama-test by `carajax profile` (what this machine runs); the derived A10 model
 # (data/cost_models/a10_paper.json) is the GPU-like setting scripts/sim_results.py uses.
-DEFAULT_COST_MODEL = REPO / "data" / "cost_models" / "cpu_llama-test.json"
+DEFAULT_COST_MODEL = packaged.COST_MODELS / "cpu_llama-test.json"
 DEFAULT_POLICIES = "caraserve,carajax,most_idle,random,first_fit"
 
 
@@ -126,31 +176,44 @@ def simulate_cmd(args: argparse.Namespace) -> dict:
     """Route a trace through the discrete-event simulator under each policy; print a table, maybe JSON."""
     import json
 
-    from carajax.sched import cost_model as cm
     from carajax.sched.router import POLICIES
     from carajax.sched.simulator import SimConfig, load_trace, simulate
+    from carajax.trace import TraceError
 
-    trace = args.trace or (str(DEFAULT_TRACE) if DEFAULT_TRACE.exists() else None)
-    if trace is None:
-        raise SystemExit(f"carajax simulate: no default trace at {DEFAULT_TRACE}; pass --trace FILE")
-    cost_path = args.cost_model or str(DEFAULT_COST_MODEL)
-    cost = cm.load(cost_path)
+    trace = existing_file("--trace", args.trace or DEFAULT_TRACE)
+    cost_path = os.fspath(args.cost_model or DEFAULT_COST_MODEL)
+    cost = cost_model_arg(cost_path)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise SystemExit(f"carajax simulate: unknown policies {unknown}; choose from {list(POLICIES)}")
-    ranks = tuple(int(r) for r in args.ranks.split(","))
-    reqs = load_trace(trace, n_requests=args.requests, rate_scale=args.scale, n_adapters=args.adapters,
-                      exponent=args.zipf, ranks=ranks, seed=args.seed, max_prompt=args.max_prompt,
-                      max_output=args.max_output)
+    if unknown or not policies:
+        raise UsageError(f"--policies: unknown {unknown or 'none given'}; choose from {list(POLICIES)}")
+    ranks = int_list("--ranks", args.ranks)
+    try:
+        reqs = load_trace(trace, n_requests=args.requests, rate_scale=args.scale,
+                          n_adapters=args.adapters, exponent=args.zipf, ranks=ranks, seed=args.seed,
+                          max_prompt=args.max_prompt, max_output=args.max_output)
+    except TraceError as e:
+        raise UsageError(f"--trace {e}") from None
     cfg = SimConfig(n_workers=args.workers, max_batch=args.max_batch, kv_rows=args.kv_rows,
                     adapter_pages=args.adapter_pages, page_rank=args.page_rank, cold_start=args.cold_start,
                     slo_tpot=args.slo_tpot_ms / 1e3, slo_ttft=args.slo_ttft_s, slo_metric=args.slo_metric,
                     cpu_slowdown=args.cpu_slowdown, prefill_chunk=args.prefill_chunk,
                     max_prefill_tokens=args.max_prefill_tokens, fused_step=args.step == "fused")
     if cfg.fused_step and getattr(cost, "step", None) is None:
-        raise SystemExit(f"carajax simulate: {cost_path} has no step model (fitted before the engine "
+        raise UsageError(f"--cost-model {cost_path} has no step model (fitted before the engine "
                          "fused its steps): refit it (carajax profile --fit) or pass --step two")
+    if args.step_noise:  # measured mode: step time = price x a residual of a profiled step model
+        import dataclasses
+
+        from carajax.sched.step_noise import StepNoise
+
+        profile = existing_file("--step-noise", args.step_noise)
+        try:
+            noise = StepNoise.from_profile(profile)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--step-noise {profile}: not a usable profile "
+                             f"({type(e).__name__}: {e})") from None
+        cfg = dataclasses.replace(cfg, step_noise=noise, noise_seed=args.noise_seed)
     span = (reqs[-1].arrival_s - reqs[0].arrival_s) if len(reqs) > 1 else 0.0
     derived = "not measured" in cost.source.lower()
     print(f"trace {trace}: {len(reqs)} requests over {span:.0f} s (rate x{args.scale:g}, "
@@ -166,6 +229,11 @@ def simulate_cmd(args: argparse.Namespace) -> dict:
     print(f"cost model {cost_path} ({cost.kernel}, {cost.device or 'device unknown'})"
           + ("\n  NOTE: derived from published numbers (datasheet roofline + the paper's load times), "
              "NOT measured" if derived else f"\n  {cost.source}, {cost.date}"))
+    noise = cfg.step_noise
+    print("step times: " + ("the cost model's prices (oracle: the router never mispredicts)" if noise is None
+                            else f"measured: price x a residual of {noise.source}, seed {cfg.noise_seed} "
+                            "(mean " + ", ".join(f"{k} {noise.mean(k):.2f}" for k in ("prefill", "decode",
+                                                                                     "mixed")) + ")"))
     results: dict[str, dict] = {}
     for name in policies:
         results[name] = simulate(reqs, name, cost, cfg, risk_weight=args.risk_weight).summary()
@@ -180,7 +248,8 @@ def simulate_cmd(args: argparse.Namespace) -> dict:
         "zipf": args.zipf,
         "ranks": list(ranks),
         "seed": args.seed,
-        "config": {f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
+        "config": {f: getattr(cfg, f) for f in cfg.__dataclass_fields__ if f != "step_noise"},
+        "step_noise": None if noise is None else noise.summary(),
         "cost_model": {"path": cost_path, "kernel": cost.kernel, "device": cost.device,
                        "source": cost.source, "derived_not_measured": derived},
         "results": results,
@@ -194,9 +263,10 @@ def simulate_cmd(args: argparse.Namespace) -> dict:
 
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", default=None, help=f"JSONL trace (default {DEFAULT_TRACE.relative_to(REPO)})")
+    p.add_argument("--trace", default=None, help=f"JSONL trace (default: the Azure LLM 2023 "
+                   f"conversation trace shipped with carajax, {DEFAULT_TRACE.name})")
     p.add_argument("--cost-model", default=None, help=f"cost model JSON (default "
-                   f"{DEFAULT_COST_MODEL.relative_to(REPO)}: fitted on a CPU for llama-test; "
+                   f"{DEFAULT_COST_MODEL.name}, shipped: fitted on a CPU for llama-test; "
                    "data/cost_models/a10_paper.json: an A10 derived from published numbers)")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated policy names")
     p.add_argument("--workers", type=int, default=60)
@@ -222,11 +292,38 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", default="fused", choices=["fused", "two"], help="step pricing: fused (one "
                    "forward over decodes and chunks, the engine now; needs the cost model's step model) "
                    "or two (Pre(chunks) + Dec(decoders), the engine before issue 15)")
+    p.add_argument("--step-noise", default=None, metavar="PROFILE", help="measured mode: each step "
+                   "takes its price x a residual (measured / predicted) of the step model fitted to this "
+                   "`carajax profile` JSON, so the router can mispredict (default: the oracle, time = "
+                   "price); e.g. data/profiles/cpu_llama-test.json")
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of the --step-noise draws")
     p.add_argument("--max-prompt", type=int, default=4096, help="clip prompts (tokens)")
     p.add_argument("--max-output", type=int, default=1024, help="clip outputs (tokens)")
     p.add_argument("--risk-weight", type=float, default=0.5, help="carajax: what one expected "
                    "time-per-token SLO miss costs in its score (0: no SLO-risk term)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the summaries as JSON")
+
+
+def int_list(flag: str, text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers, or `UsageError`."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} {text!r}: expected integers >= 1")
+    return values
+
+
+def cost_model_arg(path: str | os.PathLike):
+    """A cost model file, read; `UsageError` if it is missing or not one."""
+    from carajax.sched import cost_model as cm
+
+    existing_file("--cost-model", path)
+    try:
+        return cm.load(path)
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise UsageError(f"--cost-model {path}: not a cost model ({type(e).__name__}: {e})") from None
 
 
 def positive_int(text: str) -> int:
@@ -242,18 +339,17 @@ def add_tp_arg(p: argparse.ArgumentParser) -> None:
                         "attention heads, KV heads and MLP width)")
 
 
-def check_tp(command: str, model: str, tp: int) -> None:
-    """Exit with a message (not a traceback) if `tp` does not fit this machine's devices or the
-    model's heads; checked before any weights are built or read."""
+def check_tp(model: str, tp: int) -> None:
+    """Exit with a message (not a traceback) if the model is unknown or `tp` does not fit this
+    machine's devices or the model's heads; checked before any weights are built or read."""
     from carajax import parallel
-    from carajax.config import ModelConfig
 
-    config = ModelConfig.from_hf(model) if os.path.isdir(model) else ModelConfig.from_name(model)
+    config = model_config_arg(model)
     try:
         parallel.check_tp(config, tp)
         parallel.check_devices(tp)
     except ValueError as e:
-        raise SystemExit(f"carajax {command}: --tp {tp}: {e}") from None
+        raise UsageError(f"--tp {tp}: {e}") from None
 
 
 def serve_cmd(args: argparse.Namespace) -> None:
@@ -272,24 +368,30 @@ def serve_cmd(args: argparse.Namespace) -> None:
     try:  # --engine-config: any other EngineConfig field (the replay sizes pools and chunks so)
         config = EngineConfig(**{**fields, **json.loads(args.engine_config or "{}")})
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"carajax serve: bad --engine-config: {e}") from None
-    check_tp("serve", args.model, config.tp)
+        raise UsageError(f"bad --engine-config: {e}") from None
+    check_tp(args.model, config.tp)
+    cost = None
+    if args.cost_model not in ("auto", "none"):
+        cost = cost_model_arg(args.cost_model)
+    dirs = adapter_dirs_arg(args.adapters) if args.adapters else []
+    adapter_paths = adapter_path_policy(args)
+    api_key = http_args(args)
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, config=config)
-    if args.adapters:
-        dirs = sorted(d for d in Path(args.adapters).iterdir() if (d / "adapter_config.json").is_file())
-        for d in dirs:
-            try:
-                engine.add_adapter(d.name, d)
-            except AdapterError as e:
-                engine.close()
-                raise SystemExit(f"carajax serve: cannot register adapter {d.name!r}: {e}") from None
-    elif builtin.is_demo(args.model):  # the built-in model comes with its trained adapters
+    for d in dirs:
+        try:
+            engine.add_adapter(d.name, d)
+        except AdapterError as e:
+            engine.close()
+            raise UsageError(f"--adapters: cannot register adapter {d.name!r}: {e}") from None
+    if not args.adapters and builtin.is_demo(args.model):
+        # the built-in model comes with its trained adapters
         for name, path in builtin.adapter_dirs().items():
             engine.add_adapter(name, path)
     # Bind at once and answer health NOT_SERVING while compiling, so orchestrators see a live
     # process that is not ready yet (the Kubernetes convention), then SERVING.
     worker = serve(engine, args.port, host=args.host, name=args.name, metrics_port=args.metrics_port,
-                   serving=not args.warmup)
+                   serving=not args.warmup, adapter_paths=adapter_paths, api_key=api_key)
+    http = start_http(worker, args, api_key, engine=engine)  # None without --http-port
     if args.warmup:
         from tqdm import tqdm
 
@@ -302,18 +404,114 @@ def serve_cmd(args: argparse.Namespace) -> None:
                 bar.update(done - bar.n)
 
             engine.warmup(progress=progress)
+    if args.cost_model == "auto":
+        cost = own_cost_model(args, engine)
+    if cost is not None:
+        worker.servicer.cost_model_json = cost.to_json()
+    if args.warmup:
         worker.set_serving()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     metrics = f"; metrics on :{worker.metrics_port}/metrics" if worker.metrics_port is not None else ""
     print(f"carajax worker {worker.name} ready on {worker.address} ({len(engine.adapters)} adapters, "
-          f"cold start {args.cold_start}){metrics}", flush=True)
+          f"cold start {args.cold_start}; {adapter_paths.describe()}){metrics}"
+          f"{http_note(http, api_key)}", flush=True)
     while not stop.wait(0.1):  # a timed wait, so the signal handler gets to run promptly
         pass
     print(f"carajax worker {worker.name}: draining (grace {args.grace:g} s)", flush=True)
-    worker.stop(grace=args.grace)
+    stop_both(worker, http, args.grace)
     engine.close()
+
+
+def own_cost_model(args: argparse.Namespace, engine: Engine):
+    """`--cost-model auto`: this worker's device and model, profiled once and cached."""
+    from carajax.sched.local_cost_model import local_cost_model
+
+    cfg = engine.config
+    model, path, cached = local_cost_model(
+        args.model, engine.model_config, dtype=args.dtype, lora_impl=cfg.lora_impl,
+        lora_kernel=cfg.lora_kernel, progress=True)
+    how = "read from" if cached else "profiled on this device, saved to"
+    print(f"carajax worker: cost model {how} {path} ({model.describe()})", flush=True)
+    return model
+
+
+def http_args(args: argparse.Namespace) -> str | None:
+    """The API key (--api-key or $CARAJAX_API_KEY; None: no authentication), after checking the
+    HTTP flags go together; `UsageError` otherwise. Never printed."""
+    from carajax.server.auth import resolve_api_key
+
+    if args.enable_lora_loading and args.http_port is None:
+        raise UsageError("--enable-lora-loading needs --http-port (it enables HTTP endpoints)")
+    try:
+        return resolve_api_key(args.api_key)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def start_http(server, args: argparse.Namespace, api_key: str | None, *, engine=None):
+    """The OpenAI-compatible HTTP server beside a started worker (`engine`) or router, or None
+    without --http-port. A port that cannot be bound stops `server` and is a usage error."""
+    if args.http_port is None:
+        return None
+    from carajax.server.http import ServedModel, serve_http
+
+    try:
+        model = (ServedModel.of_engine(engine, args.model) if engine is not None
+                 else ServedModel.load(args.tokenizer) if args.tokenizer else None)
+        return serve_http(server, args.http_port, host=args.host, model=model, api_key=api_key,
+                          enable_lora_loading=args.enable_lora_loading)
+    except (OSError, RuntimeError) as e:
+        server.stop(grace=0)
+        if engine is not None:
+            engine.close()
+        raise UsageError(f"--http-port {args.http_port}: {e}") from None
+
+
+def http_note(http, api_key: str | None) -> str:
+    """The ready line's tail: where the HTTP API is, and whether a key is needed (never the key)."""
+    note = f"; OpenAI HTTP on {http.url}" if http is not None else ""
+    return note + ("; API key required" if api_key is not None else "")
+
+
+def stop_both(server, http, grace: float) -> None:
+    """Drain the gRPC server and the HTTP server at once: each refuses new requests and gives
+    its streams `grace` seconds."""
+    import threading
+
+    t = threading.Thread(target=http.stop, args=(grace,)) if http is not None else None
+    if t is not None:
+        t.start()
+    server.stop(grace=grace)
+    if t is not None:
+        t.join()
+
+
+def adapter_dirs_arg(root: str) -> list[Path]:
+    """The adapter directories (with adapter_config.json) under --adapters, sorted; `UsageError`
+    if there is no such directory or it holds none (a typo must not start an empty server)."""
+    if not os.path.exists(root):
+        raise UsageError(f"--adapters {root}: no such directory")
+    if not os.path.isdir(root):
+        raise UsageError(f"--adapters {root}: not a directory")
+    dirs = sorted(d for d in Path(root).iterdir() if (d / "adapter_config.json").is_file())
+    if not dirs:
+        raise UsageError(f"--adapters {root}: no adapter directories in it (folders holding "
+                         "adapter_config.json and adapter_model.safetensors)")
+    return dirs
+
+
+def adapter_path_policy(args: argparse.Namespace):
+    """Where LoadAdapter (and the HTTP load endpoint) may read adapters from at run time."""
+    from carajax.server.adapter_paths import AdapterPathPolicy
+
+    if args.adapter_root is not None and args.allow_any_adapter_path:
+        raise UsageError("--adapter-root and --allow-any-adapter-path exclude each other")
+    if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
+        raise UsageError(f"--adapter-root {args.adapter_root}: "
+                         + ("not a directory" if os.path.exists(args.adapter_root) else "no such directory"))
+    return AdapterPathPolicy(root=args.adapter_root, allow_any=args.allow_any_adapter_path)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -323,11 +521,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--adapters", default=None, metavar="DIR",
                    help="register every PEFT adapter directory under DIR by its folder name")
+    p.add_argument("--adapter-root", default=None, metavar="DIR",
+                   help="adapters loaded at run time (LoadAdapter) must resolve, symlinks followed, "
+                        "inside DIR; relative paths are taken under it. Without it, run-time "
+                        "loading is off")
+    p.add_argument("--allow-any-adapter-path", action="store_true",
+                   help="allow run-time loading from any path this process can read (trusted "
+                        "clients only)")
     p.add_argument("--host", default="[::]", help="address to bind")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here")
     p.add_argument("--name", default=None, help="worker name in metrics and stats (default: hostname)")
-    p.add_argument("--cold-start", default="cpu_assist", choices=["cpu_assist", "wait", "cached"])
+    p.add_argument("--cold-start", default="auto", choices=list(COLD_START_POLICIES))
     p.add_argument("--max-batch", type=int, default=8, help="KV-cache rows (requests running at once)")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
     add_tp_arg(p)
@@ -335,9 +540,36 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-latency-ms", type=float, default=0.0)
     p.add_argument("--engine-config", default=None, metavar="JSON",
                    help='more EngineConfig fields, e.g. \'{"prefill_chunk": 64, "max_loras": 128}\'')
+    p.add_argument("--cost-model", default=os.environ.get("CARAJAX_COST_MODEL", "auto"),
+                   metavar="auto|none|FILE", help="the step-latency model this worker reports for "
+                   "routers to price it with: auto (default; $CARAJAX_COST_MODEL overrides) profiles "
+                   "this device and model once (about a minute on a CPU, while health is "
+                   "NOT_SERVING) and caches the fit under $CARAJAX_CACHE or ~/.cache/carajax; none; "
+                   "or a JSON file from `carajax profile --fit`")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="compile every step variant before serving")
     p.add_argument("--grace", type=float, default=30.0, help="seconds streams get to finish on SIGTERM")
+    add_http_args(p)
+
+
+def add_http_args(p: argparse.ArgumentParser, router: bool = False) -> None:
+    p.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
+                        "/v1/chat/completions, /v1/models, /health, /metrics) on PORT (0: any free)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on HTTP /v1 routes and as gRPC "
+                        "metadata (health checks stay open); or set $CARAJAX_API_KEY, which keeps "
+                        "the key out of the process list")
+    p.add_argument("--enable-lora-loading", action="store_true",
+                   help="HTTP /v1/load_lora_adapter and /v1/unload_lora_adapter"
+                        + (" (paths are checked by each worker)" if router else
+                           " (paths only under --adapter-root)"))
+    if router:
+        p.add_argument("--worker-api-key", default=None, metavar="KEY",
+                       help="the key the router sends its workers (default: --api-key)")
+        p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                       help="checkpoint dir or preset whose tokenizer and chat template the HTTP "
+                            "API uses (default: the model the workers report, if found here)")
 
 
 def profile_cmd(args: argparse.Namespace) -> dict:
@@ -347,6 +579,7 @@ def profile_cmd(args: argparse.Namespace) -> dict:
 
     from carajax.sched import profiler
 
+    model_config_arg(args.model)
     ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
     names = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
     over = {f: conv(v) for f, v, conv in (
@@ -416,20 +649,33 @@ def route_cmd(args: argparse.Namespace) -> None:
     from carajax.sched import cost_model as cm
     from carajax.server.router import serve_router
 
-    cost = cm.load(args.cost_model) if args.cost_model else cm.default_cost_model()
-    router = serve_router(args.workers.split(","), args.port, policy=args.policy, cost=cost,
+    cost = cost_model_arg(args.cost_model) if args.cost_model else cm.default_cost_model()
+    workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    bad = [w for w in workers if not w.rpartition(":")[2].isdigit()]
+    if bad or not workers:
+        raise UsageError(f"--workers {args.workers!r}: expected comma-separated HOST:PORT addresses")
+    api_key = http_args(args)
+    try:
+        cm.require_rank_terms(cost, args.policy, f" ({args.cost_model or 'the shipped default'})")
+    except ValueError as e:
+        raise UsageError(f"--cost-model: {e}") from None
+    router = serve_router(workers, args.port, policy=args.policy, cost=cost,
                           slo_tpot=args.slo_tpot_ms / 1e3, host=args.host,
-                          poll_interval=args.poll_interval, metrics_port=args.metrics_port)
+                          poll_interval=args.poll_interval, metrics_port=args.metrics_port,
+                          api_key=api_key, worker_api_key=args.worker_api_key)
+    http = start_http(router, args, api_key)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     up = sum(w.healthy for w in router.servicer.links)
     print(f"carajax router ready on {router.address} (policy {args.policy}, {up}/"
           f"{len(router.servicer.links)} workers up, cost model {cost.model_name or '?'} on "
-          f"{cost.device or '?'})", flush=True)
+          f"{cost.device or '?'}){http_note(http, api_key)}", flush=True)
+    for link in router.servicer.links:  # each worker is priced with its own model when it has one
+        print(f"  worker {link.name}: priced with {link.cost_source}", flush=True)
     while not stop.wait(0.1):
         pass
-    router.stop(grace=args.grace)
+    stop_both(router, http, args.grace)
 
 
 def add_route_args(p: argparse.ArgumentParser) -> None:
@@ -445,6 +691,7 @@ def add_route_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between Stats polls")
     p.add_argument("--metrics-port", type=int, default=None)
     p.add_argument("--grace", type=float, default=30.0)
+    add_http_args(p, router=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -460,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma-separated lowercase words (built-in model)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--adapter-dir", default=None, help="where to write random adapters (other models)")
-    p.add_argument("--cold-start", default="cpu_assist", choices=["cpu_assist", "wait", "cached"])
+    p.add_argument("--cold-start", default="auto", choices=list(COLD_START_POLICIES))
     p.add_argument("--link-gbps", type=float, default=None, help="emulate the host->device link")
     p.add_argument("--link-latency-ms", type=float, default=0.0)
     add_tp_arg(p)
@@ -484,7 +731,12 @@ def main(argv: list[str] | None = None) -> None:
     add_replay_args(p)
     p.set_defaults(func=replay_cmd)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except UsageError as e:
+        e.message = f"carajax {args.command}: error: {e.message}"
+        print(e.message, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

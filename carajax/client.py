@@ -19,7 +19,9 @@ UNAVAILABLE when the worker is down or draining; see carajax.proto). The origina
 before the error stay available (`stream.token_ids`).
 
 `timeout` (seconds) is a deadline for the whole call, stream included; the worker cancels a
-request whose deadline passes, freeing its batch slot.
+request whose deadline passes, freeing its batch slot. `api_key`: for a server started with
+`--api-key`, sent as `authorization: Bearer KEY` metadata on every call (UNAUTHENTICATED
+without it).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from carajax.server import auth, codec
 from carajax.server import carajax_pb2 as pb
 from carajax.server import carajax_pb2_grpc as pb_grpc
-from carajax.server import codec
 
 __all__ = ["AdapterInfo", "AsyncClient", "Client", "GenerateResult", "RequestMetrics", "ServerError"]
 
@@ -66,7 +68,7 @@ class RequestMetrics:
     cpu_prefill_tokens: int
     cpu_decode_tokens: int
     cold_start: bool
-    cold_start_path: str  # "warm", "cpu_assist", "wait" or "" (base model)
+    cold_start_path: str  # "warm", "cpu_assist", "async", "wait" or "" (base model)
     stalled_s: float
     worker: str
 
@@ -221,17 +223,21 @@ class AsyncGenerateStream(_StreamState):
 
 
 class Client:
-    """A blocking client of one worker. `timeout`: default deadline (seconds) of every call."""
+    """A blocking client of one worker. `timeout`: default deadline (seconds) of every call;
+    `api_key`: the server's key, if it has one."""
 
-    def __init__(self, target: str, *, timeout: float | None = None, channel: grpc.Channel | None = None):
+    def __init__(self, target: str, *, timeout: float | None = None, channel: grpc.Channel | None = None,
+                 api_key: str | None = None):
         self.target, self.timeout = target, timeout
+        self._metadata = auth.call_metadata(api_key)
         self.channel = channel or grpc.insecure_channel(target)
         self.stub = pb_grpc.CaraServeStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def _call(self, method, request, timeout):
         try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout)
+            return method(request, timeout=timeout if timeout is not None else self.timeout,
+                          metadata=self._metadata)
         except grpc.RpcError as e:
             raise ServerError.from_rpc(e) from e
 
@@ -246,7 +252,7 @@ class Client:
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
         return GenerateStream(self.stub.Generate(req, timeout=timeout if timeout is not None
-                                                 else self.timeout))
+                                                 else self.timeout, metadata=self._metadata))
 
     def load_adapter(self, adapter_id: str, path: str, *, pin: bool = False,
                      timeout: float | None = None) -> AdapterInfo:
@@ -286,15 +292,17 @@ class AsyncClient:
     `AsyncGenerateStream` at once (not awaitable itself)."""
 
     def __init__(self, target: str, *, timeout: float | None = None,
-                 channel: grpc.aio.Channel | None = None):
+                 channel: grpc.aio.Channel | None = None, api_key: str | None = None):
         self.target, self.timeout = target, timeout
+        self._metadata = auth.call_metadata(api_key)
         self.channel = channel or grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.CaraServeStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def _call(self, method, request, timeout):
         try:
-            return await method(request, timeout=timeout if timeout is not None else self.timeout)
+            return await method(request, timeout=timeout if timeout is not None else self.timeout,
+                                metadata=self._metadata)
         except grpc.RpcError as e:
             raise ServerError.from_rpc(e) from e
 
@@ -307,7 +315,7 @@ class AsyncClient:
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
         return AsyncGenerateStream(self.stub.Generate(req, timeout=timeout if timeout is not None
-                                                      else self.timeout))
+                                                      else self.timeout, metadata=self._metadata))
 
     async def load_adapter(self, adapter_id: str, path: str, *, pin: bool = False,
                            timeout: float | None = None) -> AdapterInfo:

@@ -5,10 +5,16 @@ Comparisons are made in float32 as a relative Frobenius error: ||ours - ref|| / 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from carajax.config import ModelConfig
+
+# `carajax serve` profiles its device for a cost model at start-up by default (cached on disk);
+# the servers tests start (subprocesses inherit this) skip it unless a test asks for it.
+os.environ.setdefault("CARAJAX_COST_MODEL", "none")
 
 # Relative error bounds by compute dtype.
 TOLERANCE = {

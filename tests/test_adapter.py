@@ -18,8 +18,11 @@ PROMPT = [2, 10, 20, 30, 40]
 
 @pytest.fixture(scope="module")
 def engine():
+    # cpu_assist: cold requests are admitted in arrival order (under async / auto they may wait
+    # for their copies while later ones go ahead), so which adapters stay resident is fixed.
     return carajax.Engine.from_pretrained(
-        "llama-test", config=carajax.EngineConfig(max_lora_rank=16, max_loras=4))
+        "llama-test", config=carajax.EngineConfig(max_lora_rank=16, max_loras=4,
+                                                  cold_start="cpu_assist"))
 
 
 @pytest.fixture

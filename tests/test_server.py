@@ -30,6 +30,7 @@ from carajax.config import TARGET_MODULES, EngineConfig
 from carajax.models import weights
 from carajax.models.tokenizer import ByteTokenizer
 from carajax.server import carajax_pb2 as pb
+from carajax.server.adapter_paths import AdapterPathPolicy
 from carajax.server.codec import IncrementalText
 from carajax.server.worker import serve
 from carajax.testing import write_random_adapter
@@ -97,7 +98,9 @@ def alone(engine):
 
 @pytest.fixture(scope="module")
 def worker(engine, alone):
-    with serve(engine, 0, host="127.0.0.1", name="test-worker", metrics_port=0) as w:
+    # Any path: the adapter-root rules have their own tests (test_adapter_security.py).
+    with serve(engine, 0, host="127.0.0.1", name="test-worker", metrics_port=0,
+               adapter_paths=AdapterPathPolicy(allow_any=True)) as w:
         yield w
 
 

@@ -60,7 +60,8 @@ def test_tp_validation():
 def test_cli_tp_errors_are_messages(capsys):
     from carajax import cli
 
-    with pytest.raises(SystemExit, match=r"carajax demo: --tp 3: tp=3 must divide ModelConfig.num_heads"):
+    with pytest.raises(SystemExit,
+                       match=r"carajax demo: error: --tp 3: tp=3 must divide ModelConfig.num_heads"):
         cli.main(["demo", "--model", "llama-test", "--tp", "3"])  # 4 heads, 2 KV heads
     with pytest.raises(SystemExit, match="num_kv_heads"):
         cli.main(["serve", "--model", "llama-test", "--tp", "4"])
@@ -68,7 +69,8 @@ def test_cli_tp_errors_are_messages(capsys):
         cli.main(["serve", "--tp", "0"])
     assert "--tp: must be >= 1" in capsys.readouterr().err
     if len(jax.devices()) == 1:  # this process has one device unless XLA_FLAGS says otherwise
-        with pytest.raises(SystemExit, match="carajax serve: --tp 2: tp=2 needs 2 devices; 1 available"):
+        with pytest.raises(SystemExit,
+                           match="carajax serve: error: --tp 2: tp=2 needs 2 devices; 1 available"):
             cli.main(["serve", "--model", "llama-test", "--tp", "2"])
 
 

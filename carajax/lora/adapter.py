@@ -6,6 +6,12 @@ tools keep the adapter name: `...q_proj.lora_A.default.weight`). Both are accept
 
 Everything is checked against the base model before an adapter is accepted; anything carajax does
 not serve exactly as PEFT computes it is rejected with an `AdapterError` naming the field.
+
+Adapter files may come from clients (gRPC `LoadAdapter`, HTTP `load_lora_adapter`), so reading
+one is bounded before it starts: safetensors only (a PEFT `adapter_model.bin` is a pickle, which
+runs code when loaded: it is never opened), a size limit per adapter (`max_bytes`), and the
+safetensors header (size, names, dtypes, shapes against the model, ranks) checked in full before
+any tensor is read.
 """
 
 from __future__ import annotations
@@ -24,6 +30,14 @@ from carajax.config import ATTENTION_MODULES, TARGET_MODULES, ModelConfig
 
 class AdapterError(ValueError):
     """An adapter that cannot be served: malformed, unsupported, or not fitting the base model."""
+
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # every file `load_adapter` opens
+# Generous: a rank-64 adapter on all seven projections of Llama-2-70B is 3.3 GB in float32 (1.7 GB
+# in bfloat16); raise it for larger ones (load_adapter(max_bytes=...)).
+MAX_ADAPTER_BYTES = 4 << 30
+MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json is a few hundred bytes; read whole, so bounded
 
 
 _KEY = re.compile(
@@ -111,12 +125,17 @@ def _is_targeted(target, key: str) -> bool:
 
 
 def _read_config(path: str) -> dict:
-    file = os.path.join(path, "adapter_config.json")
+    file = os.path.join(path, CONFIG_FILE)
+    if os.path.exists(file) and not os.path.isfile(file):  # a directory, a FIFO, a device
+        raise AdapterError(f"{file}: not a regular file")
     try:
-        with open(file) as f:
-            cfg = json.load(f)
+        with open(file, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{file}: over {MAX_CONFIG_BYTES} bytes; not an adapter config")
+        cfg = json.loads(raw)
     except FileNotFoundError:
-        raise AdapterError(f"{path}: missing adapter_config.json") from None
+        raise AdapterError(f"{path}: missing {CONFIG_FILE}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{file}: corrupt JSON ({e})") from None
     if not isinstance(cfg, dict):
@@ -138,29 +157,63 @@ def _read_config(path: str) -> dict:
 
 
 def load_adapter(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
-                 name: str | None = None) -> LoraAdapter:
+                 name: str | None = None, max_bytes: int = MAX_ADAPTER_BYTES) -> LoraAdapter:
     """Parse and validate a PEFT LoRA adapter directory against a base model.
 
-    Raises `AdapterError` naming the cause: a missing or corrupt file, an unsupported feature
-    (DoRA, modules_to_save, bias, LoRA on embeddings or lm_head, ...), a tensor whose shape does
-    not fit the base model, a rank over `max_rank`, a non-float or non-finite tensor.
+    Raises `AdapterError` naming the cause: a missing or corrupt file, a pickle-only adapter
+    (`adapter_model.bin`, never unpickled), a weights file over `max_bytes`, an unsupported
+    feature (DoRA, modules_to_save, bias, LoRA on embeddings or lm_head, ...), a tensor whose shape
+    does not fit the base model, a rank over `max_rank`, a non-float or non-finite tensor. All but
+    the last are found from the file's header, before any tensor is read.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise AdapterError(f"{path}: not a directory")
     cfg = _read_config(path)
-    weights_file = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.exists(weights_file):
-        other = " (adapter_model.bin is a pickle; convert it to safetensors)" if os.path.exists(
-            os.path.join(path, "adapter_model.bin")) else ""
-        raise AdapterError(f"{path}: missing adapter_model.safetensors{other}")
+    weights_file = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(weights_file):
+        if os.path.exists(os.path.join(path, "adapter_model.bin")):
+            raise AdapterError(f"{path}: only adapter_model.bin, a pickle, which carajax never loads "
+                               f"(unpickling runs code): safetensors is required (convert it to "
+                               f"{WEIGHTS_FILE})")
+        raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
+    size = os.path.getsize(weights_file)
+    if size > max_bytes:
+        raise AdapterError(f"{weights_file}: {size} bytes, over the limit of {max_bytes} bytes per "
+                           "adapter")
     try:
-        tensors = _safetensors.load(weights_file)
+        header = _safetensors.read_header(weights_file)
     except _safetensors.SafetensorsError as e:
         raise AdapterError(f"corrupt adapter weights: {e}") from None
+    pairs = _check_header(weights_file, header[0], cfg, config, max_rank)
 
-    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    for key, arr in tensors.items():
+    tensors = _safetensors.load(weights_file, header=header)  # memory-mapped: read from here on
+    modules: dict[tuple[int, str], LoraModule] = {}
+    for (layer, module), keys in pairs.items():
+        a32, b32 = (np.asarray(tensors[keys[ab]], np.float32) for ab in "AB")
+        if not (np.isfinite(a32).all() and np.isfinite(b32).all()):
+            raise AdapterError(f"{weights_file}: {_module_key(layer, module)} has non-finite values "
+                               "(NaN or Inf)")
+        key, r = _module_key(layer, module), a32.shape[0]
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, key, cfg["lora_alpha"])
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        modules[(layer, module)] = LoraModule(a=a32, b=b32, scale=float(scale))
+    return LoraAdapter(name=name or os.path.basename(os.path.normpath(path)), path=path,
+                       modules=modules)
+
+
+def _module_key(layer: int, module: str) -> str:
+    group = "self_attn" if module in ATTENTION_MODULES else "mlp"
+    return f"model.layers.{layer}.{group}.{module}"
+
+
+def _check_header(weights_file: str, header: dict, cfg: dict, config: ModelConfig, max_rank: int
+                  ) -> dict[tuple[int, str], dict[str, str]]:
+    """Every check that needs only the safetensors header (names, dtypes, shapes against the
+    model, ranks against the config and `max_rank`); {(layer, projection): {"A": key, "B": key}},
+    sorted."""
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key, info in header.items():
         m = _KEY.match(key)
         if m is None:
             if "embed_tokens" in key or "lora_embedding" in key:
@@ -177,10 +230,11 @@ def load_adapter(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
         if layer >= config.num_layers:
             raise AdapterError(f"{weights_file}: tensor {key!r} is for layer {layer}, but the "
                                f"base model has {config.num_layers} layers")
-        if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
-            raise AdapterError(f"{weights_file}: tensor {key!r} has dtype {arr.dtype}; "
+        dtype = _safetensors.dtype_of(info)
+        if dtype.kind != "f" and dtype.name != "bfloat16":
+            raise AdapterError(f"{weights_file}: tensor {key!r} has dtype {dtype}; "
                                "expected a float type")
-        pairs.setdefault((layer, module), {})[ab] = arr
+        pairs.setdefault((layer, module), {})[ab] = key
     if not pairs:
         raise AdapterError(f"{weights_file}: no LoRA tensors found")
 
@@ -188,10 +242,8 @@ def load_adapter(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
     layers_to_transform = cfg.get("layers_to_transform")
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
-    modules: dict[tuple[int, str], LoraModule] = {}
-    for (layer, module), ab in sorted(pairs.items()):
-        group = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        key = f"model.layers.{layer}.{group}.{module}"
+    for (layer, module), ab in pairs.items():
+        key = _module_key(layer, module)
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{weights_file}: {key} has lora_{''.join(ab)} but not its pair")
         if target is not None and not _is_targeted(target, key):
@@ -199,28 +251,21 @@ def load_adapter(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
                                f"target_modules={target!r}")
         if layers_to_transform is not None and layer not in layers_to_transform:
             raise AdapterError(f"{weights_file}: {key} is outside layers_to_transform")
-        a, b = ab["A"], ab["B"]
+        a, b = (tuple(header[ab[x]]["shape"]) for x in "AB")
         d_in, d_out = config.projection_shape(module)
-        r = a.shape[0]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape != (d_out, r):
+        r = a[0] if a else 0
+        if len(a) != 2 or len(b) != 2 or a[1] != d_in or b != (d_out, r):
             raise AdapterError(
-                f"{weights_file}: {key} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                f"{weights_file}: {key} has lora_A {a} and lora_B {b}; "
                 f"the base model needs lora_A [r, {d_in}] and lora_B [{d_out}, r]")
         want_r = _pattern_value(cfg.get("rank_pattern") or {}, key, cfg["r"])
         if r != want_r:
             raise AdapterError(f"{weights_file}: {key} has rank {r} but the config "
                                f"(r / rank_pattern) says {want_r}")
         if r > max_rank:
-            raise AdapterError(f"{path}: rank {r} of {key} exceeds the limit max_lora_rank="
-                               f"{max_rank}")
-        a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        if not (np.isfinite(a32).all() and np.isfinite(b32).all()):
-            raise AdapterError(f"{weights_file}: {key} has non-finite values (NaN or Inf)")
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, key, cfg["lora_alpha"])
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        modules[(layer, module)] = LoraModule(a=a32, b=b32, scale=float(scale))
-    return LoraAdapter(name=name or os.path.basename(os.path.normpath(path)), path=path,
-                       modules=modules)
+            raise AdapterError(f"{os.path.dirname(weights_file)}: rank {r} of {key} exceeds the "
+                               f"limit max_lora_rank={max_rank}")
+    return dict(sorted(pairs.items()))
 
 
 def save_adapter(path: str | os.PathLike, config: ModelConfig,

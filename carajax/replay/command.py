@@ -25,15 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-from carajax.config import DEMO_MODEL
+from carajax.cli import UsageError, existing_file, int_list, model_config_arg
+from carajax.config import COLD_START_POLICIES, DEMO_MODEL, EngineConfig
 from carajax.replay.report import Slo
 from carajax.replay.runs import DEFAULT_TRACE, REPO
 
 
 def add_replay_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("trace")
-    g.add_argument("--trace", default=None, help=f"JSONL or Azure CSV trace (default {DEFAULT_TRACE.name} "
-                   "in data/traces/azure_llm_2023)")
+    g.add_argument("--trace", default=None, help=f"JSONL or Azure CSV trace (default {DEFAULT_TRACE.name}, "
+                   "the Azure LLM 2023 conversation trace shipped with carajax)")
     g.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed trace lines")
     g.add_argument("--start", type=float, default=120.0, help="window start, trace seconds (the first "
                    "two minutes of the conversation trace ramp up from ~2 req/s)")
@@ -59,11 +60,14 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                    "engine: one in-process engine")
     g.add_argument("--target", default=None, metavar="HOST:PORT",
                    help="replay against a running worker or router instead (adapters it lacks are "
-                   "registered with LoadAdapter; --model must match its model)")
+                   "registered with LoadAdapter, so its workers must allow their paths: `carajax serve "
+                   "--adapter-root` a directory holding --adapter-cache or --adapter-dir; --model must "
+                   "match its model)")
     g.add_argument("--model", default=DEMO_MODEL, help="the built-in trained model (default), a "
                    "preset name (random weights) or an HF checkpoint dir")
     g.add_argument("--workers", type=int, default=2)
-    g.add_argument("--cold-starts", default="cached,wait,cpu_assist", help="engine policies to compare")
+    g.add_argument("--cold-starts", default="cached,wait,async,cpu_assist,auto",
+                   help="engine policies to compare")
     g.add_argument("--router-policies", default="carajax", help="router policies to compare (cluster)")
     g.add_argument("--max-batch", type=int, default=4, help="requests running at once per worker (each "
                    "power of two up to it is a compiled step variant: seconds each on CPU)")
@@ -86,6 +90,61 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                    "~3x the cached median of the default replay on a 2-core CPU when written)")
     g.add_argument("--out", default="results/replay", help="output directory (JSON, Markdown, PNGs)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def check_replay_args(args: argparse.Namespace) -> None:
+    """Every argument checked before anything starts (no worker, no log, no adapter written):
+    `UsageError` naming the first bad one."""
+    from carajax.replay import adapters as adapter_store
+    from carajax.sched.router import POLICIES
+
+    existing_file("--trace", args.trace or DEFAULT_TRACE)
+    model_config_arg(args.model)
+    names = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    for flag, given, known in (("--cold-starts", args.cold_starts, COLD_START_POLICIES),
+                               ("--router-policies", args.router_policies, POLICIES)):
+        bad = [x for x in names(given) if x not in known]
+        if bad or not names(given):
+            raise UsageError(f"{flag} {given!r}: unknown {bad or 'none given'}; choose from "
+                             f"{', '.join(known)}")
+    ranks = int_list("--ranks", args.ranks)
+    if args.rank_weights is not None:
+        try:
+            weights = [float(w) for w in args.rank_weights.split(",")]
+        except ValueError:
+            raise UsageError(f"--rank-weights {args.rank_weights!r}: expected numbers") from None
+        if len(weights) != len(ranks) or min(weights) < 0 or sum(weights) <= 0:
+            raise UsageError(f"--rank-weights {args.rank_weights!r}: one non-negative weight per "
+                             f"rank of --ranks ({len(ranks)}), not all zero")
+    for flag, value, low in (("--workers", args.workers, 1), ("--max-batch", args.max_batch, 1),
+                             ("--prefill-chunk", args.prefill_chunk, 1), ("--adapters", args.adapters, 1),
+                             ("--max-prompt", args.max_prompt, 1), ("--max-output", args.max_output, 1),
+                             ("--lora-pages", args.lora_pages, 0)):
+        if value < low:
+            raise UsageError(f"{flag} {value}: must be >= {low}")
+    for flag, value in (("--scale", args.scale), ("--duration", args.duration),
+                        ("--link-gbps", args.link_gbps), ("--slo-ttft-s", args.slo_ttft_s),
+                        ("--slo-tpot-ms", args.slo_tpot_ms)):
+        if not value > 0:
+            raise UsageError(f"{flag} {value}: must be > 0")
+    if args.adapter_dir is not None:
+        if not os.path.isdir(args.adapter_dir):
+            raise UsageError(f"--adapter-dir {args.adapter_dir}: no such directory")
+        try:
+            adapter_store.scan_adapter_dir(args.adapter_dir)
+        except (FileNotFoundError, ValueError, TypeError) as e:  # none there, or a bad config
+            raise UsageError(f"--adapter-dir {args.adapter_dir}: {e}") from None
+    if args.target is not None and not args.target.rpartition(":")[2].isdigit():
+        raise UsageError(f"--target {args.target!r}: expected HOST:PORT")
+    try:
+        extra = json.loads(args.engine_config) if args.engine_config else {}
+        for cs in names(args.cold_starts):
+            EngineConfig(**{"cold_start": cs, "max_batch_size": args.max_batch,
+                            "prefill_chunk": args.prefill_chunk, **extra})
+    except (TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise UsageError(f"bad --engine-config: {e}") from None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
 
 
 def machine_info() -> dict:
@@ -113,12 +172,17 @@ def replay_cmd(args: argparse.Namespace) -> dict:
     """Run the replay(s); print the table; write replay.json, replay.md and the plots."""
     from carajax.replay import runs
     from carajax.replay.report import add_cold_split, format_table, plot_results, summarize
+    from carajax.trace import TraceError
 
+    check_replay_args(args)
     t_start = time.monotonic()
     # This process asks JAX which device it has; on a GPU that must not take the memory the
     # workers (other processes on the same GPU) need. Read when the backend starts, i.e. later.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    plan = runs.plan(args)
+    try:
+        plan = runs.plan(args)
+    except TraceError as e:
+        raise UsageError(f"--trace {e}") from None
     for line in plan.notes:
         _log(line)
     results, run_info = runs.execute_all(plan, args, _log)

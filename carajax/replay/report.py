@@ -117,7 +117,8 @@ def format_table(summaries: Mapping[str, Mapping]) -> str:
 
 
 # -- plots ---------------------------------------------------------------------------------------
-_COLORS = {"cached": "tab:green", "wait": "tab:red", "cpu_assist": "tab:blue"}
+_COLORS = {"cached": "tab:green", "wait": "tab:red", "async": "tab:orange", "cpu_assist": "tab:blue",
+           "auto": "tab:purple"}
 
 
 def _color(name: str, i: int) -> str:

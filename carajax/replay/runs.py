@@ -17,13 +17,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from carajax.cli import UsageError
 from carajax.config import DEMO_MODEL, TARGET_MODULES, EngineConfig, ModelConfig
+from carajax.data import CONV_TRACE
 from carajax.replay import adapters as adapter_store
 from carajax.replay.driver import replay_engine, replay_grpc, synth_prompts
 from carajax.trace import TraceOptions, TraceRequest, prepare, read_trace, zipf_probabilities
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TRACE = REPO / "data" / "traces" / "azure_llm_2023" / "azure2023_conv.jsonl"
+REPO = Path(__file__).resolve().parents[2]  # the clone, when run from one (git commit in results)
+DEFAULT_TRACE = CONV_TRACE  # shipped in the package (a copy of data/traces/azure_llm_2023's)
 PAGE_RANK = 16  # EngineConfig.lora_page_rank's default: the pool's page granularity
 
 
@@ -105,8 +107,8 @@ def _adapters(args, prepared, cfg: ModelConfig
                 if r.adapter in rename else r for r in reqs]
         missing = sorted({r.adapter for r in reqs} - set(found))
         if missing:
-            raise SystemExit(f"carajax replay: the trace names adapters not in {args.adapter_dir}: "
-                             f"{missing[:10]}")
+            raise UsageError(f"--adapter-dir {args.adapter_dir}: the trace names adapters not in "
+                             f"it: {missing[:10]}")
         return reqs, {n: p for n, (p, _) in found.items()}, {n: r for n, (_, r) in found.items()}, \
             f"from {args.adapter_dir}"
     cache = args.adapter_cache or adapter_store.DEFAULT_CACHE
@@ -129,7 +131,7 @@ def plan(args) -> Plan:
                            ranks=ranks, rank_weights=weights, seed=args.seed)
     prepared = prepare(trace.requests, options)
     if not prepared.requests:
-        raise SystemExit(f"carajax replay: no requests in the window [{args.start}, "
+        raise UsageError(f"no requests in the window [{args.start}, "
                          f"{args.start + args.duration}) s of {trace_path}")
     reqs, paths, adapter_ranks, where = _adapters(args, prepared, cfg)
     prompts = tuple(synth_prompts(reqs, cfg, args.seed))
@@ -224,7 +226,8 @@ def plan(args) -> Plan:
     if link:
         caveats.append(f"host->device link EMULATED: {link[1]:g} ms + bytes / {link[0]:g} GB/s (rank 64: "
                        f"{copy_ms(64, cfg, *link):.1f} ms)")
-    if device == "cpu" and "cpu_assist" in args.cold_starts and not args.target:
+    if device == "cpu" and ("cpu_assist" in args.cold_starts or "auto" in args.cold_starts) \
+            and not args.target:
         caveats.append("no accelerator: the \"device\" is the CPU, so cpu_assist's CPU LoRA competes with "
                        "the forward pass for the same cores instead of overlapping with a GPU")
     if args.mode == "cluster" and not args.target:

@@ -22,10 +22,11 @@ import json
 import operator
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from carajax.data import COST_MODELS
 
 KERNELS = ("padded", "unpadded")
 PHASES = ("prefill", "decode")
@@ -453,6 +454,18 @@ class CostModel:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         object.__setattr__(self, "load_time", tuple(sorted((int(r), float(s)) for r, s in self.load_time)))
 
+    @property
+    def rank_aware(self) -> bool:
+        """Whether any of its prefill / decode coefficients prices LoRA rank. A model whose rank
+        terms are all zero prices every adapter like the base model: a rank-aware router
+        (caraserve, carajax) would be routing blind with it."""
+        return any(c > 0 for form in (self.prefill, self.decode)
+                   for name, c in zip(form.feature_names, form.coef) if "rank" in name)
+
+    def describe(self) -> str:
+        """One line: where it was measured, on what, when (for logs and metrics)."""
+        return f"{self.model_name or '?'} on {self.device or '?'} ({self.kernel}, {self.date or '?'})"
+
     def prefill_time(self, batch: Batch) -> float:
         """Seconds for one prefill step over `batch`."""
         return self.prefill.predict(batch)
@@ -553,14 +566,32 @@ def load(path: str | os.PathLike) -> CostModel:
         return CostModel.from_json(f.read())
 
 
-COST_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "cost_models"
+COST_MODEL_DIR = COST_MODELS  # shipped in the package: copies of the repository's data/cost_models/
 DEFAULT_COST_MODELS = ("cpu_llama-test.json", "a10_paper.json")  # first found wins
+
+
+class RankBlindModelError(ValueError):
+    """A rank-aware routing policy was given a cost model with no rank terms."""
+
+
+def require_rank_terms(model: CostModel, policy: str, where: str = "") -> None:
+    """Refuse a rank-blind model for the rank-aware policies (`caraserve`, `carajax`)."""
+    if policy in RANK_AWARE_POLICIES and not model.rank_aware:
+        raise RankBlindModelError(
+            f"cost model {model.describe()}{where} has every rank coefficient at 0: policy "
+            f"{policy!r} prices adapters by rank and would route blind with it; fit one on this "
+            "device (`carajax profile --fit FILE`, or `carajax serve --cost-model auto`) or "
+            "choose a rank-blind policy (most_idle, round_robin, random, first_fit)")
+
+
+RANK_AWARE_POLICIES = ("caraserve", "carajax")
 
 
 def default_cost_model() -> CostModel:
     """The shipped model used when none is given: fitted on a CPU for llama-test by
     `carajax profile` (what the built-in demo cluster runs), else the derived A10 model.
-    Both live in the repository's data/cost_models/ with their provenance."""
+    Both ship in the package (carajax/data/cost_models/, copies of the repository's
+    data/cost_models/, whose README gives their provenance)."""
     for name in DEFAULT_COST_MODELS:
         if (COST_MODEL_DIR / name).exists():
             return load(COST_MODEL_DIR / name)

@@ -260,7 +260,7 @@ class Counters(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., requests: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cpu_prefill_tokens: _Optional[int] = ..., cold_starts: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker", "model", "cold_start_policy", "emulated_link", "serving", "max_batch_size", "max_queue", "max_lora_rank", "max_seq_len", "waiting", "running", "queued", "memory", "adapters", "counters", "uptime_s")
+    __slots__ = ("worker", "model", "cold_start_policy", "emulated_link", "serving", "max_batch_size", "max_queue", "max_lora_rank", "max_seq_len", "waiting", "running", "queued", "memory", "adapters", "counters", "uptime_s", "cost_model")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COLD_START_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +277,7 @@ class StatsResponse(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_FIELD_NUMBER: _ClassVar[int]
     worker: str
     model: str
     cold_start_policy: str
@@ -293,4 +294,5 @@ class StatsResponse(_message.Message):
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
     counters: Counters
     uptime_s: float
-    def __init__(self, worker: _Optional[str] = ..., model: _Optional[str] = ..., cold_start_policy: _Optional[str] = ..., emulated_link: _Optional[bool] = ..., serving: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., queued: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., memory: _Optional[_Union[AdapterMemory, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    cost_model: str
+    def __init__(self, worker: _Optional[str] = ..., model: _Optional[str] = ..., cold_start_policy: _Optional[str] = ..., emulated_link: _Optional[bool] = ..., serving: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., queued: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., memory: _Optional[_Union[AdapterMemory, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., uptime_s: _Optional[float] = ..., cost_model: _Optional[str] = ...) -> None: ...

@@ -73,7 +73,8 @@ class CaraServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadAdapter(self, request, context):
-        """Registers a PEFT adapter directory on the worker's disk.
+        """Registers a PEFT adapter directory on the worker's disk (safetensors weights only): a path
+        that resolves inside the worker's adapter root (relative paths are taken under it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2,7 +2,9 @@
 
 Validation that the engine does not do itself lives here (prompt presence, seed range, request id
 length, finite sampling numbers): everything the engine would accept and then fail on mid-step
-must be refused at the RPC boundary, where it fails only its own request.
+must be refused at the RPC boundary, where it fails only its own request. So are requests larger
+than any model serves (`RequestLimits`: prompt bytes, stop lists), before the worker tokenizes or
+copies them; `max_tokens` is the engine's own limit (`EngineConfig.max_tokens_limit`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,49 @@ from carajax.server import carajax_pb2 as pb
 MAX_REQUEST_ID = 128
 _RESIDENCY = {"host": pb.RESIDENCY_HOST, "loading": pb.RESIDENCY_LOADING, "device": pb.RESIDENCY_DEVICE}
 _PHASE = {"waiting": pb.PHASE_WAITING, "prefill": pb.PHASE_PREFILL, "decode": pb.PHASE_DECODE}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RequestLimits:
+    """Sizes a request may have at a server's boundary (gRPC here; the HTTP API checks the same).
+    Far above what a model serves (a 128k-token context is ~0.5 MB of text), so they only stop a
+    client from making the server tokenize, copy or scan an arbitrarily large request."""
+
+    max_prompt_bytes: int = 1 << 20  # a text prompt, UTF-8
+    max_prompt_tokens: int = 1 << 18  # a token-id prompt
+    max_stop_token_ids: int = 64
+    max_stop_strings: int = 16
+    max_stop_string_bytes: int = 256  # each
+
+
+LIMITS = RequestLimits()
+
+
+def check_prompt(prompt: str | Sequence[int], limits: RequestLimits = LIMITS) -> None:
+    """`RequestError` for an empty or oversized prompt (text or token ids)."""
+    if not prompt:
+        raise RequestError("empty prompt")
+    if isinstance(prompt, str):
+        too_long = len(prompt) > limits.max_prompt_bytes  # more characters: more bytes, no encode
+        if too_long or len(prompt.encode("utf-8", "surrogatepass")) > limits.max_prompt_bytes:
+            raise RequestError(f"prompt is over the limit of {limits.max_prompt_bytes} bytes")
+    elif len(prompt) > limits.max_prompt_tokens:
+        raise RequestError(f"prompt has {len(prompt)} token ids; at most {limits.max_prompt_tokens}")
+
+
+def check_stops(token_ids: Sequence[int] = (), strings: Sequence[str] = (),
+                limits: RequestLimits = LIMITS) -> None:
+    """`RequestError` for too many stop token ids or stop strings, or too long a stop string."""
+    if len(token_ids) > limits.max_stop_token_ids:
+        raise RequestError(f"{len(token_ids)} stop token ids; at most {limits.max_stop_token_ids}")
+    if len(strings) > limits.max_stop_strings:
+        raise RequestError(f"{len(strings)} stop strings; at most {limits.max_stop_strings}")
+    for stop in strings:
+        if not stop:
+            raise RequestError("empty stop string")
+        if len(stop.encode("utf-8", "surrogatepass")) > limits.max_stop_string_bytes:
+            raise RequestError(f"stop string of {len(stop.encode('utf-8', 'surrogatepass'))} bytes; "
+                               f"at most {limits.max_stop_string_bytes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +90,9 @@ def sampling_message(*, max_tokens: int | None = None, temperature: float | None
     return msg
 
 
-def parse_sampling(msg: pb.SamplingParams) -> SamplingParams:
+def parse_sampling(msg: pb.SamplingParams, limits: RequestLimits = LIMITS) -> SamplingParams:
     """`RequestError` naming the field for anything the engine could not serve."""
+    check_stops(msg.stop_token_ids, limits=limits)
     kw = {f: getattr(msg, f) for f in ("max_tokens", "temperature", "top_p", "seed") if msg.HasField(f)}
     for f in ("temperature", "top_p"):
         if f in kw and not math.isfinite(kw[f]):
@@ -61,18 +107,21 @@ def parse_sampling(msg: pb.SamplingParams) -> SamplingParams:
         raise RequestError(f"invalid sampling: {e}") from None
 
 
-def parse_generate(msg: pb.GenerateRequest) -> GenerateArgs:
-    """A GenerateRequest -> engine arguments; `RequestError` if it is malformed."""
+def parse_generate(msg: pb.GenerateRequest, limits: RequestLimits = LIMITS) -> GenerateArgs:
+    """A GenerateRequest -> engine arguments; `RequestError` if it is malformed or over `limits`."""
     kind = msg.WhichOneof("prompt")
     if kind is None:
         raise RequestError("missing prompt: set GenerateRequest.text or GenerateRequest.token_ids")
-    prompt: str | list[int] = msg.text if kind == "text" else list(msg.token_ids.ids)
-    if not prompt:
-        raise RequestError(f"empty prompt (GenerateRequest.{kind})")
+    raw = msg.text if kind == "text" else msg.token_ids.ids
+    try:
+        check_prompt(raw, limits)
+    except RequestError as e:
+        raise RequestError(f"{e} (GenerateRequest.{kind})") from None
+    prompt: str | list[int] = raw if kind == "text" else list(raw)
     if len(msg.request_id) > MAX_REQUEST_ID:
         raise RequestError(f"request_id has {len(msg.request_id)} characters; at most {MAX_REQUEST_ID}")
     return GenerateArgs(prompt=prompt, adapter=msg.adapter_id or None,
-                        sampling=parse_sampling(msg.sampling), request_id=msg.request_id or None)
+                        sampling=parse_sampling(msg.sampling, limits), request_id=msg.request_id or None)
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -109,15 +158,17 @@ class IncrementalText:
 
 def cold_start_path(out: RequestOutput) -> str:
     """How an adapter request's weights were served: "warm" (resident on arrival), "cpu_assist"
-    (some of its tokens took the CPU path) or "wait" (cold on arrival, no token on the CPU path: it
-    waited for the copy, in a step or, under cpu_assist, in the queue while the copy landed);
-    "" for the base model."""
+    (some of its tokens took the CPU path), "async" (cold on arrival, it waited in the queue while
+    its copy ran) or "wait" (cold on arrival, no token on the CPU path: it waited for the copy in a
+    step, or under cpu_assist its copy landed before its first step); "" for the base model."""
     if out.adapter is None:
         return ""
     m = out.metrics
     if not m.cold_start:
         return "warm"
-    return "cpu_assist" if m.cpu_prefill_tokens or m.cpu_decode_tokens else "wait"
+    if m.cpu_prefill_tokens or m.cpu_decode_tokens:
+        return "cpu_assist"
+    return "async" if m.cold_path == "async" else "wait"
 
 
 def metrics_message(m: RequestMetrics, *, worker: str, path: str) -> pb.RequestMetrics:

@@ -78,6 +78,17 @@ class _EngineCollector(Collector):
                          ("step_wait_ms", "Median wait for a step's tokens (recent steps), ms")):
             if st[key] is not None:
                 yield GaugeMetricFamily(f"carajax_{key}", doc, value=st[key])
+        ad = st["adapters"]
+        for key, doc in (("copy_predicted_ms_median", "Median predicted adapter copy time, ms"),
+                         ("copy_real_ms_median", "Median real adapter copy time (queued to "
+                                                 "installed), ms")):
+            if ad.get(key) is not None:
+                yield GaugeMetricFamily(f"carajax_{key}", doc, value=ad[key])
+        paths = CounterMetricFamily("carajax_cold_start_choices",
+                                    "Cold requests by the path the engine gave them", labels=["path"])
+        for path, n in st["cold_paths"].items():
+            paths.add_metric([path], n)
+        yield paths
         info = GaugeMetricFamily(
             "carajax_lora_requests_info", "Running and waiting adapters (vLLM lora_requests_info)",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
@@ -107,9 +118,10 @@ class ServerMetrics:
         self._output = Counter("carajax_generation_tokens", "Generated tokens", registry=r)
         self._cpu = Counter("carajax_cpu_prefill_tokens",
                             "Prompt tokens whose LoRA delta came from the CPU", registry=r)
-        self._cold = Counter("carajax_cold_starts", "Adapter requests by path: warm, cpu_assist, wait",
-                             ["path"], registry=r)
-        for path in ("warm", "cpu_assist", "wait"):
+        self._cold = Counter("carajax_cold_starts",
+                             "Adapter requests by path: warm, cpu_assist, async, wait", ["path"],
+                             registry=r)
+        for path in ("warm", "cpu_assist", "async", "wait"):
             self._cold.labels(path)  # present from the start, so rates work from zero
         r.register(_EngineCollector(engine, queued_adapters))
         # Plain mirrors for the Stats RPC (reading prometheus values back needs private API).

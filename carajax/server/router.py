@@ -18,12 +18,16 @@ Failures: a worker that dies mid-stream fails only the streams it was serving, w
 naming the worker; before the first token a refused request (worker down, queue full) is retried
 once on each remaining candidate. The worker's own status codes (NOT_FOUND, INVALID_ARGUMENT, ...)
 pass through unchanged. A client's cancel or deadline cancels the upstream call.
+
+With an API key, clients must send it and the router sends its workers theirs (the same key by
+default) on every call, polls included (carajax.server.auth).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import threading
 import time
 import uuid
@@ -32,9 +36,16 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from carajax.sched import router as policies
-from carajax.sched.cost_model import CostModel
+from carajax.sched.cost_model import (
+    RANK_AWARE_POLICIES,
+    CostModel,
+    RankBlindModelError,
+    require_rank_terms,
+)
+from carajax.server import auth
 from carajax.server import carajax_pb2 as pb
 from carajax.server import carajax_pb2_grpc as pb_grpc
 from carajax.server.worker import SERVICE_NAME, start_server
@@ -52,11 +63,30 @@ class _Dispatch:
     tokens: int = 0  # tokens streamed back so far (the policy's decode age)
 
 
+_log = logging.getLogger("carajax.router")
+
+
+class _CostModelInfo:
+    """`carajax_router_cost_model_info{worker, cost_model}`: what each worker is priced with."""
+
+    def __init__(self, links):
+        self.links = links
+
+    def collect(self):
+        info = GaugeMetricFamily("carajax_router_cost_model_info",
+                                 "The cost model each worker is priced with", labels=["worker", "cost_model"])
+        for link in self.links:
+            info.add_metric([link.name, link.cost_source], 1.0)
+        yield info
+
+
 class WorkerLink:
     """One upstream worker: its channel, what the router dispatched there, its last Stats."""
 
-    def __init__(self, address: str, cost: CostModel, stats_timeout: float):
+    def __init__(self, address: str, cost: CostModel, stats_timeout: float,
+                 api_key: str | None = None, rank_aware: bool = False):
         self.address = address
+        self.metadata = auth.call_metadata(api_key)  # sent with every call to this worker
         self.name = address  # replaced by the worker's own name after the first Stats
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.CaraServeStub(self.channel)
@@ -66,13 +96,19 @@ class WorkerLink:
         self.error = "not polled yet"
         self.adapters: dict[str, int] = {}  # registered adapter id -> rank
         self.state = policies.WorkerState(name=address, cost=cost, healthy=False)
+        # What this worker is priced with: its own model from Stats when it reports one (fitted on
+        # its device), else the router's. A rank-aware policy refuses a rank-blind model.
+        self.default_cost, self.rank_aware = cost, rank_aware
+        self.cost_source = f"router default: {cost.describe()}"
+        self._cost_json = ""
         self.inflight: dict[str, _Dispatch] = {}
         self.last_stats: pb.StatsResponse | None = None
 
     def poll(self) -> bool:
         """One Stats call; updates health, adapters, residency and memory. True if it answered."""
         try:
-            st = self.stub.Stats(pb.StatsRequest(), timeout=self.stats_timeout)
+            st = self.stub.Stats(pb.StatsRequest(), timeout=self.stats_timeout,
+                                 metadata=self.metadata)
         except grpc.RpcError as e:
             # A worker compiling a step variant (seconds on a CPU) answers Stats late: that is
             # slow, not down. Liveness comes from the health service, which never waits on the
@@ -84,6 +120,9 @@ class WorkerLink:
             return False
         self.last_stats = st
         self.name = st.worker or self.address
+        if st.cost_model != self._cost_json:
+            self._cost_json = st.cost_model
+            self._use_cost_model(st.cost_model)
         self.healthy = st.serving
         self.error = "" if st.serving else "draining"
         self.adapters = {a.adapter_id: a.rank for a in st.adapters}
@@ -100,11 +139,29 @@ class WorkerLink:
         s.kv_free_rows = max(0, st.max_batch_size - len(st.running)) * st.max_seq_len
         return True
 
+    def _use_cost_model(self, text: str) -> None:
+        """Price this worker with the model it reports (its own device's), unless it is none,
+        unreadable, or rank-blind under a rank-aware policy: then the router's, said in the log."""
+        cost, why = self.default_cost, ""
+        if text:
+            try:
+                cost = CostModel.from_json(text)
+                require_rank_terms(cost, "carajax" if self.rank_aware else "", f" (worker {self.name})")
+            except RankBlindModelError as e:
+                cost, why = self.default_cost, f"refused its own model: {e}"
+            except (ValueError, KeyError) as e:
+                cost, why = self.default_cost, f"unreadable cost model in its Stats: {e}"
+        self.state.cost = cost
+        self.cost_source = (f"its own: {cost.describe()}" if cost is not self.default_cost
+                            else f"router default: {cost.describe()}")
+        (_log.warning if why else _log.info)(
+            "worker %s priced with %s%s", self.name, self.cost_source, f" ({why})" if why else "")
+
     def alive(self) -> bool:
         """True if the worker's health service answers SERVING."""
         try:
             reply = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                      timeout=self.stats_timeout)
+                                      timeout=self.stats_timeout, metadata=self.metadata)
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -142,6 +199,7 @@ class RouterServicer(pb_grpc.CaraServeServicer):
         self.up = Gauge("carajax_router_workers_up", "Workers answering Stats",
                         registry=self.registry)
         self.up.set_function(lambda: sum(link.healthy for link in self.links))
+        self.registry.register(_CostModelInfo(self.links))
 
     # -- routing ----------------------------------------------------------------------------
     def _route_request(self, request: pb.GenerateRequest, rank: int) -> policies.RouteRequest:
@@ -196,7 +254,7 @@ class RouterServicer(pb_grpc.CaraServeServicer):
                 context.abort(e.code, str(e))
             tried.add(link.address)
             remaining = context.time_remaining()
-            call = link.stub.Generate(request, timeout=remaining)
+            call = link.stub.Generate(request, timeout=remaining, metadata=link.metadata)
             context.add_callback(call.cancel)  # client gone or deadline: stop the worker's work
             started, outcome, recorded = False, "error", False
             try:
@@ -247,7 +305,8 @@ class RouterServicer(pb_grpc.CaraServeServicer):
         out = []
         for link in links:
             try:
-                out.append((link, getattr(link.stub, method)(request, timeout=timeout)))
+                out.append((link, getattr(link.stub, method)(request, timeout=timeout,
+                                                             metadata=link.metadata)))
             except grpc.RpcError as e:
                 out.append((link, e))
         for link, _ in out if refresh else ():
@@ -366,17 +425,23 @@ def serve_router(workers: Sequence[str], port: int = 50050, *, policy: str = "ca
                  cost: CostModel | None = None, slo_tpot: float = 0.1, avg_output_len: float = 128.0,
                  host: str = "[::]", poll_interval: float = 0.5, stats_timeout: float = 2.0,
                  metrics_port: int | None = None, max_workers: int = 256, seed: int = 0,
+                 api_key: str | None = None, worker_api_key: str | None = None,
                  ) -> RouterServer:
     """Start a router over `workers` ("host:port" each), routing by `policy` (a name in
     `carajax.sched.router.POLICIES`) priced with `cost` (default: the shipped CPU-fitted model).
 
-    Polls every worker once before returning, so routing starts with real state."""
+    api_key: clients must send it (`authorization: Bearer KEY` metadata; carajax.server.auth).
+    worker_api_key: what the router sends its workers (default: `api_key`, one key for the whole
+    cluster). Polls every worker once before returning, so routing starts with real state."""
     if not workers:
         raise ValueError("a router needs at least one worker")
     if cost is None:
         from carajax.sched.cost_model import default_cost_model
         cost = default_cost_model()
-    links = [WorkerLink(a, cost, stats_timeout) for a in workers]
+    require_rank_terms(cost, policy, " (the router's)")
+    worker_key = worker_api_key if worker_api_key is not None else api_key
+    rank_aware = policy in RANK_AWARE_POLICIES
+    links = [WorkerLink(a, cost, stats_timeout, worker_key, rank_aware) for a in workers]
     with concurrent.futures.ThreadPoolExecutor(len(links)) as ex:
         list(ex.map(WorkerLink.poll, links))
     cold = next((w.last_stats.cold_start_policy for w in links if w.last_stats), "wait")
@@ -384,7 +449,8 @@ def serve_router(workers: Sequence[str], port: int = 50050, *, policy: str = "ca
                                   cold_start=cold, seed=seed)
     servicer = RouterServicer(links, chosen, avg_output_len=avg_output_len)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="router"),
-                         maximum_concurrent_rpcs=max_workers, options=[("grpc.so_reuseport", 0)])
+                         maximum_concurrent_rpcs=max_workers, options=[("grpc.so_reuseport", 0)],
+                         interceptors=[auth.ApiKeyInterceptor(api_key)] if api_key is not None else None)
     health_servicer, bound = start_server(server, servicer, host, port)
     if metrics_port is not None:
         http, _ = start_http_server(metrics_port, registry=servicer.registry)

@@ -30,6 +30,8 @@ from carajax.lora.pool import PoolFullError
 from carajax.server import carajax_pb2 as pb
 from carajax.server import carajax_pb2_grpc as pb_grpc
 from carajax.server import codec
+from carajax.server.adapter_paths import AdapterPathError, AdapterPathPolicy
+from carajax.server.auth import ApiKeyInterceptor
 from carajax.server.metrics import ServerMetrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CaraServe"].full_name  # "carajax.v1.CaraServe"
@@ -56,11 +58,18 @@ class _Active:
 
 
 class CaraServeServicer(pb_grpc.CaraServeServicer):
-    """The CaraServe service over one engine; `drain()` makes it refuse new requests."""
+    """The CaraServe service over one engine; `drain()` makes it refuse new requests.
+    `adapter_paths`: where run-time loads may read from (default: nowhere); other front ends of
+    the same engine (HTTP) check their loads against this same object."""
 
-    def __init__(self, engine: Engine, *, name: str, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: Engine, *, name: str, metrics: ServerMetrics | None = None,
+                 adapter_paths: AdapterPathPolicy | None = None, cost_model=None):
         self.engine = engine
         self.name = name
+        # The worker's own step-latency model (`carajax serve --cost-model`), sent in Stats for
+        # routers to price this worker with; None: routers use theirs.
+        self.cost_model_json = cost_model.to_json() if cost_model is not None else ""
+        self.adapter_paths = adapter_paths or AdapterPathPolicy()
         self.metrics = metrics or ServerMetrics(engine, self.queued_adapters)
         self.serving = True
         self._active: dict[str, _Active] = {}  # insertion order = submission order
@@ -178,10 +187,15 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
         if name in self.engine.adapters:
             context.abort(Code.ALREADY_EXISTS, f"adapter {name!r} is already registered on worker "
                                                f"{self.name}; unload it first")
+        try:  # the client names a path on our disk: only where the operator allows
+            real = self.adapter_paths.resolve(path)
+        except AdapterPathError as e:
+            context.abort(Code.PERMISSION_DENIED, f"cannot load adapter {name!r} on worker "
+                                                  f"{self.name}: {e}")
         try:
-            self.engine.add_adapter(name, path)
-        except AdapterError as e:
-            context.abort(Code.INVALID_ARGUMENT, f"cannot load adapter {name!r} from {path}: {e}")
+            self.engine.add_adapter(name, real)
+        except AdapterError as e:  # its message names the file
+            context.abort(Code.INVALID_ARGUMENT, f"cannot load adapter {name!r}: {e}")
         except PoolFullError as e:
             context.abort(Code.RESOURCE_EXHAUSTED, f"cannot load adapter {name!r}: {e}")
         if request.pin:
@@ -244,7 +258,7 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
             memory=codec.memory_message(pool, cfg.lora_page_rank),
             adapters=codec.adapter_infos(self.engine.adapters, pool),
             counters=pb.Counters(steps=st["steps"], **counters),
-            uptime_s=time.monotonic() - self._started)
+            uptime_s=time.monotonic() - self._started, cost_model=self.cost_model_json)
 
 
 def _status_of(e: Exception) -> tuple[grpc.StatusCode, str]:
@@ -336,11 +350,18 @@ def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
 
 def serve(engine: Engine, port: int = 50051, *, host: str = "[::]", name: str | None = None,
           metrics_port: int | None = None, max_workers: int | None = None,
-          serving: bool = True) -> WorkerServer:
+          serving: bool = True, adapter_paths: AdapterPathPolicy | None = None,
+          api_key: str | None = None) -> WorkerServer:
     """Start a CaraServe server over `engine` (plus grpc.health.v1 and reflection).
 
     serving=False: bind now but report NOT_SERVING (the Kubernetes convention while the engine
     compiles; load balancers and the router send nothing yet) until `WorkerServer.set_serving()`.
+
+    adapter_paths: where LoadAdapter may read adapters (default: nowhere, LoadAdapter is refused
+    with PERMISSION_DENIED); `AdapterPathPolicy(root=DIR)` or `AdapterPathPolicy(allow_any=True)`.
+
+    api_key: every RPC but the health service's needs `authorization: Bearer KEY` metadata
+    (UNAUTHENTICATED otherwise; carajax.server.auth).
 
     port 0 binds any free port (read `.port`). metrics_port: None serves no /metrics, 0 any free
     port. Every Generate stream holds a thread while it runs, so the pool defaults to room for a
@@ -352,8 +373,9 @@ def serve(engine: Engine, port: int = 50051, *, host: str = "[::]", name: str | 
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="carajax-rpc"),
         maximum_concurrent_rpcs=max_workers,
-        options=[("grpc.so_reuseport", 0)])  # a taken port is an error, not a silent share
-    servicer = CaraServeServicer(engine, name=name)
+        options=[("grpc.so_reuseport", 0)],  # a taken port is an error, not a silent share
+        interceptors=[ApiKeyInterceptor(api_key)] if api_key is not None else None)
+    servicer = CaraServeServicer(engine, name=name, adapter_paths=adapter_paths)
     health_servicer, bound = start_server(server, servicer, host, port, serving)
     if metrics_port is not None:
         try:
