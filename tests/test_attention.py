@@ -1,5 +1,7 @@
 """Paged attention (carajax.models.attention) against a dense float64 loop written here, on mixed
-ragged batches: prefill chunks and decode tokens together, shuffled pages, GQA, padding."""
+ragged batches: prefill chunks and decode tokens together, shuffled pages, GQA, padding; then the
+Pallas kernel (carajax.models.paged_attention_pallas) against both, interpreted here and compiled
+on a GPU."""
 
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ from hypothesis import strategies as st
 from carajax.models.attention import (
     num_query_blocks,
     paged_attention,
+    paged_attention_reference,
     plan_query_blocks,
     write_pages,
 )
+from carajax.models.paged_attention_pallas import kernel_query_block, paged_attention_pallas
 from tests.conftest import rel_error
 
 # One attention in float32 against float64: a few roundings per score and a sum over at most a
@@ -298,11 +302,166 @@ def test_write_then_attend_in_a_jitted_layer_scan():
 
 
 def test_dispatch():
-    case = make_case(np.random.default_rng(6), [(5, 2)], page_size=4, heads=2, kv_heads=1)
-    np.testing.assert_array_equal(run(case, impl="auto"), run(case, impl="reference"))
-    with pytest.raises(NotImplementedError, match="issue 17"):
-        paged_attention(*case.args(), impl="pallas")
+    case = make_case(np.random.default_rng(6), [(5, 2)], page_size=4, heads=2, kv_heads=1,
+                     head_dim=16)
+    # On CPU, auto is the reference (interpreting the kernel would be several times slower).
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(run(case, impl="auto"), run(case, impl="reference"))
+    assert rel_error(run(case, impl="interpret"), run(case, impl="reference")) <= 1e-6
     with pytest.raises(ValueError, match="unknown impl"):
         paged_attention(*case.args(), impl="flash")
-    with pytest.raises(ValueError, match="query_block"):
-        paged_attention(*case.args(), query_block=0)
+    for impl in ("reference", "interpret"):
+        with pytest.raises(ValueError, match="query_block"):
+            paged_attention(*case.args(), impl=impl, query_block=0)
+    # The kernel's tiles need a power-of-two head_dim; auto never picks it for others.
+    odd = make_case(np.random.default_rng(6), [(5, 2)], page_size=4, heads=2, kv_heads=1,
+                    head_dim=12)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_attention(*odd.args(), impl="interpret")
+    assert rel_error(run(odd, impl="auto"), naive_attention(odd)) <= F32_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# The Pallas kernel: one suite, compiled on a GPU, interpreted everywhere
+# ---------------------------------------------------------------------------------------------
+@functools.cache
+def kernel(interpret: bool, query_block=None, block_k=None):
+    return jax.jit(functools.partial(paged_attention_pallas, interpret=interpret,
+                                     query_block=query_block, block_k=block_k))
+
+
+# Contexts over several key chunks (block_k 16 at page_size 4: 4 pages a chunk), decode tokens
+# and prefill chunks whose query blocks end before their sequence's context does.
+LONG = [
+    (70, 1),  # decode over 18 pages (5 chunks), the last page holding 2 of 4 positions
+    (0, 0),  # padding sequence
+    (45, 13),  # a prefill chunk resuming at position 32: blocks end at 36, 40, 44, 45
+    (64, 1),  # decode, the context exactly 16 full pages
+    (3, 3),  # a fresh prompt shorter than one page
+    (0, 0),
+]
+
+
+class PagedAttentionKernelSuite:
+    INTERPRET = False
+
+    def check(self, case, out, tol):
+        """Against the float64 loop and the jnp reference; padding rows exactly zero."""
+        out = np.asarray(out.astype(jnp.float32), np.float64)
+        n_valid = case.query_starts[-1]
+        assert rel_error(out[:n_valid], naive_attention(case)[:n_valid]) <= tol
+        ref = paged_attention_reference(*case.args(), query_block=4)
+        ref = np.asarray(ref.astype(jnp.float32), np.float64)
+        assert rel_error(out, ref) <= tol
+        np.testing.assert_array_equal(out[n_valid:], 0)
+
+    @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+    @pytest.mark.parametrize("query_block", [1, None])
+    def test_mixed_batch(self, heads, kv_heads, query_block):
+        case = make_case(np.random.default_rng(10), MIXED, page_size=8, heads=heads,
+                         kv_heads=kv_heads, num_tokens=19, num_cols=8)
+        out = kernel(self.INTERPRET, query_block)(*case.args())
+        assert out.dtype == jnp.float32 and out.shape == case.q.shape
+        self.check(case, out, F32_TOL)
+
+    @pytest.mark.parametrize("query_block", [4, 16])
+    def test_contexts_over_several_chunks(self, query_block):
+        # GQA 8 / 2 with query_block 16: a 64-row tile holding 16 tokens x 4 heads.
+        case = make_case(np.random.default_rng(11), LONG, page_size=4, heads=8, kv_heads=2,
+                         num_tokens=20, num_cols=20)
+        self.check(case, kernel(self.INTERPRET, query_block, 16)(*case.args()), F32_TOL)
+
+    def test_decode_only_batch(self):
+        # The engine's decode step: one token per sequence, Bq = 1, ragged contexts.
+        specs = [(1, 1), (17, 1), (33, 1), (0, 0), (100, 1), (48, 1)]
+        case = make_case(np.random.default_rng(12), specs, page_size=16, heads=4, kv_heads=2,
+                         num_tokens=8, num_cols=8)
+        self.check(case, kernel(self.INTERPRET, 1, 32)(*case.args()), F32_TOL)
+
+    def test_bfloat16(self):
+        case = make_case(np.random.default_rng(13), LONG, page_size=4, heads=8, kv_heads=2,
+                         dtype=ml_dtypes.bfloat16, num_tokens=20, num_cols=20)
+        out = kernel(self.INTERPRET, 4, 16)(*case.args())
+        assert out.dtype == jnp.bfloat16
+        self.check(case, out, BF16_TOL)
+
+    def test_through_paged_attention(self):
+        """The public entry point reaches the kernel: `interpret` here, `pallas` (and `auto`)
+        on a GPU."""
+        case = make_case(np.random.default_rng(14), MIXED, page_size=8, heads=8, kv_heads=2,
+                         num_tokens=19, num_cols=8)
+        impls = ["interpret"] if self.INTERPRET else ["pallas", "auto"]
+        for impl in impls:
+            self.check(case, jitted(impl=impl)(*case.args()), F32_TOL)
+
+    # differing_executors: the GPU suite and its interpret subclass share this method.
+    @settings(max_examples=8, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
+    @given(data=st.data())
+    def test_drawn_batches(self, data):
+        """Drawn ragged batches at fixed shapes (one compile): zero-token and padding sequences,
+        odd page fills, token counts not a multiple of Bq, GQA 4 / 2."""
+        page_size = data.draw(st.sampled_from([4, 16]), "page_size")
+        specs = []
+        for _ in range(S_PAD):
+            n = data.draw(st.integers(0, 6))
+            specs.append((data.draw(st.integers(0, MAX_CTX - n)) + n, n))
+        seed = data.draw(st.integers(0, 2**32 - 1), "seed")
+        case = make_case(np.random.default_rng(seed), specs, page_size=page_size, heads=4,
+                         kv_heads=2, num_tokens=T_PAD, num_cols=-(-MAX_CTX // page_size),
+                         num_pages=S_PAD * -(-MAX_CTX // page_size) + 1)
+        out = kernel(self.INTERPRET, 3, 16)(*case.args())
+        assert np.isfinite(np.asarray(out)).all()
+        self.check(case, out, F32_TOL)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Pallas)")
+class TestPagedAttentionKernelGPU(PagedAttentionKernelSuite):
+    INTERPRET = False
+
+
+class TestPagedAttentionKernelInterpret(PagedAttentionKernelSuite):
+    INTERPRET = True
+
+
+def test_kernel_query_block_fits_the_tile():
+    assert kernel_query_block(64, 1) == 64  # Llama-2-7B (MHA): 64 rows
+    assert kernel_query_block(64, 4) == 32  # Llama-3-8B (GQA 4): 32 tokens x 4 heads = 128 rows
+    assert kernel_query_block(1, 8) == 1
+    assert kernel_query_block(4, 256) == 1  # never below one token
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_lowers_to_triton_for_nvidia(dtype):
+    """Without a GPU, lowering for CUDA still runs Pallas' Triton lowering and its checks (tile
+    shapes, gathers, dots) on Llama-2-7B decode (32 heads, MHA) and a GQA prefill step."""
+    sds = jax.ShapeDtypeStruct
+    N, page_size, D, P = 1024, 16, 128, 128
+    for T, S, heads, kv_heads, bq in ((32, 32, 32, 32, 1), (512, 8, 32, 8, 64)):
+        args = (sds((T, heads, D), dtype), sds((N, page_size, kv_heads, D), dtype),
+                sds((N, page_size, kv_heads, D), dtype), sds((S, P), jnp.int32),
+                sds((S,), jnp.int32), sds((S + 1,), jnp.int32))
+        fn = functools.partial(paged_attention_pallas, query_block=bq)
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in text.lower()
+
+
+def test_model_forward_with_the_kernel(monkeypatch, tiny_config):
+    """The kernel where the engine runs it: inside the model's layer scan, on the flat pool of
+    all layers (block tables offset per layer), after write_pages. Two whole sequences of 10 and
+    an interpret-mode forward give the reference forward's logits."""
+    from carajax.models import llama, weights
+
+    model = weights.random_model(tiny_config, seed=3)
+    batch, pages = llama.dense_batch(2, 10, page_size=4)
+    batch.tokens = jnp.asarray(np.random.default_rng(7).integers(0, tiny_config.vocab_size, 20),
+                               jnp.int32)
+
+    def forward():
+        cache = llama.PagedKVCache.zeros(tiny_config, pages + 1, 4, jnp.float32)
+        return np.asarray(model(batch, cache, None, query_block=4)[0], np.float64)
+
+    want = forward()
+    monkeypatch.setattr(llama, "paged_attention",
+                        functools.partial(paged_attention, impl="interpret"))
+    assert rel_error(forward(), want) <= F32_TOL

@@ -141,6 +141,27 @@ def test_carajax_prices_the_cpu_assist_slowdown_as_a_stall_on_a_busy_worker():
     assert cpu.choose(req, ws).name == "B"
 
 
+def test_async_cold_starts_cost_the_request_its_copy_and_the_others_nothing():
+    # Same busy workers as above (n = 2), only B holds "x" (rank 64, load 1e-3 x 64 = 0.064 s).
+    # async: the request waits for the copy in the queue (A's TTFT + 0.064/100) while the decoders
+    # beside it never wait: no stall in the bracket, A - B = 0.00064. wait: the step blocks on the
+    # copy, so the two decoders pay it too: 0.064/100 x 2 more, A - B = 0.00192.
+    cost = FakeCost()
+    req = RouteRequest("x", 64, 100, 100)
+    batch = [(100, 8), (100, 8)]
+    ws = [_w("A", cost, batch=batch), _w("B", cost, batch=batch, resident={"x"})]
+    a_sync = CarajaxPolicy(avg_output_len=100, slo_tpot=1.0, cold_start="async")
+    wait = CarajaxPolicy(avg_output_len=100, slo_tpot=1.0, cold_start="wait")
+    assert a_sync.score(req, ws[0]) - a_sync.score(req, ws[1]) == pytest.approx(0.00064)
+    assert wait.score(req, ws[0]) - wait.score(req, ws[1]) == pytest.approx(0.00192)
+    # auto: the faster of async (0.064 s) and CPU assist (0.5 x Pre = 0.042 s, which stalls the
+    # decoders too): CPU assist here, as the cpu_assist test above prices it (0.00126).
+    auto = CarajaxPolicy(avg_output_len=100, slo_tpot=1.0, cold_start="auto", cpu_slowdown=0.5)
+    assert auto.score(req, ws[0]) - auto.score(req, ws[1]) == pytest.approx(0.00126)
+    slow_cpu = CarajaxPolicy(avg_output_len=100, slo_tpot=1.0, cold_start="auto", cpu_slowdown=2.0)
+    assert slow_cpu.score(req, ws[0]) - slow_cpu.score(req, ws[1]) == pytest.approx(0.00064)
+
+
 def test_carajax_counts_the_prefill_queued_ahead():
     # Unpadded, avg_output_len = 100, new request: 100 prompt tokens, rank 8, resident on both.
     # A: queue [(4000, 8)], batch [(100, 8)] (n = 2);  B: queue [], batch [(100, 8), (100, 8)] (n = 2).

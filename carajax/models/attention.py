@@ -17,9 +17,9 @@ Layout (S sequences, T query tokens, N pages of `page_size` positions):
     query_starts  int32 [S + 1]                           sequence s owns q[query_starts[s]:query_starts[s+1]]
 
 `paged_attention` is the entry point and the single dispatch point between implementations: the
-pure-jnp reference here (what CPUs run, and what a kernel is tested against) and, later, a Pallas
-GPU kernel (issue 17) behind the same signature. `write_pages` puts a step's keys and values into
-the pools.
+pure-jnp reference here (what CPUs run, and what a kernel is tested against) and the Pallas GPU
+kernel behind the same signature (`paged_attention_pallas.py`, issue 17). `write_pages` puts a
+step's keys and values into the pools.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "reference", "pallas")
+IMPLS = ("auto", "reference", "pallas", "interpret")
 
 # Cap of the default query block: past this a prefill chunk's blocks waste more on masked padding
 # rows (up to Bq - 1 per sequence) than they save in KV gathers.
@@ -71,20 +71,32 @@ def paged_attention(
     finite (a zero-initialised pool written by `write_pages` is): masked probabilities are 0, and
     0 * NaN is NaN.
 
-    impl: "reference" (pure jnp, below), "auto" (the reference for now), "pallas" (issue 17).
-    query_block (static): Bq, the query tokens the reference attends together; see
-        `paged_attention_reference`. None: `default_query_block(T, S)`.
+    impl: "reference" (pure jnp, below); "pallas" (the Pallas kernel of
+        `paged_attention_pallas`, compiled: NVIDIA GPUs, via Triton); "interpret" (the same kernel
+        in Pallas interpret mode: CPU tests); "auto": "pallas" on a GPU when the kernel takes the
+        shapes (head_dim a power of two >= 16), else "reference" (on CPU interpreting a kernel
+        is several times slower than the jnp reference).
+    query_block (static): Bq, the query tokens attended together; see
+        `paged_attention_reference`. None: `default_query_block(T, S)`. The kernel may cut it
+        to fit its tile; the result does not depend on it.
     """
     if impl == "auto":
-        # Issue 17: pick the Pallas kernel here when running on a GPU.
-        impl = "reference"
+        impl = "pallas" if _kernel_fits(q) else "reference"
     if impl == "reference":
         return paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens,
                                          query_starts, query_block=query_block)
-    if impl == "pallas":
-        raise NotImplementedError("paged_attention: the Pallas kernel is not written yet (issue 17); "
-                                  "use impl='reference' or 'auto'")
+    if impl in ("pallas", "interpret"):
+        from carajax.models.paged_attention_pallas import paged_attention_pallas
+        return paged_attention_pallas(q, k_pages, v_pages, block_tables, seq_lens, query_starts,
+                                      query_block=query_block, interpret=impl == "interpret")
     raise ValueError(f"paged_attention: unknown impl {impl!r}, expected one of {IMPLS}")
+
+
+def _kernel_fits(q) -> bool:
+    """Whether `auto` runs the Pallas kernel: on a GPU, for head dims its Triton tiles take."""
+    head_dim = q.shape[-1]
+    return (jax.default_backend() == "gpu" and head_dim >= 16
+            and head_dim & (head_dim - 1) == 0)
 
 
 def default_query_block(num_tokens: int, num_seqs: int) -> int:

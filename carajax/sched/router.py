@@ -189,6 +189,10 @@ def _request_weight(n: np.ndarray, mode: str) -> np.ndarray:
     raise ValueError(f"unknown weight mode {mode!r}")
 
 
+# Engine cold-start policies a router may be told its workers run (carajax.config).
+COLD_STARTS = ("auto", "cpu_assist", "async", "wait", "cached")
+
+
 class CaraServePolicy:
     """The paper's rank-aware Algorithm 1.
 
@@ -300,8 +304,8 @@ class CarajaxPolicy:
         locality_bonus: float = 0.0,
         risk_weight: float = 0.5,
     ):
-        if cold_start not in ("wait", "cpu_assist", "cached"):
-            raise ValueError(f"unknown cold_start {cold_start!r}")
+        if cold_start not in COLD_STARTS:
+            raise ValueError(f"unknown cold_start {cold_start!r}; expected one of {COLD_STARTS}")
         if risk_weight < 0:
             raise ValueError(f"risk_weight must be >= 0, got {risk_weight}")
         self.slo_tpot = slo_tpot
@@ -364,17 +368,32 @@ class CarajaxPolicy:
             misses += 1.0
         return misses
 
-    def _cold_seconds(self, request: RouteRequest, p: Prices) -> np.ndarray:
-        """[W] the cold start's cost on workers without the adapter (0 where it is resident)."""
+    def _cold_seconds(self, request: RouteRequest, p: Prices) -> tuple[np.ndarray, np.ndarray]:
+        """[W] x 2: the cold start's wait for the request itself, and its stall of everyone else
+        on the worker (0 where the adapter is resident). `wait`: the step blocks on the copy
+        (both); `async`: the request waits in the queue for it (only its own); `cpu_assist`:
+        the slower CPU-side prefill lengthens the steps it runs in (both); `auto`: whichever of
+        async and cpu_assist is faster, as the engine chooses."""
+        zero = np.zeros(len(p.resident))
         if self.cold_start == "cached" or p.resident.all():
-            return np.zeros(len(p.resident))
+            return zero, zero
         rank, toks = request.rank, request.prompt_tokens
+        alone = Batch(ranks=(rank,), tokens=toks, context=toks)
+        load = cpu = zero
+        if self.cold_start != "cpu_assist":
+            load = p.per_cost(lambda c: c.load_seconds(rank))
+        if self.cold_start in ("cpu_assist", "auto"):
+            cpu = p.per_cost(lambda c: self.cpu_slowdown * c.prefill_time(alone))
         if self.cold_start == "wait":
-            cold = p.per_cost(lambda c: c.load_seconds(rank))
-        else:
-            alone = Batch(ranks=(rank,), tokens=toks, context=toks)
-            cold = p.per_cost(lambda c: self.cpu_slowdown * c.prefill_time(alone))
-        return np.where(p.resident, 0.0, cold)
+            own, others = load, load
+        elif self.cold_start == "async":
+            own, others = load, zero
+        elif self.cold_start == "cpu_assist":
+            own, others = cpu, cpu
+        else:  # auto
+            via_cpu = cpu < load
+            own, others = np.where(via_cpu, cpu, load), np.where(via_cpu, cpu, 0.0)
+        return np.where(p.resident, 0.0, own), np.where(p.resident, 0.0, others)
 
     def base_scores(
         self, request: RouteRequest, workers: list[WorkerState]
@@ -383,8 +402,8 @@ class CarajaxPolicy:
         `slo_misses`' `d_pre`); and the prices they came from."""
         p, avg = price(request, workers), self.avg_output_len
         d_pre = p.pre_with - p.pre_now
-        cold = self._cold_seconds(request, p)
-        bracket = d_pre / avg + (p.dec_with - p.dec_now) + cold / avg
+        cold, stall = self._cold_seconds(request, p)
+        bracket = d_pre / avg + (p.dec_with - p.dec_now) + stall / avg
         ttft = p.pre_with + p.dec_now + cold
         overflow = p.n - p.max_batch
         ttft = np.where(overflow >= 0, ttft + p.dec_now * avg * (overflow + 1) / p.max_batch, ttft)
@@ -393,7 +412,7 @@ class CarajaxPolicy:
         score = np.where(p.kv_free <= 0, score + self.kv_penalty, score)
         if self.locality_bonus:
             score = np.where(p.resident, score - self.locality_bonus, score)
-        return score, d_pre + cold, p
+        return score, d_pre + stall, p
 
     def score(self, request: RouteRequest, w: WorkerState) -> float:
         """n × (caraserve bracket + cold stall) + ttft_weight × TTFT + penalties + risk_weight × misses,
