@@ -12,6 +12,9 @@
     carajax route --workers HOST:PORT,HOST:PORT [--policy carajax] [--port 50050] [--http-port 8000]
                                                           the router in front of workers; prints
                                                           "carajax router ready on HOST:PORT ..."
+    carajax ray [--replicas 2] [--policy carajax] [--http-port 8000] [--address auto]
+                                                          Ray Serve: replicas + our router (issue 19);
+                                                          "carajax on Ray Serve ready at URL ..."
     carajax replay [--scale 0.5] [--cold-starts cached,wait,cpu_assist] [--mode cluster|engine]
                                                           replay a trace open-loop, compare policies:
                                                           table, JSON and plots in results/replay
@@ -724,6 +727,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("route", help="run the router service in front of workers until SIGTERM")
     add_route_args(p)
     p.set_defaults(func=route_cmd)
+    from carajax.cluster.command import add_ray_args, ray_cmd
+
+    p = sub.add_parser("ray", help="deploy replicas + our router on Ray Serve (needs .[ray]) until SIGTERM")
+    add_ray_args(p)
+    p.set_defaults(func=ray_cmd)
     from carajax.replay.command import add_replay_args, replay_cmd
 
     p = sub.add_parser("replay", help="replay a trace open-loop against workers behind a router (the "

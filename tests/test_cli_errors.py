@@ -34,7 +34,7 @@ def one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
 def test_python_m_carajax_help_lists_the_commands(tmp_path):
     proc = run(tmp_path, "--help")
     assert proc.returncode == 0, proc.stderr
-    for command in ("demo", "simulate", "serve", "profile", "route", "replay"):
+    for command in ("demo", "simulate", "serve", "profile", "route", "ray", "replay"):
         assert command in proc.stdout
 
 
@@ -65,6 +65,11 @@ CASES = {  # argv -> what the one line says (the path, once)
     "route workers": (["route", "--workers", "nohost"], "--workers 'nohost': expected comma-separated "
                       "HOST:PORT"),
     "profile model": (["profile", "--model", "nosuch"], "--model nosuch: not a checkpoint directory"),
+    "ray engine config": (["ray", "--engine-config", '{"max_batch_size": 0}'],
+                          "bad --engine-config: EngineConfig.max_batch_size must be positive"),
+    "ray adapter root": (["ray", "--adapter-root", MISSING], f"--adapter-root {MISSING}: no such "
+                         "directory"),
+    "ray cost model": (["ray", "--cost-model", MISSING], f"--cost-model {MISSING}: no such file"),
 }
 
 

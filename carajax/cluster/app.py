@@ -1,0 +1,301 @@
+"""The Ray Serve application: carajax replicas behind an OpenAI-compatible ingress.
+
+    app = build_app(replicas=2, policy="carajax")     # or app_builder({...}) from a Serve YAML
+    serve.run(app, name="carajax", route_prefix="/")   # POST /v1/completions on Serve's HTTP port
+
+CarajaxReplica   one Engine (the demo model and its trained adapters by default, or every adapter
+                 dir under `adapter_root`); requests run through the worker's own gRPC servicer and
+                 OpenAI layer in-process (carajax.server.openai_serving), so validation, stop
+                 strings and errors are the HTTP server's; publishes routing stats every
+                 `stats_period_s` (carajax.cluster.routing).
+OpenAIIngress    the FastAPI app on Serve's HTTP proxy: /v1/completions, /v1/chat/completions
+                 (SSE with `stream`), /v1/models, /health, /router (our router's counters). It
+                 tokenizes the prompt (to know its length), looks up the adapter's rank, and
+                 passes both to the replica call as `route=...`, which our router
+                 (carajax.cluster.ray_router) prices. The served replica's name comes back in the
+                 `x-carajax-replica` header.
+
+`router="ray"` keeps Ray's default router (power of two choices) for comparison.
+"""
+
+# No `from __future__ import annotations`: serve.ingress hands FastAPI the methods, whose
+# `request: Request` must be a real class, not a string, for FastAPI to inject the request.
+import json
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from carajax.cluster import routing
+from carajax.server import openai_api as oa
+
+DEFAULT_MODEL = "carajax-demo"
+
+
+def _adapter_dirs(model: str, adapter_root: str | None) -> dict[str, str]:
+    """Adapter name -> dir: every PEFT dir under `adapter_root`, else the demo's shipped ones."""
+    if adapter_root:
+        root = Path(adapter_root)
+        return {d.name: str(d) for d in sorted(root.iterdir()) if (d / "adapter_config.json").exists()}
+    from carajax import demo
+
+    return demo.adapter_dirs() if demo.is_demo(model) else {}
+
+
+class _InProcess:
+    """What OpenAIServing needs of a started server: the servicer and a health servicer."""
+
+    def __init__(self, servicer):
+        from grpc_health.v1 import health
+
+        self.servicer, self.health = servicer, health.HealthServicer()  # SERVING by default
+
+
+class CarajaxReplica:
+    """One carajax Engine as a Ray Serve replica (wrapped by `serve.deployment` in `build_app`)."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, adapter_root: str | None = None,
+                 engine_config: dict | None = None, cost_model: str | None = None,
+                 dtype: str = "float32"):
+        from carajax.config import EngineConfig
+        from carajax.engine.engine import Engine
+        from carajax.server.openai_serving import OpenAIServing, ServedModel
+        from carajax.server.worker import CaraServeServicer
+
+        ctx = serve.get_replica_context()
+        self.name = f"{ctx.deployment}#{ctx.replica_id.unique_id}" if ctx is not None else "replica"
+        self.engine = Engine.from_pretrained(model, dtype=dtype, config=EngineConfig(**(engine_config or {})))
+        for name, path in _adapter_dirs(model, adapter_root).items():
+            self.engine.add_adapter(name, path)
+        self.cost_json = Path(cost_model).read_text() if cost_model else ""
+        self.servicer = CaraServeServicer(self.engine, name=self.name)
+        self.serving = OpenAIServing(_InProcess(self.servicer), ServedModel.of_engine(self.engine, model),
+                                     limits=oa.HttpLimits(max_tokens=self.engine.config.max_tokens_limit),
+                                     enable_lora_loading=False, adapter_paths=None)
+
+    def record_routing_stats(self) -> dict:
+        """Ray Serve calls this every `request_routing_stats_period_s`; our router reads it."""
+        return routing.replica_stats(self.engine, self.servicer, name=self.name,
+                                     cost_model_json=self.cost_json, serving=self.servicer.serving)
+
+    def models(self) -> dict:
+        """{"base": served name, "max_model_len": ..., "adapters": {name: rank}}."""
+        return {"base": self.serving.model.name, "max_model_len": self.serving.model.max_model_len,
+                "adapters": {n: a.rank for n, a in self.engine.adapters.items()}}
+
+    def _request(self, body: dict, kind: str):
+        cls = oa.ChatCompletionRequest if kind == "chat" else oa.CompletionRequest
+        try:
+            return cls.model_validate(body)
+        except ValueError as e:
+            raise oa.bad_request(f"invalid request: {e}") from None
+
+    async def complete(self, body: dict, kind: str = "completion", route: dict | None = None) -> dict:
+        """One whole completion: {"status", "body", "replica"} (an error's status and body too).
+        `route` is read by the router only."""
+        from carajax.server.openai_serving import CallContext
+
+        try:
+            req = self._request(body, kind)
+            spec = self.serving.spec(req)
+            texts, last = [], None
+            events = self.serving.events(spec, CallContext())
+            try:
+                async for piece in events:
+                    texts.append(piece.text)
+                    if piece.finish:
+                        last = piece
+                        break
+            finally:
+                await events.aclose()
+        except oa.ApiError as e:
+            return {"status": e.status, "body": e.body(), "replica": self.name}
+        out = oa.response_body(kind, spec.request.request_id, req.model, "".join(texts), last.finish,
+                               last.usage)
+        return {"status": 200, "body": out, "replica": self.name}
+
+    async def stream(self, body: dict, kind: str = "completion", route: dict | None = None):
+        """SSE lines. The first item is {"status", "body", "replica"}: 200 (lines follow) or the
+        error (nothing follows), so a refused request keeps its own status code."""
+        from carajax.server.http import _sse
+        from carajax.server.openai_serving import CallContext
+
+        try:
+            req = self._request(body, kind)
+            spec = self.serving.spec(req)
+            events = self.serving.events(spec, CallContext())
+            first = await anext(events)
+        except oa.ApiError as e:
+            yield {"status": e.status, "body": e.body(), "replica": self.name}
+            return
+        yield {"status": 200, "body": None, "replica": self.name}
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        async for line in _sse(kind, spec.request.request_id, req.model, first, events, include_usage):
+            yield line
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            self.serving.close()
+            engine.close()
+
+
+async def _guarded(gen, replica: str):
+    """The replica's SSE lines; if the replica dies (or fails) mid-stream, an error event and
+    [DONE] end the stream, so a client never waits on a stream nobody will finish."""
+    try:
+        async for line in gen:
+            yield line
+    except Exception as e:  # RayActorError when the replica's process died
+        err = oa.ApiError(503, f"replica {replica} failed mid-stream: {type(e).__name__}: {e}",
+                          type="service_unavailable")
+        yield f"data: {json.dumps(err.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+fastapi_app = FastAPI(title="carajax on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@serve.ingress(fastapi_app)
+class OpenAIIngress:
+    """The OpenAI HTTP entry point; each generation goes to a replica with its route."""
+
+    def __init__(self, replicas, model: str = DEFAULT_MODEL, avg_output_len: float = 128.0):
+        from carajax.server.openai_serving import ServedModel
+
+        self.replicas = replicas
+        self.model = ServedModel.load(model)  # tokenizer and chat template, no weights
+        self.avg_output_len = avg_output_len
+        self.info: dict | None = None  # a replica's models(): base name, adapters and ranks
+
+    async def _info(self, refresh: bool = False) -> dict:
+        if self.info is None or refresh:
+            self.info = await self.replicas.models.remote()
+        return self.info
+
+    async def _route(self, body: dict, kind: str) -> dict:
+        info = await self._info()
+        adapter = body.get("model")
+        if adapter == info["base"]:
+            adapter = None
+        elif adapter not in info["adapters"]:  # loaded since? else the replica says 404
+            info = await self._info(refresh=True)
+        rank = info["adapters"].get(adapter, 0) if adapter else 0
+        if kind == "chat":
+            text = "".join(str(m.get("content") or "") for m in body.get("messages") or [])
+        else:
+            text = body.get("prompt")
+            text = text[0] if isinstance(text, list) and text and not isinstance(text[0], int) else text
+        if isinstance(text, str):
+            tok = self.model.tokenizer
+            n = len(tok.encode(text)) if tok is not None else len(text.encode()) + 1
+        else:
+            n = len(text or [])
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        return routing.request_route(adapter, rank, n, max_tokens, self.avg_output_len)
+
+    async def _generate(self, request: Request, kind: str) -> Response:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return JSONResponse(oa.bad_request("the body is not JSON").body(), status_code=400)
+        if not isinstance(body, dict):
+            return JSONResponse(oa.bad_request("the body must be a JSON object").body(), status_code=400)
+        try:
+            route = await self._route(body, kind)
+        except (TypeError, ValueError, AttributeError):  # a malformed field: the replica says which
+            route = None  # Ray's default router takes it
+        if not body.get("stream"):
+            try:
+                got = await self.replicas.complete.remote(body, kind, route=route)
+            except Exception as e:  # the replica died while serving it (RayActorError)
+                err = oa.ApiError(503, f"the replica failed: {type(e).__name__}: {e}",
+                                  type="service_unavailable")
+                return JSONResponse(err.body(), status_code=503)
+            return JSONResponse(got["body"], status_code=got["status"],
+                                headers={"x-carajax-replica": got["replica"]})
+        gen = self.replicas.options(stream=True).stream.remote(body, kind, route=route)
+        head = await gen.__anext__()
+        if head["status"] != 200:
+            return JSONResponse(head["body"], status_code=head["status"],
+                                headers={"x-carajax-replica": head["replica"]})
+        return StreamingResponse(_guarded(gen, head["replica"]), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "x-carajax-replica": head["replica"]})
+
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completion")
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    @fastapi_app.get("/v1/models")
+    async def list_models(self) -> dict:
+        info = await self._info(refresh=True)
+        card = lambda name, parent: oa.model_card(name, parent=parent, created=0,  # noqa: E731
+                                                  max_model_len=info["max_model_len"])
+        return {"object": "list", "data": [card(info["base"], None)] +
+                [card(a, info["base"]) for a in info["adapters"]]}
+
+    @fastapi_app.get("/router")
+    async def router(self) -> dict:
+        """Our routers in this process: policy, requests it routed, fallbacks to Ray's default
+        (calls without a route, e.g. /v1/models'), dispatches in flight. Empty under router="ray"."""
+        return {"routers": [r.summary() for r in list(routing.LIVE_ROUTERS)]}
+
+    @fastapi_app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "serving"}
+
+
+def build_app(*, replicas: int = 2, policy: str = "carajax", model: str = DEFAULT_MODEL,
+              adapter_root: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
+              engine_config: dict | None = None, cost_model: str | None = None,
+              slo_tpot: float = 0.1, stats_period_s: float = 0.5, router: str = "carajax",
+              max_ongoing_requests: int | None = None, autoscaling: dict | None = None):
+    """The Serve application. router="carajax": our CarajaxRequestRouter asking `policy`;
+    "ray": Ray's default router. autoscaling: Serve's autoscaling_config (min_replicas,
+    max_replicas, target_ongoing_requests, ...) in place of a fixed `replicas`."""
+    from carajax.cluster.ray_router import CarajaxRequestRouter
+    from carajax.config import EngineConfig
+
+    cfg = EngineConfig(**(engine_config or {}))  # checked here, before any replica starts
+    opts: dict = {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+                  "max_ongoing_requests": max_ongoing_requests or cfg.max_batch_size + cfg.max_queue}
+    if autoscaling:
+        opts["autoscaling_config"] = autoscaling
+    else:
+        opts["num_replicas"] = replicas
+    kw: dict = {"request_routing_stats_period_s": stats_period_s,
+                "request_routing_stats_timeout_s": max(1.0, 2 * stats_period_s)}
+    if router == "carajax":
+        kw.update(request_router_class=CarajaxRequestRouter,
+                  request_router_kwargs={"policy": policy, "cost_model": cost_model, "slo_tpot": slo_tpot})
+    elif router != "ray":
+        raise ValueError(f"router must be 'carajax' or 'ray', got {router!r}")
+    opts["request_router_config"] = RequestRouterConfig(**kw)
+    replica = serve.deployment(CarajaxReplica, name="CarajaxReplica", **opts).bind(
+        model=model, adapter_root=adapter_root, engine_config=engine_config, cost_model=cost_model)
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0})
+    return ingress.bind(replica, model=model)
+
+
+def app_builder(args: dict):
+    """For `serve run deploy/carajax_serve.yaml`: build_app's keywords from the YAML's `args`
+    (engine_config and autoscaling may be given as JSON strings)."""
+    kw = dict(args)
+    for key in ("engine_config", "autoscaling"):
+        if isinstance(kw.get(key), str):
+            kw[key] = json.loads(kw[key])
+    for key, typ in (("replicas", int), ("num_cpus", float), ("num_gpus", float), ("slo_tpot", float),
+                     ("stats_period_s", float)):
+        if key in kw:
+            kw[key] = typ(kw[key])
+    return build_app(**kw)
+
+
+__all__ = ["CarajaxReplica", "OpenAIIngress", "app_builder", "build_app"]
+

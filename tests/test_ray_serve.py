@@ -1,0 +1,190 @@
+"""carajax on Ray Serve (issue 19): two CPU replicas of the demo model on a local Ray cluster,
+the OpenAI ingress, and our router inside Ray.
+
+Skipped without ray (`pip install -e .[ray]`). One Ray cluster and one application for the module
+(starting them costs most of the time).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import types
+
+import pytest
+
+from carajax.cluster import routing
+from carajax.demo import TASKS
+from carajax.sched import cost_model as cm
+from carajax.sched.router import RouteRequest, make_policy
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+openai = pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+WORDS = ("hello", "carajax")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from carajax.cluster.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(replicas=2, policy="carajax", stats_period_s=0.2), name="carajax",
+                  route_prefix="/")
+        yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/v1")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_demo_adapters_through_the_ingress(cluster):
+    client = openai.OpenAI(base_url=cluster.url, api_key="none", max_retries=0, timeout=120)
+    for name, task in TASKS.items():
+        for word in WORDS:
+            out = client.completions.create(model=name, prompt=f"{word}=", max_tokens=16, temperature=0)
+            assert out.choices[0].text == task.fn(word), (name, word)
+    base = client.completions.create(model="carajax-demo", prompt="hello=", max_tokens=16, temperature=0)
+    assert base.choices[0].text == "hello"
+    names = {m.id for m in client.models.list().data}
+    assert names == {"carajax-demo", *TASKS}
+
+
+def test_streaming_and_errors(cluster):
+    client = openai.OpenAI(base_url=cluster.url, api_key="none", max_retries=0, timeout=120)
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="reverse", prompt="hello=", max_tokens=16, temperature=0, stream=True))
+    assert text == "olleh"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-adapter", prompt="hello=", max_tokens=4)
+
+
+def test_both_replicas_publish_stats_and_serve(cluster):
+    import httpx
+
+    seen = set()
+    for _ in range(20):
+        r = httpx.post(f"{cluster.url}/completions", timeout=120,
+                       json={"model": "upper", "prompt": "hello=", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "HELLO"
+        seen.add(r.headers["x-carajax-replica"])
+    assert len(seen) >= 1  # sequential requests to idle replicas: the policy may keep one
+    # Concurrent requests: the router counts its own dispatches, so the second replica gets some.
+    import concurrent.futures
+
+    def one(word):
+        r = httpx.post(f"{cluster.url}/completions", timeout=120,
+                       json={"model": "rot13", "prompt": f"{word}=", "max_tokens": 16, "temperature": 0})
+        return r.json()["choices"][0]["text"], r.headers["x-carajax-replica"]
+
+    words = ["hello", "carajax", "serving", "replica", "router", "policy"] * 2
+    with concurrent.futures.ThreadPoolExecutor(len(words)) as pool:
+        got = list(pool.map(one, words))
+    assert [t for t, _ in got] == [TASKS["rot13"].fn(w) for w in words]
+    assert len({r for _, r in got}) == 2
+    routers = httpx.get(cluster.url.removesuffix("/v1") + "/router", timeout=30).json()["routers"]
+    assert [r["policy"] for r in routers] == ["carajax"]  # our router, in the ingress's process
+    assert routers[0]["routed"] >= 20 + len(words)  # every completion went through the policy
+    handle = serve.get_deployment_handle("CarajaxReplica", app_name="carajax")
+    stats = handle.record_routing_stats.remote().result()
+    assert set(stats["adapters"]) == set(TASKS) and stats["queue"] == [] and stats["kv_pages_free"] > 0
+
+
+def test_a_replica_killed_mid_stream(cluster):
+    """Its stream ends with an error event (no hang), the other replica keeps serving, Ray brings
+    the replica back and the next requests succeed. Kills a replica: keep it the last cluster test."""
+    import httpx
+
+    body = {"model": "carajax-demo", "prompt": "hello=", "max_tokens": 900, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    lines = []
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{cluster.url}/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        uid = r.headers["x-carajax-replica"].split("#")[-1]
+        for line in r.iter_lines():
+            if not line:  # the blank line after each event
+                continue
+            if not lines:  # the first chunk is out: kill the replica serving it
+                names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+                victim = next(n for n in names if n.endswith(uid))
+                ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=False)
+            lines.append(line)
+    assert lines[-1] == "data: [DONE]" and any('"error"' in x and "failed mid-stream" in x for x in lines)
+    assert time.monotonic() - t0 < 60
+    for word in WORDS:  # the survivor (or the restarted replica) serves
+        r = httpx.post(f"{cluster.url}/completions", timeout=120,
+                       json={"model": "reverse", "prompt": f"{word}=", "max_tokens": 16, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == word[::-1]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = serve.status().applications["carajax"].deployments["CarajaxReplica"].replica_states
+        if states.get("RUNNING") == 2 and len(states) == 1:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"Ray did not restore 2 replicas: {states}")
+    r = httpx.post(f"{cluster.url}/completions", timeout=120,
+                   json={"model": "upper", "prompt": "hello=", "max_tokens": 16, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "HELLO"
+
+
+def _stats(name, *, queue=(), batch=(), resident=(), t=100.0):
+    return {"name": name, "time": t, "serving": True, "queue": [list(q) for q in queue],
+            "batch": [list(b) for b in batch], "decode_ages": [5] * len(batch),
+            "adapters": {"a8": 8, "a64": 64}, "resident": list(resident), "loading": [],
+            "pages_free": 64, "page_rank": 16, "kv_pages_free": 256, "kv_page_size": 16,
+            "max_batch": 32, "max_seq_len": 2048, "cost_model": ""}
+
+
+def _replica(uid, stats):
+    return types.SimpleNamespace(replica_id=types.SimpleNamespace(unique_id=uid), routing_stats=stats)
+
+
+@pytest.mark.parametrize("policy", ["carajax", "caraserve", "most_idle", "first_fit"])
+def test_router_choice_is_the_policys(policy):
+    """The router's ranking starts with the policy's own choice on the same stats."""
+    from carajax.cluster.ray_router import CarajaxRequestRouter
+
+    router = CarajaxRequestRouter.__new__(CarajaxRequestRouter)  # Ray's constructor needs a cluster
+    router.initialize_state(policy=policy)
+    reps = [_replica("r0", _stats("r0", queue=[(300, 64)], batch=[(40, 8)] * 6, resident=["a8"])),
+            _replica("r1", _stats("r1", batch=[(500, 64)] * 3, resident=["a64"])),
+            _replica("r2", _stats("r2", queue=[(20, 8)], batch=[(30, 8)] * 2))]
+    cost = cm.default_cost_model()
+    for route in (RouteRequest("a8", 8, 40, 16), RouteRequest("a64", 64, 900, 64), RouteRequest("", 0, 5, 8)):
+        ranked = router.rank(reps, route)
+        states = [routing.worker_state(r.routing_stats, cost) for r in reps]
+        expected = make_policy(policy, slo_tpot=0.1).choose(route, states)
+        assert ranked[0][0].routing_stats["name"] == expected.name, route
+        assert sorted(r[0].replica_id.unique_id for r in ranked) == ["r0", "r1", "r2"]
+
+
+def test_router_counts_its_own_dispatches_and_falls_back():
+    from carajax.cluster.ray_router import CarajaxRequestRouter
+
+    router = CarajaxRequestRouter.__new__(CarajaxRequestRouter)
+    router.initialize_state(policy="most_idle")
+    reps = [_replica("r0", _stats("r0", t=time.time())), _replica("r1", _stats("r1", t=time.time()))]
+    route = RouteRequest("a8", 8, 40, 16)
+    assert router.rank(reps, route)[0][0] is reps[0]  # tie: lowest index
+    pending = types.SimpleNamespace(kwargs={"route": routing.request_route("a8", 8, 40, 16)},
+                                    metadata=types.SimpleNamespace(internal_request_id="x"))
+    router.on_request_routed(pending, reps[0].replica_id, None)
+    assert router.rank(reps, route)[0][0] is reps[1]  # r0 has our dispatch its stats do not show
+    router.on_request_completed(reps[0].replica_id, "x")
+    assert router.rank(reps, route)[0][0] is reps[0]
+    assert router.rank([reps[0], _replica("r2", {})], route) is None  # no stats yet: Ray's default
+    assert routing.route_of({}) is None and routing.route_of({"route": {"rank": "x"}}) is None
