@@ -99,6 +99,22 @@ def _kernel_fits(q) -> bool:
             and head_dim & (head_dim - 1) == 0)
 
 
+def checked_layout(q, k_pages, block_tables, seq_lens, query_starts
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(seq_lens, query_starts, block_tables) as int32 arrays, after checking the shapes agree
+    (every implementation takes the same layout: ValueError naming the mismatch)."""
+    seq_lens = jnp.asarray(seq_lens, jnp.int32)
+    query_starts = jnp.asarray(query_starts, jnp.int32)
+    block_tables = jnp.asarray(block_tables, jnp.int32)
+    heads, kv_heads, S = q.shape[1], k_pages.shape[2], block_tables.shape[0]
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if query_starts.shape != (S + 1,) or seq_lens.shape != (S,):
+        raise ValueError(f"seq_lens {seq_lens.shape} and query_starts {query_starts.shape} must be "
+                         f"[S] and [S + 1] for block_tables {block_tables.shape}")
+    return seq_lens, query_starts, block_tables
+
+
 def default_query_block(num_tokens: int, num_seqs: int) -> int:
     """The power of two at or below the mean tokens per sequence, in [1, MAX_DEFAULT_QUERY_BLOCK]:
     1 for a decode-only step (one gather per sequence), larger when prefill chunks dominate.
@@ -171,17 +187,11 @@ def paged_attention_reference(
     gather per sequence; with prefill chunks a larger Bq shares a gather among Bq tokens, at the
     price of up to Bq - 1 masked rows per sequence.
     """
-    seq_lens = jnp.asarray(seq_lens, jnp.int32)
-    query_starts = jnp.asarray(query_starts, jnp.int32)
-    block_tables = jnp.asarray(block_tables, jnp.int32)
+    seq_lens, query_starts, block_tables = checked_layout(q, k_pages, block_tables, seq_lens,
+                                                         query_starts)
     T, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_pages.shape
     S, P = block_tables.shape
-    if heads % kv_heads:
-        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-    if query_starts.shape != (S + 1,) or seq_lens.shape != (S,):
-        raise ValueError(f"seq_lens {seq_lens.shape} and query_starts {query_starts.shape} must be "
-                         f"[S] and [S + 1] for block_tables {block_tables.shape}")
     bq = default_query_block(T, S) if query_block is None else query_block
     if bq < 1:
         raise ValueError(f"query_block must be >= 1, got {bq}")

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # attention.py imports this module lazily (in its dispatch), so this import is not circular.
-from carajax.models.attention import default_query_block, plan_query_blocks
+from carajax.models.attention import checked_layout, default_query_block, plan_query_blocks
 
 # A masked score: finite, so that max/exp arithmetic on a fully masked row stays NaN-free.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -167,17 +167,11 @@ def paged_attention_pallas(
         (None: GPU_BLOCK_K compiled, CPU_BLOCK_K interpreted). interpret: Pallas interpret mode
         (CPU). num_warps / num_stages: Triton's, compiled only.
     """
-    seq_lens = jnp.asarray(seq_lens, jnp.int32)
-    query_starts = jnp.asarray(query_starts, jnp.int32)
-    block_tables = jnp.asarray(block_tables, jnp.int32)
+    seq_lens, query_starts, block_tables = checked_layout(q, k_pages, block_tables, seq_lens,
+                                                         query_starts)
     T, heads, head_dim = q.shape
     N, page_size, kv_heads, _ = k_pages.shape
     S, P = block_tables.shape
-    if heads % kv_heads:
-        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-    if query_starts.shape != (S + 1,) or seq_lens.shape != (S,):
-        raise ValueError(f"seq_lens {seq_lens.shape} and query_starts {query_starts.shape} must be "
-                         f"[S] and [S + 1] for block_tables {block_tables.shape}")
     if head_dim != _pow2_at_least(head_dim):
         raise ValueError(f"the Pallas paged attention needs head_dim a power of two >= {MIN_TILE}, "
                          f"got {head_dim}; use impl='reference'")
