@@ -273,7 +273,9 @@ class EngineConfig:
     # delayed to latency + bytes / bandwidth. Results from it are labelled emulated.
     emulated_link_gbps: float | None = None
     emulated_link_latency_ms: float = 0.0
-    # LoRA ops: "auto" (Pallas on GPU, jnp references elsewhere), "pallas", "interpret", "reference"
+    # LoRA ops: "auto" (on GPU the measured table's fastest per step shape, see
+    # carajax.lora.kernel_table; jnp references elsewhere or without a table), "pallas", "fused"
+    # (shrink + expand in one Pallas call), "interpret", "reference"
     lora_impl: str = "auto"
     # How the Pallas kernels treat mixed ranks in a batch (CaraServe Fig. 5): "unpadded" (each
     # request does its own rank's work, S-LoRA MBGMV) or "padded" (every request does the batch's
@@ -295,9 +297,9 @@ class EngineConfig:
         if self.cold_start not in COLD_START_POLICIES:
             raise ValueError(f"EngineConfig.cold_start must be one of {COLD_START_POLICIES}, "
                              f"got {self.cold_start!r}")
-        if self.lora_impl not in ("auto", "pallas", "interpret", "reference"):
-            raise ValueError(f"EngineConfig.lora_impl must be auto, pallas, interpret or reference, "
-                             f"got {self.lora_impl!r}")
+        if self.lora_impl not in ("auto", "pallas", "fused", "interpret", "reference"):
+            raise ValueError(f"EngineConfig.lora_impl must be auto, pallas, fused, interpret or "
+                             f"reference, got {self.lora_impl!r}")
         if self.lora_kernel not in LORA_KERNELS:
             raise ValueError(f"EngineConfig.lora_kernel must be one of {LORA_KERNELS}, "
                              f"got {self.lora_kernel!r}")

@@ -8,10 +8,12 @@ padded to r_max = 64. For each point (mode, T tokens, number of distinct adapter
 - prefill: `sgmv` with the T tokens split into `adapters` equal contiguous segments;
 - decode: `bgmv` with T tokens (one sequence each), spread over `adapters` slots;
 it times the kernel unpadded (cost ~ sum of ranks), with `pad_to_max_rank=True` (cost ~ batch x
-max rank), the matching jnp reference and the base matmul `x @ W` (median ms after a warm-up
-call), and checks each kernel against its reference (relative Frobenius error). LoRA/base is per
-projection; for the four attention projections it is the same ratio. Points with more adapters
-than tokens are skipped. Rank mixes: {8}, {64}, {8,16,32,64} (drawn uniformly per slot).
+max rank), the fused SGMV (`sgmv_fused`: shrink + expand in one call), the matching jnp reference
+and the base matmul `x @ W` (median ms after a warm-up call), and checks each kernel against its
+reference (relative Frobenius error). Decode points also time what the engine's hook runs for
+decode tokens (one-token segments through `sgmv`, unpadded and padded; the fused kernel likewise).
+LoRA/base is per projection; for the four attention projections it is the same ratio. Points
+with more adapters than tokens are skipped. Rank mixes: {8}, {64}, {8,16,32,64} (drawn uniformly per slot).
 
 On GPU (`--full`, the default there): bfloat16, T in 1..4096, 1..64 adapters; it also measures
 device copy bandwidth (a jitted 1 GiB elementwise op) and reports BGMV decode's achieved bandwidth
@@ -19,6 +21,10 @@ as a share of it. On CPU (`--quick`, the default there) the kernels run in Palla
 so the preset is small: d = 256, T in (1, 16, 64), 1 or 4 adapters, float32, 3 repeats.
 Prints a table, writes JSON (and a PNG next to it when matplotlib is installed); exits 1 when a
 kernel disagrees with its reference.
+
+`--write-table [PATH]` also writes the measured kernel table that `lora_impl="auto"` reads
+(`carajax.lora.kernel_table`; default data/kernel_tables/<device>.json): per (tokens bucket,
+segments bucket, max rank) the fastest of fused / pallas (unpadded) / padded / reference.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from carajax.lora import kernel_table
+from carajax.lora.fused_kernels import sgmv_fused
 from carajax.lora.kernels import bgmv, bgmv_reference, sgmv, sgmv_reference
 
 try:  # progress bars are a nicety: tqdm is not a declared dependency
@@ -103,7 +111,7 @@ def split_segments(T: int, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def bench_point(mode: str, x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, mix: str,
                 ranks: np.ndarray, n: int, repeats: int, rng: np.random.Generator) -> dict:
-    """Time kernel (unpadded, padded), reference and base matmul for one sweep point."""
+    """Time kernel (unpadded, padded), fused, reference and base matmul for one sweep point."""
     T, d = x.shape
     interpret = jax.default_backend() != "gpu"  # Pallas only lowers for real on GPU here
     scales = jnp.asarray(ALPHA / ranks, jnp.float32)
@@ -114,16 +122,25 @@ def bench_point(mode: str, x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Arra
                 ranks_j, scales)
         kernel = sgmv
         token_slots = np.repeat(np.arange(n), lens)
+        seg_data = data
     else:
         # Decode batches interleave adapters; every one of the n slots gets at least one token.
         token_slots = rng.permutation(np.arange(T) % n).astype(np.int32)
         data = (x, a, b, jnp.asarray(token_slots), ranks_j, scales)
         kernel = bgmv
+        # What the hook runs for decode tokens: T segments of one token each.
+        seg_data = (x, a, b, jnp.arange(T, dtype=jnp.int32), jnp.ones(T, jnp.int32),
+                    jnp.asarray(token_slots), ranks_j, scales)
     unpadded = functools.partial(kernel, interpret=interpret)
     padded = functools.partial(kernel, interpret=interpret, pad_to_max_rank=True)
-    first, ms, out = time_ms({
-        "kernel": lambda: unpadded(*data), "padded": lambda: padded(*data),
-        "ref": lambda: REFERENCES[mode](*data), "base": lambda: BASE(x, w)}, repeats)
+    fused = functools.partial(sgmv_fused, interpret=interpret)
+    fns = {"kernel": lambda: unpadded(*data), "padded": lambda: padded(*data),
+           "fused": lambda: fused(*seg_data),
+           "ref": lambda: REFERENCES[mode](*data), "base": lambda: BASE(x, w)}
+    if mode == "decode":
+        fns["seg_kernel"] = lambda: sgmv(*seg_data, interpret=interpret)
+        fns["seg_padded"] = lambda: sgmv(*seg_data, interpret=interpret, pad_to_max_rank=True)
+    first, ms, out = time_ms(fns, repeats)
     k_ms, p_ms, r_ms, base_ms = ms["kernel"], ms["padded"], ms["ref"], ms["base"]
     used = ranks[:n]
     row = {
@@ -135,6 +152,13 @@ def bench_point(mode: str, x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Arra
         # What padding should cost if time followed rank: T x max rank over the sum of token ranks.
         "padded_rank_work_ratio": float(T * used.max() / ranks[token_slots].sum()),
         "err": rel_err(out["kernel"], out["ref"]), "err_padded": rel_err(out["padded"], out["ref"]),
+        "fused_ms": ms["fused"], "fused_over_ref": ms["fused"] / r_ms,
+        "err_fused": rel_err(out["fused"], out["ref"]),
+        # The kernel table's view (what the hook chooses between): segments as the hook sees
+        # them, the batch's max rank, and each choice's time on the hook's own call.
+        "segments": n if mode == "prefill" else T, "max_rank": int(used.max()),
+        "choice_ms": {"fused": ms["fused"], "reference": r_ms,
+                      "pallas": ms.get("seg_kernel", k_ms), "padded": ms.get("seg_padded", p_ms)},
     }
     if mode == "decode":
         # Least HBM traffic BGMV can do: each distinct slot's A rows and B columns up to its rank
@@ -145,16 +169,22 @@ def bench_point(mode: str, x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Arra
     return row
 
 
+def max_err(row: dict) -> float:
+    return max(row["err"], row["err_padded"], row["err_fused"])
+
+
 def print_table(rows: list[dict], copy_gbs: float | None) -> None:
     bw = copy_gbs is not None
     print(f"{'mode':<8}{'T':>6}{'adapt':>6} {'ranks':<6}{'kernel ms':>10}{'padded ms':>10}"
-          f"{'ref ms':>9}{'base ms':>9}{'kern/ref':>9}{'pad/unpad':>10}{'lora/base':>10}{'err':>9}"
+          f"{'fused ms':>9}{'ref ms':>9}{'base ms':>9}{'kern/ref':>9}{'pad/unpad':>10}"
+          f"{'lora/base':>10}{'err':>9}"
           + (f"{'bw %':>7}" if bw else ""))
     for r in rows:
         line = (f"{r['mode']:<8}{r['tokens']:>6}{r['adapters']:>6} {r['mix']:<6}"
-                f"{r['kernel_ms']:>10.3f}{r['padded_ms']:>10.3f}{r['ref_ms']:>9.3f}"
+                f"{r['kernel_ms']:>10.3f}{r['padded_ms']:>10.3f}{r['fused_ms']:>9.3f}"
+                f"{r['ref_ms']:>9.3f}"
                 f"{r['base_ms']:>9.3f}{r['kernel_over_ref']:>9.2f}{r['padded_over_unpadded']:>10.2f}"
-                f"{r['lora_over_base']:>10.2f}{max(r['err'], r['err_padded']):>9.1e}")
+                f"{r['lora_over_base']:>10.2f}{max_err(r):>9.1e}")
         if bw and r["mode"] == "decode":
             line += f"{100 * r['achieved_gbs'] / copy_gbs:>6.1f}%"
         print(line)
@@ -212,6 +242,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(TOLERANCE))
     parser.add_argument("--out", default="results/bench_kernels.json")
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    parser.add_argument("--write-table", nargs="?", const="", default=None, metavar="PATH",
+                        help="also write the kernel table lora_impl='auto' reads (default PATH: "
+                             "data/kernel_tables/<device>.json)")
     args = parser.parse_args()
 
     on_gpu = jax.default_backend() == "gpu"
@@ -255,7 +288,7 @@ def main() -> None:
         rows.append(row)
 
     print_table(rows, copy_gbs)
-    worst = max(max(r["err"], r["err_padded"]) for r in rows)
+    worst = max(max_err(r) for r in rows)
     ok = worst <= TOLERANCE[dtype.name]
     print(f"max relative error vs reference: {worst:.2e} (tolerance {TOLERANCE[dtype.name]:.0e})")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -268,6 +301,18 @@ def main() -> None:
                    "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
     plot(rows, args.plot or os.path.splitext(args.out)[0] + ".png")
+    if args.write_table is not None:
+        name = kernel_table.device_name(device.device_kind)
+        path = args.write_table or str(kernel_table.TABLE_DIR / f"{name}.json")
+        doc = kernel_table.table_from_rows(
+            rows, device=name, device_kind=device.device_kind, backend=jax.default_backend(),
+            date=datetime.date.today().isoformat(), dtype=dtype.name, d=d, r_max=R_MAX,
+            command=" ".join(["python"] + sys.argv))
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"wrote {path}: " + ", ".join(f"T{e['tokens']}/G{e['segments']}/r{e['max_rank']} "
+                                            f"{e['best']}" for e in doc["entries"]))
     if not ok:
         sys.exit(f"FAIL: a kernel differs from its reference by {worst:.2e} "
                  f"> {TOLERANCE[dtype.name]:.0e}")

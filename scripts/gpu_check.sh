@@ -2,15 +2,18 @@
 # Issue 17 on one GPU, in at most 10 minutes: every part writes its results as it finishes, under
 # its own time limit, so a slow or failing part costs only itself.
 #
-#   1. tests.log              the compiled Pallas tests (paged attention, LoRA kernels; the
-#                             classes CPU CI skips)
+#   1. tests.log              the compiled Pallas tests (paged attention, LoRA kernels, the
+#                             fused SGMV; the classes CPU CI skips)
 #   2. gpu_check.json         Llama-2-7B (random bf16) decode steps at batch 1 / 8 / 32 and context
 #                             512 / 2048 against the bandwidth roofline, with 32 adapters (ranks
 #                             8-64) against none, and the paged attention alone (pallas vs
 #                             reference): scripts/bench_gpu_decode.py; its log in decode.log
-#   3. bench_kernels.json     the LoRA kernel benchmark, short (kernels.log)
+#   3. bench_kernels.json     the LoRA kernel benchmark, short (kernels.log): two-call Pallas
+#                             unpadded / padded, fused, jnp reference; and kernel_table.json, the
+#                             table lora_impl="auto" reads (commit it, from a full run, as
+#                             data/kernel_tables/<device>.json)
 #   summary.txt               device, driver, jax, commit; each part's command and exit status
-# (7 files: the device tool brings back at most 8.)
+# (8 files: the device tool brings back at most 8.)
 #
 #   on the device:  bash scripts/gpu_check.sh            (results in $OUT, else out/gpu_check)
 #                   bash scripts/gpu_check.sh DIR        (results in DIR)
@@ -32,14 +35,16 @@ if [ "$CPU" = 1 ]; then
   export JAX_PLATFORMS=cpu
   T_TESTS=${T_TESTS:-120} T_DECODE=${T_DECODE:-120} T_KERNELS=${T_KERNELS:-90}
   # No GPU: the interpret-mode twins of the compiled classes, a few of them.
-  TEST_SELECT=(tests/test_attention.py -k "Interpret and (mixed_batch or decode_only)")
+  TEST_SELECT=(tests/test_attention.py tests/test_fused_kernels.py
+               -k "Interpret and (mixed_batch or decode_only)")
   DECODE_ARGS=(--cpu)
   KERNEL_ARGS=(--quick --tokens 8 --adapters 2 --repeats 1)
 else
   PY=${PY:-$(command -v python3)}
   # Seconds per part; together under 10 minutes with room for start-up.
   T_TESTS=${T_TESTS:-150} T_DECODE=${T_DECODE:-300} T_KERNELS=${T_KERNELS:-100}
-  TEST_SELECT=(tests/test_attention.py tests/test_kernels.py -k "GPU or lowers")
+  TEST_SELECT=(tests/test_attention.py tests/test_kernels.py tests/test_fused_kernels.py
+               -k "GPU or lowers")
   DECODE_ARGS=()
   KERNEL_ARGS=(--full --tokens 16 256 --adapters 1 16 --repeats 3)
 fi
@@ -66,6 +71,7 @@ part tests "$T_TESTS" tests.log "$PY" -m pytest -q -n 0 -p no:cacheprovider "${T
 part decode "$T_DECODE" decode.log "$PY" scripts/bench_gpu_decode.py "${DECODE_ARGS[@]}" \
   --out "$DIR/gpu_check.json"
 part kernels "$T_KERNELS" kernels.log "$PY" scripts/bench_kernels.py "${KERNEL_ARGS[@]}" \
-  --out "$DIR/bench_kernels.json" --plot "$DIR/bench_kernels.png"
+  --out "$DIR/bench_kernels.json" --plot "$DIR/bench_kernels.png" \
+  --write-table "$DIR/kernel_table.json"
 echo "results in $DIR: $(ls "$DIR" | tr '\n' ' ')"
 exit $status

@@ -4,7 +4,8 @@ Device LoRA weights live in the adapter pool's pages (see `carajax.lora.pool`); 
 its page table. A step is one flattened batch of tokens, sequence after sequence; each sequence is
 a segment with one slot (-1: no device LoRA), prefill chunks and decode tokens alike, and goes
 through `sgmv` (Pallas on GPU; elsewhere the jnp formulations of `jnp_ops`, picked by shape).
-Which implementation runs is decided here, in `resolve_lora_impl`, and nowhere else. Under
+Which implementation runs is decided here, in `resolve_lora_impl` (and, for "auto" on a GPU with
+a measured table, per step shape in `BatchLora._device` from `kernel_table`), and nowhere else. Under
 tensor parallelism (the pool's pages carry a mesh) the Pallas kernels run on each device's shard
 of the pages (`carajax.parallel.shard_lora_op`); GSPMD partitions the jnp path like the rest of
 the model.
@@ -18,9 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from carajax import parallel
-from carajax.lora import jnp_ops, kernels
+from carajax.lora import jnp_ops, kernel_table, kernels
+from carajax.lora.fused_kernels import sgmv_fused
 
-LORA_IMPLS = ("auto", "pallas", "interpret", "reference")
+LORA_IMPLS = ("auto", "pallas", "fused", "interpret", "reference")
 # The jnp path (CPU) by static shape: up to this many tokens per segment (sequence) the dense
 # formulation wins; beyond, blocks of PREFILL_TOKEN_BLOCK tokens (measured on the 2-core CPU box:
 # 16 decode tokens, 1.0 ms dense vs 0.9 ms blocked; 32 tokens 2.0 vs 4.0; 1024 tokens in 16
@@ -42,27 +44,42 @@ def jnp_form(T: int, G: int, pool_rows: int, r_max: int) -> str:
     return "pool" if pool <= blocks * PREFILL_TOKEN_BLOCK * r_max else "blocked"
 
 
-def resolve_lora_impl(name: str = "auto") -> str:
-    """"auto": Pallas kernels on a GPU; the pure-jnp references elsewhere (on CPU, Pallas only
-    runs in interpret mode, several times slower than jnp). "interpret" forces the kernels in
-    interpret mode (for tests)."""
+def resolve_lora_impl(name: str = "auto", *, platform: str | None = None) -> str:
+    """"auto": on a GPU with a measured table for its kind (`kernel_table.load`), "table" (each
+    step shape takes the table's fastest of fused / pallas / padded / reference); elsewhere, or
+    without a table, the pure-jnp references (on CPU, Pallas only runs in interpret mode, several
+    times slower than jnp; on a GPU, the reference is what no kernel may be slower than).
+    "fused": the one-call fused SGMV kernel (`fused_kernels`). "interpret" forces the two-call
+    kernels in interpret mode (for tests). `platform` defaults to JAX's default backend."""
     if name not in LORA_IMPLS:
         raise ValueError(f"lora impl must be one of {LORA_IMPLS}, got {name!r}")
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        if (platform or jax.default_backend()) != "gpu":
+            return "reference"
+        return "table" if kernel_table.load(jax.devices()[0].device_kind) else "reference"
     return name
 
 
-def _ops(impl: str, pad_to_max_rank: bool = False):
-    """(sgmv, bgmv) callables for a resolved implementation name.
+def _ops(impl: str, pad_to_max_rank: bool = False, interpret: bool = False):
+    """(sgmv, bgmv) callables for a resolved implementation name (or a table's choice).
 
     `pad_to_max_rank` (EngineConfig.lora_kernel == "padded") goes to the Pallas kernels as their
-    static flag. The references have no such flag and ignore it: they gather every slot at the
-    pool's page-padded r_max (max_lora_rank), i.e. always pad, and further than the batch's max."""
+    static flag ("padded", a table's choice, sets it). The references have no such flag and
+    ignore it: they gather every slot at the pool's page-padded r_max (max_lora_rank), i.e.
+    always pad, and further than the batch's max. There is no fused BGMV: "fused" pairs the
+    fused SGMV with the two-call BGMV (the hook runs decode tokens as one-token segments)."""
     if impl == "reference":
         return kernels.sgmv_reference, kernels.bgmv_reference
-    kw = dict(interpret=impl == "interpret", pad_to_max_rank=bool(pad_to_max_rank))
-    return functools.partial(kernels.sgmv, **kw), functools.partial(kernels.bgmv, **kw)
+    kw = dict(interpret=interpret or impl == "interpret",
+              pad_to_max_rank=bool(pad_to_max_rank) or impl == "padded")
+    sgmv = sgmv_fused if impl == "fused" else kernels.sgmv
+    return functools.partial(sgmv, **kw), functools.partial(kernels.bgmv, **kw)
+
+
+def table_choice(T: int, G: int, r_max: int) -> str:
+    """The measured table's choice for a step of T tokens in G segments at pool rank r_max."""
+    table = kernel_table.load(jax.devices()[0].device_kind)
+    return "reference" if table is None else table.choose(T, G, r_max)
 
 
 class BatchLora:
@@ -101,8 +118,11 @@ class BatchLora:
         a, b = w.a[module], w.b[module]  # [L, P, pr, d_in], [L, P, d_out, pr]
         L, P, pr = a.shape[:3]
         ranks, scales = w.ranks[module][layer], w.scales[module][layer]  # [S], [S]
+        impl = self.impl
+        if impl == "table":  # static shapes: one choice per compiled variant
+            impl = table_choice(x.shape[0], len(self.seg_slots), w.page_table.shape[1] * pr)
         form = (jnp_form(x.shape[0], len(self.seg_slots), P * pr, w.page_table.shape[1] * pr)
-                if self.impl == "reference" else None)
+                if impl == "reference" else None)
         if form == "pool":  # the layer's own pages, all of them, read in place
             a = jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # [P, pr, d_in]
             b = jax.lax.dynamic_index_in_dim(b, layer, keepdims=False)  # [P, d_out, pr]
@@ -126,11 +146,13 @@ class BatchLora:
                 return jnp_ops.sgmv_blocked(x, a, b, starts, lens, slots, ranks, scales,
                                             page_table=table, token_block=PREFILL_TOKEN_BLOCK)
         else:
-            sgmv = self.sgmv
+            # A table's kernel off a GPU (tests) can only run interpreted.
+            sgmv = _ops(impl, self.pad_to_max_rank,
+                        interpret=self.impl == "table" and jax.default_backend() != "gpu")[0]
 
             def op(x, a, b, starts, lens, slots, ranks, scales, table):
                 return sgmv(x, a, b, starts, lens, slots, ranks, scales, page_table=table)
-        if w.mesh is not None and self.impl != "reference":
+        if w.mesh is not None and impl != "reference":
             # Tensor parallel: each device runs the kernel on its shard of the pages (GSPMD
             # partitions the jnp references by itself, but cannot partition a Pallas call).
             op = parallel.shard_lora_op(op, w.mesh, module)
@@ -140,7 +162,3 @@ class BatchLora:
         d_out = b.shape[1]
         return jax.lax.cond(used, lambda: op(x, a, b, *meta),
                             lambda: jnp.zeros((x.shape[0], d_out), x.dtype))
-
-    @property
-    def sgmv(self):
-        return _ops(self.impl, self.pad_to_max_rank)[0]
