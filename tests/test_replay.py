@@ -1,7 +1,7 @@
 """Open-loop replay of a short, compressed slice of the Azure trace: against an in-process engine,
-over gRPC against a worker, and `carajax replay --mode engine` end to end. Every request finishes
-exactly once, with the trace's output length, and the client's rows agree with the server's own
-counters."""
+over gRPC against a worker, over OpenAI HTTP against the same worker's HTTP front end, and
+`carajax replay --mode engine` end to end. Every request finishes exactly once, with the trace's
+output length, and the client's rows agree with the server's own counters."""
 
 from __future__ import annotations
 
@@ -15,13 +15,27 @@ import numpy as np
 import pytest
 
 from carajax import Engine, EngineConfig, ModelConfig
+from carajax.cli import UsageError
 from carajax.client import Client
+from carajax.config import ATTENTION_MODULES
 from carajax.engine.request import RequestHandle, RequestMetrics, RequestOutput
-from carajax.replay import Slo, format_table, replay_engine, replay_grpc, summarize, synth_prompts
+from carajax.replay import (
+    Slo,
+    format_table,
+    replay_engine,
+    replay_grpc,
+    replay_http,
+    summarize,
+    synth_prompts,
+)
 from carajax.replay import adapters as store
-from carajax.replay.command import add_replay_args, replay_cmd
+from carajax.replay.command import add_replay_args, check_replay_args, replay_cmd
+from carajax.replay.driver import http_models, http_register_adapters
 from carajax.replay.runs import engine_fields
+from carajax.server.adapter_paths import AdapterPathPolicy
+from carajax.server.http import serve_http
 from carajax.server.worker import serve
+from carajax.testing import write_random_adapter
 from carajax.trace import TraceOptions, TraceRequest, prepare, read_trace
 
 TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "azure_llm_2023" / "azure2023_conv.jsonl"
@@ -151,6 +165,61 @@ def test_replay_grpc_matches_the_workers_counters(setup):
     paths = Counter(r["cold_start_path"] for r in rows)
     assert dict(counters.cold_starts) == dict(paths)
     assert sum(v for k, v in paths.items() if k != "warm") == s["cold_starts"]
+
+
+def test_replay_http_matches_the_workers_counters(setup):
+    """The same slice as streamed /v1/completions through the worker's OpenAI front end: complete
+    rows (tokens from the usage chunk, TTFT from the first SSE chunk) and a table that renders."""
+    engine, reqs, prompts = setup
+    with serve(engine, 0, host="127.0.0.1", name="w-http") as worker, \
+            serve_http(worker, 0, host="127.0.0.1") as http:
+        base, listed = http_models(http.url)
+        assert base == engine.model_config.name and {r.adapter for r in reqs} <= listed
+        rows = replay_http(http.url + "/v1", reqs, prompts, label="http")
+        with pytest.raises(RuntimeError, match="not-here.*load_lora_adapter failed .HTTP 404"):
+            http_register_adapters(http.url, {"not-here": "/nowhere"}, ["not-here", reqs[0].adapter])
+        with Client(worker.address) as client:
+            counters = client.stats().counters
+    s = _check_rows(rows, reqs, "http")
+    assert counters.requests["length"] == len(reqs) and counters.output_tokens == s["output_tokens"]
+    for row in rows:
+        assert row["worker"] is None and row["cold_start"] is None  # HTTP carries no engine metrics
+        assert row["tokens"] == 1 or row["tpot_s"] > 0
+    table = format_table({"http": s})
+    assert "| http |" in table and f"{len(reqs)}" in table
+
+
+def test_replay_command_http_target_loads_missing_adapters(tmp_path, setup):
+    """`carajax replay --target http://...`: the adapters the server lacks are loaded through
+    /v1/load_lora_adapter (under its adapter root), then the slice replays over HTTP."""
+    engine, _, _ = setup
+    root = tmp_path / "adapters"  # names the worker does not have yet
+    for k in range(6):
+        write_random_adapter(root / f"x{k}", ModelConfig.from_name("llama-test"), rank=8 << (k % 2),
+                             seed=k, target_modules=ATTENTION_MODULES)
+    args = _args(["--target", "http://127.0.0.1:1", "--out", str(tmp_path / "out"),
+                  "--adapter-dir", str(root)])
+    with serve(engine, 0, host="127.0.0.1", name="w-cli",
+               adapter_paths=AdapterPathPolicy(root=str(root))) as worker, \
+            serve_http(worker, 0, host="127.0.0.1", enable_lora_loading=True) as http:
+        args.target = http.url
+        doc = replay_cmd(args)
+        with Client(worker.address) as client:
+            names = {a.adapter_id for a in client.list_adapters()}
+    info, s = doc["runs"]["target"], doc["summaries"]["target"]
+    used = {r["adapter"] for r in doc["requests"]["target"]} - {None}
+    assert info["protocol"] == "http" and info["base_model"] == "llama-test"
+    assert info["registered_adapters"] == len(used) > 0 and used <= names
+    assert s["completed"] == doc["setup"]["requests"] and s["tokens_match_trace"] and not s["errors"]
+    assert "| target |" in doc["table_markdown"]
+
+
+def test_replay_target_flag_takes_http_urls():
+    for good in ("127.0.0.1:50050", "http://127.0.0.1:8000", "http://localhost:8000/v1"):
+        check_replay_args(_args(["--target", good]))
+    for bad in ("http://127.0.0.1", "localhost", "http://:80"):
+        with pytest.raises(UsageError, match="--target"):
+            check_replay_args(_args(["--target", bad]))
 
 
 def test_replay_command_engine_mode_writes_results(tmp_path, setup):

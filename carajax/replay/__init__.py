@@ -5,11 +5,12 @@ several policies, and report TTFT, time per token, latency, SLO attainment and c
     carajax replay                                  # the README's main job (see `command`)
     rows = replay_engine(engine, reqs, synth_prompts(reqs, engine.model_config))
     rows = replay_grpc("127.0.0.1:50050", reqs, prompts)
+    rows = replay_http("http://127.0.0.1:8000", reqs, prompts)   # OpenAI HTTP, e.g. `carajax ray`
     summary = summarize(rows, Slo(ttft_s=1.0, tpot_s=0.05))
 """
 
-from carajax.replay.driver import replay_engine, replay_grpc, synth_prompts
+from carajax.replay.driver import replay_engine, replay_grpc, replay_http, synth_prompts
 from carajax.replay.report import Slo, format_table, plot_results, summarize
 
-__all__ = ["Slo", "format_table", "plot_results", "replay_engine", "replay_grpc", "summarize",
+__all__ = ["Slo", "format_table", "plot_results", "replay_engine", "replay_grpc", "replay_http", "summarize",
            "synth_prompts"]

@@ -5,7 +5,8 @@ half its rate (`--scale`: 1 is the trace's rate, 2 twice it) against two `caraja
 behind the router over gRPC, 128 random adapters of ranks 8/16/32/64 with Zipf(1.8) popularity,
 under `cached`, `wait` and `cpu_assist`; prints a table, writes JSON, Markdown and PNG plots.
 `--mode engine` replays against an in-process engine instead, `--target HOST:PORT` against a
-running worker or router.
+running worker or router over gRPC, `--target http://HOST:PORT` against an OpenAI HTTP server
+(a worker's or router's --http-port, or the Ray Serve app of `carajax ray`).
 
 The defaults are sized for a 2-core CPU machine: about five minutes the first time (half of it
 compiling step variants), a moderate load (the cached workers' queues stay short: at the trace's
@@ -58,11 +59,13 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", default="cluster", choices=["cluster", "engine"],
                    help="cluster: workers (`carajax serve` processes) behind a router over gRPC; "
                    "engine: one in-process engine")
-    g.add_argument("--target", default=None, metavar="HOST:PORT",
-                   help="replay against a running worker or router instead (adapters it lacks are "
-                   "registered with LoadAdapter, so its workers must allow their paths: `carajax serve "
-                   "--adapter-root` a directory holding --adapter-cache or --adapter-dir; --model must "
-                   "match its model)")
+    g.add_argument("--target", default=None, metavar="HOST:PORT|http://HOST:PORT",
+                   help="replay against a running worker or router instead: HOST:PORT over gRPC (adapters "
+                   "it lacks are registered with LoadAdapter, so its workers must allow their paths: "
+                   "`carajax serve --adapter-root` a directory holding --adapter-cache or --adapter-dir), "
+                   "or http://HOST:PORT over OpenAI HTTP, e.g. `carajax ray` (streamed /v1/completions; "
+                   "adapters it lacks are loaded with /v1/load_lora_adapter if it allows that, else the "
+                   "replay stops naming them); --model must match its model")
     g.add_argument("--model", default=DEMO_MODEL, help="the built-in trained model (default), a "
                    "preset name (random weights) or an HF checkpoint dir")
     g.add_argument("--workers", type=int, default=2)
@@ -134,8 +137,20 @@ def check_replay_args(args: argparse.Namespace) -> None:
             adapter_store.scan_adapter_dir(args.adapter_dir)
         except (FileNotFoundError, ValueError, TypeError) as e:  # none there, or a bad config
             raise UsageError(f"--adapter-dir {args.adapter_dir}: {e}") from None
-    if args.target is not None and not args.target.rpartition(":")[2].isdigit():
-        raise UsageError(f"--target {args.target!r}: expected HOST:PORT")
+    if args.target is not None:
+        from urllib.parse import urlsplit
+
+        from carajax.replay.runs import is_http_target
+
+        if is_http_target(args.target):
+            try:
+                port = urlsplit(args.target).port
+            except ValueError:
+                port = None
+            if not urlsplit(args.target).hostname or port is None:
+                raise UsageError(f"--target {args.target!r}: expected http://HOST:PORT")
+        elif not args.target.rpartition(":")[2].isdigit():
+            raise UsageError(f"--target {args.target!r}: expected HOST:PORT (gRPC) or http://HOST:PORT")
     try:
         extra = json.loads(args.engine_config) if args.engine_config else {}
         for cs in names(args.cold_starts):

@@ -1,7 +1,9 @@
 """Open-loop replay: send each request at its arrival time, never waiting for earlier ones.
 
-Two targets: an in-process `Engine` (`replay_engine`) and a gRPC worker or router
-(`replay_grpc`, one asyncio task per request on one `AsyncClient` channel). Both return one row
+Three targets: an in-process `Engine` (`replay_engine`), a gRPC worker or router
+(`replay_grpc`, one asyncio task per request on one `AsyncClient` channel), and an OpenAI HTTP
+server (`replay_http`: a worker's or router's --http-port, or the Ray Serve app; one asyncio task
+per request, each a streamed /v1/completions on one httpx client). All return one row
 (a dict) per request, in trace order. Times are measured from the request's *scheduled* arrival,
 so a client that falls behind shows up as latency instead of silently lowering the load
 (coordinated omission); `send_lag_s` says how late each request actually went out.
@@ -201,6 +203,156 @@ def replay_grpc(target: str, reqs: Sequence[TraceRequest], prompts: Sequence[Seq
     bar = _Progress(len(reqs), label, progress)
     try:
         return asyncio.run(_replay_grpc(target, reqs, prompts, label, bar, timeout_s))
+    finally:
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+# -- OpenAI HTTP (a worker's or router's --http-port, or the Ray Serve app) -------------------------
+def http_base(target: str) -> str:
+    """`http://host:port[/v1]` -> `http://host:port` (the OpenAI paths are added here)."""
+    base = target.rstrip("/")
+    return base[:-3] if base.endswith("/v1") else base
+
+
+def http_models(target: str, *, timeout_s: float = 60.0) -> tuple[str, set[str]]:
+    """(the base model's served name, the adapters it lists) from `GET /v1/models`."""
+    import httpx
+
+    r = httpx.get(f"{http_base(target)}/v1/models", timeout=timeout_s)
+    r.raise_for_status()
+    cards = r.json()["data"]
+    bases = [c["id"] for c in cards if not c.get("parent")]
+    if not bases:
+        raise ValueError(f"{target}/v1/models lists no base model (an entry without a parent)")
+    return bases[0], {c["id"] for c in cards if c.get("parent")}
+
+
+def http_register_adapters(target: str, paths: dict[str, str], names, *,
+                           timeout_s: float = 120.0) -> list[str]:
+    """Make sure the HTTP target serves every adapter in `names`: the ones it does not list are
+    loaded with `POST /v1/load_lora_adapter` (paths on this machine: the target must share its
+    disk and allow them, `--enable-lora-loading --adapter-root`). Returns the names it loaded.
+    RuntimeError listing the missing adapters when the target cannot load them."""
+    import httpx
+
+    _, have = http_models(target, timeout_s=timeout_s)
+    missing = sorted(set(n for n in names if n) - have)
+    loaded = []
+    for name in missing:
+        r = httpx.post(f"{http_base(target)}/v1/load_lora_adapter",
+                       json={"lora_name": name, "lora_path": paths[name]}, timeout=timeout_s)
+        if r.status_code >= 400:
+            try:
+                why = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                why = r.text[:200]
+            shown = ", ".join(missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+            raise RuntimeError(
+                f"{target} does not serve {len(missing)} adapter(s) of the trace: {shown}; loading "
+                f"{name!r} through /v1/load_lora_adapter failed (HTTP {r.status_code}: {why}). Start "
+                "the target with these adapters (e.g. `carajax ray --adapter-root DIR`, `carajax serve "
+                "--adapters DIR`) or with --enable-lora-loading and an --adapter-root holding them")
+        loaded.append(name)
+    return loaded
+
+
+async def _replay_http(target: str, reqs: Sequence[TraceRequest], prompts, label: str, bar: _Progress,
+                       timeout_s: float, base_model: str) -> list[Row]:
+    import json
+
+    import httpx
+
+    rows = [_row(i, r, label) for i, r in enumerate(reqs)]
+    loop = asyncio.get_running_loop()
+    url = f"{http_base(target)}/v1/completions"
+
+    async def one(i: int, r: TraceRequest, scheduled: float) -> None:
+        row = rows[i]
+        row["send_lag_s"] = loop.time() - scheduled
+        body = {"model": r.adapter or base_model, "prompt": list(prompts[i]), "max_tokens": r.output_tokens,
+                "temperature": 0.0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        first = last = None
+        chunks = 0
+        error = finish = None
+        try:
+            async with client.stream("POST", url, json=body) as resp:
+                row["worker"] = resp.headers.get("x-carajax-replica")
+                if resp.status_code != 200:
+                    raw = await resp.aread()
+                    try:
+                        e = json.loads(raw)["error"]
+                        error = f"HTTP {resp.status_code}: {e.get('code') or e.get('type')}: {e['message']}"
+                    except (ValueError, KeyError, TypeError):
+                        error = f"HTTP {resp.status_code}: {raw[:200].decode(errors='replace')}"
+                else:
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        msg = json.loads(data)
+                        if "error" in msg:  # mid-stream errors are an event (as vLLM sends them)
+                            e = msg["error"]
+                            error = f"stream: {e.get('code') or e.get('type')}: {e.get('message')}"
+                            break
+                        if msg.get("usage"):
+                            row["tokens"] = msg["usage"]["completion_tokens"]
+                        for choice in msg.get("choices") or ():
+                            now = loop.time()  # a chunk carries one or more tokens' text
+                            last = now
+                            first = first or now
+                            chunks += 1
+                            finish = choice.get("finish_reason") or finish
+        except httpx.HTTPError as e:
+            error = f"{type(e).__name__}: {e}"
+        if error is None and finish is None:
+            error = "stream: ended without a finish_reason"
+        if error is not None:
+            row.update(error=error, finish_reason="error", tokens=row["tokens"] or chunks)
+            _timing(row, scheduled, first, last, loop.time())
+            bar.done(True)
+            return
+        if not row["tokens"]:  # no usage chunk: count the chunks
+            row["tokens"] = chunks
+        row["finish_reason"] = finish
+        _timing(row, scheduled, first, last, last or loop.time())
+        bar.done(False)
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits) as client:
+        tasks = []
+        t0 = loop.time() + START_DELAY_S
+        for i, r in enumerate(reqs):
+            scheduled = t0 + r.arrival_s
+            if (wait := scheduled - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(one(i, r, scheduled)))
+        await asyncio.gather(*tasks)
+    return rows
+
+
+def replay_http(target: str, reqs: Sequence[TraceRequest], prompts: Sequence[Sequence[int]], *,
+                label: str = "http", progress: bool = False, timeout_s: float = 600.0,
+                base_model: str | None = None) -> list[Row]:
+    """Replay against an OpenAI-compatible HTTP server at `target` ("http://host:port"): a
+    carajax worker or router started with --http-port, or the Ray Serve app (`carajax ray`).
+    Each request is one streamed `/v1/completions` (the prompt as token ids, `model` the adapter or
+    `base_model`, the base's served name, read from /v1/models when not given; EOS ignored).
+
+    Measured by the client: TTFT is the first SSE chunk, TPOT the mean gap from the first chunk to
+    the last (the finishing one) over the tokens after the first, tokens from the usage chunk.
+    A chunk is sent once a token's text is non-empty, so a first token whose text is held back
+    (part of a UTF-8 character) counts from the next one. HTTP carries no engine metrics:
+    `cold_start`, `server_ttft_s` stay None; `worker` is Ray's `x-carajax-replica` header if sent.
+    A refused or failed request is a row with `error` set ("HTTP <status>: <code>: <message>")."""
+    if base_model is None:
+        base_model, _ = http_models(target)
+    bar = _Progress(len(reqs), label, progress)
+    try:
+        return asyncio.run(_replay_http(target, reqs, prompts, label, bar, timeout_s, base_model))
     finally:
         with contextlib.suppress(Exception):
             bar.close()

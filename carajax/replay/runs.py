@@ -181,9 +181,18 @@ def plan(args) -> Plan:
         notes.append(f"link: REAL host->device copies on {device}")
     runs: list[tuple[str, dict]] = []
     if args.target:
-        runs.append(("target", {"kind": "target", "describe": f"gRPC target {args.target}"}))
-        notes.append(f"target: {args.target} (its own policies and link; adapters of the trace it lacks "
-                     "are registered through LoadAdapter, with paths on this machine)")
+        if is_http_target(args.target):
+            runs.append(("target", {"kind": "target", "protocol": "http",
+                                    "describe": f"OpenAI HTTP target {args.target}"}))
+            notes.append(f"target: {args.target} over OpenAI HTTP (streamed /v1/completions; its own "
+                         "router, policies and link; adapters of the trace it lacks are loaded through "
+                         "/v1/load_lora_adapter with paths on this machine, or the replay stops naming "
+                         "them; no engine metrics over HTTP: cold starts are not counted)")
+        else:
+            runs.append(("target", {"kind": "target", "protocol": "grpc",
+                                    "describe": f"gRPC target {args.target}"}))
+            notes.append(f"target: {args.target} (its own policies and link; adapters of the trace it "
+                         "lacks are registered through LoadAdapter, with paths on this machine)")
     else:
         policies = _names(args.router_policies) if args.mode == "cluster" else ("",)
         for cs in _names(args.cold_starts):
@@ -246,6 +255,11 @@ def plan(args) -> Plan:
                 subtitle, setup, runs, adapters_dir)
 
 
+def is_http_target(target: str | None) -> bool:
+    """`--target http://HOST:PORT` (OpenAI HTTP) rather than HOST:PORT (gRPC)."""
+    return bool(target) and target.lower().startswith(("http://", "https://"))
+
+
 def _cluster_spec(plan: Plan, spec: dict, args):
     from carajax.replay.cluster import ClusterSpec
 
@@ -294,6 +308,21 @@ def execute(plan: Plan, label: str, spec: dict, args, workers=None) -> tuple[lis
     """One replay on its own cluster (`workers`, ready) or a fresh engine; (rows, timings)."""
     t0 = time.monotonic()
     info: dict = {k: v for k, v in spec.items() if k != "describe"}
+    if spec["kind"] == "target" and spec.get("protocol") == "http":
+        from carajax.replay.driver import http_models, http_register_adapters, replay_http
+
+        try:
+            loaded = http_register_adapters(args.target, plan.adapter_paths,
+                                            {r.adapter for r in plan.requests if r.adapter})
+        except RuntimeError as e:
+            raise UsageError(f"--target {e}") from None
+        base, _ = http_models(args.target)
+        info.update(registered_adapters=len(loaded), base_model=base)
+        t0 = time.monotonic()
+        rows = replay_http(args.target, plan.requests, plan.prompts, label=label, progress=args.progress,
+                           base_model=base)
+        info.update(setup_s=0.0, replay_s=time.monotonic() - t0)
+        return rows, info
     if spec["kind"] == "target":
         from carajax.client import Client
 
