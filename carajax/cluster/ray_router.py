@@ -49,6 +49,8 @@ class CarajaxRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.costs = routing.CostModels(default, policy)
         self.inflight: dict[str, routing.Dispatch] = {}  # internal request id -> dispatch
         self._states: dict[str, tuple[dict, policies.WorkerState]] = {}  # replica -> (stats, state)
+        self._seen: dict[str, int] = {}  # replica -> finished replies already learned from
+        self.observe = getattr(self.policy, "observe_output", None) or (lambda tokens: None)
         self.routed = 0  # choose_replicas calls our policy answered
         self.fallbacks = 0  # answered by Ray's default (no route, no stats, or no candidate)
         routing.LIVE_ROUTERS.add(self)  # not a class attribute: Ray ships this class by value
@@ -74,6 +76,9 @@ class CarajaxRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             cached = self._states.get(rid)
             if cached is None or cached[0] is not stats:  # a new snapshot: parse it once
                 cached = self._states[rid] = (stats, routing.worker_state(stats, self.costs.of(stats)))
+                lengths, self._seen[rid] = routing.new_outputs(stats, self._seen.get(rid, 0))
+                for n in lengths:  # the SLO-risk term learns reply lengths from every replica
+                    self.observe(n)
             state = cached[1]
             late = [(d.prompt_tokens, d.rank) for d in by_replica.get(rid, ()) if d.routed_at > stats["time"]]
             out.append(dataclasses.replace(state, queue=state.queue + late) if late else state)

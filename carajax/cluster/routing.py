@@ -54,7 +54,18 @@ def replica_stats(engine, servicer, *, name: str, cost_model_json: str = "", ser
             "loading": list(pool["loading"]), "pages_free": pool["pages_free"] + evictable,
             "page_rank": page_rank, "kv_pages_free": kv["pages_free"], "kv_page_size": kv["page_size"],
             "max_batch": engine.config.max_batch_size, "max_seq_len": engine.runner.seq_len,
-            "cost_model": cost_model_json}
+            "cost_model": cost_model_json, "finished_count": st["finished"]["count"],
+            "recent_outputs": st["finished"]["recent_output_tokens"]}
+
+
+def new_outputs(stats: dict, seen: int) -> tuple[list[int], int]:
+    """(output lengths of the replies this snapshot reports that a router which had seen `seen`
+    of them has not, the new count). Only the recent ones are kept, so a router that polls too
+    rarely learns from the latest at most."""
+    count = int(stats.get("finished_count", 0))
+    recent = list(stats.get("recent_outputs", ()))
+    fresh = max(0, min(count - seen, len(recent)))
+    return (recent[len(recent) - fresh:] if fresh else []), count
 
 
 @dataclasses.dataclass(frozen=True)

@@ -472,6 +472,8 @@ class Engine:
                     "step_wait_ms": _median_ms(times, 2),
                     "async_scheduling": self.config.async_scheduling,
                     "cold_paths": dict(self.planner.cold_paths),
+                    "finished": {"count": self.planner.finished_count,
+                                 "recent_output_tokens": list(self.planner.finished_outputs)},
                     "adapters": self.pool.stats(), "cpu_assist": self.bridge.stats()}
 
     def close(self) -> None:

@@ -149,6 +149,10 @@ class BatchPlanner:
         self.host_lora = host_lora  # `auto`: the measured host LoRA costs (measured on first use)
         self.num_layers = num_layers
         self.cold_paths: collections.Counter[str] = collections.Counter()  # cold requests per path
+        # Output lengths of recently finished replies, and how many ever finished: what routers
+        # learn the reply-length distribution from (sched.output_lengths).
+        self.finished_outputs: collections.deque[int] = collections.deque(maxlen=256)
+        self.finished_count = 0
 
     # -- queue -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -420,6 +424,9 @@ class BatchPlanner:
             if req.adapter is not None:
                 self.pool.release(req.adapter)
         req.phase, req.finish_reason, req.error = Phase.FINISHED, reason, error
+        if reason in ("stop", "length"):  # a reply that ended on its own (not cancelled, not failed)
+            self.finished_outputs.append(len(req.output_ids))
+            self.finished_count += 1
         req.metrics.finish_time = t
         req.metrics.output_tokens = len(req.output_ids)
         req.handle._finish(RequestOutput(
