@@ -44,11 +44,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+# The progress log is bench_step's (this script's directory is on sys.path when it runs).
+from bench_step import log  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

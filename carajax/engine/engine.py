@@ -383,14 +383,15 @@ class Engine:
             t0 = time.perf_counter()
             prev, self._inflight = self._inflight, None
             plan = self.planner.schedule()
-            if plan.empty and prev is None:
-                copying = bool(self.planner.waiting)  # only requests waiting for their copies
-            else:
-                copying = None
+            if not plan.empty or prev is not None:
                 self._run(plan, prev, t0)
-        if copying:  # (async) let the copies land; outside the lock: submits and cancels go on
-            time.sleep(COPY_POLL_S)
-        return copying is not False
+                return True
+            if not self.planner.waiting:
+                return False
+        # Only requests waiting for their adapters' copies (async): let the copies land, outside
+        # the lock so that submits and cancels go on.
+        time.sleep(COPY_POLL_S)
+        return True
 
     def _run(self, plan: Schedule, prev: _Launched | None, t0: float) -> None:
         """Launch `plan` (if any) and apply the step before it, or both (see `step`)."""

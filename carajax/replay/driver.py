@@ -152,6 +152,20 @@ def replay_engine(engine, reqs: Sequence[TraceRequest], prompts: Sequence[Sequen
 
 
 # -- gRPC worker or router -------------------------------------------------------------------------
+async def _open_loop(reqs: Sequence[TraceRequest], one) -> None:
+    """Start `one(i, request, scheduled)` for each request at its arrival time (open loop: a
+    slow reply never delays the next arrival); wait for all of them."""
+    loop = asyncio.get_running_loop()
+    tasks = []
+    t0 = loop.time() + START_DELAY_S
+    for i, r in enumerate(reqs):
+        scheduled = t0 + r.arrival_s
+        if (wait := scheduled - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(one(i, r, scheduled)))
+    await asyncio.gather(*tasks)
+
+
 async def _replay_grpc(target: str, reqs: Sequence[TraceRequest], prompts, label: str, bar: _Progress,
                        timeout_s: float) -> list[Row]:
     from carajax.client import AsyncClient, ServerError
@@ -185,14 +199,7 @@ async def _replay_grpc(target: str, reqs: Sequence[TraceRequest], prompts, label
         bar.done(False)
 
     async with AsyncClient(target) as client:
-        tasks = []
-        t0 = loop.time() + START_DELAY_S
-        for i, r in enumerate(reqs):
-            scheduled = t0 + r.arrival_s
-            if (wait := scheduled - loop.time()) > 0:
-                await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(one(i, r, scheduled)))
-        await asyncio.gather(*tasks)
+        await _open_loop(reqs, one)
     return rows
 
 
@@ -323,14 +330,7 @@ async def _replay_http(target: str, reqs: Sequence[TraceRequest], prompts, label
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits) as client:
-        tasks = []
-        t0 = loop.time() + START_DELAY_S
-        for i, r in enumerate(reqs):
-            scheduled = t0 + r.arrival_s
-            if (wait := scheduled - loop.time()) > 0:
-                await asyncio.sleep(wait)
-            tasks.append(asyncio.create_task(one(i, r, scheduled)))
-        await asyncio.gather(*tasks)
+        await _open_loop(reqs, one)
     return rows
 
 
