@@ -83,6 +83,30 @@ def test_async_cold_request_waits_in_the_queue_while_the_batch_goes_on(adapter_d
     assert e.stats()["cold_paths"] == {"async": 1}
 
 
+@pytest.mark.parametrize("policy", ["async", "auto", "cpu_assist"])
+def test_the_copy_starts_at_submit_and_its_claim_ends_with_the_request(adapter_dirs, policy):
+    """Before any step runs the cold adapter is already on the link, and `want`ed so that other
+    copies do not evict it while its request queues; admission (or a cancel, or a refused
+    submit) drops the claim."""
+    with _engine(adapter_dirs, cold_start=policy, emulated_link_gbps=1.0,
+                 emulated_link_latency_ms=300, max_queue=2) as e:
+        cold = e.submit(COLD_PROMPT, adapter="cold", sampling=GREEDY)
+        assert e.pool.where("cold") == "loading"  # no step has run yet
+        assert e.pool.stats()["wanted"] == {"cold": 1}
+        # (auto: the host's LoRA for 41 tokens beats a 0.3 s copy)
+        assert e.stats()["cold_paths"] == {"async" if policy == "async" else "cpu_assist": 1}
+        with pytest.raises(carajax.QueueFullError):
+            e.generate([COLD_PROMPT, COLD_PROMPT], adapters=["cold", "cold"], sampling=GREEDY)
+        assert e.pool.stats()["wanted"] == {"cold": 1}  # the refused two released theirs
+        second = e.submit(COLD_PROMPT, adapter="cold", sampling=GREEDY)
+        assert e.pool.stats()["wanted"] == {"cold": 2}
+        assert e.cancel(second.request_id)
+        assert e.pool.stats()["wanted"] == {"cold": 1}
+        while e.step():
+            pass
+        assert cold.result().metrics.cold_start and e.pool.stats()["wanted"] == {}
+
+
 @pytest.mark.parametrize("latency_ms,path", [(2000, "cpu_assist"), (0, "async")])
 def test_auto_takes_cpu_assist_only_when_the_copy_is_slower(adapter_dirs, reference, latency_ms,
                                                              path):

@@ -94,10 +94,11 @@ def test_one_mixed_batch_gives_each_request_its_own_adapters_answer(engine, alon
 
 
 def test_over_grpc_cold_adapters_served_by_cpu_assist_keep_their_behaviour(alone):
-    # A slow emulated link (300 ms + 20 MB/s): every adapter is cold when its requests arrive,
-    # so their prefill (and early decode) runs with the LoRA computed on the CPU.
+    # A slow emulated link (3 s + 20 MB/s a copy): every adapter is cold when its requests arrive
+    # and still copying when they are admitted (copies start at submit, one after another on the
+    # link), so their prefill (and decode) runs with the LoRA computed on the CPU.
     config = EngineConfig(cold_start="cpu_assist", max_batch_size=MAX_BATCH, emulated_link_gbps=0.02,
-                          emulated_link_latency_ms=300.0)
+                          emulated_link_latency_ms=3000.0)
     eng = demo.engine(config)
     try:
         with serve(eng, 0, host="127.0.0.1", name="demo-worker") as w, \

@@ -113,12 +113,15 @@ def test_pool_form_ignores_stale_rows_of_slots_no_segment_uses():
     assert np.any(np.asarray(ref))
 
 
-def test_the_hook_picks_the_form_with_the_fewest_multiply_adds():
+def test_the_hook_picks_the_form_with_the_fewest_multiply_adds_and_the_pools_fixed_cost():
     from carajax.lora.hook import jnp_form
-    # 16 decodes, rank-64 slots: a pool of 32 pages x 16 rows (512) beats gathering 16 x 64.
-    assert jnp_form(16, 16, 512, 64) == "pool"
-    assert jnp_form(16, 16, 2048, 64) == "dense"  # a pool of 128 pages: gather instead
+    # 8 decodes, rank-64 slots: gathering 8 x 64 rows beats a pool of 512 rows (same
+    # multiply-adds, but the pool's slice is copied every layer) and loses to a pool of 128.
+    assert jnp_form(8, 8, 512, 64) == "dense"
+    assert jnp_form(8, 8, 128, 64) == "pool"
+    assert jnp_form(16, 16, 512, 64) == "dense"  # 2x fewer rows is not enough (measured)
+    assert jnp_form(16, 16, 2048, 64) == "dense"
     # 512 prefill tokens in 16 segments: 24 blocks of 64 x 64 rows beat 512 x 512 pool rows,
-    # but not a pool of 8 pages (128 rows).
+    # but not a pool of 8 pages (128 rows): the fixed cost is small beside 512 tokens.
     assert jnp_form(512, 16, 512, 64) == "blocked"
     assert jnp_form(512, 16, 128, 64) == "pool"

@@ -191,6 +191,38 @@ def test_lru_eviction_respects_pins_and_references(make_pool):
         pool.release(d)
 
 
+def test_wanted_adapters_are_not_evicted_until_unwanted(make_pool):
+    """A queued request's adapter, copied before it is admitted, stays resident while other
+    requests' copies look for room; once unwanted it is the LRU victim like any other."""
+    a, b, c = "r16_0", "r16_1", "r16_2"
+    pool = make_pool(2, a, b, c)
+    pool.load_now(a)
+    pool.want(a)
+    pool.load_now(b)  # room for two: nothing evicted
+    pool.touch(b)
+    assert pool.prefetch(c) is True and pool.where(b) == "host"  # b went, not the older a
+    assert pool.stats()["wanted"] == {a: 1}
+    pool.load_now(c)
+    pool.acquire(c)
+    assert pool.prefetch(b) is False  # a wanted, c in use: no room, nothing evicted
+    pool.unwant(a)
+    pool.unwant(a)  # one too many: ignored (the request may have ended twice over)
+    assert pool.prefetch(b) is True and pool.where(a) == "host"
+    assert pool.stats()["wanted"] == {}
+
+
+def test_prefetch_here_stages_on_the_calling_thread(make_pool):
+    """No hand-off to the loader: the copy is staged when prefetch returns, so the next poll
+    installs it (no emulated link: no deadline to wait for)."""
+    pool = make_pool(4, "r16_0", "r64")
+    pool.load_now("r16_0")  # compiles a one-page install
+    assert pool.prefetch("r64", here=True)
+    job = pool._entries["r64"].load
+    assert job.done.is_set() and job.staged is not None
+    jax.block_until_ready(job.staged[0])
+    assert pool.poll() == ["r64"] and pool.where("r64") == "device"
+
+
 def test_failed_prefetch_evicts_nothing(make_pool):
     # 4 pages: r16_0 pinned, r16_1 in use, r16_2 and r16_3 evictable. r64 needs 4 pages, but
     # evicting both evictable ones frees only 2: no room, and both stay resident.

@@ -325,15 +325,24 @@ class Engine:
         return self._submit_all([self._make_request(prompt, adapter, sampling, request_id)])[0]
 
     def _submit_all(self, requests: list[Request]) -> list[RequestHandle]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("engine is closed")
-            if len(self.planner.waiting) + len(requests) > self.config.max_queue:
-                raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
+        # Cold adapters' copies start here, outside the engine lock, while a step may still
+        # hold it: by the time the step ends, the copy has run beside it.
+        for r in requests:
+            self.planner.start_cold(r)
+        try:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("engine is closed")
+                if len(self.planner.waiting) + len(requests) > self.config.max_queue:
+                    raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
+                for r in requests:
+                    self.planner.add(r)
+                self._ensure_loop()
+                self._work.notify()
+        except BaseException:
             for r in requests:
-                self.planner.add(r)
-            self._ensure_loop()
-            self._work.notify()
+                self.planner.forget(r)
+            raise
         return [r.handle for r in requests]
 
     def cancel(self, request_id: str) -> bool:

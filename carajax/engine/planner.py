@@ -24,7 +24,8 @@ each request's LoRA path for the step:
              batch waits), then runs it on the device.
 Under `async` a cold request is not admitted: it stays queued while its copy runs (later requests
 go ahead of it), and starts on the device once resident. Under `auto` each cold request is given
-one of `cpu_assist` or `async` when it is first considered (`cold_start.choose`).
+one of `cpu_assist` or `async` (`cold_start.choose`). Both start the copy when the request is
+submitted (`start_cold`), not when a step first considers it.
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ class BatchPlanner:
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
         self.waiting.append(request)
+        if request.metrics.cold_path is not None:  # given at submit (`start_cold`)
+            self.cold_paths[request.metrics.cold_path] += 1
 
     @property
     def has_work(self) -> bool:
@@ -297,24 +300,48 @@ class BatchPlanner:
         start = req.num_computed
         return SeqChunk(req, start, n, self._path(req), samples=start + n == req.num_tokens)
 
+    def start_cold(self, req: Request, *, submitter: bool = True) -> None:
+        """Give a cold request its path (the policy's, or under `auto` the faster of CPU assist
+        and waiting for the copy, by measured predictions) and, on the paths that copy while the
+        request runs or waits (`async`, `cpu_assist`), start its copy now. Called on the
+        submitting thread, before the request is queued: the copy then runs beside the step in
+        flight instead of from the first step that considers the request. The adapter is
+        `want`ed until admission, so other prefetches do not evict it meanwhile. Touches only
+        the request and the pool (whose bookkeeping is locked); `add` counts the path."""
+        if (req.adapter is None or req.metrics.cold_path is not None
+                or self.pool.slot(req.adapter) is not None):
+            return
+        policy = self.config.cold_start
+        if policy == "auto":
+            adapter = self.pool.adapter(req.adapter)
+            choice = cold_start.choose(self.host_lora(), adapter, len(req.prompt_ids),
+                                       self.num_layers, self.pool.copy_seconds(req.adapter))
+            req.metrics.cold_path = choice.path
+            req.metrics.predicted_cpu_s = choice.cpu_s
+            req.metrics.predicted_copy_s = choice.copy_s
+        else:
+            req.metrics.cold_path = "cpu_assist" if policy == "cpu_assist" else (
+                "async" if policy == "async" else "wait")
+        if req.metrics.cold_path in ("async", "cpu_assist"):
+            self.pool.want(req.adapter)
+            req.wants_adapter = True
+            # Staged on the submitter's thread, the engine's goes to the loader; False (the
+            # pool is full now): retried at admission.
+            self.pool.prefetch(req.adapter, here=submitter)
+
+    def forget(self, req: Request) -> None:
+        """Undo `start_cold`'s claim for a request that was never queued (or has ended)."""
+        if req.wants_adapter:
+            self.pool.unwant(req.adapter)
+            req.wants_adapter = False
+
     def _waits_for_copy(self, req: Request) -> bool:
-        """Whether req stays queued for its adapter's copy (starting the copy if need be). The
-        first time a cold request is considered it gets its path: the policy's, or under `auto`
-        the faster of CPU assist and waiting for the copy, by measured predictions."""
+        """Whether req stays queued for its adapter's copy (starting the copy if need be). A cold
+        request not given its path at submit (warm then, evicted since) gets it now."""
         if req.adapter is None or self.pool.slot(req.adapter) is not None:
             return False
         if req.metrics.cold_path is None:
-            policy = self.config.cold_start
-            if policy == "auto":
-                adapter = self.pool.adapter(req.adapter)
-                choice = cold_start.choose(self.host_lora(), adapter, len(req.prompt_ids),
-                                           self.num_layers, self.pool.copy_seconds(req.adapter))
-                req.metrics.cold_path = choice.path
-                req.metrics.predicted_cpu_s = choice.cpu_s
-                req.metrics.predicted_copy_s = choice.copy_s
-            else:
-                req.metrics.cold_path = "cpu_assist" if policy == "cpu_assist" else (
-                    "async" if policy == "async" else "wait")
+            self.start_cold(req, submitter=False)
             self.cold_paths[req.metrics.cold_path] += 1
         if req.metrics.cold_path != "async":
             return False
@@ -327,6 +354,7 @@ class BatchPlanner:
                 # Start the copy now; the request begins on the CPU path either way.
                 self.pool.prefetch(req.adapter)
             self.pool.acquire(req.adapter)
+            self.forget(req)  # acquired: the claim at submit is no longer needed
         req.phase = Phase.PREFILL
         req.admitted = next(self._order)
         self.running.append(req)
@@ -416,6 +444,7 @@ class BatchPlanner:
     def _finish(self, req: Request, reason: str, t: float, error: str | None = None) -> None:
         if req.phase is Phase.FINISHED:
             return
+        self.forget(req)
         if req.phase is Phase.WAITING and req in self.waiting:  # preempted, its token pending
             self.waiting.remove(req)
         if req in self.running:

@@ -106,6 +106,7 @@ class Request:
     # launched before N's tokens are read, so 1 while planning, 2 for a moment after); their ids
     # are PENDING on the host until read.
     pending: int = 0
+    wants_adapter: bool = False  # holds a `want` on its adapter (queued, copy started at submit)
 
     @property
     def generated(self) -> int:

@@ -29,15 +29,23 @@ LORA_IMPLS = ("auto", "pallas", "fused", "interpret", "reference")
 # sequences, blocks of 16 / 32 / 64 / 128: 25 / 15 / 5.9 / 11 ms, dense 28 ms).
 DENSE_TOKENS_PER_SEGMENT = 4
 PREFILL_TOKEN_BLOCK = 64
+# The pool form's per-step price beyond its multiply-adds, in tokens' worth of pool rows: inside
+# the scan over layers XLA:CPU copies the layer's whole pool slice (and builds masks over every
+# pool column) whatever the token count. Measured in the engine (2-core CPU, llama-100m, 8-row
+# decode steps, 2026-12-02): a pool 4x smaller than the dense gather wins (52 vs 64 ms a step),
+# 2x smaller loses (101 vs 92 ms at 16 rows), equal loses by 40% (91 vs 66 ms; llama-test 1.0
+# vs 0.7 ms): the crossover puts this between 18 and 28.
+POOL_FIXED_TOKENS = 24
 
 
 def jnp_form(T: int, G: int, pool_rows: int, r_max: int) -> str:
     """Which jnp formulation a step of T tokens in G segments runs (static shapes, so one
     choice per compiled variant), by multiply-adds per unit of d: "dense" T * G * r_max (two
-    GEMMs, every segment's adapter gathered), "pool" T * pool_rows (two GEMMs against the
-    layer's whole pool, nothing gathered), "blocked" NB * 64 * r_max (blocks of one segment).
-    Decode-like steps take dense or pool; prefill steps blocked or pool."""
-    pool = T * pool_rows
+    GEMMs, every segment's adapter gathered), "pool" (T + POOL_FIXED_TOKENS) * pool_rows (two
+    GEMMs against the layer's whole pool, nothing gathered, plus the pool slice's fixed cost),
+    "blocked" NB * 64 * r_max (blocks of one segment). Decode-like steps take dense or pool;
+    prefill steps blocked or pool."""
+    pool = (T + POOL_FIXED_TOKENS) * pool_rows
     if T <= DENSE_TOKENS_PER_SEGMENT * G:
         return "pool" if pool <= T * G * r_max else "dense"
     blocks = min(T, -(-T // PREFILL_TOKEN_BLOCK) + G)
