@@ -149,15 +149,32 @@ def test_pool_predicts_copies_from_the_link_and_records_the_real_time(adapter_di
     with _engine(adapter_dirs, cold_start="async", emulated_link_gbps=0.5,
                  emulated_link_latency_ms=50) as e:
         pool = e.pool
-        nbytes = pool.stats()["page_bytes"] * 4  # rank 64 = 4 pages of 16
+        # rank 64 = 4 pages of 16 rows, of which only q/k/v/o (448 of 1024 columns) are copied
+        nbytes = pool.stats()["page_bytes"] * 4 * 448 // 1024
         one = 0.05 + nbytes / 0.5e9
         assert pool.copy_seconds("cold") == pytest.approx(one, rel=1e-3)
         pool.prefetch("warm")  # on the link first: "cold" now queues behind it
-        warm_s = 0.05 + pool.stats()["page_bytes"] / 0.5e9
-        assert pool.copy_seconds("cold") == pytest.approx(warm_s + one, rel=0.05)
+        warm_s = 0.05 + pool.stats()["page_bytes"] * 448 // 1024 / 0.5e9
+        # (less the time since warm's copy started: a few ms on a loaded machine)
+        assert pool.copy_seconds("cold") == pytest.approx(warm_s + one, abs=0.02)
         pool.load_now("warm")
         pool.load_now("cold")
         st = pool.stats()
     assert st["copies"] == 2
     assert st["copy_real_ms_median"] >= 0.9 * st["copy_predicted_ms_median"]
     assert st["copy_real_ms_median"] < 3 * st["copy_predicted_ms_median"]
+
+
+def test_an_adapter_added_after_warmup_never_compiles_inside_a_step(adapter_dirs, tmp_path):
+    """Installs compile per (targeted projections, page count): a served engine compiles a new
+    adapter's variant when it is added, so its first copy installs without compiling."""
+    from carajax.lora import pool as pool_module
+    with _engine(adapter_dirs, cold_start="async") as e:
+        e.warmup()
+        path = write_random_adapter(tmp_path / "mlp", CFG, rank=8, seed=5,
+                                    target_modules=("gate_proj", "up_proj", "down_proj"))
+        e.add_adapter("mlp", path)
+        variants = pool_module._install_flat._cache_size()
+        e.pool.load_now("mlp")
+        assert pool_module._install_flat._cache_size() == variants
+        assert e.pool.where("mlp") == "device"

@@ -3,6 +3,7 @@ references, asynchronous copies over an emulated link, and errors that leave the
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -13,7 +14,9 @@ import pytest
 from carajax import AdapterError, LoraAdapter, load_adapter
 from carajax.config import TARGET_MODULES
 from carajax.lora.adapter import LoraModule
-from carajax.lora.kernels import bgmv_reference, sgmv_reference
+from carajax.lora import jnp_ops
+from carajax.lora.fused_kernels import sgmv_fused
+from carajax.lora.kernels import bgmv_reference, sgmv, sgmv_reference
 from carajax.lora.pool import AdapterPool, PoolFullError
 from carajax.testing import write_random_adapter
 
@@ -21,10 +24,13 @@ from carajax.testing import write_random_adapter
 # 2 layers. d_in + d_out: q 128, k 96, v 96, o 128, gate 192, up 192, down 192 -> 1024 in all.
 # One page of 16 rank rows = 2 layers * 16 * 1024 * 4 bytes (float32) = 131072 bytes.
 PAGE_BYTES = 131_072
-# Emulated link of 0.001 GB/s = 1e6 bytes/s with 50 ms latency: a one-page (rank <= 16) copy is
-# 0.131072 s on the wire + 0.05 s = 0.181072 s.
+# A copy moves only the projections an adapter targets: for the attention-only r16_* adapters
+# q + k + v + o = 448 of the 1024, so 2 * 16 * 448 * 4 = 57344 bytes of a page.
+ATTENTION_PAGE_BYTES = 57_344
+# Emulated link of 0.001 GB/s = 1e6 bytes/s with 50 ms latency: a one-page attention-only copy is
+# 0.057344 s on the wire + 0.05 s = 0.107344 s.
 LINK = dict(emulated_link_gbps=0.001, emulated_link_latency_ms=50.0)
-ONE_PAGE_COPY_S = 0.05 + PAGE_BYTES / 1e6
+ONE_PAGE_COPY_S = 0.05 + ATTENTION_PAGE_BYTES / 1e6
 
 
 def mixed_adapter(config, seed: int = 0) -> LoraAdapter:
@@ -132,6 +138,36 @@ def test_pool_pages_reproduce_each_adapter(make_pool, adapters, dtype):
         np.testing.assert_array_equal(
             sgmv_ref(x, *pages, starts, lens, seg_slots, *meta, page_table=w.page_table),
             sgmv_ref(x, ref_a, ref_b, starts, lens, seg_slots, ref_r, ref_s))
+
+
+def test_a_copy_moves_only_the_targeted_projections_and_stale_pages_stay_unread(make_pool, adapters):
+    """r8 (MLP only) leaves its gate/up/down weights in the one page; r16_0 (attention only)
+    then reuses that page and copies only q/k/v/o: its MLP pages still hold r8's weights, but
+    its rank and scale there are 0, so every kernel gives exactly zero for it there."""
+    pool = make_pool(1, "r8", "r16_0")
+    assert pool.copy_bytes(adapters["r16_0"]) == ATTENTION_PAGE_BYTES
+    assert pool.copy_bytes(adapters["r8"]) == PAGE_BYTES - ATTENTION_PAGE_BYTES
+    pool.load_now("r8")
+    pool.load_now("r16_0")  # evicts r8, takes its page
+    w, s = pool.weights, pool.slot("r16_0")
+    page = int(np.asarray(w.page_table)[s, 0])
+    stale = np.asarray(w.a["down_proj"])[:, page]
+    assert np.abs(stale).max() > 0  # r8's weights, never overwritten
+    assert not np.asarray(w.ranks["down_proj"])[:, s].any()
+    assert not np.asarray(w.scales["down_proj"])[:, s].any()
+    rng = np.random.default_rng(1)
+    starts, lens, slots = np.array([0], np.int32), np.array([4], np.int32), np.array([s], np.int32)
+    impls = {"reference": sgmv_reference, "dense": jnp_ops.sgmv_dense, "pool": jnp_ops.sgmv_pool,
+             "blocked": jnp_ops.sgmv_blocked,
+             "pallas": functools.partial(sgmv, interpret=True),
+             "pallas padded": functools.partial(sgmv, interpret=True, pad_to_max_rank=True),
+             "fused": functools.partial(sgmv_fused, interpret=True)}
+    for m in ("down_proj", "q_proj"):
+        x = jnp.asarray(rng.standard_normal((4, pool.config.projection_shape(m)[0])), jnp.float32)
+        for name, op in impls.items():
+            y = op(x, w.a[m][0], w.b[m][0], starts, lens, slots, w.ranks[m][0], w.scales[m][0],
+                   page_table=w.page_table)
+            assert (np.abs(np.asarray(y)).max() > 0) == (m == "q_proj"), (name, m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +305,7 @@ def test_prefetch_is_asynchronous_over_the_emulated_link(make_pool):
     assert pool.prefetch("r16_0") and pool.prefetch("r16_1")  # r16_1 queues behind on the link
     assert pool.prefetch("r16_0")  # already loading: a no-op
     assert pool.where("r16_0") == "loading" and pool.slot("r16_0") is None
-    assert pool.poll() == []  # far before the first deadline (0.18 s)
+    assert pool.poll() == []  # far before the first deadline (0.107 s)
     st = pool.stats()
     assert st["loading"] == ["r16_0", "r16_1"]
     assert st["device_bytes_used"] == 3 * PAGE_BYTES  # reserved pages count

@@ -113,6 +113,7 @@ class Engine:
         self._work = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._warmed = False  # `warmup` has run: later adapters' installs compile as they come
         self.steps = 0
         if config.cold_start in ("cpu_assist", "auto"):
             self._profile_cpu_assist()
@@ -180,7 +181,8 @@ class Engine:
         """Compile every bucketed step variant now, so that serving never pauses to compile;
         returns how many were compiled. `progress(done, total)` is called as variants finish."""
         with self._lock:
-            self.pool.warmup()  # adapter installs, one variant per page count
+            self._warmed = True
+            self.pool.warmup()  # adapter installs: one variant per (projections, page count)
             return self.runner.warmup(cpu=self.config.cold_start in ("cpu_assist", "auto"),
                                       progress=progress)
 
@@ -206,6 +208,8 @@ class Engine:
                     self.pool.load_now(name)
                 if pin:
                     self.pool.pin(name)
+                if self._warmed:  # served engines compile a new adapter's install now, not mid-step
+                    self.pool.warmup([name])
             except Exception:
                 self.pool.unregister(name)
                 raise

@@ -8,10 +8,14 @@ ranks and caps how many adapters fit whatever their size). Slots are rows of a p
 cheap metadata, `max_slots` of them. The kernels read pages through that table
 (`carajax.lora.kernels`, `page_table=`).
 
-Copies run on a background loader thread (`jax.device_put` of page-shaped numpy arrays, the real
-host-to-device copy on a GPU); the engine thread installs finished copies into the pool arrays in
-`poll` (non-blocking) or `load_now` (blocking) with a jitted scatter that donates the pool, so
-all mutation of device arrays happens on the engine thread, never while a step holds them.
+A copy moves only the projections the adapter targets (an attention-only adapter is 45% of a
+seven-projection page), as one flat buffer: one `jax.device_put` (the real host-to-device copy on
+a GPU), staged on a background loader thread, or on the caller's (`prefetch(here=True)`: a
+request's submitter). The engine thread installs finished copies into the pool arrays in `poll`
+(non-blocking) or `load_now` (blocking) with a jitted scatter that donates the pool, so all
+mutation of device arrays happens on the engine thread, never while a step holds them. A page's
+untargeted projections keep what they held; the slot's rank and scale there are 0, so no
+kernel reads them.
 
 On machines without an accelerator `device_put` is near-instant, so `emulated_link_gbps` delays
 each copy's readiness to what a PCIe link of that bandwidth would take; copies share one link.
@@ -80,11 +84,16 @@ MODULE_ORDER = tuple(sorted(TARGET_MODULES))  # jax flattens dicts by sorted key
 
 
 def _scatter(w: PagedLoraWeights, slot, pages, table_row, a, b, ranks, scales) -> PagedLoraWeights:
-    """Staged pages into the pool and slot `slot`'s metadata. ranks / scales: [M, L] in
-    MODULE_ORDER (two arguments, not fourteen: each argument is a transfer per install)."""
+    """Staged pages into the pool and slot `slot`'s metadata. a / b hold only the projections
+    the adapter targets: the others keep whatever their pages held (an evicted adapter's
+    weights, finite) and are never read, as the slot's rank and scale there are 0. ranks /
+    scales: [M, L] for every projection in MODULE_ORDER (two arguments, not fourteen: each
+    argument is a transfer per install)."""
     return PagedLoraWeights(
-        a={m: w.a[m].at[:, pages].set(a[m], unique_indices=True) for m in w.a},  # [L, n, pr, d_in]
-        b={m: w.b[m].at[:, pages].set(b[m], unique_indices=True) for m in w.b},  # [L, n, d_out, pr]
+        a={m: w.a[m].at[:, pages].set(a[m], unique_indices=True) if m in a else w.a[m]
+           for m in w.a},  # [L, n, pr, d_in]
+        b={m: w.b[m].at[:, pages].set(b[m], unique_indices=True) if m in b else w.b[m]
+           for m in w.b},  # [L, n, d_out, pr]
         page_table=w.page_table.at[slot].set(table_row),
         ranks={m: w.ranks[m].at[:, slot].set(ranks[i]) for i, m in enumerate(MODULE_ORDER)},
         scales={m: w.scales[m].at[:, slot].set(scales[i]) for i, m in enumerate(MODULE_ORDER)},
@@ -98,13 +107,15 @@ def _install(w: PagedLoraWeights, slot, pages, table_row, a, b, ranks, scales) -
     return _scatter(w, slot, pages, table_row, a, b, ranks, scales)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _install_flat(w: PagedLoraWeights, slot, pages, table_row, flat, ranks, scales) -> PagedLoraWeights:
-    """`_install` from one flat staged buffer: every projection's A pages then B pages, in
-    MODULE_ORDER (`flat_pages`). One host-to-device copy per adapter instead of fourteen (on
-    the CPU backend each costs ~30 us beside a loaded engine); the split is free under jit."""
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="modules")
+def _install_flat(w: PagedLoraWeights, slot, pages, table_row, flat, ranks, scales, *,
+                  modules: tuple[str, ...]) -> PagedLoraWeights:
+    """`_install` from one flat staged buffer: each of `modules`' A pages then B pages
+    (`flat_pages`). One host-to-device copy per adapter instead of one per array (on the CPU
+    backend each costs ~30 us beside a loaded engine); the split is free under jit. Compiles
+    once per (page count, targeted projections)."""
     n, a, b, k = pages.shape[0], {}, {}, 0
-    for m in MODULE_ORDER:
+    for m in modules:
         L, _, pr, d_in = w.a[m].shape
         d_out = w.b[m].shape[2]
         a[m] = flat[k:k + L * n * pr * d_in].reshape(L, n, pr, d_in)
@@ -114,17 +125,27 @@ def _install_flat(w: PagedLoraWeights, slot, pages, table_row, flat, ranks, scal
     return _scatter(w, slot, pages, table_row, a, b, ranks, scales)
 
 
+def staged_modules(adapter: LoraAdapter) -> tuple[str, ...]:
+    """The projections whose pages cross the link for this adapter (MODULE_ORDER): the ones it
+    targets. Typical adapters target q/v or the four attention projections: a copy of all
+    seven would move 2-3x the bytes for pages that are never read."""
+    present = set(adapter.target_modules)
+    return tuple(m for m in MODULE_ORDER if m in present)
+
+
 def flat_pages(adapter: LoraAdapter, config: ModelConfig, n_pages: int, page_rank: int, dtype
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An adapter as one staged buffer (`_install_flat`'s layout) and its ranks int32 [M, L]
-    and scales float32 [M, L], M in MODULE_ORDER."""
-    parts, ranks, scales = [], [], []
-    for m in MODULE_ORDER:
-        a, b, r, sc = host_pages(adapter, config, m, n_pages, page_rank, dtype)
-        parts += [a.reshape(-1), b.reshape(-1)]
-        ranks.append(r)
-        scales.append(sc)
-    return np.concatenate(parts), np.stack(ranks), np.stack(scales)
+    """An adapter as one staged buffer (`_install_flat`'s layout: its `staged_modules`) and its
+    ranks int32 [M, L] and scales float32 [M, L] for every projection, M in MODULE_ORDER (0
+    where it has none)."""
+    staged, parts = set(staged_modules(adapter)), []
+    ranks = np.zeros((len(MODULE_ORDER), config.num_layers), np.int32)
+    scales = np.zeros((len(MODULE_ORDER), config.num_layers), np.float32)
+    for i, m in enumerate(MODULE_ORDER):
+        if m in staged:
+            a, b, ranks[i], scales[i] = host_pages(adapter, config, m, n_pages, page_rank, dtype)
+            parts += [a.reshape(-1), b.reshape(-1)]
+    return np.concatenate(parts), ranks, scales
 
 
 def _median_ms(xs: list[float]) -> float | None:
@@ -139,6 +160,7 @@ class _Load:
     adapter: LoraAdapter
     n_pages: int
     ready_at: float  # emulated link deadline (time.monotonic); 0: no emulation
+    nbytes: int = 0  # what crosses the link (`AdapterPool.copy_bytes`)
     started: float = 0.0  # time.monotonic() when the copy was queued
     predicted_s: float = 0.0  # `copy_seconds` when it was queued
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -151,6 +173,7 @@ class _Load:
 class _Entry:
     adapter: LoraAdapter
     n_pages: int
+    copy_bytes: int  # its pages of the projections it targets: what a copy moves
     state: str = "host"  # "host" | "loading" | "device"
     slot: int | None = None  # reserved from prefetch on
     pages: list[int] = dataclasses.field(default_factory=list)
@@ -230,6 +253,7 @@ class AdapterPool:
         # (predicted, real) seconds of recent copies, real = queued -> installed by `poll`.
         self.copies: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
         self._closed = False
+        self._compiled: set[tuple[tuple[str, ...], int]] = set()  # install variants run so far
         self._queue: queue.Queue[_Load | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loader, name="carajax-adapter-loader", daemon=True)
         self._thread.start()
@@ -258,7 +282,8 @@ class AdapterPool:
                 raise AdapterError(
                     f"adapter {adapter.name!r} needs {adapter.nbytes} bytes of host memory; "
                     f"{self._host_bytes} of host_budget_bytes={self.host_budget_bytes} are used")
-            self._entries[adapter.name] = _Entry(adapter=adapter, n_pages=n_pages)
+            self._entries[adapter.name] = _Entry(adapter=adapter, n_pages=n_pages,
+                                                 copy_bytes=self.copy_bytes(adapter))
             self._host_bytes += adapter.nbytes
 
     def unregister(self, name: str) -> None:
@@ -272,30 +297,39 @@ class AdapterPool:
             del self._entries[name]
             self._host_bytes -= e.adapter.nbytes
 
-    def warmup(self) -> int:
-        """Compile the install step for every page count now (one variant each, ~0.5 s apiece on
-        CPU), so that no load stalls a serving step for compilation. Must run on the engine
-        thread. Writes zeros into free pages and a free slot, which nothing references.
-        Returns how many page counts were compiled."""
+    def warmup(self, names: list[str] | None = None) -> int:
+        """Compile the install step now for each (targeted projections, page count) the
+        registered adapters (or `names`) need, so that no load stalls a serving step for
+        compilation (~0.5 s a variant on CPU); with no adapter registered, every page count of
+        a seven-projection adapter. Must run on the engine thread (or under its lock). Writes
+        zeros into free pages and a free slot, which nothing references. Returns how many
+        variants were compiled."""
         with self._lock:
+            entries = [self._get(n) for n in names] if names is not None else list(self._entries.values())
+            want = {(staged_modules(e.adapter), e.n_pages) for e in entries}
+            if names is None and not entries:
+                want = {(MODULE_ORDER, n) for n in range(1, self.pages_per_slot + 1)}
             pages, slots = sorted(self._free_pages), sorted(self._free_slots)
         if not slots:
             return 0
         L, M, done = self.config.num_layers, len(MODULE_ORDER), 0
-        for n in range(1, min(self.pages_per_slot, len(pages)) + 1):
+        for modules, n in sorted(want - self._compiled, key=lambda v: (v[1], v[0])):
+            if n > len(pages):
+                continue
             empty = (np.zeros((M, L), np.int32), np.zeros((M, L), np.float32))
             args = (np.int32(slots[0]), np.asarray(pages[:n], np.int32),
                     np.zeros(self.pages_per_slot, np.int32))
+            a, b = {}, {}
+            for m in modules:
+                d_in, d_out = self.config.projection_shape(m)
+                a[m] = jnp.zeros((L, n, self.page_rank, d_in), self.dtype)
+                b[m] = jnp.zeros((L, n, d_out, self.page_rank), self.dtype)
             if self._page_shardings is None:
-                flat = jnp.zeros(n * self.page_bytes // self.dtype.itemsize, self.dtype)
-                self._weights = _install_flat(self._weights, *args, flat, *empty)
+                flat = jnp.concatenate([x.reshape(-1) for m in modules for x in (a[m], b[m])])
+                self._weights = _install_flat(self._weights, *args, flat, *empty, modules=modules)
             else:
-                a, b = {}, {}
-                for m in TARGET_MODULES:
-                    d_in, d_out = self.config.projection_shape(m)
-                    a[m] = jnp.zeros((L, n, self.page_rank, d_in), self.dtype)
-                    b[m] = jnp.zeros((L, n, d_out, self.page_rank), self.dtype)
                 self._weights = _install(self._weights, *args, a, b, *empty)
+            self._compiled.add((modules, n))
             done += 1
         return done
 
@@ -531,9 +565,10 @@ class AdapterPool:
         self._free_pages.difference_update(e.pages)
         e.slot = min(self._free_slots)
         self._free_slots.remove(e.slot)
-        nbytes = e.n_pages * self.page_bytes
+        nbytes = e.copy_bytes
         predicted = self._predict_copy(nbytes)
         e.load = _Load(adapter=e.adapter, n_pages=e.n_pages, ready_at=self._link_deadline(nbytes),
+                       nbytes=nbytes,
                        started=time.monotonic(), predicted_s=predicted)
         e.state = "loading"
         self._loading[e.adapter.name] = e.load
@@ -542,6 +577,13 @@ class AdapterPool:
         return True
 
     # -- the link -----------------------------------------------------------------------------
+    def copy_bytes(self, adapter: LoraAdapter) -> int:
+        """Bytes one copy of `adapter` moves: its pages of the projections it targets
+        (`staged_modules`; the pool reserves its pages in every projection)."""
+        rows = math.ceil(adapter.rank / self.page_rank) * self.page_rank * self.config.num_layers
+        return sum(rows * sum(self.config.projection_shape(m)) * self.dtype.itemsize
+                   for m in staged_modules(adapter))
+
     def copy_seconds(self, name: str) -> float:
         """Predicted seconds until `name` is resident if its copy started now (0 if it is; the
         time left if it is loading): the link's backlog, its latency, bytes / bandwidth. From
@@ -552,7 +594,7 @@ class AdapterPool:
                 return 0.0
             if e.state == "loading":
                 return max(0.0, e.load.started + e.load.predicted_s - time.monotonic())
-            return self._predict_copy(e.n_pages * self.page_bytes)
+            return self._predict_copy(e.copy_bytes)
 
     def measure_link(self, nbytes: int = 16 << 20, repeats: int = 3) -> tuple[float, float]:
         """(bytes per second, latency in seconds) of host -> device copies, measured once with
@@ -577,7 +619,7 @@ class AdapterPool:
     def _predict_copy(self, nbytes: int) -> float:
         bandwidth, latency = self.measure_link()
         backlog = max(0.0, self._link_free_at - time.monotonic()) if self.emulated_link_gbps else (
-            sum(j.n_pages for j in self._loading.values()) * self.page_bytes / bandwidth)
+            sum(j.nbytes for j in self._loading.values()) / bandwidth)
         return backlog + latency + nbytes / bandwidth
 
     def _link_deadline(self, nbytes: int) -> float:
@@ -617,6 +659,7 @@ class AdapterPool:
         row[:e.n_pages] = e.pages
         self._weights = install(self._weights, np.int32(e.slot), np.asarray(e.pages, np.int32),
                                 row, *args)
+        self._compiled.add((staged_modules(e.adapter), e.n_pages))
         # Seen at the first poll after it landed: the time a request waiting on it saw.
         self.copies.append((job.predicted_s, time.monotonic() - job.started))
         e.state, e.load = "device", None
@@ -637,17 +680,19 @@ class AdapterPool:
 
     def _stage(self, job: _Load) -> tuple:
         """(device arrays to wait for, the install function, its staged arguments)."""
+        modules = staged_modules(job.adapter)
         if self._page_shardings is None:
             flat, ranks, scales = flat_pages(job.adapter, self.config, job.n_pages, self.page_rank,
                                              self.dtype)
             flat = jax.device_put(flat, self.device)
-            return (flat,), _install_flat, (flat, ranks, scales)
-        a, b, ranks, scales = {}, {}, [], []
-        for m in MODULE_ORDER:
-            pa, pb, r, sc = host_pages(job.adapter, self.config, m, job.n_pages, self.page_rank,
-                                       self.dtype)
-            sa, sb = self._page_shardings[m]  # pages placed as the pool's shards
-            a[m], b[m] = jax.device_put(pa, sa), jax.device_put(pb, sb)
-            ranks.append(r)
-            scales.append(sc)
-        return (*a.values(), *b.values()), _install, (a, b, np.stack(ranks), np.stack(scales))
+            return (flat,), functools.partial(_install_flat, modules=modules), (flat, ranks, scales)
+        a, b = {}, {}
+        ranks = np.zeros((len(MODULE_ORDER), self.config.num_layers), np.int32)
+        scales = np.zeros((len(MODULE_ORDER), self.config.num_layers), np.float32)
+        for i, m in enumerate(MODULE_ORDER):
+            if m in modules:
+                pa, pb, ranks[i], scales[i] = host_pages(job.adapter, self.config, m, job.n_pages,
+                                                         self.page_rank, self.dtype)
+                sa, sb = self._page_shardings[m]  # pages placed as the pool's shards
+                a[m], b[m] = jax.device_put(pa, sa), jax.device_put(pb, sb)
+        return (*a.values(), *b.values()), _install, (a, b, ranks, scales)
