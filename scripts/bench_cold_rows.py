@@ -4,6 +4,7 @@ Four steps of the same shape under `cold_start="cpu_assist"`: B warm decode rows
 chunk of C tokens whose adapter is
 
     none      (no chunk: the decodes alone)
+    no-lora   the same rows with no adapter at all (the base model's step: LoRA's share is the rest)
     warm      on the device (the callback-free step variant)
     cold      still on the host: only the chunk's C rows cross to the CPU (gathered on the
               device, one grouped host callback per projection group and layer, deltas scattered
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 
 import carajax
-from carajax.config import ATTENTION_MODULES
+from carajax.config import ATTENTION_MODULES, TARGET_MODULES
 from carajax.engine.planner import Schedule, SeqChunk
 from carajax.testing import write_random_adapter
 
@@ -41,7 +42,8 @@ def time_step(engine, chunks, repeats: int) -> float:
     """Median seconds of prepare + launch + collect for one hand-made step."""
     runner, planner = engine.runner, engine.planner
     for req, start, n, _ in chunks:
-        planner.pages.grow(req, runner.layout.pages_for(start + n))
+        if not planner.pages.grow(req, runner.layout.pages_for(start + n)):
+            raise RuntimeError("the KV cache is too small for this step (raise kv_cache_bytes)")
     plan = Schedule(tuple(SeqChunk(req, start, n, path, samples=start + n == req.num_tokens)
                           for req, start, n, path in chunks))
     times = []
@@ -53,6 +55,8 @@ def time_step(engine, chunks, repeats: int) -> float:
         times.append(time.perf_counter() - t0)
         if failed:
             raise RuntimeError(f"CPU LoRA failed: {failed}")
+    for req, *_ in chunks:
+        planner.pages.free(req)
     return statistics.median(times[2:])
 
 
@@ -73,7 +77,9 @@ def main() -> None:
         cold_start="cpu_assist", max_batch_size=B + 1, prefill_chunk=C, min_prefill_bucket=C,
         max_step_tokens=B + C, max_prefill_tokens=C, max_lora_rank=args.rank, max_loras=2 * B + 4,
         max_seq_len=max(args.context + 2, C + 1) * 2,
-        device_lora_budget_bytes=None)
+        # room for the B + 1 warm adapters (the cold ones never load)
+        device_lora_budget_bytes=(B + 2) * args.rank * mc.num_layers * 4 * sum(
+            sum(mc.projection_shape(m)) for m in TARGET_MODULES))
     engine = carajax.Engine.from_pretrained(args.model, dtype="float32", config=config)
     rng = np.random.default_rng(0)
     names = [f"warm{i}" for i in range(B + 1)] + [f"cold{i}" for i in range(B + 1)]
@@ -94,8 +100,10 @@ def main() -> None:
         cold_decoders = [req(f"cold{i}", args.context + 1) for i in range(B)]
         chunk_warm, chunk_cold = req(f"warm{B}", C), req(f"cold{B}", C)
         dec = [(r, args.context, 1, "device") for r in decoders]
+        base = [req(None, args.context + 1) for _ in range(B)] + [req(None, C)]
         cases = {
             "none": dec,
+            "no-lora": [(r, args.context, 1, "base") for r in base[:B]] + [(base[B], 0, C, "base")],
             "warm": dec + [(chunk_warm, 0, C, "device")],
             "cold": dec + [(chunk_cold, 0, C, "cpu")],
             "all-cold": [(r, args.context, 1, "cpu") for r in cold_decoders] + [(chunk_cold, 0, C, "cpu")],

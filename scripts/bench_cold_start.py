@@ -9,6 +9,7 @@ compilation is not measured (the table's last column shows none happened during 
 
     python scripts/bench_cold_start.py [--model llama-test] [--requests 40] [--rate 4]
     python scripts/bench_cold_start.py --link-gbps 1 5 25     # one table per link speed
+    python scripts/bench_cold_start.py --link-gbps 1 5 25 --repeats 3   # and the spread
 
 On a machine without an accelerator the host->device link is emulated (`--link-gbps`,
 `--link-latency-ms`): results are labelled "emulated". Prints mean / p50 / p99 of TTFT, time per
@@ -146,6 +147,24 @@ def print_table(args, stream, emulated: bool, gbps: float, results: dict) -> Non
                   f"{c['copy_predicted_ms_median'] or 0:.1f} / {c['copy_real_ms_median'] or 0:.1f} ms")
 
 
+def print_repeats(args, gbps: float, results: dict) -> None:
+    """Each policy's overhead against `cached` of the same repeat (paired: both ran within a
+    minute of each other), median and range over the repeats; the table above is repeat 1."""
+    base = results.get("cached")
+    if base is None:
+        return
+    print(f"{args.repeats} repeats at {gbps} GB/s: overhead vs cached of the same repeat, "
+          f"median (min..max)")
+    print(f"{'policy':<11} {'TTFT mean':>22} {'TTFT p50':>22} {'latency mean':>22}")
+    for policy, r in results.items():
+        cols = []
+        for key in ("ttft_mean_s", "ttft_p50_s", "latency_mean_s"):
+            over = [100 * (x[key] / c[key] - 1) for x, c in zip(r["repeats"], base["repeats"])]
+            r.setdefault("overhead_pct", {})[key] = over
+            cols.append(f"{np.median(over):+6.1f}% ({min(over):+.0f}..{max(over):+.0f})")
+        print(f"{policy:<11} " + " ".join(f"{c:>22}" for c in cols))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-test")
@@ -164,6 +183,8 @@ def main() -> None:
     p.add_argument("--emulate", action="store_true", help="emulate the link even on a GPU")
     p.add_argument("--trace", default=TRACE)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every policy this many times (rotated order); prints the spread")
     p.add_argument("--out", default="results/bench_cold_start.json")
     args = p.parse_args()
 
@@ -179,12 +200,24 @@ def main() -> None:
                                  model_config, rank=r["rank"], seed=k, target_modules=ATTENTION_MODULES)
         for gbps in args.link_gbps:
             results = runs[str(gbps)] = {}
-            for policy in args.policies:
-                print(f"running {policy} at {gbps} GB/s ({len(stream)} requests, {args.rate} req/s)"
-                      " ...", flush=True)
-                results[policy], _ = bench_policy(policy, args, stream, warmup, adapter_dir, gbps)
+            for rep in range(args.repeats):
+                # Each repeat runs every policy once, in a rotated order, so that a slow spell of
+                # the machine does not always land on the same policy.
+                k = rep % len(args.policies)
+                for policy in args.policies[k:] + args.policies[:k]:
+                    print(f"running {policy} at {gbps} GB/s ({len(stream)} requests, "
+                          f"{args.rate} req/s), repeat {rep + 1}/{args.repeats} ...", flush=True)
+                    summary, _ = bench_policy(policy, args, stream, warmup, adapter_dir, gbps)
+                    if rep == 0:
+                        results[policy] = summary | {"repeats": []}
+                    results[policy]["repeats"].append(
+                        {"ttft_mean_s": summary["ttft_s"]["mean"], "ttft_p50_s": summary["ttft_s"]["p50"],
+                         "latency_mean_s": summary["latency_s"]["mean"],
+                         "tpot_mean_s": summary["tpot_s"]["mean"] if summary["tpot_s"] else None})
     for gbps, results in runs.items():
         print_table(args, stream, emulated, float(gbps), results)
+        if args.repeats > 1:
+            print_repeats(args, float(gbps), results)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0]),
