@@ -266,6 +266,8 @@ def simulate_cmd(args: argparse.Namespace) -> dict:
 
 
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
+    from carajax.sched.simulator import SIM_COLD_STARTS
+
     p.add_argument("--trace", default=None, help=f"JSONL trace (default: the Azure LLM 2023 "
                    f"conversation trace shipped with carajax, {DEFAULT_TRACE.name})")
     p.add_argument("--cost-model", default=None, help=f"cost model JSON (default "
@@ -286,9 +288,9 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-rows", type=int, default=40_000, help="KV-cache token rows per worker")
     p.add_argument("--adapter-pages", type=int, default=64, help="adapter pages per worker")
     p.add_argument("--page-rank", type=int, default=8)
-    p.add_argument("--cold-start", default="wait", choices=["wait", "cpu_assist", "cached"])
+    p.add_argument("--cold-start", default="wait", choices=list(SIM_COLD_STARTS))
     p.add_argument("--cpu-slowdown", type=float, default=0.26,
-                   help="cpu_assist: a CPU-path prefill chunk costs (1 + this) x its device time")
+                   help="cpu_assist / auto: a CPU-path prefill chunk costs (1 + this) x its device time")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per request per "
                    "step (chunked prefill, as the engine); 0: whole prompts (the older simulator)")
     p.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens per step")

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from carajax.sched import cost_model as cm
-from carajax.sched.simulator import SimConfig, load_trace, simulate
+from carajax.sched.simulator import SIM_COLD_STARTS, SimConfig, load_trace, simulate
 from carajax.sched.step_noise import StepNoise
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="prompt tokens per request per step (the engine's default); 0 = whole prompts in "
                          "one step, the simulator before chunked prefill (reproduces the old table)")
     ap.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens per step, in all")
-    ap.add_argument("--cold-start", default="wait", choices=["wait", "cpu_assist", "cached"])
+    ap.add_argument("--cold-start", default="wait", choices=list(SIM_COLD_STARTS))
     ap.add_argument("--cpu-slowdown", type=float, default=SimConfig.cpu_slowdown,
                     help="cpu_assist: a CPU-path prefill chunk costs (1 + this) x its device time")
     ap.add_argument("--max-prompt", type=int, default=4096)

@@ -233,7 +233,7 @@ TWO = {"fused_step": False}
 
 
 @pytest.mark.parametrize("policy", ["caraserve", "carajax", "most_idle", "random"])
-@pytest.mark.parametrize("cold_start", ["wait", "cpu_assist"])
+@pytest.mark.parametrize("cold_start", ["wait", "cpu_assist", "async", "auto"])
 def test_conservation_with_chunked_prefill(policy, cold_start):
     # Chunks of 64, at most 96 prompt tokens per step: prompts of 1-399 tokens take up to 7 steps,
     # and the budget splits a step's chunks unevenly.
@@ -246,7 +246,7 @@ def test_conservation_with_chunked_prefill(policy, cold_start):
     assert np.array_equal(r.tokens, out)  # exactly its tokens, once
     assert np.all((r.worker >= 0) & (r.worker < 3))
     assert np.all(r.ttft > 0) and np.all(r.ttft <= r.latency)
-    assert (r.cpu_prefill_tokens > 0) == (cold_start == "cpu_assist")
+    assert (r.cpu_prefill_tokens > 0) == (cold_start in ("cpu_assist", "auto"))
     # Determinism with chunking on.
     again = simulate(reqs, policy, AnalyticCost(), cfg)
     assert np.array_equal(again.latency, r.latency) and np.array_equal(again.worker, r.worker)
@@ -338,6 +338,36 @@ def test_cpu_assist_starts_before_the_load_lands():
     assert later.ttft[1] == pytest.approx(0.035) and later.loads == 1
 
 
+def test_async_queues_a_cold_request_while_the_one_behind_it_runs():
+    # FLAT: steps of 10 ms, loads of 0.5 s. y's first request waits for y's copy (0 -> 0.5), runs
+    # [0.5, 0.52). At 1.0 a request on cold x arrives, then one on resident y. async: x's copy starts
+    # at once and x stays queued; y goes ahead (TTFT 0.01); the idle worker wakes when x's copy
+    # lands at 1.5 (TTFT 0.51). wait: x's step starts at once with its 0.5 s load; y, arriving in
+    # the same instant, joins the step after it (Pre + Dec, two forwards): TTFT 0.53.
+    reqs = [SimRequest(0.0, 10, 2, "y", 8), SimRequest(1.0, 10, 2, "x", 8),
+            SimRequest(1.0, 10, 2, "y", 8)]
+    a = simulate(reqs, "round_robin", FLAT, SimConfig(n_workers=1, cold_start="async", **TWO))
+    assert a.ttft.tolist() == pytest.approx([0.51, 0.51, 0.01])
+    assert a.latency.tolist() == pytest.approx([0.52, 0.52, 0.02])
+    assert a.loads == 2 and a.cpu_prefill_tokens == 0
+    w = simulate(reqs, "round_robin", FLAT, SimConfig(n_workers=1, cold_start="wait", **TWO))
+    assert w.ttft.tolist() == pytest.approx([0.51, 0.51, 0.53])
+
+
+@pytest.mark.parametrize("slowdown,same_as", [(0.0, "cpu_assist"), (1e6, "async")])
+def test_auto_takes_the_cheaper_of_cpu_assist_and_async_per_request(slowdown, same_as):
+    # Free CPU-side LoRA: every cold request is assisted, as under cpu_assist; ruinous CPU-side
+    # LoRA: every one waits for its copy, as under async.
+    reqs = _mixed(200, rate=40.0)
+    cfg = SimConfig(n_workers=2, max_batch=8, kv_rows=3000, adapter_pages=12, cold_start="auto",
+                    prefill_chunk=64, cpu_slowdown=slowdown)
+    auto = simulate(reqs, "carajax", AnalyticCost(), cfg)
+    same = simulate(reqs, "carajax", AnalyticCost(), dataclasses.replace(cfg, cold_start=same_as))
+    np.testing.assert_array_equal(auto.ttft, same.ttft)
+    np.testing.assert_array_equal(auto.worker, same.worker)
+    assert auto.loads == same.loads
+
+
 def test_whole_prompt_mode_matches_the_old_simulator_on_a_hand_case():
     # prefill_chunk=0 is the simulator before chunking: test_batching_and_a_late_joiner's timings.
     reqs = [SimRequest(0.0, 10, 4, "x", 8), SimRequest(0.015, 10, 2, "x", 8)]
@@ -347,7 +377,7 @@ def test_whole_prompt_mode_matches_the_old_simulator_on_a_hand_case():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("cold_start", ["wait", "cpu_assist"])
+@pytest.mark.parametrize("cold_start", ["wait", "cpu_assist", "async"])
 def test_fast_forward_matches_stepping_every_decode_step(cold_start, fused):
     # Decode-only runs become one event up to the next completion, synced at each arrival and cut
     # when a request is routed to the worker; every request's timings and placement must be those

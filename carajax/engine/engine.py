@@ -329,11 +329,13 @@ class Engine:
         return self._submit_all([self._make_request(prompt, adapter, sampling, request_id)])[0]
 
     def _submit_all(self, requests: list[Request]) -> list[RequestHandle]:
-        # Cold adapters' copies start here, outside the engine lock, while a step may still
-        # hold it: by the time the step ends, the copy has run beside it.
-        for r in requests:
-            self.planner.start_cold(r)
+        if self._closed:  # (again under the lock below; this spares a closed pool a copy)
+            raise RuntimeError("engine is closed")
         try:
+            # Cold adapters' copies start here, outside the engine lock, while a step may still
+            # hold it: by the time the step ends, the copy has run beside it.
+            for r in requests:
+                self.planner.start_cold(r)
             with self._lock:
                 if self._closed:
                     raise RuntimeError("engine is closed")

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from carajax.cli import UsageError
-from carajax.config import DEMO_MODEL, TARGET_MODULES, EngineConfig, ModelConfig
+from carajax.config import ATTENTION_MODULES, DEMO_MODEL, TARGET_MODULES, EngineConfig, ModelConfig
 from carajax.data import CONV_TRACE
 from carajax.replay import adapters as adapter_store
 from carajax.replay.driver import replay_engine, replay_grpc, synth_prompts
@@ -45,9 +45,12 @@ def page_bytes(config: ModelConfig, itemsize: int = 4, page_rank: int = PAGE_RAN
 
 
 def copy_ms(rank: int, config: ModelConfig, gbps: float, latency_ms: float) -> float:
-    """The emulated link's time for one adapter of `rank` (whole pages move)."""
+    """The emulated link's time for one of the replay's adapters of `rank` (q/k/v/o, as
+    `adapters.py` writes them): whole pages of the projections it targets move."""
     pages = -(-rank // PAGE_RANK)
-    return latency_ms + pages * page_bytes(config) / (gbps * 1e9) * 1e3
+    targeted = config.num_layers * PAGE_RANK * 4 * sum(sum(config.projection_shape(m))
+                                                       for m in ATTENTION_MODULES)
+    return latency_ms + pages * targeted / (gbps * 1e9) * 1e3
 
 
 def engine_fields(args, cold_start: str, ranks: dict[str, int], context: int, cfg: ModelConfig) -> dict:

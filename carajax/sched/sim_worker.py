@@ -84,8 +84,9 @@ class SimWorker(WorkerState):
         self.ignore_memory = False  # set while re-routing a request no worker has pages for now
         self.resident = collections.OrderedDict()  # type: ignore[assignment]  # adapter -> pages, LRU first
         self.pinned: dict[str, int] = {}  # adapter -> running requests using it
-        self.landing: dict[str, float] = {}  # cpu_assist: adapter -> when its copy lands
-        self.link_free = 0.0  # cpu_assist: when the host-to-device link finishes its queued copies
+        self.landing: dict[str, float] = {}  # cpu_assist / async: adapter -> when its copy lands
+        self.link_free = 0.0  # when the host-to-device link finishes its queued copies
+        self.pre_pinned: set[int] = set()  # async: queued requests whose adapter is pinned (copying)
         self.pages_total = cfg.adapter_pages
         self.pages_used = 0  # pages holding adapters (pinned or not)
         self.pages_pinned = 0
@@ -251,7 +252,12 @@ class SimWorker(WorkerState):
         self.stale = True
 
     def _dequeue(self) -> tuple[int, SimRequest]:
-        rid, req = self.waiting.popleft()
+        return self._dequeue_at(0)
+
+    def _dequeue_at(self, i: int) -> tuple[int, SimRequest]:
+        """Take the i-th queued request (0: FIFO; later ones when async requests wait on copies)."""
+        rid, req = self.waiting[i]
+        del self.waiting[i]
         self._qtokens -= req.prompt_tokens
         self._qdirty = True
         self._pre_cache = None
@@ -323,7 +329,7 @@ class SimWorker(WorkerState):
             self.row[SimCluster.D_CONTEXT] = ctx_sum + self.pend_ctx
 
     def start_copy(self, adapter: str, rank: int, now: float) -> float:
-        """cpu_assist: queue the adapter's copy on this worker's link; returns when it lands."""
+        """cpu_assist / async: queue the adapter's copy on this worker's link; returns when it lands."""
         t = max(now, self.link_free) + self.cost.load_seconds(rank)
         self.link_free = self.landing[adapter] = t
         return t

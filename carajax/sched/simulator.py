@@ -28,7 +28,12 @@ It answers "what at 60 workers and 40k adapters" with the same routing code the 
   path and add `cpu_slowdown` × Pre of those chunks to the step, which stalls it as the
   engine's host callbacks do; later chunks run on the device, and decode always does (the engine
   would decode on the CPU path too while a copy is in flight; not modelled: a copy of 5-50 ms
-  almost always lands during the prefill); `"cached"` makes every load free.
+  almost always lands during the prefill); `"cached"` makes every load free. Under `"async"` a cold
+  request's copy starts when it is routed (its pages pinned from then, as the engine `want`s them)
+  and the request stays queued until the copy lands, while the requests behind it are admitted; a
+  worker with nothing else to run wakes when the copy lands. `"auto"` takes, per cold request at
+  routing, `cpu_assist` if `cpu_slowdown` x Pre(its prompt alone) is less than the copy's wait
+  (the link's backlog + `load_seconds(rank)`), else `async`: the router's prices for both.
 
 * the step's duration: in the oracle mode (default) the price above, exactly what the router's
   cost model predicts, so the router never mispredicts; in the measured mode (`step_noise`, see
@@ -82,6 +87,9 @@ from carajax.trace import (  # workloads live in carajax.trace; re-exported here
 SimRequest = TraceRequest
 
 
+SIM_COLD_STARTS = ("wait", "cpu_assist", "async", "auto", "cached")
+
+
 @dataclasses.dataclass(frozen=True)
 class SimConfig:
     """Cluster shape and SLOs (seconds).
@@ -95,7 +103,7 @@ class SimConfig:
     kv_rows: int = 1 << 20
     adapter_pages: int = 256
     page_rank: int = 8
-    cold_start: str = "wait"  # "wait" | "cpu_assist" | "cached"
+    cold_start: str = "wait"  # "wait" | "cpu_assist" | "async" | "auto" | "cached"
     # Slowdown of prefill chunks run with their LoRA on the CPU (cold adapter under "cpu_assist"):
     # the step pays cpu_slowdown × Pre(those chunks as one batch) on top of its own price (its step
     # model, or Pre(all chunks) + Dec with two forwards, where a step of only CPU chunks then costs
@@ -134,8 +142,8 @@ class SimConfig:
     def __post_init__(self):
         if self.slo_metric not in ("latency_per_token", "tpot"):
             raise ValueError(f"slo_metric must be 'latency_per_token' or 'tpot', got {self.slo_metric!r}")
-        if self.cold_start not in ("wait", "cpu_assist", "cached"):
-            raise ValueError(f"cold_start must be 'wait', 'cpu_assist' or 'cached', got {self.cold_start!r}")
+        if self.cold_start not in SIM_COLD_STARTS:
+            raise ValueError(f"cold_start must be one of {SIM_COLD_STARTS}, got {self.cold_start!r}")
         if self.cpu_slowdown < 0:
             raise ValueError(f"cpu_slowdown must be >= 0, got {self.cpu_slowdown}")
         if self.prefill_chunk < 0 or self.max_prefill_tokens < 1:
@@ -323,7 +331,10 @@ def simulate(
     tokens = np.zeros(n, dtype=np.int64)
     placed = np.full(n, -1, dtype=np.int64)
     loads = fallbacks = cpu_tokens = 0
-    wait_loads, cpu_assist = cfg.cold_start == "wait", cfg.cold_start == "cpu_assist"
+    wait_loads = cfg.cold_start == "wait"
+    assisting = cfg.cold_start in ("cpu_assist", "async", "auto")  # copies beside the batch
+    # Per request routed cold under cpu_assist / async / auto: "cpu" or "async" (auto: by price).
+    paths: dict[int, str] = {}
     unlimited = 1 << 62
     chunk_cap = cfg.prefill_chunk or unlimited  # 0: whole prompts, no per-step budget
     step_budget = cfg.max_prefill_tokens if cfg.prefill_chunk else unlimited
@@ -335,28 +346,68 @@ def simulate(
     seq = 0
     runs: dict[int, _Run] = {}  # worker index -> its decode run in flight
 
+    def cold_path(w: SimWorker, req: SimRequest, now: float) -> str:
+        """The path of a request routed cold to w: the policy's, or under auto the cheaper."""
+        if cfg.cold_start != "auto":
+            return "cpu" if cfg.cold_start == "cpu_assist" else "async"
+        toks = req.prompt_tokens
+        cpu_s = cfg.cpu_slowdown * w.cost.prefill_time(_batch((req.rank,), toks, toks))
+        land = w.landing.get(req.adapter, 0.0)
+        copy_s = land - now if land > now else (
+            max(now, w.link_free) - now + w.cost.load_seconds(req.rank))
+        return "cpu" if cpu_s < copy_s else "async"
+
     def start_step(wi: int, now: float) -> None:
         nonlocal seq, loads, cpu_tokens
         w = workers[wi]
         room = w.max_batch - w.n_run - len(w.prefilling)
-        while w.waiting and room > 0:  # admit, FIFO (engine: Scheduler._admit)
-            rid, req = w.waiting[0]
+        i, copying = 0, None  # copying: the earliest landing an async request waits for
+        while i < len(w.waiting) and room > 0:  # admit, FIFO (engine: Scheduler._admit)
+            rid, req = w.waiting[i]
+            path = paths.get(rid)
+            if path is None and assisting and req.rank > 0 and (
+                    req.adapter not in w.resident or w.landing.get(req.adapter, 0.0) > now):
+                path = paths[rid] = cold_path(w, req, now)  # warm when routed, cold now
+            if path == "async":
+                # Queued until its copy lands (started at routing, or now if the pages were
+                # short then); the requests behind it go ahead.
+                if rid not in w.pre_pinned:
+                    got = w.acquire(req.adapter, req.rank)
+                    if got is None:  # no pages now: the ones behind it may have theirs
+                        i += 1
+                        continue
+                    w.pre_pinned.add(rid)
+                    if got:
+                        loads += 1
+                        w.start_copy(req.adapter, req.rank, now)
+                land = w.landing.get(req.adapter, 0.0)
+                if land > now:
+                    copying = land if copying is None else min(copying, land)
+                    i += 1
+                    continue
             rows = req.prompt_tokens + req.output_tokens
             if rows > w.kv_free_rows:
                 break  # FIFO: the head waits for KV rows; later requests do not overtake it
-            got = w.acquire(req.adapter, req.rank)
+            if rid in w.pre_pinned:
+                w.pre_pinned.discard(rid)
+                got = False  # pinned and copied at routing
+            else:
+                got = w.acquire(req.adapter, req.rank)
             if got is None:
+                if w.pre_pinned:  # queued requests pin pages for their copies: no FIFO wait on
+                    i += 1  # pages they hold (they are admitted once landed)
+                    continue
                 break  # no adapter pages until a running request releases its adapter
             r = _Running(rid, req.prompt_tokens, req.output_tokens, req.adapter, req.rank, rows)
             if got:
                 loads += 1
                 if wait_loads:
                     r.load_due = True
-                elif cpu_assist:
+                elif path == "cpu":
                     w.start_copy(req.adapter, req.rank, now)
-            if cpu_assist and w.landing:
+            if path == "cpu" and w.landing:
                 r.ready_at = w.landing.get(req.adapter, 0.0)  # resident but maybe still landing
-            w._dequeue()
+            w._dequeue_at(i)
             w.kv_free_rows -= rows
             w.prefilling.append(r)
             room -= 1
@@ -404,10 +455,15 @@ def simulate(
         w.set_in_flight()
         if not chunked and not w.n_run:
             w.busy = False  # nothing runnable: wait for an arrival (or a release, which cannot be pending)
+            if copying is not None:  # or for a queued request's copy to land
+                seq += 1
+                heapq.heappush(events, (copying, seq, wi, [], 0, False))
             return
         w.busy = True
         seq += 1
-        if not chunked and cfg.fast_forward and (run := decode_run(w, now, dur)) is not None:
+        # A decode run would run past a landing copy whose request could join: step by step.
+        if (not chunked and cfg.fast_forward and copying is None
+                and (run := decode_run(w, now, dur)) is not None):
             runs[wi] = run
             run.seq = seq
             heapq.heappush(events, (run.end, seq, wi, chunked, run.k, True))
@@ -473,6 +529,10 @@ def simulate(
 
     def pop_event() -> None:
         end, sq, wi, adm, steps, is_run = heapq.heappop(events)
+        if steps == 0 and not is_run:  # an idle worker's copy landed: plan (unless busy again)
+            if not workers[wi].busy:
+                start_step(wi, end)
+            return
         if is_run:
             run = runs.get(wi)
             if run is None or run.seq != sq:
@@ -538,6 +598,16 @@ def simulate(
                 w = policy.choose(rr, workers)
         wi = w.index
         placed[rid] = wi
+        if assisting and req.rank > 0 and (
+                req.adapter not in w.resident or w.landing.get(req.adapter, 0.0) > t):
+            paths[rid] = cold_path(w, req, t)
+            if paths[rid] == "async":  # the engine starts the copy at submit
+                got = w.acquire(req.adapter, req.rank)
+                if got is not None:
+                    w.pre_pinned.add(rid)
+                    if got:
+                        loads += 1
+                        w.start_copy(req.adapter, req.rank, t)
         w.enqueue(rid, req)
         if not w.busy:
             start_step(wi, t)
