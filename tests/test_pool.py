@@ -13,8 +13,8 @@ import pytest
 
 from carajax import AdapterError, LoraAdapter, load_adapter
 from carajax.config import TARGET_MODULES
-from carajax.lora.adapter import LoraModule
 from carajax.lora import jnp_ops
+from carajax.lora.adapter import LoraModule
 from carajax.lora.fused_kernels import sgmv_fused
 from carajax.lora.kernels import bgmv_reference, sgmv, sgmv_reference
 from carajax.lora.pool import AdapterPool, PoolFullError
