@@ -173,7 +173,7 @@ def test_a_copy_moves_only_the_targeted_projections_and_stale_pages_stay_unread(
 # ---------------------------------------------------------------------------------------------
 # Bytes: the budget buys pages, an adapter takes what its rank weighs
 # ---------------------------------------------------------------------------------------------
-def test_byte_budget_is_proportional_to_rank(make_pool, tiny_config):
+def test_byte_budget_is_proportional_to_rank(make_pool, tiny_config, adapters):
     assert make_pool(1).page_bytes == PAGE_BYTES
     assert make_pool(1, dtype=jnp.bfloat16, slack_bytes=PAGE_BYTES).page_bytes == PAGE_BYTES // 2
     # Budget: 10 pages + 1000 bytes (less than a page: buys nothing) -> 10 pages.
@@ -194,7 +194,9 @@ def test_byte_budget_is_proportional_to_rank(make_pool, tiny_config):
     st = pool.stats()
     assert pool.where("r64") == "host" and st["pages_free"] == 3
     assert st["device_bytes_used"] == 7 * PAGE_BYTES
-    assert st["host_bytes_used"] == sum(pool._entries[n].adapter.nbytes for n in names)
+    # parsed, plus the staged copy of the projections each targets
+    assert st["host_bytes_used"] == sum(pool.host_bytes(pool._entries[n].adapter) for n in names)
+    assert pool.host_bytes(adapters["r16_0"]) == adapters["r16_0"].nbytes + ATTENTION_PAGE_BYTES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,8 +351,9 @@ def test_load_all_reports_bytes_needed_against_the_budget(make_pool):
 
 
 def test_register_errors_leave_the_pool_unchanged(make_pool, adapters):
-    nbytes = adapters["r16_0"].nbytes
-    pool = make_pool(4, max_lora_rank=32, host_budget_bytes=nbytes + adapters["r8"].nbytes - 1)
+    nbytes = adapters["r16_0"].nbytes + ATTENTION_PAGE_BYTES  # parsed + staged
+    r8 = adapters["r8"].nbytes + PAGE_BYTES - ATTENTION_PAGE_BYTES
+    pool = make_pool(4, max_lora_rank=32, host_budget_bytes=nbytes + r8 - 1)
     pool.register(adapters["r16_0"])
     before = pool.stats()
     assert before["host_bytes_used"] == nbytes
@@ -376,7 +379,7 @@ def test_unregister_frees_pages(make_pool):
     pool.unregister("r64")
     st = pool.stats()
     assert st["pages_free"] == 5 and st["device_bytes_used"] == PAGE_BYTES
-    assert st["host_bytes_used"] == pool._entries["r16_0"].adapter.nbytes
+    assert st["host_bytes_used"] == pool.host_bytes(pool._entries["r16_0"].adapter)
     with pytest.raises(AdapterError, match="unknown adapter"):
         pool.where("r64")
 
