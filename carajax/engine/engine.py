@@ -198,7 +198,7 @@ class Engine:
             raise AdapterError("adapter name must be a non-empty string")
         adapter = load_adapter(path, self.model_config, max_rank=self.config.max_lora_rank,
                                name=name)  # host work, outside the lock
-        staged = self.pool.stage_host(adapter) if adapter.rank <= self.config.max_lora_rank else None
+        staged = self.pool.stage_host(adapter)  # host work too (AdapterError if it cannot fit)
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"adapter {name!r} is already registered; remove it first")

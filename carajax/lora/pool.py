@@ -271,6 +271,19 @@ class AdapterPool:
         it for a Llama-2-7B rank-64 q/k/v/o adapter takes 0.2-0.5 s; every copy of it would
         otherwise pay that, ~50x the link's time. Pass `staged` (from `stage_host`) to build it
         outside a caller's lock. `host_budget_bytes` counts both (`host_bytes`)."""
+        n_pages = self._check_fits(adapter)
+        nbytes = self.host_bytes(adapter)
+        self._check_new(adapter, nbytes)  # before the build: fail fast
+        if staged is None:
+            staged = self.stage_host(adapter)
+        with self._lock:
+            self._check_new(adapter, nbytes)
+            self._entries[adapter.name] = _Entry(adapter=adapter, n_pages=n_pages,
+                                                 copy_bytes=self.copy_bytes(adapter), host=staged)
+            self._host_bytes += nbytes
+
+    def _check_fits(self, adapter: LoraAdapter) -> int:
+        """`AdapterError` unless the adapter fits the model and the pool; its page count."""
         if adapter.rank > self.max_lora_rank:
             raise AdapterError(f"adapter {adapter.name!r} has rank {adapter.rank}; the pool's "
                                f"max_lora_rank is {self.max_lora_rank}")
@@ -283,20 +296,13 @@ class AdapterPool:
         if n_pages > self.num_pages:
             raise AdapterError(f"adapter {adapter.name!r} needs {n_pages * self.page_bytes} bytes of "
                                f"device memory but the pool holds {self.num_pages * self.page_bytes}")
-        nbytes = self.host_bytes(adapter)
-        self._check_new(adapter, nbytes)  # before the build: fail fast
-        if staged is None:
-            staged = self.stage_host(adapter)
-        with self._lock:
-            self._check_new(adapter, nbytes)
-            self._entries[adapter.name] = _Entry(adapter=adapter, n_pages=n_pages,
-                                                 copy_bytes=self.copy_bytes(adapter), host=staged)
-            self._host_bytes += nbytes
+        return n_pages
 
     def stage_host(self, adapter: LoraAdapter) -> tuple | None:
         """The adapter's staged copy for `register`: (flat pages, ranks, scales) of
         `flat_pages`; None for a sharded pool (tensor parallel), which stages per projection
-        at each copy."""
+        at each copy. `AdapterError` (as `register`) if it does not fit."""
+        self._check_fits(adapter)
         if self._page_shardings is not None:
             return None
         return flat_pages(adapter, self.config, math.ceil(adapter.rank / self.page_rank),
