@@ -103,7 +103,7 @@ def _scatter(w: PagedLoraWeights, slot, pages, table_row, a, b, ranks, scales) -
 @functools.partial(jax.jit, donate_argnums=0)
 def _install(w: PagedLoraWeights, slot, pages, table_row, a, b, ranks, scales) -> PagedLoraWeights:
     """Scatter per-projection staged pages (the sharded pool's staging) in place (donated).
-    Compiles once per page count n (at most r_max // page_rank variants)."""
+    Compiles once per (page count, targeted projections): the dicts' keys are its structure."""
     return _scatter(w, slot, pages, table_row, a, b, ranks, scales)
 
 
@@ -357,15 +357,17 @@ class AdapterPool:
             empty = (np.zeros((M, L), np.int32), np.zeros((M, L), np.float32))
             args = (np.int32(slots[0]), np.asarray(pages[:n], np.int32),
                     np.zeros(self.pages_per_slot, np.int32))
-            a, b = {}, {}
-            for m in modules:
-                d_in, d_out = self.config.projection_shape(m)
-                a[m] = jnp.zeros((L, n, self.page_rank, d_in), self.dtype)
-                b[m] = jnp.zeros((L, n, d_out, self.page_rank), self.dtype)
             if self._page_shardings is None:
-                flat = jnp.concatenate([x.reshape(-1) for m in modules for x in (a[m], b[m])])
-                self._weights = _install_flat(self._weights, *args, flat, *empty, modules=modules)
+                size = L * n * self.page_rank * sum(sum(self.config.projection_shape(m))
+                                                    for m in modules)
+                self._weights = _install_flat(self._weights, *args, jnp.zeros(size, self.dtype),
+                                              *empty, modules=modules)
             else:
+                a, b = {}, {}
+                for m in modules:
+                    d_in, d_out = self.config.projection_shape(m)
+                    a[m] = jnp.zeros((L, n, self.page_rank, d_in), self.dtype)
+                    b[m] = jnp.zeros((L, n, d_out, self.page_rank), self.dtype)
                 self._weights = _install(self._weights, *args, a, b, *empty)
             self._compiled.add((modules, n))
             done += 1

@@ -37,20 +37,19 @@ def _names(v: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in v.split(",") if x.strip())
 
 
-def page_bytes(config: ModelConfig, itemsize: int = 4, page_rank: int = PAGE_RANK) -> int:
-    """Bytes of one adapter-pool page: `page_rank` rank rows of all seven projections, all layers
-    (float32, the replay's engines' dtype)."""
+def page_bytes(config: ModelConfig, itemsize: int = 4, page_rank: int = PAGE_RANK,
+               modules: tuple[str, ...] = TARGET_MODULES) -> int:
+    """Bytes of one adapter-pool page: `page_rank` rank rows of `modules` (all seven: what the
+    pool reserves), all layers (float32, the replay's engines' dtype)."""
     return config.num_layers * page_rank * itemsize * sum(sum(config.projection_shape(m))
-                                                           for m in TARGET_MODULES)
+                                                           for m in modules)
 
 
 def copy_ms(rank: int, config: ModelConfig, gbps: float, latency_ms: float) -> float:
     """The emulated link's time for one of the replay's adapters of `rank` (q/k/v/o, as
     `adapters.py` writes them): whole pages of the projections it targets move."""
     pages = -(-rank // PAGE_RANK)
-    targeted = config.num_layers * PAGE_RANK * 4 * sum(sum(config.projection_shape(m))
-                                                       for m in ATTENTION_MODULES)
-    return latency_ms + pages * targeted / (gbps * 1e9) * 1e3
+    return latency_ms + pages * page_bytes(config, modules=ATTENTION_MODULES) / (gbps * 1e9) * 1e3
 
 
 def engine_fields(args, cold_start: str, ranks: dict[str, int], context: int, cfg: ModelConfig) -> dict:

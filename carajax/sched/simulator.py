@@ -357,29 +357,40 @@ def simulate(
             max(now, w.link_free) - now + w.cost.load_seconds(req.rank))
         return "cpu" if cpu_s < copy_s else "async"
 
+    def cold_on(w: SimWorker, req: SimRequest, now: float) -> bool:
+        """The request's adapter is not usable on w yet: not resident, or its copy in flight."""
+        return req.rank > 0 and (req.adapter not in w.resident
+                                 or w.landing.get(req.adapter, 0.0) > now)
+
+    def pin_and_copy(w: SimWorker, rid: int, req: SimRequest, now: float) -> bool:
+        """async: pin the adapter's pages for a queued request and start its copy unless it is
+        resident (the engine `want`s it at submit); False if no pages can be had now."""
+        nonlocal loads
+        got = w.acquire(req.adapter, req.rank)
+        if got is None:
+            return False
+        w.pre_pinned.add(rid)
+        if got:
+            loads += 1
+            w.start_copy(req.adapter, req.rank, now)
+        return True
+
     def start_step(wi: int, now: float) -> None:
         nonlocal seq, loads, cpu_tokens
         w = workers[wi]
         room = w.max_batch - w.n_run - len(w.prefilling)
         i, copying = 0, None  # copying: the earliest landing an async request waits for
-        while i < len(w.waiting) and room > 0:  # admit, FIFO (engine: Scheduler._admit)
+        while i < len(w.waiting) and room > 0:  # admit in order (engine: BatchPlanner._plan)
             rid, req = w.waiting[i]
             path = paths.get(rid)
-            if path is None and assisting and req.rank > 0 and (
-                    req.adapter not in w.resident or w.landing.get(req.adapter, 0.0) > now):
+            if path is None and assisting and cold_on(w, req, now):
                 path = paths[rid] = cold_path(w, req, now)  # warm when routed, cold now
             if path == "async":
                 # Queued until its copy lands (started at routing, or now if the pages were
-                # short then); the requests behind it go ahead.
-                if rid not in w.pre_pinned:
-                    got = w.acquire(req.adapter, req.rank)
-                    if got is None:  # no pages now: the ones behind it may have theirs
-                        i += 1
-                        continue
-                    w.pre_pinned.add(rid)
-                    if got:
-                        loads += 1
-                        w.start_copy(req.adapter, req.rank, now)
+                # short then); the requests behind it go ahead, also when it has no pages yet.
+                if rid not in w.pre_pinned and not pin_and_copy(w, rid, req, now):
+                    i += 1
+                    continue
                 land = w.landing.get(req.adapter, 0.0)
                 if land > now:
                     copying = land if copying is None else min(copying, land)
@@ -598,16 +609,10 @@ def simulate(
                 w = policy.choose(rr, workers)
         wi = w.index
         placed[rid] = wi
-        if assisting and req.rank > 0 and (
-                req.adapter not in w.resident or w.landing.get(req.adapter, 0.0) > t):
+        if assisting and cold_on(w, req, t):
             paths[rid] = cold_path(w, req, t)
             if paths[rid] == "async":  # the engine starts the copy at submit
-                got = w.acquire(req.adapter, req.rank)
-                if got is not None:
-                    w.pre_pinned.add(rid)
-                    if got:
-                        loads += 1
-                        w.start_copy(req.adapter, req.rank, t)
+                pin_and_copy(w, rid, req, t)  # (no pages now: retried at admission)
         w.enqueue(rid, req)
         if not w.busy:
             start_step(wi, t)
