@@ -87,13 +87,12 @@ def _names(path) -> list[str]:
 def param_spec(path, ndim: int) -> P:
     """The PartitionSpec of one model parameter, from its path in the NNX state."""
     names = _names(path)
-    if "kernel" in names and ndim in (2, 3):
+    if "kernel" in names and ndim == 2:
         module = names[names.index("kernel") - 1]
-        layers = (None,) * (ndim - 2)  # the stacked layers' leading axis stays whole
         if module in COLUMN_PARALLEL:
-            return P(*layers, None, AXIS)  # [(L,) d_in, d_out]: shard d_out
+            return P(None, AXIS)  # [d_in, d_out]: shard d_out
         if module in ROW_PARALLEL:
-            return P(*layers, AXIS, None)  # shard d_in
+            return P(AXIS, None)  # shard d_in
     return P()  # embeddings, lm_head, norms, inv_freq: replicated
 
 

@@ -56,7 +56,7 @@ def test_bfloat16_checkpoint(tmp_path):
     model = weights.load_hf(tmp_path / "bf16", dtype=jnp.float32)
     # Every weight equals torch's bfloat16 value exactly (bfloat16 -> float32 is exact).
     want = hf.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
-    np.testing.assert_array_equal(np.asarray(model.layers.mlp.down_proj.kernel.value[1]), want)
+    np.testing.assert_array_equal(np.asarray(model.layers[1].mlp.down_proj.kernel.value), want)
 
 
 def test_missing_tensor_and_bad_shape_are_named(tmp_path):

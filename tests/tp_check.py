@@ -163,8 +163,8 @@ def main(out_dir: str) -> None:
                 ("pool_a_q", e.pool.weights.a["q_proj"]), ("pool_b_q", e.pool.weights.b["q_proj"]),
                 ("pool_a_down", e.pool.weights.a["down_proj"]),
                 ("pool_b_down", e.pool.weights.b["down_proj"]), ("cache", e.runner.cache.k),
-                ("q_kernel", e.runner.state["layers"]["self_attn"]["q_proj"]["kernel"].value),
-                ("o_kernel", e.runner.state["layers"]["self_attn"]["o_proj"]["kernel"].value))}
+                ("q_kernel", e.runner.state["layers"][0]["self_attn"]["q_proj"]["kernel"].value),
+                ("o_kernel", e.runner.state["layers"][0]["self_attn"]["o_proj"]["kernel"].value))}
             print(f"tp={tp} cached {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             out["hlo"] = collectives(e)
             out["hlo_prefill"] = collectives(e, Tq=16)

@@ -68,18 +68,14 @@ class DenseLora:
     def __init__(self, params: dict, scale: float):
         self.params, self.scale = params, scale  # params[f"{layer}.{module}"] = {"a", "b"}
 
-    def __call__(self, layer, modules, x):
-        # `layer` is traced (the model scans over its layers): stack each module's per-layer
-        # weights and index them.
-        layers = sorted({int(k.split(".")[0]) for k in self.params})
+    def __call__(self, layer: int, modules, x):
         out = []
         for m in modules:
-            if f"{layers[0]}.{m}" not in self.params:
+            p = self.params.get(f"{layer}.{m}")
+            if p is None:
                 out.append(None)
                 continue
-            a = jnp.stack([self.params[f"{i}.{m}"]["a"] for i in layers])[layer]  # [r, d_in]
-            b = jnp.stack([self.params[f"{i}.{m}"]["b"] for i in layers])[layer]  # [d_out, r]
-            out.append(self.scale * (x @ a.T) @ b.T)
+            out.append(self.scale * (x @ p["a"].T) @ p["b"].T)  # a [r, d_in], b [d_out, r]
         return tuple(out)
 
 

@@ -24,12 +24,9 @@ class CheckpointError(ValueError):
 
 
 def _hf_name(path: tuple) -> tuple[str, bool]:
-    """Our parameter path -> (HF tensor name, whether HF stores it transposed). The stacked
-    layers' names hold a `{layer}` field: ("layers", "mlp", "up_proj", "kernel") ->
-    "model.layers.{layer}.mlp.up_proj.weight"."""
+    """Our parameter path -> (HF tensor name, whether HF stores it transposed):
+    ("layers", 3, "mlp", "up_proj", "kernel") -> "model.layers.3.mlp.up_proj.weight"."""
     parts = [str(p) for p in path]
-    if parts[0] == "layers":
-        parts.insert(1, "{layer}")
     transpose = parts[-1] == "kernel"
     if transpose:
         parts[-1] = "weight"
@@ -99,11 +96,7 @@ def load_hf(path: str | os.PathLike, config: ModelConfig | None = None, *,
         if names == ("inv_freq",):
             return jnp.asarray(rope_inv_freq(config))
         hf, transpose = _hf_name(names)
-        if names[0] == "layers":  # stacked: one HF tensor per layer
-            arr = np.stack([tensor(hf.format(layer=i), transpose, leaf.shape[1:])
-                            for i in range(leaf.shape[0])])
-        else:
-            arr = tensor(hf, transpose, leaf.shape)
+        arr = tensor(hf, transpose, leaf.shape)
         return jnp.asarray(np.asarray(arr, np.float32) if arr.dtype != leaf.dtype else arr,
                            dtype=leaf.dtype)
 
@@ -125,9 +118,7 @@ def save_hf(model: Llama, path: str | os.PathLike) -> None:
         names = tuple(k.key if hasattr(k, "key") else k.idx for k in keypath)
         hf, transpose = _hf_name(names)
         arr = np.asarray(leaf)
-        for name, a in ([(hf.format(layer=i), a) for i, a in enumerate(arr)] if names[0] == "layers"
-                        else [(hf, arr)]):
-            tensors[name] = a.T if transpose else a
+        tensors[hf] = arr.T if transpose else arr
     _safetensors.save(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(model.config.to_hf_dict(), f, indent=2)
