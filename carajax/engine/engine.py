@@ -109,8 +109,13 @@ class Engine:
         self._cpu_ids: dict[str, int] = {}
         self._rng = np.random.default_rng()
         self._ids = itertools.count()
-        self._lock = threading.RLock()  # engine state: scheduler, pool, runner
+        # Engine state (planner, pool, runner): held for host bookkeeping only, never across the
+        # wait for a step's tokens, so submit, cancel and stats go through while the device works.
+        self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)
+        # One step at a time (the loop thread, or step()'s caller), held across the device wait;
+        # taken before `_lock`, never while holding it.
+        self._stepping = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._warmed = False  # `warmup` has run: later adapters' installs compile as they come
@@ -393,24 +398,32 @@ class Engine:
         runs on the device, then waits for N's tokens and applies them: the host's planning
         hides under the device's work (vLLM's async scheduling). Step N + 1 was planned with
         N's tokens PENDING, so a request that N's token stops runs one wasted token in N + 1,
-        dropped; a request that N's token brings to max_tokens is never planned again."""
-        with self._lock:
-            self.pool.poll()  # install finished copies; never blocks
-            t0 = time.perf_counter()
-            prev, self._inflight = self._inflight, None
-            plan = self.planner.schedule()
-            if not plan.empty or prev is not None:
-                self._run(plan, prev, t0)
-                return True
-            if not self.planner.waiting:
-                return False
-        # Only requests waiting for their adapters' copies (async): let the copies land, outside
-        # the lock so that submits and cancels go on.
-        time.sleep(COPY_POLL_S)
-        return True
+        dropped; a request that N's token brings to max_tokens is never planned again.
 
-    def _run(self, plan: Schedule, prev: _Launched | None, t0: float) -> None:
-        """Launch `plan` (if any) and apply the step before it, or both (see `step`)."""
+        The engine lock is held while planning and launching, and while applying tokens, but
+        not while waiting for them: submit, cancel and stats never wait for the device. A
+        request cancelled meanwhile is finished already when its token arrives (dropped)."""
+        with self._stepping:
+            with self._lock:
+                self.pool.poll()  # install finished copies; never blocks
+                t0 = time.perf_counter()
+                prev, self._inflight = self._inflight, None
+                plan = self.planner.schedule()
+                idle = plan.empty and prev is None
+                if idle and not self.planner.waiting:
+                    return False
+                ready = [] if idle else self._launch(plan, prev, t0)
+            if idle:
+                # Only requests waiting for their adapters' copies (async): let the copies land,
+                # outside the lock so that submits and cancels go on.
+                time.sleep(COPY_POLL_S)
+            for launched in ready:
+                self._apply(launched)
+            return True
+
+    def _launch(self, plan: Schedule, prev: _Launched | None, t0: float) -> list[_Launched]:
+        """Launch `plan` (if any); returns the steps whose tokens to apply now, in order: the
+        step before it, this one, or both (see `step`). Under the engine lock."""
         launched = None
         if not plan.empty:
             stalled = sum(self.pool.load_now(name) for name in plan.sync_loads)
@@ -425,24 +438,26 @@ class Engine:
                 and not any(c.path == "cpu" for c in plan.chunks)):
             self._inflight = launched
             launched = None
-        for step in (prev, launched):
-            if step is not None:
-                self._apply(step)
+        return [s for s in (prev, launched) if s is not None]
 
     def _apply(self, step: _Launched) -> None:
-        """Wait for a launched step's tokens and apply them; record its times."""
+        """Wait for a launched step's tokens (without the engine lock), then apply them under
+        it; record its times. Called by the stepping thread only."""
         t_sync = time.perf_counter()
-        tokens, failed = self.runner.collect(step.plan, step.inputs, step.tokens, self._cpu_ids)
+        sampled = self.runner.wait(step.tokens)  # the device wait: the lock is free
         t_got = time.perf_counter()
-        self.planner.postprocess(step.plan, tokens, step.stalled, failed)
-        t_end = time.perf_counter()
-        # The step's period: since the previous step's results were applied (or since this one
-        # was planned, after an idle spell). Host: its planning and inputs, and its results.
-        period = t_end - max(self._last_applied, step.t0) - step.stalled
-        self._last_applied = t_end
-        self._step_times.append((step.host_s + (t_end - t_got), period, t_got - t_sync))
-        self.planner.step_times.add(step.plan.num_tokens, period)
-        self.steps += 1
+        with self._lock:
+            tokens, failed = self.runner.collect(step.plan, step.inputs, sampled, self._cpu_ids)
+            self.planner.postprocess(step.plan, tokens, step.stalled, failed)
+            t_end = time.perf_counter()
+            # The step's period: since the previous step's results were applied (or since this
+            # one was planned, after an idle spell). Host: its planning and inputs, and its
+            # results.
+            period = t_end - max(self._last_applied, step.t0) - step.stalled
+            self._last_applied = t_end
+            self._step_times.append((step.host_s + (t_end - t_got), period, t_got - t_sync))
+            self.planner.step_times.add(step.plan.num_tokens, period)
+            self.steps += 1
 
     def _ensure_loop(self) -> None:
         if not self.background:
@@ -458,9 +473,10 @@ class Engine:
                     self._work.wait()
                 if self._closed:
                     return
-                try:
-                    self.step()
-                except Exception as e:  # a bug must not hang callers: fail what was running
+            try:
+                self.step()  # outside the lock: the step takes it around its host work only
+            except Exception as e:  # a bug must not hang callers: fail what was running
+                with self._lock:
                     self._inflight = None
                     self.planner.fail_all(f"engine step failed: {type(e).__name__}: {e}")
 

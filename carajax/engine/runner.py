@@ -278,14 +278,24 @@ class ModelRunner:
         inputs = self.prepare(plan, table, cpu_ids)
         return self.collect(plan, inputs, self.launch(inputs)[0], cpu_ids)
 
-    def collect(self, plan: Schedule, inputs: StepInputs, tokens: jax.Array,
+    @staticmethod
+    def wait(tokens: jax.Array) -> np.ndarray:
+        """Block until a launched step's sampled tokens reach the host: the one sync of a step.
+        It reads nothing but `tokens`, so the engine calls it without its lock."""
+        return np.asarray(tokens)
+
+    def collect(self, plan: Schedule, inputs: StepInputs, tokens: jax.Array | np.ndarray,
                 cpu_ids: dict[str, int]) -> tuple[dict[Request, int], dict[Request, str]]:
-        """Wait for a launched step's tokens: {request: token} of the sampling chunks, and the
-        requests whose CPU LoRA failed."""
-        sampled = np.asarray(tokens)  # the one sync of the step
+        """A launched step's results: {request: token} of the sampling chunks, and the requests
+        whose CPU LoRA failed. `tokens` already on the host (`wait`) makes this host work only."""
+        sampled = np.asarray(tokens)  # no-op on `wait`'s host array; a device array waits here
         out = {req: int(sampled[i]) for i, req in inputs.samplers}
         failed = {}
-        errors = self.bridge.take_errors()
+        # Only a step with CPU chunks takes the bridge's errors: under async scheduling the
+        # step launched after this one may be a CPU step whose callbacks already failed, and
+        # its errors must be left for its own collect.
+        cpu = any(c.path == "cpu" for c in plan.chunks)
+        errors = self.bridge.take_errors() if cpu else {}
         for c in plan.chunks:  # CPU-LoRA failures fail only their requests
             cid = cpu_ids.get(c.request.adapter)
             if c.path == "cpu" and cid in errors:
