@@ -1,6 +1,6 @@
 """The engine's jnp LoRA ops (CPU path) against the reference the kernels are judged by.
 
-`sgmv_dense`, `sgmv_pool` (decode steps) and `sgmv_blocked` (prefill chunks) must equal `sgmv_reference` on a
+`sgmv_compact` (decode steps) and `sgmv_blocked` (prefill chunks) must equal `sgmv_reference` on a
 step's flattened batch: segments in token order (one per sequence; some empty, some without an
 adapter, gaps of padding after the last), every rank from 1 to r_max, adapters in scattered pages
 with garbage in the pages and table entries nobody owns.
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carajax.lora.jnp_ops import sgmv_blocked, sgmv_dense, sgmv_pool
+from carajax.lora.jnp_ops import compact_pages, page_sizes, sgmv_blocked, sgmv_compact
 from carajax.lora.kernels import sgmv_reference
 from tests.conftest import assert_close
 from tests.test_kernels import loop_delta, make_inputs, paginate, seg_token_slots
@@ -36,8 +36,7 @@ def check(seed, lengths, T, S=6, r_max=64, pr=16, blocks=(1, 3, 16, 64)):
                       np.asarray(scales))
     ref = sgmv_reference(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table)
     assert_close(ref, want)
-    assert_close(sgmv_dense(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
-    assert_close(sgmv_pool(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
+    assert_close(sgmv_compact(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
     for tb in blocks:
         got = sgmv_blocked(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table,
                            token_block=tb)
@@ -67,8 +66,7 @@ def test_every_rank_from_1_to_64_in_one_batch():
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
     slots = rng.permutation(64).astype(np.int32)  # each rank once
     ref = sgmv_reference(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table)
-    assert_close(sgmv_dense(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
-    assert_close(sgmv_pool(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
+    assert_close(sgmv_compact(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
     assert_close(sgmv_blocked(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table,
                               token_block=4), ref)
 
@@ -86,8 +84,7 @@ def test_no_adapter_anywhere_is_exactly_zero():
     pa, pb, table = paginate(a, b, ranks, 16, 3)
     starts, lens, _ = step_segments(rng, [5, 5, 5], 4)
     none = np.full(3, -1, np.int32)
-    for y in (sgmv_dense(x, pa, pb, starts, lens, none, ranks, scales, page_table=table),
-              sgmv_pool(x, pa, pb, starts, lens, none, ranks, scales, page_table=table),
+    for y in (sgmv_compact(x, pa, pb, starts, lens, none, ranks, scales, page_table=table),
               sgmv_blocked(x, pa, pb, starts, lens, none, ranks, scales, page_table=table)):
         assert not np.any(np.asarray(y))
 
@@ -97,7 +94,7 @@ def test_blocked_handles_more_segments_than_tokens_per_block(tb):
     check(4, [2] * 10, T=24, S=5, blocks=(tb,))
 
 
-def test_pool_form_ignores_stale_rows_of_slots_no_segment_uses():
+def test_compact_form_ignores_stale_rows_of_slots_no_segment_uses():
     """An evicted slot keeps its page-table row and ranks; its pages may now belong to another
     adapter. Only the slots the step uses claim pages, so the stale row changes nothing."""
     T, S, r_max, pr = 12, 4, 32, 16
@@ -108,20 +105,48 @@ def test_pool_form_ignores_stale_rows_of_slots_no_segment_uses():
     ref = sgmv_reference(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table)
     stale = table.copy()
     stale[1] = table[0]  # slot 1 (unused this step) points at slot 0's pages
-    stale[3, 0] = table[2, 0]  # slot 3 at slot 2's page
-    assert_close(sgmv_pool(x, pa, pb, starts, lens, slots, ranks, scales, page_table=stale), ref)
+    stale[3, 0] = table[2, 0]  # slot 3 (the last: where a wrapped -1 would land) at slot 2's page
+    slots_none = np.array([0, -1, 2], np.int32)  # and a sequence without an adapter
+    starts3, lens3 = np.array([0, 5, 9], np.int32), np.array([5, 4, 3], np.int32)
+    ref3 = sgmv_reference(x, pa, pb, starts3, lens3, slots_none, ranks, scales, page_table=table)
+    for st_, ln, sl, want in ((starts, lens, slots, ref), (starts3, lens3, slots_none, ref3)):
+        assert_close(sgmv_compact(x, pa, pb, st_, ln, sl, ranks, scales, page_table=stale), want)
     assert np.any(np.asarray(ref))
 
 
-def test_the_hook_picks_the_form_with_the_fewest_multiply_adds_and_the_pools_fixed_cost():
+def test_the_hook_picks_compact_for_decodes_and_blocks_for_prefill_chunks():
     from carajax.lora.hook import jnp_form
-    # 8 decodes, rank-64 slots: gathering 8 x 64 rows beats a pool of 512 rows (same
-    # multiply-adds, but the pool's slice is copied every layer) and loses to a pool of 128.
-    assert jnp_form(8, 8, 512, 64) == "dense"
-    assert jnp_form(8, 8, 128, 64) == "pool"
-    assert jnp_form(16, 16, 512, 64) == "dense"  # 2x fewer rows is not enough (measured)
-    assert jnp_form(16, 16, 2048, 64) == "dense"
-    # 512 prefill tokens in 16 segments: 24 blocks of 64 x 64 rows beat 512 x 512 pool rows,
-    # but not a pool of 8 pages (128 rows): the fixed cost is small beside 512 tokens.
-    assert jnp_form(512, 16, 512, 64) == "blocked"
-    assert jnp_form(512, 16, 128, 64) == "pool"
+    assert jnp_form(8, 8) == "compact"  # 8 decodes
+    assert jnp_form(16, 16) == "compact"
+    assert jnp_form(64, 16) == "compact"  # 4 tokens a sequence
+    assert jnp_form(512, 16) == "blocked"  # prefill chunks
+    assert jnp_form(128, 16) == "blocked"
+
+
+@pytest.mark.parametrize("ranks_used, want_pages", [([8] * 8, 8), ([64] * 8, 32),
+                                                    ([8, 16, 32, 64] * 2, 16), ([64], 4)])
+def test_compact_work_follows_the_distinct_adapters_ranks(ranks_used, want_pages):
+    """The compact form gathers the step's distinct adapters' own pages (page_rank 16), each
+    adapter once, rounded up to a power of two: never G x r_max. 16 decode tokens, two per
+    adapter: 8 rank-8 adapters read 8 pages, 8 rank-64 ones 32, ranks 8/16/32/64 x 2 read 16."""
+    S, pr, r_max, T = 8, 16, 64, 16
+    all_ranks = np.array(ranks_used + [64] * (S - len(ranks_used)), np.int32)  # unused: rank 64
+    x, a, b, ranks, scales = make_inputs(7, T, 24, 20, S, r_max, ranks=all_ranks)
+    pa, pb, table = paginate(a, b, ranks, pr, 7)
+    starts, lens = np.arange(T, dtype=np.int32), np.ones(T, np.int32)
+    slots = (np.arange(T) % len(ranks_used)).astype(np.int32)
+    pages, owner, _, count = compact_pages(slots, ranks, table, pr)
+    assert int(count) == sum(-(-r // pr) for r in ranks_used)
+    want = [int(table[s, j]) for s in sorted(set(slots.tolist())) for j in range(-(-int(ranks[s]) // pr))]
+    assert np.asarray(pages)[:int(count)].tolist() == want
+    assert (np.asarray(owner)[int(count):] == -1).all()
+    assert min(k for k in page_sizes(S * (r_max // pr)) if k >= int(count)) == want_pages
+    ref = sgmv_reference(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table)
+    assert_close(sgmv_compact(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table), ref)
+
+
+def test_page_sizes_are_powers_of_two_up_to_the_tables_pages():
+    assert page_sizes(1) == (1,)
+    assert page_sizes(32) == (1, 2, 4, 8, 16, 32)
+    assert page_sizes(33) == (1, 2, 4, 8, 16, 32, 33)
+    assert page_sizes(24) == (1, 2, 4, 8, 16, 24)

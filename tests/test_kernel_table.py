@@ -92,8 +92,7 @@ def test_auto_picks_what_the_table_says(monkeypatch, table_file):
     monkeypatch.setattr(hook, "sgmv_fused", spy("fused", hook.sgmv_fused))
     monkeypatch.setattr(kernels, "sgmv", spy("pallas", kernels.sgmv))
     monkeypatch.setattr(kernels, "sgmv_reference", spy("reference", kernels.sgmv_reference))
-    monkeypatch.setattr(hook.jnp_ops, "sgmv_dense", spy("reference", hook.jnp_ops.sgmv_dense))
-    monkeypatch.setattr(hook.jnp_ops, "sgmv_pool", spy("reference", hook.jnp_ops.sgmv_pool))
+    monkeypatch.setattr(hook.jnp_ops, "sgmv_compact", spy("reference", hook.jnp_ops.sgmv_compact))
     monkeypatch.setattr(hook.jnp_ops, "sgmv_blocked", spy("reference", hook.jnp_ops.sgmv_blocked))
     P, pr, d = 4, 16, 8
     rng = np.random.default_rng(0)

@@ -157,7 +157,7 @@ def test_a_copy_moves_only_the_targeted_projections_and_stale_pages_stay_unread(
     assert not np.asarray(w.scales["down_proj"])[:, s].any()
     rng = np.random.default_rng(1)
     starts, lens, slots = np.array([0], np.int32), np.array([4], np.int32), np.array([s], np.int32)
-    impls = {"reference": sgmv_reference, "dense": jnp_ops.sgmv_dense, "pool": jnp_ops.sgmv_pool,
+    impls = {"reference": sgmv_reference, "compact": jnp_ops.sgmv_compact,
              "blocked": jnp_ops.sgmv_blocked,
              "pallas": functools.partial(sgmv, interpret=True),
              "pallas padded": functools.partial(sgmv, interpret=True, pad_to_max_rank=True),

@@ -13,58 +13,47 @@ the model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from carajax import parallel
-from carajax.lora import jnp_ops, kernel_table, kernels
+from carajax import autotune, parallel
+from carajax.lora import jnp_ops, kernels
 from carajax.lora.fused_kernels import sgmv_fused
 
 LORA_IMPLS = ("auto", "pallas", "fused", "interpret", "reference")
-# The jnp path (CPU) by static shape: up to this many tokens per segment (sequence) the dense
-# formulation wins; beyond, blocks of PREFILL_TOKEN_BLOCK tokens (measured on the 2-core CPU box:
-# 16 decode tokens, 1.0 ms dense vs 0.9 ms blocked; 32 tokens 2.0 vs 4.0; 1024 tokens in 16
-# sequences, blocks of 16 / 32 / 64 / 128: 25 / 15 / 5.9 / 11 ms, dense 28 ms).
-DENSE_TOKENS_PER_SEGMENT = 4
+# The jnp path (CPU) by static shape: up to this many tokens per segment (sequence) the compact
+# formulation (the step's distinct adapters' pages, two GEMMs over every token) wins; beyond,
+# blocks of PREFILL_TOKEN_BLOCK tokens of one segment each (measured on the 2-core CPU box: 1024
+# tokens in 16 sequences, blocks of 16 / 32 / 64 / 128: 25 / 15 / 5.9 / 11 ms).
+COMPACT_TOKENS_PER_SEGMENT = 4
 PREFILL_TOKEN_BLOCK = 64
-# The pool form's per-step price beyond its multiply-adds, in tokens' worth of pool rows: inside
-# the scan over layers XLA:CPU copies the layer's whole pool slice (and builds masks over every
-# pool column) whatever the token count. Measured in the engine (2-core CPU, llama-100m, 8-row
-# decode steps, 2026-12-02): a pool 4x smaller than the dense gather wins (52 vs 64 ms a step),
-# 2x smaller loses (101 vs 92 ms at 16 rows), equal loses by 40% (91 vs 66 ms; llama-test 1.0
-# vs 0.7 ms): the crossover puts this between 18 and 28.
-POOL_FIXED_TOKENS = 24
 
 
-def jnp_form(T: int, G: int, pool_rows: int, r_max: int) -> str:
-    """Which jnp formulation a step of T tokens in G segments runs (static shapes, so one
-    choice per compiled variant), by multiply-adds per unit of d: "dense" T * G * r_max (two
-    GEMMs, every segment's adapter gathered), "pool" (T + POOL_FIXED_TOKENS) * pool_rows (two
-    GEMMs against the layer's whole pool, nothing gathered, plus the pool slice's fixed cost),
-    "blocked" NB * 64 * r_max (blocks of one segment). Decode-like steps take dense or pool;
-    prefill steps blocked or pool."""
-    pool = (T + POOL_FIXED_TOKENS) * pool_rows
-    if T <= DENSE_TOKENS_PER_SEGMENT * G:
-        return "pool" if pool <= T * G * r_max else "dense"
-    blocks = min(T, -(-T // PREFILL_TOKEN_BLOCK) + G)
-    return "pool" if pool <= blocks * PREFILL_TOKEN_BLOCK * r_max else "blocked"
+def jnp_form(T: int, G: int) -> str:
+    """Which jnp formulation a step of T tokens in G segments runs (static shapes, so one choice
+    per compiled variant): "compact" for decode-like steps (the bytes of the distinct adapters
+    dominate), "blocked" for steps with prefill chunks (the work per token dominates). Both
+    follow the step's real ranks (`jnp_ops`)."""
+    return "compact" if T <= COMPACT_TOKENS_PER_SEGMENT * G else "blocked"
 
 
 def resolve_lora_impl(name: str = "auto", *, platform: str | None = None) -> str:
-    """"auto": on a GPU with a measured table for its kind (`kernel_table.load`), "table" (each
-    step shape takes the table's fastest of fused / pallas / padded / reference); elsewhere, or
-    without a table, the pure-jnp references (on CPU, Pallas only runs in interpret mode, several
-    times slower than jnp; on a GPU, the reference is what no kernel may be slower than).
-    "fused": the one-call fused SGMV kernel (`fused_kernels`). "interpret" forces the two-call
-    kernels in interpret mode (for tests). `platform` defaults to JAX's default backend."""
+    """"auto": `carajax.autotune.lora_impl`: on a GPU with a measured table for its kind
+    (`kernel_table.load`), "table" (each step shape takes the table's fastest of fused / pallas /
+    padded / reference); without one, what the engine's warm-up measured fastest among the forms
+    verified compiled on this device kind and the reference (one form, or "table" when decode
+    and prefill differ); elsewhere, or with nothing verified, the pure-jnp references (on CPU,
+    Pallas only runs in interpret mode, several times slower than jnp; on a GPU, the reference
+    is what no kernel may be slower than). "fused": the one-call fused SGMV kernel
+    (`fused_kernels`). "interpret" forces the two-call kernels in interpret mode (for tests).
+    `platform` defaults to JAX's default backend."""
     if name not in LORA_IMPLS:
         raise ValueError(f"lora impl must be one of {LORA_IMPLS}, got {name!r}")
     if name == "auto":
-        if (platform or jax.default_backend()) != "gpu":
-            return "reference"
-        return "table" if kernel_table.load(jax.devices()[0].device_kind) else "reference"
+        return autotune.lora_impl(platform)
     return name
 
 
@@ -86,7 +75,7 @@ def _ops(impl: str, pad_to_max_rank: bool = False, interpret: bool = False):
 
 def table_choice(T: int, G: int, r_max: int) -> str:
     """The measured table's choice for a step of T tokens in G segments at pool rank r_max."""
-    table = kernel_table.load(jax.devices()[0].device_kind)
+    table = autotune.lora_table()
     return "reference" if table is None else table.choose(T, G, r_max)
 
 
@@ -107,8 +96,20 @@ class BatchLora:
         self.impl = impl
         self.pad_to_max_rank = pad_to_max_rank
         self.cpu = cpu
+        self._compact: jnp_ops.CompactPlan | None = None  # built at the first projection that needs it
 
-    def __call__(self, layer: jax.Array, modules: tuple[str, ...], x: jax.Array
+    def _compact_plan(self, T: int) -> jnp_ops.CompactPlan:
+        """The step's compact plan (layer 0's page ids), built once per step: each slot's pages
+        up to its largest rank over every projection and layer (they share pages)."""
+        if self._compact is None:
+            w = self.weights
+            slot_ranks = functools.reduce(jnp.maximum, [r.max(axis=0) for r in w.ranks.values()])
+            pr = next(iter(w.a.values())).shape[2]
+            self._compact = jnp_ops.compact_plan(self.seg_starts, self.seg_lens, self.seg_slots,
+                                                 slot_ranks, w.page_table, pr, T)
+        return self._compact
+
+    def __call__(self, layer: int, modules: tuple[str, ...], x: jax.Array
                  ) -> tuple[jax.Array | None, ...]:
         ys = [None if self.weights is None or m not in self.weights.a
               else self._device(layer, m, x) for m in modules]
@@ -121,7 +122,7 @@ class BatchLora:
                   .at[rows].add(c[:, 0].astype(x.dtype), mode="drop") for y, c in zip(ys, cs)]
         return tuple(ys)
 
-    def _device(self, layer: jax.Array, module: str, x: jax.Array) -> jax.Array:
+    def _device(self, layer: int, module: str, x: jax.Array) -> jax.Array:
         w = self.weights
         a, b = w.a[module], w.b[module]  # [L, P, pr, d_in], [L, P, d_out, pr]
         L, P, pr = a.shape[:3]
@@ -129,26 +130,19 @@ class BatchLora:
         impl = self.impl
         if impl == "table":  # static shapes: one choice per compiled variant
             impl = table_choice(x.shape[0], len(self.seg_slots), w.page_table.shape[1] * pr)
-        form = (jnp_form(x.shape[0], len(self.seg_slots), P * pr, w.page_table.shape[1] * pr)
-                if impl == "reference" else None)
-        if form == "pool":  # the layer's own pages, all of them, read in place
-            a = jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # [P, pr, d_in]
-            b = jax.lax.dynamic_index_in_dim(b, layer, keepdims=False)  # [P, d_out, pr]
-            table = w.page_table  # [S, r_max // pr]
-        else:
-            # Layer l's pages are [l * P, (l + 1) * P) of the flat pool (a free reshape), so
-            # the ops read only the pages the batch uses instead of slicing out the layer.
-            a, b = a.reshape(L * P, *a.shape[2:]), b.reshape(L * P, *b.shape[2:])
-            table = w.page_table + layer * P  # [S, r_max // pr]
+        form = jnp_form(x.shape[0], len(self.seg_slots)) if impl == "reference" else None
+        # Layer l's pages are [l * P, (l + 1) * P) of the flat pool (a free reshape), so the ops
+        # read only the pages the batch uses instead of slicing out the layer.
+        a, b = a.reshape(L * P, *a.shape[2:]), b.reshape(L * P, *b.shape[2:])
+        table = w.page_table + layer * P  # [S, r_max // pr]
         meta = (self.seg_starts, self.seg_lens, self.seg_slots, ranks, scales, table)
-        if form == "pool":
-            def op(x, a, b, starts, lens, slots, ranks, scales, table):
-                return jnp_ops.sgmv_pool(x, a, b, starts, lens, slots, ranks, scales,
-                                         page_table=table)
-        elif form == "dense":
-            def op(x, a, b, starts, lens, slots, ranks, scales, table):  # decode-like: few tokens
-                return jnp_ops.sgmv_dense(x, a, b, starts, lens, slots, ranks, scales,
-                                          page_table=table)
+        if form == "compact":
+            plan = self._compact_plan(x.shape[0])
+            plan = dataclasses.replace(plan, pages=plan.pages + layer * P)  # this layer's pages
+
+            def op(x, a, b, starts, lens, slots, ranks, scales, table):  # decode-like steps
+                return jnp_ops.sgmv_compact(x, a, b, starts, lens, slots, ranks, scales,
+                                            page_table=table, plan=plan)
         elif form == "blocked":
             def op(x, a, b, starts, lens, slots, ranks, scales, table):  # prefill chunks
                 return jnp_ops.sgmv_blocked(x, a, b, starts, lens, slots, ranks, scales,

@@ -1,13 +1,18 @@
 """Segmented multi-adapter LoRA in plain jnp: what the engine runs where the Pallas kernels do
-not (CPU). Two formulations of the same op, for the two shapes of a step:
+not (CPU). Two formulations of the same op, both with work and bytes that follow the ranks of
+the adapters the step uses (never the pool's maximum rank):
 
-- `sgmv_blocked` (prefill chunks): work that follows the tokens, in blocks of one segment each;
-- `sgmv_dense` (decode steps, few tokens): two plain GEMMs over every segment's adapter at once.
+- `sgmv_compact` (decode-like steps, few tokens per sequence): the step's distinct adapters'
+  own pages gathered once, side by side, and two plain GEMMs over all tokens;
+- `sgmv_blocked` (prefill chunks): blocks of `token_block` tokens of one segment each, every
+  block's adapter gathered at the step's largest page count (not the pool's).
 
-XLA:CPU runs a batched matmul of small blocks as many small GEMMs with per-call overhead (a
-[18, 16, 512] x [18, 512, 64] product reaches ~20 GFLOP/s here, a plain GEMM ~75); so a decode
-step of 16 tokens is cheaper doing 16x the multiply-adds in two big GEMMs, and a prefill step is
-cheapest in blocks of 64 tokens.
+Static shapes meet dynamic ranks through `lax.switch`: each op is compiled at a few sizes (powers
+of two of pages, or page counts 1..n) and runs the smallest that holds the step's real rows, so
+one compiled variant serves every rank mix. XLA:CPU runs a batched matmul of small blocks as many
+small GEMMs with per-call overhead (a [18, 16, 512] x [18, 512, 64] product reaches ~20 GFLOP/s
+here, a plain GEMM ~75), and on a decode step the cost is the adapter bytes read: hence one GEMM
+pair over the distinct adapters' rows for decodes, blocks for long chunks.
 
 Same data arguments and semantics as `kernels.sgmv_reference` (a segment = one sequence of the
 step's flattened batch, with its adapter slot):
@@ -18,20 +23,14 @@ step's flattened batch, with its adapter slot):
         for t in range(seg_starts[g], seg_starts[g] + seg_lens[g]):
             y[t] = scales[s] * (x[t] @ a[s, :ranks[s]].T) @ b[s, :, :ranks[s]].T
 
-`sgmv_reference` computes every segment over all T tokens (G * T * r * d work: fine as the oracle,
-ruinous for a prefill step of many sequences). Here the tokens are cut into blocks of at most
-`token_block` tokens that each belong to one segment (the attention's query blocks,
-`plan_query_blocks`); each block gathers its slot's pages once and multiplies densely:
-
-    NB = min(T, ceil(T / token_block) + G) blocks, work NB * token_block * r_max * (d_in + d_out),
-    weights read NB * r_max * (d_in + d_out).
-
-`token_block=1` is BGMV (one token per sequence, one weight gather per token); 64 suits prefill
-chunks on CPU. Every slot runs at r_max (the page-padded rank), masked to its rank.
+A page holds `page_rank` rank rows; slot s owns pages `page_table[s, :ceil(ranks[s] / page_rank)]`
+(its pages past that, and rows past its rank inside its last page, may hold another adapter's
+weights: masked on both sides).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -54,8 +53,16 @@ def sgmv_blocked(
     page_table: jax.Array,  # int32 [S, r_max // page_rank]
     token_block: int = 16,
 ) -> jax.Array:  # [T, d_out]
-    """The LoRA delta of a flattened batch; see the module docstring. Segments must be disjoint
-    and in token order (sequence after sequence, as in `StepBatch`)."""
+    """The LoRA delta of a flattened batch in blocks of at most `token_block` tokens that each
+    belong to one segment (the attention's query blocks, `plan_query_blocks`); each block gathers
+    its slot's pages once and multiplies densely:
+
+        NB = min(T, ceil(T / token_block) + G) blocks, work NB * token_block * r_b * (d_in + d_out),
+        weights read NB * r_b * (d_in + d_out),
+
+    with r_b the largest page-padded rank among the step's slots (a `lax.switch` over page
+    counts 1..n). `token_block=1` is BGMV; 64 suits prefill chunks on CPU. Segments must be
+    disjoint and in token order (sequence after sequence, as in `StepBatch`)."""
     T, d_in = x.shape
     G = seg_starts.shape[0]
     _, pr, _ = a.shape
@@ -72,28 +79,92 @@ def sgmv_blocked(
     rows = row0[:, None] + jnp.arange(bt, dtype=jnp.int32)  # [NB, bt]
     valid = live[:, None] & (jnp.arange(bt)[None, :] < length[:, None])  # [NB, bt]
     xb = x.at[jnp.where(valid, rows, T)].get(mode="fill", fill_value=0)  # [NB, bt, d_in]
-    # Each block's adapter: its slot's pages, concatenated in page-table order, masked to rank.
-    pages = page_table[s]  # [NB, n]
-    r_max = pages.shape[1] * pr
-    ab = jnp.take(a, pages, axis=0, mode="clip").reshape(nb, r_max, d_in)  # [NB, r_max, d_in]
-    bb = jnp.take(b, pages, axis=0, mode="clip")  # [NB, n, d_out, pr]
-    bb = jnp.swapaxes(bb, 1, 2).reshape(nb, d_out, r_max)  # [NB, d_out, r_max]
-    keep = jnp.arange(r_max)[None, :] < ranks[s][:, None]  # [NB, r_max]
-    # Pages past a slot's rank may hold another adapter's rows: masked on both sides.
-    bb = jnp.where(keep[:, None, :], bb, 0)
+    # The step's largest page count: blocks gather that many pages, not the table's width.
+    n = page_table.shape[1]
+    need = jnp.max(jnp.where(live, -(-ranks[s] // pr), 0))  # pages of the largest live rank
     hi = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # no TF32 on GPU
-    xa = jnp.einsum("ntd,nrd->ntr", xb, ab.astype(x.dtype), preferred_element_type=jnp.float32,
-                    precision=hi)  # [NB, bt, r_max]
-    xa = jnp.where(keep[:, None, :], xa, 0) * scales[s][:, None, None]
-    yb = jnp.einsum("ntr,nor->nto", xa, bb.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)  # [NB, bt, d_out]
+
+    def gathered(m: int) -> jax.Array:  # the blocks' deltas with m pages each
+        pages = page_table[s][:, :m]  # [NB, m]
+        r = m * pr
+        ab = jnp.take(a, pages, axis=0, mode="clip").reshape(nb, r, d_in)  # [NB, r, d_in]
+        bb = jnp.take(b, pages, axis=0, mode="clip")  # [NB, m, d_out, pr]
+        bb = jnp.swapaxes(bb, 1, 2).reshape(nb, d_out, r)  # [NB, d_out, r]
+        keep = jnp.arange(r)[None, :] < ranks[s][:, None]  # [NB, r]
+        bb = jnp.where(keep[:, None, :], bb, 0)
+        xa = jnp.einsum("ntd,nrd->ntr", xb, ab.astype(x.dtype),
+                        preferred_element_type=jnp.float32, precision=hi)  # [NB, bt, r]
+        xa = jnp.where(keep[:, None, :], xa, 0) * scales[s][:, None, None]
+        return jnp.einsum("ntr,nor->nto", xa, bb.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)  # [NB, bt, d_out]
+
+    yb = jax.lax.switch(jnp.clip(need - 1, 0, n - 1),
+                        [functools.partial(gathered, m) for m in range(1, n + 1)])
     y = jnp.zeros((T, d_out), jnp.float32)
     y = y.at[jnp.where(valid, rows, T)].set(yb, mode="drop")  # each token in at most one block
     return y.astype(x.dtype)
 
 
+def token_slots(seg_starts: jax.Array, seg_lens: jax.Array, seg_slots: jax.Array,
+                T: int) -> jax.Array:
+    """int32 [T]: each token's adapter slot; -1 outside every segment (padding) or no LoRA."""
+    G = seg_starts.shape[0]
+    t = jnp.arange(T)
+    tok_seg = jnp.sum(t[:, None] >= seg_starts[None, :] + seg_lens[None, :], axis=1)  # [T]
+    g = jnp.minimum(tok_seg, G - 1)
+    inside = (tok_seg < G) & (t >= seg_starts[g]) & (t < seg_starts[g] + seg_lens[g])
+    return jnp.where(inside, seg_slots[g], -1)
+
+
+def compact_pages(seg_slots: jax.Array, ranks: jax.Array, page_table: jax.Array, page_rank: int
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The pages a step's adapters need, compacted to the front (slot-major, page order within
+    a slot): each distinct slot of `seg_slots` once, `ceil(ranks[s] / page_rank)` pages of it.
+    Returns pages, owner slot and first rank row of each (int32 [S * n]; past `count`: page 0,
+    owner -1), and `count`."""
+    S, n = page_table.shape
+    pr = page_rank
+    used = jnp.zeros(S, bool).at[jnp.where(seg_slots >= 0, seg_slots, S)].set(True, mode="drop")
+    j = jnp.arange(n, dtype=jnp.int32)
+    need = (used[:, None] & (j[None, :] * pr < ranks[:, None])).reshape(-1)  # [S * n]
+    pos = jnp.where(need, jnp.cumsum(need) - 1, S * n)  # out of range: dropped
+    pages = jnp.zeros(S * n, jnp.int32).at[pos].set(page_table.reshape(-1), mode="drop")
+    owner = jnp.full(S * n, -1, jnp.int32).at[pos].set(
+        jnp.repeat(jnp.arange(S, dtype=jnp.int32), n), mode="drop")
+    row0 = jnp.zeros(S * n, jnp.int32).at[pos].set(jnp.tile(j * pr, S), mode="drop")
+    return pages, owner, row0, jnp.sum(need)
+
+
+def page_sizes(max_pages: int) -> tuple[int, ...]:
+    """The page counts `sgmv_compact` is compiled at: powers of two below `max_pages`, then
+    `max_pages` itself (the most a step can need)."""
+    return tuple(1 << i for i in range(max(max_pages - 1, 0).bit_length())
+                 if 1 << i < max_pages) + (max_pages,)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CompactPlan:
+    """What `sgmv_compact` needs beyond the weights, the same for every projection of a step:
+    built once per step (`compact_plan`), not once per projection and layer."""
+
+    pages: jax.Array  # int32 [S * n]: the step's adapters' pages, compacted (`compact_pages`)
+    owner: jax.Array  # int32 [S * n]: each page's slot; -1 past `count`
+    row0: jax.Array  # int32 [S * n]: each page's first rank row in its adapter
+    count: jax.Array  # int32 []: pages in use
+    tok_slot: jax.Array  # int32 [T]: each token's slot (`token_slots`)
+
+
+def compact_plan(seg_starts, seg_lens, seg_slots, ranks, page_table, page_rank: int,
+                 T: int) -> CompactPlan:
+    """The step's `CompactPlan`; `ranks` [S]: each slot's largest rank over the projections
+    and layers the plan will serve (its pages), masks per projection come from their ranks."""
+    pages, owner, row0, count = compact_pages(seg_slots, ranks, page_table, page_rank)
+    return CompactPlan(pages, owner, row0, count, token_slots(seg_starts, seg_lens, seg_slots, T))
+
+
 @jax.jit
-def sgmv_dense(
+def sgmv_compact(
     x: jax.Array,  # [T, d_in]
     a: jax.Array,  # paged: [P, page_rank, d_in]
     b: jax.Array,  # paged: [P, d_out, page_rank]
@@ -104,93 +175,44 @@ def sgmv_dense(
     scales: jax.Array,  # float32 [S]
     *,
     page_table: jax.Array,  # int32 [S, r_max // page_rank]
+    plan: CompactPlan | None = None,  # the step's, with `page_table`'s page ids; None: built here
 ) -> jax.Array:  # [T, d_out]
-    """The same op as `sgmv_blocked`, as two GEMMs against every segment's adapter side by side:
+    """The same op as `sgmv_blocked`, against the step's distinct adapters' own pages at once:
 
-        A_all = [A of segment 0; ...; A of segment G-1]           [G * r_max, d_in]
-        xa    = (x @ A_all^T) masked to each token's own segment  [T, G * r_max], and to its rank
-        y     = xa @ B_all                                         [T, d_out]
+        rows = the pages of each distinct slot the step uses, up to its rank   [K * page_rank]
+        xa   = (x @ A[rows]^T) kept where the row belongs to the token's slot  [T, K * page_rank]
+        y    = xa @ B[rows]                                                     [T, d_out]
 
-    Work 2 * T * G * r_max * d (G times what the tokens need), weights read once: the right
-    trade for a decode step (T ~ G small), the wrong one for long prefill chunks.
+    K is the number of those pages rounded up to a power of two (`page_sizes`: a `lax.switch`),
+    so the bytes read and the work follow the step's distinct adapters and their own ranks: 8
+    rank-8 adapters read 8 pages, 8 rank-64 ones 32 (page_rank 16), two sequences on one
+    adapter read it once. Every token meets every gathered row (work T * K * page_rank * d):
+    the right trade for decode steps, where the bytes dominate, not for long prefill chunks.
     """
     T, d_in = x.shape
-    G = seg_starts.shape[0]
-    s = jnp.maximum(seg_slots, 0)
-    pages = page_table[s]  # [G, n]
-    n, pr = pages.shape[1], a.shape[1]
-    r_max = n * pr
-    A = jnp.take(a, pages, axis=0, mode="clip").reshape(G * r_max, d_in)  # [G * r_max, d_in]
-    B = jnp.take(b, pages, axis=0, mode="clip")  # [G, n, d_out, pr]
-    B = jnp.swapaxes(B, 2, 3).reshape(G * r_max, -1)  # [G * r_max, d_out]
-    col_seg = jnp.arange(G * r_max) // r_max  # [G * r_max]: the segment of each column
-    col_rank = jnp.arange(G * r_max) % r_max
-    t = jnp.arange(T)
-    tok_seg = jnp.sum(t[:, None] >= seg_starts[None, :] + seg_lens[None, :], axis=1)  # [T]
-    inside = t < seg_starts[jnp.minimum(tok_seg, G - 1)] + seg_lens[jnp.minimum(tok_seg, G - 1)]
-    live = (seg_slots >= 0)[col_seg] & (col_rank < ranks[s][col_seg])  # [G * r_max]
-    keep = (col_seg[None, :] == tok_seg[:, None]) & inside[:, None] & live[None, :]
-    hi = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # no TF32 on GPU
-    xa = jnp.dot(x, A.T.astype(x.dtype), preferred_element_type=jnp.float32, precision=hi)
-    xa = jnp.where(keep, xa * scales[s][col_seg][None, :], 0)  # [T, G * r_max]
-    # Pages past a slot's rank may hold another adapter's columns: zero them in B as well.
-    B = jnp.where(live[:, None], B.astype(jnp.float32), 0)
-    return jnp.dot(xa, B, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
-
-
-@jax.jit
-def sgmv_pool(
-    x: jax.Array,  # [T, d_in]
-    a: jax.Array,  # ONE layer's pages: [P, page_rank, d_in]
-    b: jax.Array,  # ONE layer's pages: [P, d_out, page_rank]
-    seg_starts: jax.Array,  # int32 [G]
-    seg_lens: jax.Array,  # int32 [G]
-    seg_slots: jax.Array,  # int32 [G]; -1: no LoRA
-    ranks: jax.Array,  # int32 [S]
-    scales: jax.Array,  # float32 [S]
-    *,
-    page_table: jax.Array,  # int32 [S, r_max // page_rank], pages of this layer
-) -> jax.Array:  # [T, d_out]
-    """The same op as `sgmv_dense`, against the layer's whole page pool instead of a gather:
-
-        xa = x @ [every page's A rows]^T    [T, P * page_rank], kept where the page belongs
-                                            to the token's own adapter, within its rank
-        y  = xa @ [every page's B columns]  [T, d_out]
-
-    Work 2 * T * P * page_rank * d and no gather at all: the pool's pages are read in place.
-    It wins over `sgmv_dense` when the pool holds fewer rank rows than the step's segments would
-    gather (P * page_rank <= G * r_max: a pool sized for a few adapters, and tight ranks: a rank-8
-    adapter costs one page, not r_max rows). Only the slots the step's segments use claim pages,
-    so stale page-table rows of evicted slots are never read.
-    """
-    T, d_in = x.shape
-    G = seg_starts.shape[0]
-    P, pr, _ = a.shape
+    _, pr, _ = a.shape
+    d_out = b.shape[1]
     S, n = page_table.shape
-    # Which slot owns each page, and where the page sits in its adapter's rank.
-    used = jnp.zeros(S, bool).at[seg_slots].set(True, mode="drop")  # -1 dropped
-    j = jnp.arange(n, dtype=jnp.int32)
-    claims = used[:, None] & (j[None, :] * pr < ranks[:, None])  # [S, n]
-    target = jnp.where(claims, page_table, P)  # unclaimed -> out of range, dropped
-    owner = jnp.full(P, -1, jnp.int32).at[target].set(
-        jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[:, None], (S, n)), mode="drop")
-    first = jnp.zeros(P, jnp.int32).at[target].set(
-        jnp.broadcast_to(j[None, :] * pr, (S, n)), mode="drop")
-    col_owner = jnp.repeat(owner, pr)  # [P * pr]
-    col_rank = jnp.repeat(first, pr) + jnp.tile(jnp.arange(pr, dtype=jnp.int32), P)
-    s_col = jnp.maximum(col_owner, 0)
-    live = (col_owner >= 0) & (col_rank < ranks[s_col])  # [P * pr]
-    # Each token's slot (-1 outside every segment, i.e. padding).
-    t = jnp.arange(T)
-    tok_seg = jnp.sum(t[:, None] >= seg_starts[None, :] + seg_lens[None, :], axis=1)  # [T]
-    g = jnp.minimum(tok_seg, G - 1)
-    inside = (tok_seg < G) & (t >= seg_starts[g]) & (t < seg_starts[g] + seg_lens[g])
-    tok_slot = jnp.where(inside, seg_slots[g], -1)  # [T]
-    keep = (col_owner[None, :] == tok_slot[:, None]) & live[None, :] & (tok_slot >= 0)[:, None]
+    if plan is None:
+        plan = compact_plan(seg_starts, seg_lens, seg_slots, ranks, page_table, pr, T)
+    pages, owner, row0, tok_slot = plan.pages, plan.owner, plan.row0, plan.tok_slot
     hi = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None  # no TF32 on GPU
-    A = a.reshape(P * pr, d_in)  # free: pages are rank rows already
-    xa = jnp.dot(x, A.T.astype(x.dtype), preferred_element_type=jnp.float32, precision=hi)
-    xa = jnp.where(keep, xa * scales[s_col][None, :], 0)  # [T, P * pr]
-    y = jnp.einsum("tpr,por->to", xa.reshape(T, P, pr), b.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
+
+    def gathered(k: int) -> jax.Array:  # the delta from the first k compacted pages
+        A = jnp.take(a, pages[:k], axis=0, mode="clip").reshape(k * pr, d_in)
+        B = jnp.take(b, pages[:k], axis=0, mode="clip")  # [k, d_out, pr]
+        B = jnp.swapaxes(B, 1, 2).reshape(k * pr, d_out)
+        col_owner = jnp.repeat(owner[:k], pr)  # [k * pr]
+        col_rank = jnp.repeat(row0[:k], pr) + jnp.tile(jnp.arange(pr, dtype=jnp.int32), k)
+        s_col = jnp.maximum(col_owner, 0)
+        live = (col_owner >= 0) & (col_rank < ranks[s_col])  # [k * pr]
+        keep = (tok_slot[:, None] == col_owner[None, :]) & live[None, :]  # [T, k * pr]
+        xa = jnp.dot(x, A.T.astype(x.dtype), preferred_element_type=jnp.float32, precision=hi)
+        xa = jnp.where(keep, xa * scales[s_col][None, :], 0)
+        B = jnp.where(live[:, None], B.astype(jnp.float32), 0)  # rows past a rank: not ours
+        return jnp.dot(xa, B, precision=jax.lax.Precision.HIGHEST)
+
+    sizes = page_sizes(S * n)
+    branch = jnp.sum(jnp.asarray(sizes) < plan.count)  # the smallest size that holds `count`
+    y = jax.lax.switch(branch, [functools.partial(gathered, k) for k in sizes])
     return y.astype(x.dtype)
