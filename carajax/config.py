@@ -201,6 +201,13 @@ PRESETS: dict[str, ModelConfig] = {
                               intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4,
                               tie_word_embeddings=True, max_position_embeddings=2048,
                               bos_token_id=1, eos_token_ids=(2,)),
+    # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M-Instruct): 30 layers, 9 query / 3 KV
+    # heads, tied embeddings; random weights here (issue 25 brings the real ones).
+    "smollm2-135m": ModelConfig(name="smollm2-135m", vocab_size=49152, hidden_size=576,
+                                intermediate_size=1536, num_layers=30, num_heads=9,
+                                num_kv_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+                                tie_word_embeddings=True, max_position_embeddings=8192,
+                                bos_token_id=1, eos_token_ids=(2,)),
     "llama2-7b": _llama2("llama2-7b", 4096, 11008, 32, 32, 32),
     "llama2-13b": _llama2("llama2-13b", 5120, 13824, 40, 40, 40),
     "llama2-70b": _llama2("llama2-70b", 8192, 28672, 80, 64, 8),
@@ -273,9 +280,10 @@ class EngineConfig:
     # delayed to latency + bytes / bandwidth. Results from it are labelled emulated.
     emulated_link_gbps: float | None = None
     emulated_link_latency_ms: float = 0.0
-    # LoRA ops: "auto" (on GPU the measured table's fastest per step shape, see
-    # carajax.lora.kernel_table; jnp references elsewhere or without a table), "pallas", "fused"
-    # (shrink + expand in one Pallas call), "interpret", "reference"
+    # LoRA ops: "auto" (on GPU the shipped measured table's fastest per step shape, else the
+    # fastest at warm-up of the forms verified compiled on the device kind, see carajax.autotune;
+    # jnp references elsewhere or with neither), "pallas", "fused" (shrink + expand in one Pallas
+    # call), "interpret", "reference"
     lora_impl: str = "auto"
     # How the Pallas kernels treat mixed ranks in a batch (CaraServe Fig. 5): "unpadded" (each
     # request does its own rank's work, S-LoRA MBGMV) or "padded" (every request does the batch's

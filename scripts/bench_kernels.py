@@ -23,8 +23,15 @@ Prints a table, writes JSON (and a PNG next to it when matplotlib is installed);
 kernel disagrees with its reference.
 
 `--write-table [PATH]` also writes the measured kernel table that `lora_impl="auto"` reads
-(`carajax.lora.kernel_table`; default data/kernel_tables/<device>.json): per (tokens bucket,
-segments bucket, max rank) the fastest of fused / pallas (unpadded) / padded / reference.
+(`carajax.lora.kernel_table`; default: data/kernel_tables/<device>.json and its shipped copy
+carajax/data/kernel_tables/<device>.json): per (tokens bucket, segments bucket, max rank) the
+fastest of fused / pallas (unpadded) / padded / reference.
+
+`--verified PATH` (a compiled GPU run only) removes from the record of verified kernel forms
+(`carajax.autotune`; read from PATH, else the shipped one, written to PATH) each LoRA form
+whose output here differed from its reference beyond the tolerance. It never adds one: that is
+the compiled test classes' job (`scripts/record_verified.py`).
+`--plot ""` writes no plot; `--replot JSON` draws the plot of an earlier run's JSON and exits.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from carajax import autotune
 from carajax.lora import kernel_table
 from carajax.lora.fused_kernels import sgmv_fused
 from carajax.lora.kernels import bgmv, bgmv_reference, sgmv, sgmv_reference
@@ -241,11 +249,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--dtype", choices=sorted(TOLERANCE))
     parser.add_argument("--out", default="results/bench_kernels.json")
-    parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    parser.add_argument("--plot", default=None,
+                        help="PNG path (default: --out with .png; \"\": no plot)")
+    parser.add_argument("--replot", metavar="JSON", help="plot an earlier run's JSON and exit")
     parser.add_argument("--write-table", nargs="?", const="", default=None, metavar="PATH",
                         help="also write the kernel table lora_impl='auto' reads (default PATH: "
-                             "data/kernel_tables/<device>.json)")
+                             "data/kernel_tables/<device>.json and the package's copy)")
+    parser.add_argument("--verified", metavar="PATH",
+                        help="remove LoRA forms that failed here from this record of verified "
+                             "kernel forms (compiled GPU runs only)")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.load(open(args.replot))["rows"],
+             args.plot or os.path.splitext(args.replot)[0] + ".png")
+        return
 
     on_gpu = jax.default_backend() == "gpu"
     cfg = dict(PRESETS[args.preset or ("full" if on_gpu else "quick")])
@@ -300,19 +317,35 @@ def main() -> None:
                    "config": cfg, "copy_gbs": copy_gbs, "max_err": worst, "ok": ok,
                    "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
-    plot(rows, args.plot or os.path.splitext(args.out)[0] + ".png")
+    if args.plot != "":
+        plot(rows, args.plot or os.path.splitext(args.out)[0] + ".png")
     if args.write_table is not None:
         name = kernel_table.device_name(device.device_kind)
-        path = args.write_table or str(kernel_table.TABLE_DIR / f"{name}.json")
+        paths = [args.write_table] if args.write_table else [
+            str(d / f"{name}.json") for d in (kernel_table.SOURCE_DIR, kernel_table.TABLE_DIR)]
         doc = kernel_table.table_from_rows(
             rows, device=name, device_kind=device.device_kind, backend=jax.default_backend(),
             date=datetime.date.today().isoformat(), dtype=dtype.name, d=d, r_max=R_MAX,
             command=" ".join(["python"] + sys.argv))
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=2)
-        print(f"wrote {path}: " + ", ".join(f"T{e['tokens']}/G{e['segments']}/r{e['max_rank']} "
-                                            f"{e['best']}" for e in doc["entries"]))
+        for path in paths:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(doc, f, indent=2)
+        print(f"wrote {', '.join(paths)}: " + ", ".join(
+            f"T{e['tokens']}/G{e['segments']}/r{e['max_rank']} {e['best']}"
+            for e in doc["entries"]))
+    if args.verified and on_gpu:
+        tol = TOLERANCE[dtype.name]
+        failed = [form for form, key in (("pallas", "err"), ("padded", "err_padded"),
+                                         ("fused", "err_fused"))
+                  if max(r[key] for r in rows) > tol]
+        base = args.verified if os.path.isfile(args.verified) else autotune.RECORD_PATH
+        record = autotune.update_record(autotune.load_record(base), device.device_kind, "lora",
+                                        failed=failed)
+        with open(args.verified, "w") as f:
+            f.write(json.dumps(record, indent=2) + "\n")
+        print(f"verified record {args.verified}: "
+              + (f"removed {failed} on {device.device_kind}" if failed else "no LoRA form failed"))
     if not ok:
         sys.exit(f"FAIL: a kernel differs from its reference by {worst:.2e} "
                  f"> {TOLERANCE[dtype.name]:.0e}")

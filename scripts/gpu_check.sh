@@ -3,7 +3,13 @@
 # its own time limit, so a slow or failing part costs only itself.
 #
 #   1. tests.log              the compiled Pallas tests (paged attention, LoRA kernels, the
-#                             fused SGMV; the classes CPU CI skips)
+#                             fused SGMV; the classes CPU CI skips); from their results,
+#      verified.json          the record of kernel forms verified compiled on this device kind,
+#                             which `auto` may measure at warm-up (carajax.autotune;
+#                             scripts/record_verified.py adds the forms whose classes all passed,
+#                             bench_kernels --verified removes a LoRA form that disagreed): commit
+#                             it as data/kernel_tables/verified.json and
+#                             carajax/data/kernel_tables/verified.json
 #   2. gpu_check.json         Llama-2-7B (random bf16) decode steps at batch 1 / 8 / 32 and context
 #                             512 / 2048 against the bandwidth roofline, with 32 adapters (ranks
 #                             8-64) against none, and the paged attention alone (pallas vs
@@ -11,9 +17,10 @@
 #   3. bench_kernels.json     the LoRA kernel benchmark, short (kernels.log): two-call Pallas
 #                             unpadded / padded, fused, jnp reference; and kernel_table.json, the
 #                             table lora_impl="auto" reads (commit it, from a full run, as
-#                             data/kernel_tables/<device>.json)
+#                             data/kernel_tables/<device>.json and its copy in carajax/data/);
+#                             its plot: python scripts/bench_kernels.py --replot bench_kernels.json
 #   summary.txt               device, driver, jax, commit; each part's command and exit status
-# (8 files: the device tool brings back at most 8.)
+# (8 files: the device tool brings back at most 8; the JUnit report stays in a temporary folder.)
 #
 #   on the device:  bash scripts/gpu_check.sh            (results in $OUT, else out/gpu_check)
 #                   bash scripts/gpu_check.sh DIR        (results in DIR)
@@ -59,19 +66,25 @@ status=0
 part() {  # part NAME SECONDS LOG COMMAND...: run under a time limit, log, record the exit status
   local name=$1 limit=$2 logf=$3; shift 3
   local t0=$SECONDS
+  [[ $logf = /* ]] || logf="$DIR/$logf"  # an absolute LOG stays out of $DIR
   echo "== $name (limit ${limit}s): $*" | tee -a "$DIR/summary.txt"
-  timeout --kill-after=10 "$limit" "$@" > "$DIR/$logf" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$logf" 2>&1
   local rc=$?
-  tail -n 15 "$DIR/$logf"
+  tail -n 15 "$logf"
   echo "== $name: exit $rc after $((SECONDS - t0))s (124 = over its limit)" | tee -a "$DIR/summary.txt"
   [ "$rc" -eq 0 ] || status=$rc
 }
 
-part tests "$T_TESTS" tests.log "$PY" -m pytest -q -n 0 -p no:cacheprovider "${TEST_SELECT[@]}"
+TMP=$(mktemp -d)  # what need not come back: the JUnit report, the record's log
+part tests "$T_TESTS" tests.log "$PY" -m pytest -q -n 0 -p no:cacheprovider \
+  --junitxml="$TMP/tests.xml" "${TEST_SELECT[@]}"
+# Off a GPU (--cpu) this records nothing: verified.json is the shipped record.
+part record 60 "$TMP/record.log" "$PY" scripts/record_verified.py --junit "$TMP/tests.xml" \
+  --out "$DIR/verified.json"
 part decode "$T_DECODE" decode.log "$PY" scripts/bench_gpu_decode.py "${DECODE_ARGS[@]}" \
   --out "$DIR/gpu_check.json"
 part kernels "$T_KERNELS" kernels.log "$PY" scripts/bench_kernels.py "${KERNEL_ARGS[@]}" \
-  --out "$DIR/bench_kernels.json" --plot "$DIR/bench_kernels.png" \
-  --write-table "$DIR/kernel_table.json"
+  --out "$DIR/bench_kernels.json" --plot "" --write-table "$DIR/kernel_table.json" \
+  --verified "$DIR/verified.json"
 echo "results in $DIR: $(ls "$DIR" | tr '\n' ' ')"
 exit $status

@@ -386,8 +386,8 @@ class PagedAttentionKernelSuite:
         self.check(case, out, BF16_TOL)
 
     def test_through_paged_attention(self):
-        """The public entry point reaches the kernel: `interpret` here, `pallas` (and `auto`)
-        on a GPU."""
+        """The public entry point reaches the kernel: `interpret` here, `pallas` on a GPU (and
+        `auto`, whichever it picks there: see carajax.autotune)."""
         case = make_case(np.random.default_rng(14), MIXED, page_size=8, heads=8, kv_heads=2,
                          num_tokens=19, num_cols=8)
         impls = ["interpret"] if self.INTERPRET else ["pallas", "auto"]

@@ -24,6 +24,7 @@ RUNTIME_FILES = [  # read by the code from the installed package
     "carajax/data/traces/azure2023_conv.jsonl",  # replay's and simulate's default trace
     "carajax/data/traces/LICENSE_CC-BY-4.0.txt",  # the trace's licence and attribution
     "carajax/data/traces/AzureLLMInferenceDataset2023.md",
+    "carajax/data/kernel_tables/verified.json",  # autotune: the kernel forms verified per device
     "carajax/demo/manifest.json",
     "carajax/demo/model/config.json",
     "carajax/demo/model/model.safetensors",
@@ -51,6 +52,18 @@ def test_shipped_data_equals_the_repository_copy(shipped, source):
     # A refit (`carajax profile --fit data/cost_models/...`) must be copied here too.
     assert filecmp.cmp(packaged.DATA_DIR / shipped, REPO / source, shallow=False), (
         f"carajax/data/{shipped} differs from {source}: copy it over")
+
+
+def test_shipped_kernel_tables_equal_the_repository_copies():
+    """The record of verified kernel forms and every measured table (data/kernel_tables/*.json,
+    what scripts/gpu_check.sh brings back) ship, byte for byte, in the package."""
+    source, shipped = REPO / "data" / "kernel_tables", packaged.KERNEL_TABLES
+    names = sorted(p.name for p in source.glob("*.json"))
+    assert "verified.json" in names
+    assert names == sorted(p.name for p in shipped.glob("*.json")), "copy them over"
+    for name in names:
+        assert filecmp.cmp(shipped / name, source / name, shallow=False), (
+            f"carajax/data/kernel_tables/{name} differs from data/kernel_tables/{name}")
 
 
 @pytest.fixture(scope="module")

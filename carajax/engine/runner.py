@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from carajax import parallel
+from carajax import autotune, parallel
 from carajax.config import EngineConfig
 from carajax.engine.kv_pages import KVLayout
 from carajax.engine.planner import Schedule
@@ -131,6 +131,9 @@ class ModelRunner:
         self.bridge = bridge  # CpuAssistBridge: host side of the CPU-assist callbacks
         self.graphdef, self.state = nnx.split(model)
         self.dtype = model.embed_tokens.value.dtype
+        # `auto`'s kernels on this device (GPU only; returns at once on CPU). Before anything is
+        # traced (the attention reads the choice at trace time).
+        self.kernel_choices = autotune.warm_up(model.config, config, self.dtype)
         self.lora_impl = resolve_lora_impl(config.lora_impl)
         # Static per engine (one compiled variant set); the jnp path ignores it.
         self.pad = config.lora_kernel == "padded"

@@ -12,7 +12,17 @@ A table is JSON:
 `best` is one of CHOICES: "fused" (`fused_kernels.sgmv_fused`), "pallas" (`kernels.sgmv`
 unpadded), "padded" (`kernels.sgmv`, pad_to_max_rank) or "reference" (the jnp path). A step takes
 the entry nearest its shape (`KernelTable.choose`); the hook reads the table once per process
-(`load` is cached). Where no table exists for the device, or off GPU, "auto" runs the reference.
+(`load` is cached). Where no table exists for the device, or off GPU, "auto" does what
+`carajax.autotune` says: a short measurement of the forms verified on the device, else the
+reference.
+
+A table may also hold the attention's choice per shape class, `"attention": {"decode":
+"pallas", "prefill": "reference"}` (`paged_attention(impl="auto")` reads it through
+`carajax.autotune`); a table may hold either part or both.
+
+Tables ship inside the package (`carajax/data/kernel_tables/<device>.json`, package data), copies
+of the repository's `data/kernel_tables/` (`tests/test_packaging.py` keeps them equal; the
+benchmark's default writes both).
 """
 
 from __future__ import annotations
@@ -26,10 +36,15 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from carajax import data
+
 CHOICES = ("fused", "pallas", "padded", "reference")
+ATTENTION_CHOICES = ("pallas", "reference")  # per shape class: "decode" / "prefill"
 ENV_TABLE = "CARAJAX_KERNEL_TABLE"  # a table file to use instead of the device's own
-# Where tables live: the repository's data/kernel_tables/ (the benchmark writes there).
-TABLE_DIR = Path(__file__).resolve().parents[2] / "data" / "kernel_tables"
+# Where tables are read from: inside the installed package.
+TABLE_DIR = data.KERNEL_TABLES
+# The repository's copy (a clone only), which the benchmark writes beside the shipped one.
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "data" / "kernel_tables"
 
 
 def device_name(device_kind: str) -> str:
@@ -46,13 +61,20 @@ def bucket(n: int) -> int:
 class KernelTable:
     device: str
     entries: dict[tuple[int, int, int], str]  # (tokens, segments, max_rank) -> a CHOICES name
+    # The attention's choice per shape class ("decode", "prefill") -> an ATTENTION_CHOICES name.
+    attention: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         bad = {v for v in self.entries.values() if v not in CHOICES}
         if bad:
             raise ValueError(f"kernel table {self.device}: unknown choices {sorted(bad)}; "
                              f"expected one of {CHOICES}")
-        if not self.entries:
+        bad = {f"{k}: {v}" for k, v in self.attention.items()
+               if k not in ("decode", "prefill") or v not in ATTENTION_CHOICES}
+        if bad:
+            raise ValueError(f"kernel table {self.device}: bad attention choices {sorted(bad)}; "
+                             f"expected decode / prefill -> one of {ATTENTION_CHOICES}")
+        if not self.entries and not self.attention:
             raise ValueError(f"kernel table {self.device} has no entries")
 
     def choose(self, tokens: int, segments: int, max_rank: int) -> str:
@@ -71,7 +93,8 @@ class KernelTable:
     def from_json(cls, doc: dict) -> KernelTable:
         return cls(str(doc.get("device", "unknown")),
                    {(int(e["tokens"]), int(e["segments"]), int(e["max_rank"])): str(e["best"])
-                    for e in doc["entries"]})
+                    for e in doc.get("entries", [])},
+                   {str(k): str(v) for k, v in doc.get("attention", {}).items()})
 
 
 def table_from_rows(rows: Iterable[dict], **meta) -> dict:
@@ -92,7 +115,8 @@ def table_from_rows(rows: Iterable[dict], **meta) -> dict:
 
 
 def table_path(device_kind: str) -> Path:
-    """The table file for a device: $CARAJAX_KERNEL_TABLE, else data/kernel_tables/<device>.json."""
+    """The table file for a device: $CARAJAX_KERNEL_TABLE, else the package's
+    carajax/data/kernel_tables/<device>.json."""
     return Path(os.environ.get(ENV_TABLE) or TABLE_DIR / f"{device_name(device_kind)}.json")
 
 

@@ -29,6 +29,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from carajax import autotune
+
 IMPLS = ("auto", "reference", "pallas", "interpret")
 
 # Cap of the default query block: past this a prefill chunk's blocks waste more on masked padding
@@ -73,15 +75,22 @@ def paged_attention(
 
     impl: "reference" (pure jnp, below); "pallas" (the Pallas kernel of
         `paged_attention_pallas`, compiled: NVIDIA GPUs, via Triton); "interpret" (the same kernel
-        in Pallas interpret mode: CPU tests); "auto": "pallas" on a GPU when the kernel takes the
-        shapes (head_dim a power of two >= 16), else "reference" (on CPU interpreting a kernel
-        is several times slower than the jnp reference).
+        in Pallas interpret mode: CPU tests); "auto": what `carajax.autotune.attention_impl`
+        says for a decode step (query block 1) or a prefill step, decided at trace time: on a
+        GPU the shipped kernel table's choice, else the form an engine's warm-up measured fastest
+        among those verified compiled on this device kind, else "reference" (never an untested
+        kernel; on CPU interpreting a kernel is several times slower than the jnp reference);
+        "pallas" only where the kernel takes the shapes (head_dim a power of two >= 16).
     query_block (static): Bq, the query tokens attended together; see
         `paged_attention_reference`. None: `default_query_block(T, S)`. The kernel may cut it
         to fit its tile; the result does not depend on it.
     """
     if impl == "auto":
-        impl = "pallas" if _kernel_fits(q) else "reference"
+        bq = default_query_block(q.shape[0], block_tables.shape[0]) if query_block is None \
+            else query_block
+        impl = autotune.attention_impl(decode=bq == 1)
+        if impl == "pallas" and not _kernel_fits(q):
+            impl = "reference"
     if impl == "reference":
         return paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens,
                                          query_starts, query_block=query_block)
@@ -93,10 +102,9 @@ def paged_attention(
 
 
 def _kernel_fits(q) -> bool:
-    """Whether `auto` runs the Pallas kernel: on a GPU, for head dims its Triton tiles take."""
+    """Whether the Pallas kernel takes these shapes: head dims its Triton tiles take."""
     head_dim = q.shape[-1]
-    return (jax.default_backend() == "gpu" and head_dim >= 16
-            and head_dim & (head_dim - 1) == 0)
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def checked_layout(q, k_pages, block_tables, seq_lens, query_starts
