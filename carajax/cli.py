@@ -392,10 +392,11 @@ def serve_cmd(args: argparse.Namespace) -> None:
         # the built-in model comes with its trained adapters
         for name, path in builtin.adapter_dirs().items():
             engine.add_adapter(name, path)
-    # Bind at once and answer health NOT_SERVING while compiling, so orchestrators see a live
-    # process that is not ready yet (the Kubernetes convention), then SERVING.
+    # Bind at once and answer health NOT_SERVING while compiling and profiling, so orchestrators
+    # see a live process that is not ready yet (the Kubernetes convention), then SERVING.
+    profile = args.cost_model == "auto"
     worker = serve(engine, args.port, host=args.host, name=args.name, metrics_port=args.metrics_port,
-                   serving=not args.warmup, adapter_paths=adapter_paths, api_key=api_key)
+                   serving=not (args.warmup or profile), adapter_paths=adapter_paths, api_key=api_key)
     http = start_http(worker, args, api_key, engine=engine)  # None without --http-port
     if args.warmup:
         from tqdm import tqdm
@@ -409,11 +410,14 @@ def serve_cmd(args: argparse.Namespace) -> None:
                 bar.update(done - bar.n)
 
             engine.warmup(progress=progress)
-    if args.cost_model == "auto":
-        cost = own_cost_model(args, engine)
+    if profile:  # the serving engine itself, before SERVING (never a second copy of the weights)
+        if not args.warmup:
+            print(f"carajax worker {worker.name} listening on {worker.address}; health "
+                  "NOT_SERVING while it profiles its engine", flush=True)
+        cost = own_cost_model(engine)
     if cost is not None:
         worker.servicer.cost_model_json = cost.to_json()
-    if args.warmup:
+    if args.warmup or profile:
         worker.set_serving()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -429,15 +433,12 @@ def serve_cmd(args: argparse.Namespace) -> None:
     engine.close()
 
 
-def own_cost_model(args: argparse.Namespace, engine: Engine):
-    """`--cost-model auto`: this worker's device and model, profiled once and cached."""
+def own_cost_model(engine: Engine):
+    """`--cost-model auto`: this worker's serving engine, profiled once in place and cached."""
     from carajax.sched.local_cost_model import local_cost_model
 
-    cfg = engine.config
-    model, path, cached = local_cost_model(
-        args.model, engine.model_config, dtype=args.dtype, lora_impl=cfg.lora_impl,
-        lora_kernel=cfg.lora_kernel, progress=True)
-    how = "read from" if cached else "profiled on this device, saved to"
+    model, path, cached = local_cost_model(engine, progress=True)
+    how = "read from" if cached else "profiled on this worker's engine, saved to"
     print(f"carajax worker: cost model {how} {path} ({model.describe()})", flush=True)
     return model
 
@@ -548,7 +549,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost-model", default=os.environ.get("CARAJAX_COST_MODEL", "auto"),
                    metavar="auto|none|FILE", help="the step-latency model this worker reports for "
                    "routers to price it with: auto (default; $CARAJAX_COST_MODEL overrides) profiles "
-                   "this device and model once (about a minute on a CPU, while health is "
+                   "the serving engine itself once (about a minute on a CPU, while health is "
                    "NOT_SERVING) and caches the fit under $CARAJAX_CACHE or ~/.cache/carajax; none; "
                    "or a JSON file from `carajax profile --fit`")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,

@@ -87,24 +87,29 @@ def test_the_router_refuses_a_rank_blind_default_for_a_rank_aware_policy(worker_
         a.stop(0)
 
 
-def test_a_workers_own_model_is_profiled_once_then_read_from_the_cache(tmp_path, monkeypatch):
+def test_a_workers_own_model_is_profiled_once_then_read_from_the_cache(worker_engine, tmp_path,
+                                                                      monkeypatch):
+    """Profiled on the worker's own engine (tests/test_worker_memory.py: in place, one copy of the
+    weights), then read from the cache under a key of the engine's shapes."""
     monkeypatch.setenv("CARAJAX_CACHE", str(tmp_path))
     calls = []
-    real = lcm.profiler.profile
+    real = lcm.profiler.profile_engine
     tiny = dataclasses.replace(lcm.QUICK, batch_sizes=(1, 2), prompt_tokens=(16,), contexts=(0,),
                                rank_mixes=("base", "uniform8", "uniform64"), repeats=2,
                                load_ranks=(8,), load_repeats=1)
 
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
+    def counting(engine, *a, **k):
+        calls.append(engine)
+        return real(engine, *a, **k)
 
-    monkeypatch.setattr(lcm.profiler, "profile", counting)
-    config = ModelConfig.from_name("llama-test")
-    first, path, cached = lcm.local_cost_model("llama-test", config, grid=tiny)
+    monkeypatch.setattr(lcm.profiler, "profile_engine", counting)
+    first, path, cached = lcm.local_cost_model(worker_engine, grid=tiny)
     assert not cached and path.exists() and path.parent == tmp_path / "cost_models"
     assert first.step is not None and first.rank_aware and "cpu" in first.device
-    second, path2, cached2 = lcm.local_cost_model("llama-test", config, grid=tiny)
-    assert cached2 and path2 == path and second.to_json() == first.to_json() and len(calls) == 1
-    # Another dtype is another engine shape: its own file.
-    assert lcm.cache_key(config, "bfloat16", "auto", "padded") != path.stem
+    second, path2, cached2 = lcm.local_cost_model(worker_engine, grid=tiny)
+    assert cached2 and path2 == path and second.to_json() == first.to_json()
+    assert calls == [worker_engine]
+    # Another dtype is another engine shape: its own file (the key needs no profile, nor compile).
+    model = weights.random_model(ModelConfig.from_name("llama-test"), dtype="bfloat16", seed=0)
+    with carajax.Engine(model, None, dataclasses.replace(worker_engine.config, dtype="bfloat16")) as bf16:
+        assert lcm.cache_key(bf16, tiny) != path.stem

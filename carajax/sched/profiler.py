@@ -1,8 +1,10 @@
 """Profile real engine steps on this device, for fitting step-latency cost models (CaraServe §5).
 
 `profile(model, grid)` builds an engine for the model (random weights for a preset, or a local HF
-checkpoint) with in-memory random adapters of the ranks the grid needs, and times what serving
-runs: `ModelRunner.run(Schedule)` (the forward plus sampling) for
+checkpoint; `carajax profile`), and `profile_engine(engine, grid)` profiles an engine that already
+exists, in place (`carajax serve --cost-model auto`: the serving engine itself, never a second
+copy of the weights); both register in-memory random adapters of the ranks the grid needs and
+time what serving runs: `ModelRunner.run(Schedule)` (the forward plus sampling) for
 
 - prefill steps: B requests, each a chunk of T prompt tokens starting at context offset c;
 - decode steps: B requests, one token each, with c tokens already in the KV cache;
@@ -15,15 +17,20 @@ first compiles), then `repeats` timed times (`jax.block_until_ready`) interleave
 points of its rank mix (`time_interleaved`); rows keep the median and every repeat. The engine
 always has adapters registered, so base-model rows run the LoRA variant as in serving (the
 references do LoRA work for them too). It also measures adapter load time vs rank through the
-pool (`load_now`: host page layout, `jax.device_put`, install). The result is a JSON-able dict
+pool (`load_now`: host page layout, `jax.device_put`, install). The profile's adapters are
+acquired while in use and removed after each rank mix, and its KV pages come from the engine's own
+allocator and go back to it, so an engine profiled in place ends as it began (see
+`profile_engine`). The result is a JSON-able dict
 (`save_profile`) whose rows `cost_model.fit_cost_model` reads; `fit_profile` adds provenance and
 the load table."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -42,10 +49,13 @@ from carajax.engine.request import Request, RequestHandle, RequestMetrics
 from carajax.engine.sampling import SamplingParams
 from carajax.lora.adapter import LoraAdapter, LoraModule
 from carajax.lora.hook import resolve_lora_impl
+from carajax.lora.pool import AdapterPool, PoolFullError
 from carajax.models import weights
 from carajax.sched import cost_model as cm
 
 FORMAT = "carajax.profile/v1"
+# Names of the profiler's temporary adapters (in the pool only, never in `Engine.adapters`).
+TEMP_PREFIX = "carajax-profile/"
 _MIXED = re.compile(r"^mixed\s*(\d+)\s*\.\.\s*(\d+)$")
 _UNIFORM = re.compile(r"^uniform(\d+)$")
 
@@ -197,30 +207,81 @@ def _request(i: int, prompt: list[int], adapter: str | None, output: list[int]) 
 
 class _Session:
     """One engine (one kernel mode) plus lazily registered adapters: request i of rank r uses
-    adapter "r{r}-{i}", so every request in a batch has its own adapter (the paper's workload)."""
+    adapter "r{r}-{i}" (under `TEMP_PREFIX`), so every request in a batch has its own adapter and
+    its own slot (the paper's workload). Adapters of one rank share their host arrays and their
+    staged copy (a step's cost does not depend on the values), so the host holds one copy per
+    rank however many requests use it; the pool still counts each registration in its host
+    budget. Each adapter is acquired while registered, so nothing evicts it between the steps
+    that use it; `end_mix` removes all but the one kept registered, `close` that one too.
+
+    KV pages: request i's pages belong to owner `(TEMP_PREFIX, i)` in the engine's own page
+    allocator (`planner.pages`), grown as the steps need and freed by `close`."""
 
     def __init__(self, engine: Engine, cache: dict[str, LoraAdapter], seed: int):
         self.engine, self.cache = engine, cache  # `cache`: host adapters, shared across engines
         self.registered: set[str] = set()
         self.rng = np.random.default_rng(seed)
+        self._staged: dict[int, tuple | None] = {}  # rank -> the pool's staged copy
+        self._owners: list[tuple[str, int]] = []  # KV page owners, by request index
         # A serving engine with adapters registered runs the LoRA variant for every step, base
         # rows included (`ModelRunner._use_lora`); one adapter kept registered makes the base mix
         # measure that, not the LoRA-free variant of an engine that has none.
-        self.adapters((self.engine.config.lora_page_rank,))
+        self.keep = self.adapters((self.engine.config.lora_page_rank,))[0]
+
+    def _adapter(self, name: str, rank: int) -> LoraAdapter:
+        if name not in self.cache:
+            base = next((a for a in self.cache.values() if a.rank == rank), None)
+            self.cache[name] = (random_adapter(name, self.engine.model_config, rank, seed=rank)
+                                if base is None else dataclasses.replace(base, name=name))
+        return self.cache[name]
 
     def adapters(self, ranks: tuple[int, ...]) -> list[str | None]:
-        names = [None if r == 0 else f"r{r}-{i}" for i, r in enumerate(ranks)]
+        names = [None if r == 0 else f"{TEMP_PREFIX}r{r}-{i}" for i, r in enumerate(ranks)]
         pool = self.engine.pool
-        for i, (name, r) in enumerate(zip(names, ranks)):
+        for name, r in zip(names, ranks):
             if name is None:
                 continue
-            if name not in self.cache:
-                self.cache[name] = random_adapter(name, self.engine.model_config, r, seed=1000 * r + i)
+            adapter = self._adapter(name, r)
             if name not in self.registered:
-                pool.register(self.cache[name])
+                if r not in self._staged:
+                    self._staged[r] = pool.stage_host(adapter)
+                pool.register(adapter, staged=self._staged[r])
                 self.registered.add(name)
+                pool.acquire(name)  # never evicted (e.g. by a submitter's prefetch) while here
             pool.load_now(name)  # before timing: the step measures compute, not copies
         return names
+
+    def end_mix(self) -> None:
+        """Remove the adapters of the mix just measured (all but the one kept registered), so
+        that the next mix's adapters find the pool's pages free."""
+        for name in sorted(self.registered - {self.keep}):
+            self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        self.engine.pool.release(name)
+        self.engine.pool.unregister(name)
+        self.registered.discard(name)
+
+    def close(self) -> None:
+        """Give back everything the session took: its adapters, its KV pages, and the runner's
+        reference to its last step's requests."""
+        for name in sorted(self.registered):
+            self._remove(name)
+        pages = self.engine.planner.pages
+        for owner in self._owners:
+            pages.free(owner)
+        self._owners.clear()
+        self.engine.runner._prev_rows = {}  # the profile's requests; no step reads them again
+
+    def _pages(self, i: int, need: int) -> list[int]:
+        """Request i's first `need` KV pages, from the engine's allocator."""
+        pages = self.engine.planner.pages
+        while len(self._owners) <= i:
+            self._owners.append((TEMP_PREFIX, len(self._owners)))
+        if not pages.grow(self._owners[i], need):
+            raise RuntimeError(f"the KV cache has {pages.num_free} free pages; the profile's "
+                               f"request {i} needs {need}")
+        return list(pages.table(self._owners[i])[:need])
 
     def step(self, phase: str, ranks: tuple[int, ...], tokens: int, context: int) -> Callable:
         """One step as the planner would schedule it: decodes first, then prefill chunks. A mixed
@@ -237,10 +298,10 @@ class _Session:
             reqs.append(_request(i, ids(context + tokens), names[i], []))
             chunks.append(SeqChunk(reqs[-1], context, tokens, paths[i], samples=True))
         runner = self.engine.runner
-        # Request i owns pages [i * need, (i + 1) * need): the engine is sized for the grid's
-        # largest batch at its longest context (`engine_config`), so they fit.
+        # Request i owns its own pages (owner i of the engine's allocator), as many as the
+        # step's longest sequence needs.
         need = runner.layout.pages_for(max(r.num_tokens for r in reqs))
-        tables = {r: list(range(i * need, (i + 1) * need)) for i, r in enumerate(reqs)}
+        tables = {r: self._pages(i, need) for i, r in enumerate(reqs)}
         plan = Schedule(tuple(chunks))
         # `run` returns host ints (it syncs on the sampled tokens); the cache is the rest of the step.
         return lambda: (runner.run(plan, tables.__getitem__, {}), runner.cache)[1]
@@ -268,19 +329,27 @@ def engine_config(grid: ProfileGrid, model_config: ModelConfig, dtype: str, impl
 
 def measure_loads(engine: Engine, ranks: tuple[int, ...], repeats: int) -> list[dict]:
     """Median seconds of `pool.load_now` per rank (host page layout + device_put + install), from
-    the host tier each time (unregister + register between loads); one warm-up load per rank."""
+    the host tier each time (unregister + register between loads); one warm-up load per rank.
+    Each adapter is registered for its own load only (one at a time in the pool)."""
     pool, rows = engine.pool, []
     for r in ranks:
-        adapter = random_adapter(f"load-r{r}", engine.model_config, r, seed=r)
+        adapter = random_adapter(f"{TEMP_PREFIX}load-r{r}", engine.model_config, r, seed=r)
+        staged = pool.stage_host(adapter)
         times = []
         for k in range(1 + repeats):
-            pool.register(adapter)
-            t0 = time.perf_counter()
-            pool.load_now(adapter.name)
-            jax.block_until_ready(pool.weights)
-            if k:  # the first load compiles the install for this page count
-                times.append(time.perf_counter() - t0)
-            pool.unregister(adapter.name)
+            pool.register(adapter, staged=staged)
+            try:
+                t0 = time.perf_counter()
+                pool.load_now(adapter.name)
+                jax.block_until_ready(pool.weights)
+                if k:  # the first load compiles the install for this page count
+                    times.append(time.perf_counter() - t0)
+            except PoolFullError:  # see `_measure`: a serving pool taken meanwhile
+                break
+            finally:
+                pool.unregister(adapter.name)
+        if len(times) < repeats:
+            continue
         pages = -(-r // pool.page_rank)
         rows.append({"rank": r, "pages": pages, "bytes": pages * pool.page_bytes,
                      "seconds": statistics.median(times), "repeats": times})
@@ -300,15 +369,27 @@ def host_info() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def _measure(session: _Session, grid: ProfileGrid, kernel: str, seed: int, tick) -> list[dict]:
-    """The rows of every grid point on one engine (one kernel mode)."""
+Point = tuple[str, str, int, int, int]  # (phase, mix, batch size, chunk tokens, context)
+
+
+def _measure(session: _Session, grid: ProfileGrid, kernel: str, seed: int, tick,
+             points: list[Point] | None = None) -> list[dict]:
+    """The rows of every grid point (or of `points`) on one engine (one kernel mode)."""
     impl, rows = session.engine.runner.lora_impl, []
-    points = grid.points()
+    points = grid.points() if points is None else points
     for mix in grid.rank_mixes:  # one mix at a time: its adapters (one per request) fit the pool
         group = [p for p in points if p[1] == mix]
+        if not group:
+            continue
         # A mixed step's chunk comes from one more request, with the mix's next rank.
         ranks = [mix_ranks(mix, b + (ph == "mixed")) for ph, _, b, _, _ in group]
-        fns = [session.step(ph, r, t, c) for (ph, _, _, t, c), r in zip(group, ranks)]
+        try:
+            fns = [session.step(ph, r, t, c) for (ph, _, _, t, c), r in zip(group, ranks)]
+        except PoolFullError:
+            # A serving engine's pool, taken meanwhile by a submitter's prefetch (requests sent
+            # before SERVING): this mix is skipped rather than the worker's start failed.
+            session.end_mix()
+            continue
         for (phase, _, b, t, c), r, times in zip(group, ranks, time_interleaved(
                 fns, grid.warmup, grid.repeats, seed, tick)):
             times = [round(x, 7) for x in times]  # 0.1 us: far below the noise
@@ -322,6 +403,7 @@ def _measure(session: _Session, grid: ProfileGrid, kernel: str, seed: int, tick)
                          "ranks": list(r), "chunk": t, "tokens": tokens,
                          "context_per_request": c, "context": context, "padded_shape": shape,
                          "seconds": statistics.median(times), "repeats": times})
+        session.end_mix()
     return rows
 
 
@@ -354,10 +436,31 @@ def _notes(impl: str, seq_len: int, r_max: int) -> list[str]:
     return notes
 
 
+def _metadata(mcfg: ModelConfig, *, t0: float, load_before, dtype: str, lora_impl: str, impl: str,
+              kernels, seq_len: int, cfg: EngineConfig, seed: int, grid: ProfileGrid) -> dict:
+    dev = jax.devices()[0]
+    return {
+        "device": {"platform": dev.platform, "device_kind": dev.device_kind,
+                   "count": jax.device_count()},
+        "host": {**host_info(), "loadavg_1_5_15_before": load_before,
+                 "loadavg_1_5_15_after": os.getloadavg()},
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - t0, 1),
+        "model_name": mcfg.name, "model_config": dataclasses.asdict(mcfg),
+        "model_params": mcfg.num_params(), "dtype": dtype, "lora_impl_requested": lora_impl,
+        "lora_impl": impl, "kernels_profiled": list(kernels), "seq_len": seq_len,
+        "lora_page_rank": cfg.lora_page_rank, "max_lora_rank": cfg.max_lora_rank, "seed": seed,
+        "grid": dataclasses.asdict(grid), "notes": _notes(impl, seq_len, cfg.max_lora_rank),
+    }
+
+
 def profile(model: str = "llama-test", grid: ProfileGrid = GRIDS["quick"], *, dtype: str = "float32",
             lora_impl: str = "auto", seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Time real engine steps and adapter loads for `model` (a preset name, random weights, or a
     local HF checkpoint dir) over `grid`; returns the profile document (see `save_profile`).
+    It builds the model and an engine sized for the grid (`carajax profile`); to profile an
+    engine that already holds the model (a serving worker), use `profile_engine`.
 
     With the jnp references (CPU, `lora_impl` "auto"/"reference") the kernel mode changes nothing,
     so only one mode is profiled and labelled "padded" (the references pad every slot to the
@@ -391,23 +494,168 @@ def profile(model: str = "llama-test", grid: ProfileGrid = GRIDS["quick"], *, dt
             if not loads:
                 loads = measure_loads(engine, grid.load_ranks, grid.load_repeats)
                 bar.update(1)
-            rows += _measure(_Session(engine, cache, seed), grid, kernel, seed, lambda: bar.update(1))
+            session = _Session(engine, cache, seed)
+            try:
+                rows += _measure(session, grid, kernel, seed, lambda: bar.update(1))
+            finally:
+                session.close()
     bar.close()
-    dev = jax.devices()[0]
-    meta = {
-        "device": {"platform": dev.platform, "device_kind": dev.device_kind,
-                   "count": jax.device_count()},
-        "host": {**host_info(), "loadavg_1_5_15_before": load_before,
-                 "loadavg_1_5_15_after": os.getloadavg()},
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "duration_s": round(time.monotonic() - t0, 1),
-        "model_name": mcfg.name, "model_config": dataclasses.asdict(mcfg),
-        "model_params": mcfg.num_params(), "dtype": dtype, "lora_impl_requested": lora_impl,
-        "lora_impl": impl, "kernels_profiled": list(kernels), "seq_len": seq_len,
-        "lora_page_rank": cfg.lora_page_rank, "max_lora_rank": cfg.max_lora_rank, "seed": seed,
-        "grid": dataclasses.asdict(grid), "notes": _notes(impl, seq_len, cfg.max_lora_rank),
-    }
+    meta = _metadata(mcfg, t0=t0, load_before=load_before, dtype=dtype, lora_impl=lora_impl,
+                     impl=impl, kernels=kernels, seq_len=seq_len, cfg=cfg, seed=seed, grid=grid)
+    return {"format": FORMAT, "metadata": meta, "measurements": rows, "load_time": loads}
+
+
+# -- profiling a serving engine in place ------------------------------------------------------
+@contextlib.contextmanager
+def exclusive(engine: Engine, poll_s: float = 0.01):
+    """Hold `engine`'s lock while it is idle (no request queued or running, no step in flight):
+    its loop thread runs no step meanwhile, and `submit` waits at the lock (its requests run
+    after). Waits for a background engine to go idle; an engine driven by `step()` must be idle
+    already. (Engine has no public hook for this yet: it reads `_lock` and `_inflight`.)"""
+    lock = engine._lock
+    while True:
+        lock.acquire()
+        if engine._closed:
+            lock.release()
+            raise RuntimeError("the engine is closed")
+        if not engine.planner.has_work and engine._inflight is None:
+            break
+        lock.release()
+        if not engine.background:
+            raise RuntimeError("profile an idle engine: it has requests queued or running")
+        time.sleep(poll_s)
+    try:
+        yield engine
+    finally:
+        lock.release()
+
+
+def _temp_host_bytes(pool: AdapterPool, config: ModelConfig, rank: int) -> int:
+    """Host bytes one of the profile's rank-`rank` adapters counts in the pool's host budget
+    (`AdapterPool.host_bytes`: float32 as parsed, plus its staged pages in the pool's dtype)."""
+    per_rank = config.num_layers * sum(sum(config.projection_shape(m)) for m in TARGET_MODULES)
+    padded = math.ceil(rank / pool.page_rank) * pool.page_rank
+    return rank * per_rank * 4 + padded * per_rank * pool.dtype.itemsize
+
+
+def fitted_points(grid: ProfileGrid, engine: Engine) -> tuple[list[Point], tuple[int, ...]]:
+    """The grid's points (and load ranks) that `engine` can run as it is configured, within its
+    budgets: at most `max_batch_size` sequences, `max_step_tokens` tokens a step, chunks within
+    `prefill_chunk` and `max_prefill_tokens`, sequences within its KV-cache row, KV pages from
+    its free pages, and adapters of ranks up to `max_lora_rank` whose pages, slots and host bytes
+    fit beside the engine's pinned, in-use, wanted and loading adapters (those the profile cannot
+    evict; others it may, and `profile_engine` loads them back). Call it idle, under `exclusive`."""
+    cfg, runner, pool, mcfg = engine.config, engine.runner, engine.pool, engine.model_config
+    st = pool.stats()
+    held = set(st["pinned"]) | set(st["in_use"]) | set(st["wanted"])
+    held = (held & set(st["on_device"])) | set(st["loading"])
+    pages_of = lambda r: math.ceil(r / pool.page_rank) if r else 0  # noqa: E731
+    avail_pages = st["pages_total"] - sum(pages_of(pool.adapter(n).rank) for n in held)
+    avail_slots = st["slots_total"] - len(held)
+    host_room = (math.inf if st["host_budget_bytes"] is None
+                 else st["host_budget_bytes"] - st["host_bytes_used"])
+    keep = cfg.lora_page_rank  # `_Session` keeps one adapter of this rank registered throughout
+
+    def adapters_fit(ranks: list[int]) -> bool:
+        ranks = [r for r in ranks if r]
+        return (all(r <= pool.max_lora_rank for r in ranks)
+                and sum(map(pages_of, ranks)) <= avail_pages
+                and len(ranks) <= avail_slots
+                and sum(_temp_host_bytes(pool, mcfg, r) for r in ranks) <= host_room)
+
+    def longest(phase: str, t: int, c: int) -> int:  # tokens of the step's longest sequence
+        return {"prefill": c + t, "decode": max(c, 1) + 1, "mixed": max(c + t, max(c, 1) + 1)}[phase]
+
+    kept = []
+    for phase, mix, b, t, c in grid.points():
+        n = b + (phase == "mixed")
+        tokens = {"prefill": b * t, "decode": b, "mixed": b + t}[phase]
+        prefill = {"prefill": b * t, "decode": 0, "mixed": t}[phase]
+        if (n <= cfg.max_batch_size and tokens <= cfg.max_step_tokens
+                and (phase == "decode" or t <= cfg.prefill_chunk)
+                and prefill <= cfg.max_prefill_tokens
+                and longest(phase, t, c) <= runner.seq_len
+                and adapters_fit([keep, *mix_ranks(mix, n)])):
+            kept.append((phase, mix, b, t, c))
+
+    # KV pages: request i's owner holds the most any kept point gives request i (`_Session`).
+    def kv_pages(points: list[Point]) -> int:
+        need: dict[int, int] = {}
+        for phase, _, b, t, c in points:
+            p = runner.layout.pages_for(longest(phase, t, c))
+            for i in range(b + (phase == "mixed")):
+                need[i] = max(need.get(i, 0), p)
+        return sum(need.values())
+
+    free = engine.planner.pages.num_free
+    while kept and kv_pages(kept) > free:  # drop the hungriest point until the rest fit
+        kept.remove(max(kept, key=lambda p: (p[2] + (p[0] == "mixed"))
+                        * runner.layout.pages_for(longest(p[0], p[3], p[4]))))
+    loads = tuple(r for r in grid.load_ranks if adapters_fit([r]))
+    return kept, loads
+
+
+def profile_engine(engine: Engine, grid: ProfileGrid = GRIDS["quick"], *, seed: int = 0,
+                   progress: bool = False) -> dict[str, Any]:
+    """Profile `engine` itself, in place: its own runner (parameters, KV cache, compiled steps),
+    adapter pool and page allocator; no model or engine is built, so the weights are held once.
+    Measures the points of `grid` that fit the engine's configuration and budgets
+    (`fitted_points`) in the one kernel mode it runs, and the load time of the load ranks that
+    fit. Returns the profile document (`save_profile`, `fit_profile`).
+
+    It runs under `exclusive` (the engine idle, its loop thread held off: requests submitted
+    meanwhile wait and run afterwards) and leaves the engine as it found it: the profile's
+    temporary adapters (under `TEMP_PREFIX`, registered in the pool only, within its device
+    budget: pages and slots that pinned, in-use, wanted or loading adapters hold are never
+    taken, and within its host budget) are removed, its KV pages freed, adapters of the
+    engine's that it evicted loaded back, and the pool's copy-time record restored."""
+    from tqdm.auto import tqdm
+
+    t0, load_before = time.monotonic(), os.getloadavg()
+    runner, pool, cfg = engine.runner, engine.pool, engine.config
+    impl = runner.lora_impl
+    # The references ignore the kernel mode and pad every slot: labelled "padded" (`_notes`).
+    kernel = "padded" if impl == "reference" else cfg.lora_kernel
+    with exclusive(engine):
+        points, load_ranks = fitted_points(grid, engine)
+        if not points:
+            raise ValueError(f"no point of the profile grid fits this engine (max_batch_size "
+                             f"{cfg.max_batch_size}, max_step_tokens {cfg.max_step_tokens}, "
+                             f"KV-cache row {runner.seq_len} tokens, adapter pool "
+                             f"{pool.stats()['pages_total']} pages)")
+        resident = list(pool.stats()["on_device"])  # the engine's own adapters on the device
+        copies = list(pool.copies)
+        calls = len(points) * (grid.warmup + grid.repeats) + 1
+        bar = tqdm(total=calls, desc=f"profile {engine.model_config.name}", disable=not progress)
+        session = None
+        try:
+            loads = measure_loads(engine, load_ranks, grid.load_repeats)
+            bar.update(1)
+            session = _Session(engine, {}, seed)
+            rows = _measure(session, grid, kernel, seed, lambda: bar.update(1), points)
+            if not rows:
+                raise RuntimeError("the adapter pool was taken while profiling (requests sent "
+                                   "before the worker reported SERVING); no step was measured")
+        finally:
+            bar.close()
+            if session is not None:
+                session.close()
+            for name in resident:  # evicted by the profile's adapters: back where they were
+                if pool.where(name) == "host":
+                    pool.load_now(name)
+            pool.copies.clear()
+            pool.copies.extend(copies)
+    meta = _metadata(engine.model_config, t0=t0, load_before=load_before, dtype=cfg.dtype,
+                     lora_impl=cfg.lora_impl, impl=impl, kernels=(kernel,), seq_len=runner.seq_len,
+                     cfg=cfg, seed=seed, grid=grid)
+    meta["engine"] = {"in_place": True, "max_batch_size": cfg.max_batch_size,
+                      "max_step_tokens": cfg.max_step_tokens, "kv_pages": runner.layout.num_pages,
+                      "adapter_pages": pool.num_pages, "points": len(points),
+                      "points_skipped": len(grid.points()) - len(points)}
+    meta["notes"].append(
+        "Profiled in place on a serving engine (carajax serve --cost-model auto): its own "
+        "runner, KV cache and adapter pool; grid points that do not fit its configuration or "
+        "budgets were skipped (metadata.engine).")
     return {"format": FORMAT, "metadata": meta, "measurements": rows, "load_time": loads}
 
 
