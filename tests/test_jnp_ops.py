@@ -123,12 +123,14 @@ def test_the_hook_picks_compact_for_decodes_and_blocks_for_prefill_chunks():
     assert jnp_form(128, 16) == "blocked"
 
 
-@pytest.mark.parametrize("ranks_used, want_pages", [([8] * 8, 8), ([64] * 8, 32),
-                                                    ([8, 16, 32, 64] * 2, 16), ([64], 4)])
+@pytest.mark.parametrize("ranks_used, want_pages", [([8] * 8, 16), ([64] * 8, 32),
+                                                    ([8, 16, 32, 64] * 2, 16), ([64], 4),
+                                                    ([16], 1)])
 def test_compact_work_follows_the_distinct_adapters_ranks(ranks_used, want_pages):
     """The compact form gathers the step's distinct adapters' own pages (page_rank 16), each
-    adapter once, rounded up to a power of two: never G x r_max. 16 decode tokens, two per
-    adapter: 8 rank-8 adapters read 8 pages, 8 rank-64 ones 32, ranks 8/16/32/64 x 2 read 16."""
+    adapter once, rounded up to a power of 4 (at most the table's 32 pages): never G x r_max.
+    16 decode tokens, two per adapter: 8 rank-8 adapters need 8 pages (read 16), 8 rank-64
+    ones 32, ranks 8/16/32/64 x 2 need 16; one rank-16 adapter 1."""
     S, pr, r_max, T = 8, 16, 64, 16
     all_ranks = np.array(ranks_used + [64] * (S - len(ranks_used)), np.int32)  # unused: rank 64
     x, a, b, ranks, scales = make_inputs(7, T, 24, 20, S, r_max, ranks=all_ranks)
@@ -147,6 +149,7 @@ def test_compact_work_follows_the_distinct_adapters_ranks(ranks_used, want_pages
 
 def test_page_sizes_are_powers_of_two_up_to_the_tables_pages():
     assert page_sizes(1) == (1,)
-    assert page_sizes(32) == (1, 2, 4, 8, 16, 32)
-    assert page_sizes(33) == (1, 2, 4, 8, 16, 32, 33)
-    assert page_sizes(24) == (1, 2, 4, 8, 16, 24)
+    assert page_sizes(64) == (1, 4, 16, 64)
+    assert page_sizes(32) == (1, 4, 16, 32)
+    assert page_sizes(4, base=2) == (1, 2, 4)
+    assert page_sizes(3, base=2) == (1, 2, 3)

@@ -35,8 +35,9 @@ from carajax.engine.kv_pages import KVLayout
 from carajax.engine.planner import Schedule
 from carajax.engine.request import Request
 from carajax.engine.sampling import sample_tokens
-from carajax.lora.hook import BatchLora, resolve_lora_impl
-from carajax.models.llama import Llama, PagedKVCache, StepBatch, dense_batch
+from carajax.lora import jnp_ops
+from carajax.lora.hook import BatchLora, jnp_form, resolve_lora_impl
+from carajax.models.llama import Llama, PagedKVCache, StepBatch, dense_batch, output_logits
 
 # Incremented at trace time only: one count per compiled variant.
 _TRACES: collections.Counter[str] = collections.Counter()
@@ -53,13 +54,13 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
-def _hook(lora, batch: StepBatch, seg_slots, cpu, use_lora, impl, pad):
+def _hook(lora, batch: StepBatch, seg_slots, cpu, use_lora, impl, pad, compact=None):
     if not use_lora and cpu is None:
         return None
     starts = batch.query_starts[:-1]
     lens = batch.query_starts[1:] - starts
     return BatchLora(lora if use_lora else None, starts, lens, seg_slots, impl, cpu=cpu,
-                     pad_to_max_rank=pad)
+                     pad_to_max_rank=pad, compact=compact)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "pad"))
@@ -73,21 +74,57 @@ def _score(graphdef, state, lora, batch: StepBatch, cache: PagedKVCache, seg_slo
     return logits
 
 
+# One engine step is three compiled pieces: the embedding, ONE decoder layer that every layer
+# runs (its weights and index are arguments), and the output head; the runner dispatches them
+# layer after layer (asynchronously: the host does not wait between them). Not one program
+# over all layers: a `lax.scan` over stacked weights makes XLA:CPU copy every layer's weight
+# slice (~half of a decode step), and an unrolled program compiles in time that grows with
+# depth (SmolLM2's 30 layers: 84 s for the 8 variants of a base-only engine, without LoRA).
+# A layer compiled once serves every depth; the price is one dispatch per layer (~20-40 us).
+@jax.jit
+def _embed(embedding, tokens, prev_tokens, from_prev):
+    """x [T, d] of the step's tokens. Tokens with `from_prev` >= 0 are the previous step's
+    sampled tokens (`prev_tokens` [S], still on the device: the host planned this step
+    without them)."""
+    _TRACES["embed"] += 1
+    tokens = jnp.where(from_prev >= 0, prev_tokens[jnp.maximum(from_prev, 0)], tokens)
+    return embedding[tokens]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "bridge", "pad",
                                              "block"), donate_argnames=("cache",))
-def _step(graphdef, state, lora, cache: PagedKVCache, batch: StepBatch, seg_slots, cpu_rows,
-          cpu_ids, prev_tokens, from_prev, *, use_lora: bool, impl: str, bridge, pad: bool,
-          block: int):
-    """One engine step's forward over the flattened batch: (logits float32 [R, V] at
-    `logit_rows`, the cache). Tokens with `from_prev` >= 0 are the previous step's sampled
-    tokens (`prev_tokens` [S], still on the device: the host planned this step without them)."""
+def _layer(graphdef, state, layer, x, cache: PagedKVCache, batch: StepBatch, inv_freq, lora,
+           seg_slots, cpu_rows, cpu_ids, compact, *, use_lora: bool, impl: str, bridge,
+           pad: bool, block: int):
+    """Decoder layer `layer` (int32 scalar: traced, so one compile serves every layer) over
+    the step's flattened batch: x [T, d] -> x, and the cache with its keys and values written
+    (donated: in place)."""
     _TRACES["step"] += 1
-    model: Llama = nnx.merge(graphdef, state)
-    tokens = jnp.where(from_prev >= 0, prev_tokens[jnp.maximum(from_prev, 0)], batch.tokens)
-    batch = dataclasses.replace(batch, tokens=tokens)
+    blk = nnx.merge(graphdef, state)
+    L, N = cache.k.shape[:2]
+    k_flat = cache.k.reshape(L * N, *cache.k.shape[2:])  # [L * N, page, kv_heads, head_dim]
+    v_flat = cache.v.reshape(L * N, *cache.v.shape[2:])
     cpu = (bridge, cpu_rows, cpu_ids) if bridge is not None else None
-    hook = _hook(lora, batch, seg_slots, cpu, use_lora, impl, pad)
-    return model(batch, cache, hook, query_block=block)
+    hook = _hook(lora, batch, seg_slots, cpu, use_lora, impl, pad, compact)
+    x, k_flat, v_flat = blk(x, layer, batch, k_flat, v_flat, N, inv_freq, hook, block)
+    return x, PagedKVCache(k=k_flat.reshape(cache.k.shape), v=v_flat.reshape(cache.v.shape))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "tied"))
+def _head(x, logit_rows, norm_weight, out, *, eps: float, tied: bool):
+    """float32 logits [R, V] at the step's `logit_rows`."""
+    _TRACES["head"] += 1
+    return output_logits(x[logit_rows], norm_weight, eps, out, tied)
+
+
+@functools.partial(jax.jit, static_argnames=("page_rank",))
+def _compact_plan(lora, batch: StepBatch, seg_slots, *, page_rank: int):
+    """The step's plan for the compact LoRA form (`jnp_ops.CompactPlan`), once for all layers."""
+    _TRACES["lora_plan"] += 1
+    starts = batch.query_starts[:-1]
+    slot_ranks = functools.reduce(jnp.maximum, [r.max(axis=0) for r in lora.ranks.values()])
+    return jnp_ops.compact_plan(starts, batch.query_starts[1:] - starts, seg_slots, slot_ranks,
+                                lora.page_table, page_rank, batch.tokens.shape[0])
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
@@ -148,10 +185,24 @@ class ModelRunner:
             self.state = parallel.shard_params(self.state, self.mesh)
             self.cache = parallel.shard_cache(self.cache, self.mesh)
             pool.shard(parallel.lora_shardings(pool.weights, self.mesh))
+        self._split_layers()
         # The last launched step's sampled tokens (device, [S]) and each sampling request's row
         # in them: what a step planned before reading them feeds its PENDING tokens from.
         self._prev_tokens = jnp.zeros(config.max_batch_size, jnp.int32)
         self._prev_rows: dict[Request, int] = {}
+
+    def _split_layers(self) -> None:
+        """Per-layer views of `state` for the compiled layer (the same arrays, no copy): one
+        graph definition (every layer has the same structure), each layer's state, its index
+        as a device scalar; and the embedding and head weights."""
+        model = nnx.merge(self.graphdef, self.state)
+        self.layer_graphdef = nnx.graphdef(model.layers[0])
+        self.layer_states = [nnx.state(block) for block in model.layers]
+        self.layer_ids = [jnp.asarray(i, jnp.int32) for i in range(len(model.layers))]
+        self.embedding = model.embed_tokens.value
+        self.inv_freq = model.inv_freq.value
+        self.norm_weight, self.norm_eps = model.norm.weight.value, model.norm.eps
+        self.out_weight, self.tied = model.output_weight()
 
     @staticmethod
     def compiled_variants() -> dict[str, int]:
@@ -266,14 +317,38 @@ class ModelRunner:
         """Dispatch the step (asynchronously); returns (tokens [R], logits [R, V]) on the device
         and keeps the updated cache."""
         use_cpu = inputs.cpu_rows.size > 0
-        logits, self.cache = _step(
-            self.graphdef, self.state, self.pool.weights, self.cache, inputs.batch,
-            inputs.seg_slots, inputs.cpu_rows, inputs.cpu_ids, self._prev_tokens,
-            inputs.from_prev, use_lora=self._use_lora(inputs.seg_slots), impl=self.lora_impl,
-            pad=self.pad, bridge=self.bridge if use_cpu else None, block=inputs.block)
+        logits = self._forward(inputs.batch, inputs.seg_slots, inputs.cpu_rows, inputs.cpu_ids,
+                               inputs.from_prev, use_lora=self._use_lora(inputs.seg_slots),
+                               bridge=self.bridge if use_cpu else None, block=inputs.block)
         tokens = _sample(logits, inputs.sampling, self.config.max_batch_size)
         self._prev_tokens, self._prev_rows = tokens, {req: i for i, req in inputs.samplers}
         return tokens, logits
+
+    def _forward(self, batch: StepBatch, seg_slots, cpu_rows, cpu_ids, from_prev, *,
+                 use_lora: bool, bridge, block: int) -> jax.Array:
+        """One step's forward: embedding, every layer, head; float32 logits [R, V] at
+        `logit_rows`. Keeps the updated cache. Host arrays go to the device once, not once
+        per layer."""
+        batch, seg_slots, cpu_rows, cpu_ids, from_prev = jax.device_put(
+            (batch, seg_slots, cpu_rows, cpu_ids, from_prev))
+        x = _embed(self.embedding, batch.tokens, self._prev_tokens, from_prev)
+        compact = self._compact(batch, seg_slots, use_lora)
+        static = dict(use_lora=use_lora, impl=self.lora_impl, pad=self.pad, bridge=bridge,
+                      block=block)
+        for state, layer in zip(self.layer_states, self.layer_ids):
+            x, self.cache = _layer(self.layer_graphdef, state, layer, x, self.cache, batch,
+                                   self.inv_freq, self.pool.weights, seg_slots, cpu_rows,
+                                   cpu_ids, compact, **static)
+        return _head(x, batch.logit_rows, self.norm_weight, self.out_weight, eps=self.norm_eps,
+                     tied=self.tied)
+
+    def _compact(self, batch: StepBatch, seg_slots, use_lora: bool):
+        """The compact LoRA form's plan when this step shape runs it (else None)."""
+        T, S = batch.tokens.shape[0], seg_slots.shape[0]
+        if not use_lora or self.lora_impl != "reference" or jnp_form(T, S) != "compact":
+            return None
+        pr = next(iter(self.pool.weights.a.values())).shape[2]
+        return _compact_plan(self.pool.weights, batch, seg_slots, page_rank=pr)
 
     def run(self, plan: Schedule, table: Callable[[Request], list[int]], cpu_ids: dict[str, int]
             ) -> tuple[dict[Request, int], dict[Request, str]]:
@@ -332,8 +407,7 @@ class ModelRunner:
         for bridge in ((None, self.bridge) if cpu else (None,)):
             for T, block in shapes:
                 for C in ({self.cpu_rows_bucket(n, T) for n in (1, T)} if bridge else {0}):
-                    args, kwargs = self._dry_args(T, block, bridge, C)
-                    lowered.append(_step.lower(*args, **kwargs))
+                    lowered += self._lowered(T, block, bridge, C, embed_and_head=bridge is None)
         for R in sorted({min(T, cfg.max_batch_size) for T, _ in shapes}):
             logits = jax.ShapeDtypeStruct((R, self.model_config.vocab_size), jnp.float32)
             lowered.append(_sample.lower(logits, _greedy(R), cfg.max_batch_size))
@@ -345,9 +419,9 @@ class ModelRunner:
                     progress(done, len(lowered))
         return sum(_TRACES.values()) - before
 
-    def _dry_args(self, T: int, block: int, bridge, C: int | None = None):
-        """Arguments of a step of T padding tokens (every KV write dropped, no sequence
-        attends): (positional, keyword)."""
+    def _dry_inputs(self, T: int, bridge, C: int | None = None):
+        """Host arrays of a step of T padding tokens (every KV write dropped, no sequence
+        attends): batch, seg_slots, cpu_rows, cpu_ids, from_prev."""
         S = self.config.max_batch_size
         R = min(T, S)
         batch = StepBatch(tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
@@ -357,17 +431,31 @@ class ModelRunner:
                           logit_rows=np.zeros(R, np.int32))
         if C is None:
             C = self.cpu_rows_bucket(1, T) if bridge is not None else 0
-        args = (self.graphdef, self.state, self.pool.weights, self.cache, batch,
-                np.full(S, -1, np.int32), np.full(C, T, np.int32), np.full(C, -1, np.int32),
-                self._prev_tokens, np.full(T, -1, np.int32))
-        kwargs = dict(use_lora=len(self.pool) > 0, impl=self.lora_impl, pad=self.pad,
-                      bridge=bridge, block=block)
-        return args, kwargs
+        return (batch, np.full(S, -1, np.int32), np.full(C, T, np.int32),
+                np.full(C, -1, np.int32), np.full(T, -1, np.int32))
+
+    def _lowered(self, T: int, block: int, bridge, C: int, embed_and_head: bool = True) -> list:
+        """The step's compiled pieces for T tokens, lowered (not compiled): the layer, and
+        the embedding, LoRA plan and head (which do not depend on CPU assist)."""
+        batch, seg_slots, cpu_rows, cpu_ids, from_prev = self._dry_inputs(T, bridge, C)
+        use_lora = len(self.pool) > 0
+        compact = self._compact(batch, seg_slots, use_lora)  # traces the plan: small
+        x = jax.ShapeDtypeStruct((T, self.model_config.hidden_size), self.dtype)
+        out = [_layer.lower(self.layer_graphdef, self.layer_states[0], self.layer_ids[0], x,
+                            self.cache, batch, self.inv_freq, self.pool.weights, seg_slots,
+                            cpu_rows, cpu_ids, compact, use_lora=use_lora, impl=self.lora_impl,
+                            pad=self.pad, bridge=bridge, block=block)]
+        if embed_and_head:
+            out.append(_embed.lower(self.embedding, batch.tokens, self._prev_tokens, from_prev))
+            out.append(_head.lower(x, batch.logit_rows, self.norm_weight, self.out_weight,
+                                   eps=self.norm_eps, tied=self.tied))
+        return out
 
     def dry_step(self, T: int, block: int | None = None, bridge=None) -> None:
         """A step of T padding tokens, to time the projections of T tokens; waits for it."""
         T = bucket(T, 1)
         block = self.query_block(T, False) if block is None else block
-        args, kwargs = self._dry_args(T, block, bridge)
-        logits, self.cache = _step(*args, **kwargs)
+        batch, seg_slots, cpu_rows, cpu_ids, from_prev = self._dry_inputs(T, bridge)
+        logits = self._forward(batch, seg_slots, cpu_rows, cpu_ids, from_prev,
+                               use_lora=len(self.pool) > 0, bridge=bridge, block=block)
         jax.block_until_ready(_sample(logits, _greedy(logits.shape[0]), self.config.max_batch_size))

@@ -90,13 +90,15 @@ class BatchLora:
     """
 
     def __init__(self, weights, seg_starts: jax.Array, seg_lens: jax.Array, seg_slots: jax.Array,
-                 impl: str, cpu=None, pad_to_max_rank: bool = False):
+                 impl: str, cpu=None, pad_to_max_rank: bool = False, compact=None):
         self.weights = weights  # PagedLoraWeights | None
         self.seg_starts, self.seg_lens, self.seg_slots = seg_starts, seg_lens, seg_slots  # [G] each
         self.impl = impl
         self.pad_to_max_rank = pad_to_max_rank
         self.cpu = cpu
-        self._compact: jnp_ops.CompactPlan | None = None  # built at the first projection that needs it
+        # The compact form's plan: given (the runner builds it once per step), or built at the
+        # first projection that needs it.
+        self._compact: jnp_ops.CompactPlan | None = compact
 
     def _compact_plan(self, T: int) -> jnp_ops.CompactPlan:
         """The step's compact plan (layer 0's page ids), built once per step: each slot's pages

@@ -39,7 +39,8 @@ class LoraHook(Protocol):
 
     def __call__(self, layer: int, modules: tuple[str, ...], x: jax.Array
                  ) -> tuple[jax.Array | None, ...]:
-        """layer: the layer's index (a Python int); x: [T, d_in], the input shared by
+        """layer: the layer's index (a Python int, or a traced int32 scalar where one compiled
+        layer serves every layer); x: [T, d_in], the input shared by
         `modules` (q/k/v, gate/up, or one of o/down) -> per module a delta [T, d_out] or None."""
         ...
 
@@ -141,15 +142,28 @@ class Linear(nnx.Module):
         return x @ self.kernel.value
 
 
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF's LlamaRMSNorm: normalised in float32, scaled in the input's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def output_logits(x: jax.Array, norm_weight: jax.Array, eps: float, out: jax.Array,
+                  tied: bool) -> jax.Array:
+    """The final norm and the LM head: x [R, d] -> float32 logits [R, vocab]. `out`: the
+    embedding [vocab, d] when tied, else lm_head's kernel [d, vocab]."""
+    x = rms_norm(x, norm_weight, eps)
+    return (x @ out.T if tied else x @ out).astype(jnp.float32)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value * x32.astype(x.dtype)
+        return rms_norm(x, self.weight.value, self.eps)
 
 
 def _project(projs: tuple[Linear, ...], x: jax.Array, lora: LoraHook | None, layer: int,
@@ -216,6 +230,9 @@ class Block(nnx.Module):
 
     def __call__(self, x, layer, batch, k_flat, v_flat, pages_per_layer, inv_freq, lora,
                  query_block):
+        """x [T, d] -> x after this layer, and the flat KV pools with its keys and values
+        written. `layer`: a Python int (the model's unrolled loop) or a traced int32 scalar
+        (the engine runs one compiled layer for every layer)."""
         h, k_flat, v_flat = self.self_attn(self.input_layernorm(x), layer, batch, k_flat, v_flat,
                                            pages_per_layer, inv_freq, lora, query_block)
         x = x + h
@@ -251,10 +268,13 @@ class Llama(nnx.Module):
         for layer, block in enumerate(self.layers):  # unrolled: see the module docstring
             x, k_flat, v_flat = block(x, layer, batch, k_flat, v_flat, N, inv_freq, lora,
                                       query_block)
-        x = self.norm(x[batch.logit_rows])  # [R, d]
+        logits = output_logits(x[batch.logit_rows], self.norm.weight.value, self.norm.eps,
+                               *self.output_weight())
+        return logits, PagedKVCache(k=k_flat.reshape(cache.k.shape),
+                                    v=v_flat.reshape(cache.v.shape))
+
+    def output_weight(self) -> tuple[jax.Array, bool]:
+        """The LM head's weight and whether it is the (tied) embedding: `output_logits`'s."""
         if self.config.tie_word_embeddings:
-            logits = x @ self.embed_tokens.value.T
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32), PagedKVCache(k=k_flat.reshape(cache.k.shape),
-                                                        v=v_flat.reshape(cache.v.shape))
+            return self.embed_tokens.value, True
+        return self.lm_head.kernel.value, False
