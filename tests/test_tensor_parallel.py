@@ -115,13 +115,14 @@ def test_placement_and_collectives(tp_results, tp):
     assert specs["pool_a_q"] == str(P()) and specs["pool_b_q"] == str(P(None, None, "tp"))
     assert specs["pool_a_down"] == str(P(None, None, None, "tp")) and specs["pool_b_down"] == str(P())
     hlo = tp_results[tp]["hlo"]
-    # The layers are one scanned body: one all-reduce after o_proj and one after down_proj, and
-    # the LoRA row-parallel reduction of each (inside the branch that runs when a sequence's
-    # adapter has that projection, so XLA cannot combine them); no all-gather at all (so none
-    # of a full weight). Decode: 4 tokens; the LoRA sums are x A against every segment's
-    # adapter, [4, 4 segments x r_max 32] (jnp_ops.sgmv_dense).
-    assert hlo["all_reduce"] == 4
-    assert sorted(hlo["all_reduce_shapes"]) == ["f32[4,128]"] * 2 + ["f32[4,64]"] * 2
+    # The compiled layer (every layer runs it): one hidden-sized all-reduce after o_proj and one
+    # after down_proj, and the LoRA row-parallel reductions of o and down, rank-sized: x A
+    # against the compact rows [4 tokens, K x 16] in each branch of the page-count switch
+    # (K = 1, 4, 8: 4 slots x 2 pages; jnp_ops.sgmv_compact), never hidden-sized; no
+    # all-gather at all (so none of a full weight).
+    # Hidden size 64: the hidden sums and the K = 4 branch's are both f32[4,64].
+    want = ["f32[4,64]"] * 2 + ["f32[4,16]", "f32[4,64]", "f32[4,128]"] * 2
+    assert sorted(hlo["all_reduce_shapes"]) == sorted(want), hlo["all_reduce_shapes"]
     assert hlo["all_gather_ops"] == 0 and hlo["all_gather"] == []
     for one in ("hlo", "hlo_prefill"):
         assert tp_results[1][one]["all_reduce"] == tp_results[1][one]["all_gather_ops"] == 0
@@ -130,13 +131,14 @@ def test_placement_and_collectives(tp_results, tp):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_prefill_collectives(tp_results, tp):
     # The compiled step of 4 prefill chunks of 16 tokens (adapters of ranks 8/16/32 and none),
-    # flattened to T = 64: no all-gather; in the scanned layer body a hidden-sized all-reduce
+    # flattened to T = 64: no all-gather; in the compiled layer a hidden-sized all-reduce
     # [T, hidden] after o_proj and after down_proj, and the jnp path's row-parallel LoRA sums,
-    # rank-sized: x A per token block [5 blocks, 64 tokens, r_max 32] (jnp_ops.sgmv_blocked),
-    # never hidden-sized.
+    # rank-sized: x A per token block [5 blocks, 64 tokens, 16 or 32 rank rows] in the two
+    # branches of the page-count switch (jnp_ops.sgmv_blocked), never hidden-sized.
     hlo = tp_results[tp]["hlo_prefill"]
     assert hlo["all_gather_ops"] == 0 and hlo["all_gather"] == []
-    assert sorted(hlo["all_reduce_shapes"]) == ["f32[5,64,32]"] * 2 + ["f32[64,64]"] * 2
+    want = ["f32[5,64,16]", "f32[5,64,32]"] * 2 + ["f32[64,64]"] * 2
+    assert sorted(hlo["all_reduce_shapes"]) == sorted(want)
 
 
 def test_pallas_kernels_under_mesh(tp_results):
@@ -149,12 +151,12 @@ def test_pallas_kernels_under_mesh(tp_results):
         assert_close(ours[row], ref[row])
         assert_close(first[row], ref[row, :1])
     # No all-gather (left to GSPMD, a Pallas call's sharded pages would be gathered whole); in
-    # the scanned layer body an all-reduce of the base output after o_proj and after down_proj,
-    # and the row-parallel LoRA psum [T, hidden] of each (in the branch that runs when some
-    # sequence's adapter has the projection).
+    # each layer of the scoring program (2 layers, unrolled) an all-reduce of the base output
+    # after o_proj and after down_proj, and the row-parallel LoRA psum [T, hidden] of each (in
+    # the branch that runs when some sequence's adapter has the projection).
     for one in ("hlo", "hlo_prefill"):
         hlo = out[one]
-        assert hlo["all_gather_ops"] == 0 and hlo["all_reduce"] == 4, (one, hlo)
+        assert hlo["all_gather_ops"] == 0 and hlo["all_reduce"] == 4 * 2, (one, hlo)
 
 
 def test_triton_kernels_lower_per_shard_for_cuda(tp_results):

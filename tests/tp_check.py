@@ -77,16 +77,19 @@ def logits(e: carajax.Engine, T: int = 16) -> tuple[list, dict]:
 
 
 def collectives(e: carajax.Engine, Tq: int = 1) -> dict:
-    """all-reduce count and all-gather result shapes of the compiled step of 4 sequences with
-    adapters of mixed ranks: decode (Tq=1) or prefill chunks (Tq=16), as one flattened batch."""
+    """all-reduce count and all-gather result shapes of the compiled decoder layer (the piece of
+    the step every layer runs) for 4 sequences with adapters of mixed ranks: decode (Tq=1) or
+    prefill chunks (Tq=16), as one flattened batch."""
     r, B = e.runner, 4
     T = r.token_bucket(B * Tq, Tq == 1)
-    args, kw = r._dry_args(T, r.query_block(T, Tq == 1), None)
-    slots = np.full(r.config.max_batch_size, -1, np.int32)
+    batch, slots, cpu_rows, cpu_ids, _ = r._dry_inputs(T, None, 0)
     slots[:B] = [e.pool.slot(a) if a else -1 for a in ADAPTERS]
-    kw["use_lora"] = True
-    text = runner_mod._step.lower(*args[:5], slots, *args[6:], **kw).compile().as_text()
-    return _collectives(text)
+    x = jax.ShapeDtypeStruct((T, CONFIG.hidden_size), r.dtype)
+    lowered = runner_mod._layer.lower(
+        r.layer_graphdef, r.layer_states[0], r.layer_ids[0], x, r.cache, batch, r.inv_freq,
+        e.pool.weights, slots, cpu_rows, cpu_ids, r._compact(batch, slots, True), use_lora=True,
+        impl=r.lora_impl, pad=r.pad, bridge=None, block=r.query_block(T, Tq == 1))
+    return _collectives(lowered.compile().as_text())
 
 
 def _collectives(text: str) -> dict:

@@ -218,7 +218,7 @@ def sgmv_compact(
         B = jnp.where(live[:, None], B.astype(jnp.float32), 0)  # rows past a rank: not ours
         return jnp.dot(xa, B, precision=jax.lax.Precision.HIGHEST)
 
-    sizes = page_sizes(S * n)
+    sizes = page_sizes(min(S, seg_slots.shape[0]) * n)  # at most G distinct slots
     branch = jnp.sum(jnp.asarray(sizes) < plan.count)  # the smallest size that holds `count`
     y = jax.lax.switch(branch, [functools.partial(gathered, k) for k in sizes])
     return y.astype(x.dtype)
