@@ -39,6 +39,12 @@ MAX_DEFAULT_QUERY_BLOCK = 64
 # Keys are walked in chunks of this many pages (128 positions at page size 16): small enough
 # that a chunk's gathered keys and values stay in cache, large enough to amortise the loop.
 KV_CHUNK_PAGES = 8
+# Decode steps (one query a block) walk smaller chunks: less of the last chunk is masked
+# padding. Measured (2-core CPU, XLA:CPU, float32, 16 sequences, 8 heads, head_dim 64, a
+# 128-page table): context 80, chunks of 1 / 2 / 4 / 8 pages 1.9 / 1.35 / 2.0 / 2.8 ms;
+# context 1000: 12.6 / 14.1 / 13.1 / 16.2 ms; 8 sequences of 9 / 3 heads at 300: 1.5 / 1.1 /
+# 1.2 / 1.0 ms. Prefill blocks (64 queries) want 8: 1 sequence of 512, 32 / 21 / 17 / 16 ms.
+KV_CHUNK_PAGES_DECODE = 2
 
 
 def paged_attention(
@@ -221,7 +227,7 @@ def paged_attention_reference(
     qb = qb * jnp.asarray(1 / math.sqrt(head_dim), qb.dtype)
 
     # Each block's pages, padded to whole chunks (padding entries point at page 0, masked).
-    cp = min(KV_CHUNK_PAGES, P)
+    cp = min(KV_CHUNK_PAGES_DECODE if bq == 1 else KV_CHUNK_PAGES, P)
     chunks = -(-P // cp)
     tables = jnp.take(block_tables, seq, axis=0)  # [NB, P]
     tables = jnp.pad(tables, ((0, 0), (0, chunks * cp - P))).reshape(nb, chunks, cp)
