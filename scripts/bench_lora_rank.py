@@ -10,7 +10,8 @@ One engine (the `bench_vs_hf` model: 4 layers, hidden 512, intermediate 1376, 8 
   rank64      8 distinct rank-64 adapters
   mixed       ranks 8, 16, 32, 64 x 2 (8 distinct adapters)
 
-every adapter on all seven projections. Each set is timed `--repeats` times in rotated order
+every adapter on q/k/v/o (`--modules attention`, as `bench_vs_hf`'s adapters) or on all seven
+projections (`--modules all`). Each set is timed `--repeats` times in rotated order
 (the machine's drift spreads over all sets), the best run kept. LoRA time = set - none.
 Goals (issue 24): rank8 LoRA <= 0.35 x rank64 LoRA; mixed <= +15% of none; one <= +5%.
 The bytes each set's adapters add to a decode step (their own rows, read once per step) are
@@ -50,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--modules", default="attention", choices=["attention", "all"],
+                   help="the adapters' target projections: q/k/v/o, or all seven")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.hidden, args.intermediate, args.heads, args.vocab = 2, 128, 344, 4, 1000
@@ -60,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import carajax
-    from carajax.config import TARGET_MODULES, ModelConfig
+    from carajax.config import ATTENTION_MODULES, TARGET_MODULES, ModelConfig
     from carajax.models import weights
     from carajax.testing import write_random_adapter
 
@@ -74,12 +77,13 @@ def main(argv=None) -> int:
     engine = carajax.Engine(weights.random_model(config), config=ecfg)
     root = tempfile.mkdtemp(prefix="bench_lora_rank_")
     names = {}
+    targets = ATTENTION_MODULES if args.modules == "attention" else TARGET_MODULES
     for set_name, ranks in SETS.items():
         names[set_name] = []
         for i, r in enumerate(ranks):
             name = f"{set_name}_{i}_r{r}"
             write_random_adapter(os.path.join(root, name), config, rank=r,
-                                 target_modules=TARGET_MODULES, seed=hash(name) % 2**31, std=0.05)
+                                 target_modules=targets, seed=i + 1000 * len(names), std=0.05)
             names[set_name].append((name, r))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, args.vocab, args.prompt_len).tolist() for _ in range(args.requests)]
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
     best = {s: min(t) for s, t in times.items()}
     lora = {s: best[s] - best["none"] for s in SETS}
     d, f, L = args.hidden, args.intermediate, args.layers
-    row_bytes = 4 * L * (4 * 2 * d + 2 * (d + f) + (f + d))  # one rank row of A and B, 7 projections
+    row_bytes = 4 * L * (4 * 2 * d + (0 if args.modules == "attention" else 2 * (d + f) + (f + d)))
     base_bytes = 4 * (L * (4 * d * d + 3 * d * f) + d * args.vocab)  # layers + lm_head
     rows = []
     for s, ranks in SETS.items():
