@@ -1,8 +1,9 @@
 """bfloat16 matmuls on this CPU: JAX/XLA:CPU against torch, and whether any XLA flag closes the gap.
 
-This machine's CPU has AMX tiles; torch's bf16 matmuls use them through oneDNN, XLA:CPU's (as
-far as measured before) do not. Measured here, one process per XLA flag set (flags are read at
-backend start), each timing the same products:
+On a CPU with AMX tiles torch's bf16 matmuls use them through oneDNN, XLA:CPU's (as far as
+measured before) do not; on one without AMX or AVX512-BF16 (the AMD EPYC of 2026-12-07) torch's
+bf16 falls back to slow code. The script records the CPU's bf16 flags. Measured here, one
+process per XLA flag set (flags are read at backend start), each timing the same products:
 
   * a 512 x 2048 @ 2048 x 2048 matmul (the issue's yardstick) and a decode-shaped one
     (16 x 576 @ 576 x 1536, SmolLM2's MLP);
@@ -37,8 +38,7 @@ FLAG_SETS = {
 
 
 def _median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
+    fn()  # warm-up (compile, caches)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(jax_child(args.repeats)))
         return 0
-    results = {"jax": {}, "torch": torch_times(args.repeats), "loadavg": list(os.getloadavg())}
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    results = {"cpu_bf16_flags": sorted({f for f in flags if "amx" in f or f == "avx512_bf16"}),
+               "jax": {}, "torch": torch_times(args.repeats), "loadavg": list(os.getloadavg())}
     for label, flags in FLAG_SETS.items():
         env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
         else:
             results["jax"][label] = {"flags": flags, **json.loads(proc.stdout.strip().splitlines()[-1])}
         print(f"jax {label}: {'error' if proc.returncode else 'ok'}", file=sys.stderr)
+    print(f"CPU bf16 flags: {results['cpu_bf16_flags'] or 'none (no AMX, no AVX512-BF16)'}")
     print("| system | flags | product | ms | GFLOP/s |")
     print("|---|---|---|---:|---:|")
     for key, r in results["torch"].items():
