@@ -241,7 +241,11 @@ BIG = ModelConfig(name="mem-big", vocab_size=32000, hidden_size=1024, intermedia
                   bos_token_id=1, eos_token_ids=(2,))
 SMALL = ModelConfig.from_name("llama-test")
 POOL_PAGES = 12
-SLACK = 0.10  # "within 10%" of the budgets
+# The issue asks for "within ~10%" of the budgets. The runtime allowance is measured on a second
+# (baseline) process and varies between runs by more than that (509-684 MB measured on the
+# 2-core box), so the bound is 25% of the budgets: a second copy of the weights (+89% of the
+# budgets) still fails it by far. The measured excess was 94-113% of the budgets.
+SLACK = 0.25
 
 
 def _page_bytes(config: ModelConfig) -> int:
