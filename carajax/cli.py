@@ -608,11 +608,13 @@ def profile_cmd(args: argparse.Namespace) -> dict:
         print(f"  rank {row['rank']:>4}: {row['bytes'] / 2**20:8.2f} MiB  {row['seconds'] * 1e3:8.2f} ms")
     print("\nheld-out fit quality (random 20% of the points):")
     print(profiler.format_report(profiler.report(doc)))
-    model = profiler.fit_profile(doc, form=args.form, kernel=args.kernel)
+    model = profiler.fit_profile(doc, form=args.form, kernel=args.kernel, step_form=args.step_form)
     if args.fit:
         Path(args.fit).parent.mkdir(parents=True, exist_ok=True)
         model.save(args.fit)
-        print(f"\nwrote {args.fit} ({args.form} form, kernel {model.kernel}, fitted on all points)")
+        step = f", step model {args.step_form} form" if args.step_form not in (None, args.form) else ""
+        print(f"\nwrote {args.fit} ({args.form} form{step}, kernel {model.kernel}, fitted on all "
+              "points)")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         wrote = profiler.plot_profile(doc, model, args.plot)
@@ -633,6 +635,8 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit", default=None, metavar="COSTMODEL.json", help="write the fitted CostModel")
     p.add_argument("--plot", default=None, metavar="PNG", help="predicted vs measured plot")
     p.add_argument("--form", default="rich", choices=sorted(FORMS), help="form of the saved fit")
+    p.add_argument("--step-form", default=None, choices=sorted(FORMS), help="form of the saved "
+                   "fit's step model (default: --form)")
     p.add_argument("--kernel", default=None, choices=KERNELS, help="kernel of the saved fit "
                    "(default: the first profiled)")
     for flag in ("batch-sizes", "prompt-tokens", "contexts", "load-ranks"):

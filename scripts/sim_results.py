@@ -24,8 +24,9 @@ with, per policy, the highest load at which attainment >= the target (default 99
 carajax / caraserve of those loads (the paper-style "sustainable load" comparison; goal >= 1.2x);
 then the attainment of both SLOs (TPOT and TTFT) and TTFT p99. `--render FILE...` reprints saved runs;
 `--plot PNG` draws attainment vs load.
-Writes everything to results/sim_results.json. The cost model is derived from published numbers
-(datasheet roofline + CaraServe's load times), NOT measured on an A10.
+Writes everything to results/sim_results.json. The default cost model is derived from published numbers
+(datasheet roofline + CaraServe's load times), NOT measured on an A10; `--cost-model` takes another
+(e.g. a `carajax profile` fit, measured on the device it names).
 """
 
 from __future__ import annotations
@@ -220,6 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
         return docs[0] if len(docs) == 1 else {"docs": docs}
 
     cost = cm.load(args.cost_model)
+    if cost.source.startswith("profiled"):
+        cost_note = f"measured: {cost.source}, {cost.model_name} on {cost.device} ({cost.date})"
+    else:
+        cost_note = ("derived from published numbers (datasheet roofline + paper load times), "
+                     "not measured")
     base = SimConfig(n_workers=args.workers, max_batch=args.max_batch, kv_rows=args.kv_rows,
                     adapter_pages=args.adapter_pages, slo_tpot=args.slo_tpot_ms / 1e3,
                     slo_ttft=args.slo_ttft_s, slo_metric=args.slo_metric, cold_start=args.cold_start,
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
           + (f"chunked prefill {args.prefill_chunk}/{args.max_prefill_tokens} tokens; " if args.prefill_chunk
              else "whole-prompt prefill; ")
           + f"cold start {args.cold_start}; steps priced {' and '.join(args.steps)}; "
-          f"cost model {Path(args.cost_model).name} (derived from published numbers, NOT measured); "
+          f"cost model {Path(args.cost_model).name} ({cost_note}); "
           + (f"step times: oracle and measured (residuals of {args.step_noise}, "
              f"{' and '.join(args.noise_variants)}, seeds {args.noise_seeds}); " if noises else "")
           + f"{wall:.0f} s\n")
@@ -291,8 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {"args": vars(args), "wall_s": wall, "target": args.target,
            "steps": {m: STEPS[m] for m in args.steps},
            "step_noise": {v: n.summary() for v, n in noises.items()} or None,
-           "cost_model_note": "derived from published numbers (datasheet roofline + paper load times), "
-                              "not measured",
+           "cost_model_note": cost_note,
            "summary": summary, "runs": runs}
     render(doc)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

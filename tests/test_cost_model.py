@@ -276,3 +276,61 @@ def test_a10_step_is_the_decode_form_and_a_mixed_step_costs_less_than_two_forwar
     two = model.prefill_time(pre) + model.decode_time(dec)
     assert model.step_time(merged) == pytest.approx(two - 5e-3, rel=1e-9)
     assert "upper bound" in model.notes and "step" in json.loads(model.to_json())
+
+
+# -- ShapedForm: what a step's static shape decides (the engine's jnp LoRA forms on CPU) ----------------
+
+
+def _shaped_truth() -> cm.ShapedForm:
+    """Rich terms, a chunk's attention over its own context, a fixed cost for chunk-bearing steps,
+    and a per-rank cost above 64 tokens (the CPU engine's blocked LoRA form of a 17-slot engine)."""
+    stairs = {k: (8e-5 if k == 64 else 0.0) for k in cm.SHAPE_STEPS}
+    return cm.ShapedForm((5e-6, 0.0, 5e-7, 4e-5, 0.0, 2e-6, 2e-3, 4e-8, 2e-3, *stairs.values()))
+
+
+def test_shaped_features_and_pure_python_prices_agree():
+    form = cm.ShapedForm(tuple(float(i + 1) * 1e-6 for i in range(len(cm.ShapedForm.feature_names))))
+    assert cm.ShapedForm.feature_names[:7] == RichForm.feature_names  # rich's, then the shape's
+    pre, dec = Batch((8, 64), 256, 2 * (256 + 128)), Batch((8, 64, 16), 3, 900)
+    f = dict(zip(cm.ShapedForm.feature_names, cm.ShapedForm.features(pre)))
+    assert f["tokens_x_context_per_seq"] == 256 * 384  # each chunk token over its sequence's reads
+    assert f["has_chunk"] == 1.0
+    assert [f[f"max_rank_x_tokens_gt_{k}"] for k in cm.SHAPE_STEPS] == [64.0] * 4 + [0.0] * 3
+    g = dict(zip(cm.ShapedForm.feature_names, cm.ShapedForm.features(dec)))
+    assert g["has_chunk"] == 0.0 and g["tokens_x_context_per_seq"] == 900  # decode: = context
+    assert not any(g[f"max_rank_x_tokens_gt_{k}"] for k in cm.SHAPE_STEPS)
+    rng = np.random.default_rng(9)
+    for b in [*_random_batches(rng, 50), *_random_batches(rng, 50, "prefill"), Batch((), 0, 0)]:
+        assert form.predict(b) == pytest.approx(form.predict_numpy(b), rel=1e-12)
+        assert form.py_features(b) == pytest.approx(tuple(form.features(b)), rel=1e-15)
+    assert cm.ShapedForm in cm.FORMS.values() and cm.model_from_dict(form.to_dict()) == form
+
+
+def test_fit_recovers_the_shaped_step_form_where_rich_cannot():
+    rng = np.random.default_rng(10)
+    true = _shaped_truth()
+    rows = _step_rows(rng, true)
+    shaped, rich = cm.fit_report(rows, form="shaped")["step"], cm.fit_report(rows, form="rich")["step"]
+    assert shaped["r2"] > 0.99 and shaped["mape"] < 0.02
+    assert rich["mape"] > 3 * shaped["mape"]  # no rich feature turns a cost on above 64 tokens
+    model = cm.fit("shaped", *cm._parse(rows, "step", "padded"))
+    stairs = dict(zip(cm.SHAPE_STEPS, model.coef[9:]))
+    assert stairs[64] == pytest.approx(8e-5, rel=0.1)  # the step the engine takes, found
+    assert sum(stairs.values()) == pytest.approx(8e-5, rel=0.1)
+
+
+def test_step_form_fits_only_the_step_model_and_round_trips(tmp_path):
+    rng = np.random.default_rng(11)
+    rows = _step_rows(rng, _shaped_truth(), 40)
+    model = cm.fit_cost_model(rows, form="rich", step_form="shaped", model_name="m")
+    # The router's views keep the monotone rich form; the simulator's step model is shaped.
+    assert isinstance(model.prefill, RichForm) and isinstance(model.decode, RichForm)
+    assert isinstance(model.step, cm.ShapedForm) and model.rank_aware
+    assert cm.fit_cost_model(rows, form="rich").step.name == "rich"  # default: the same form
+    model.save(tmp_path / "m.json")
+    back = cm.load(tmp_path / "m.json")
+    assert back == model and back.to_json() == model.to_json()
+    b = Batch((8, 64, 16), 259, 3000)
+    assert back.step_time(b) == model.step.predict(b) > 0
+    # Files of the other forms (the committed A10 model: rich) load as before.
+    assert isinstance(cm.load(A10_PATH).step, RichForm)

@@ -222,17 +222,27 @@ def test_cli_writes_profile_fit_and_plot(doc, tmp_path, monkeypatch, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = capsys.readouterr().out
     assert "R2" in text and "MAPE" in text and "rich" in text and "unpadded" in text
+    assert "shaped" in text  # every form's held-out fit is printed
     np.testing.assert_allclose(model.load_time[0][1], doc["load_time"][0]["seconds"])
+    # --step-form: the step model in another form than the router's views.
+    cli.main(["profile", "--out", str(out), "--fit", str(fit), "--step-form", "shaped",
+              "--no-progress"])
+    model = cm.load(fit)
+    assert isinstance(model.prefill, cm.RichForm) and isinstance(model.step, cm.ShapedForm)
+    assert "step model shaped form" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("model", ["llama-test", "llama-100m"])
 def test_committed_cost_models_are_fits_of_committed_profiles(model):
-    """data/cost_models/cpu_<model>.json is exactly `fit_profile` of data/profiles/cpu_<model>.json."""
+    """data/cost_models/cpu_<model>.json is exactly `fit_profile` of data/profiles/cpu_<model>.json
+    (in the forms the file names: the router's views and the step model may differ)."""
     root = Path(__file__).resolve().parents[1] / "data"
     doc = profiler.load_profile(root / "profiles" / f"cpu_{model}.json")
     assert doc["metadata"]["model_name"] == model and doc["metadata"]["device"]["platform"] == "cpu"
     committed = json.loads((root / "cost_models" / f"cpu_{model}.json").read_text())
-    refit = json.loads(profiler.fit_profile(doc).to_json())
+    form, step_form = committed["prefill"]["form"], committed["step"]["form"]
+    assert committed["decode"]["form"] == form
+    refit = json.loads(profiler.fit_profile(doc, form, step_form=step_form).to_json())
     # Both were profiled on the fused-step engine: mixed rows, so a step model.
     assert "step" in committed and any(r["phase"] == "mixed" for r in doc["measurements"])
     # Same document; the floats of the least-squares fit to 1e-9 (the last digit moves with the

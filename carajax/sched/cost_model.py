@@ -6,9 +6,12 @@ A *form* is a linear model over features of a `Batch`:
 - `PaddedForm`   (Punica BGMV, pads every request to the batch's max rank): t = alpha * |S| * max_rank + beta
 - `UnpaddedForm` (S-LoRA MBGMV, work proportional to each rank):            t = alpha * sum(rank) + beta
 - `RichForm`     (ours): t = c . [tokens, tokens*mean_rank, context, |S|, |S|*max_rank, sum(rank), 1]
+- `ShapedForm`   (ours, for engines whose work follows the step's shape): RichForm + [tokens * context / |S|,
+                 has a prefill chunk, max_rank if tokens > K for K in 16..1024]
 
 All forms are fitted by non-negative least squares on *relative* residuals (see `_fit_coef`), so every
-coefficient is a non-negative cost per unit of work and predictions never decrease as a batch grows.
+coefficient is a non-negative cost per unit of work and predictions never decrease as a batch grows
+(except `ShapedForm`'s, whose per-sequence context term can fall when a short sequence joins long ones).
 
 A `CostModel` bundles a prefill model and a decode model for one LoRA kernel on one device, plus a
 cold-start table (adapter load time vs rank), and round-trips through JSON (`save` / `load`).
@@ -269,8 +272,90 @@ class RichForm(_LinearForm):
                 + n * c3 + n * max_rank * c4 + sum_rank * c5 + 1.0 * c6)
 
 
-Model = PaddedForm | UnpaddedForm | RichForm
-FORMS: dict[str, type[_LinearForm]] = {f.name: f for f in (PaddedForm, UnpaddedForm, RichForm)}
+# `ShapedForm`'s staircase: a max-rank cost for steps of more than each of these tokens.
+SHAPE_STEPS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapedForm(_LinearForm):
+    """`RichForm` plus what a step's static shape decides, for engines whose work is not linear
+    in a batch's totals (the jnp LoRA forms on CPU, a GPU kernel table chosen per step shape):
+
+    - `tokens_x_context_per_seq` = tokens * context / |S|: a prefill chunk's attention, each of
+      its tokens over the positions its sequence reads (exact for a uniform batch; for a decode
+      step it equals `context`);
+    - `has_chunk` = 1 when the step holds a prefill chunk (tokens > |S|): such a step runs other
+      compiled pieces (query blocks, the LoRA form for chunks) than a decode-only step;
+    - `max_rank_x_tokens_gt_K` = max_rank when tokens > K, for K in `SHAPE_STEPS`: a staircase
+      that prices a per-rank cost switched on by the step's token count. The engine's CPU LoRA
+      switches from the compact form (the distinct adapters' pages, a few GEMMs) to the blocked
+      one (blocks padded to the step's largest rank, ~4 * max_batch_size token rows more) above
+      `COMPACT_TOKENS_PER_SEGMENT * max_batch_size` padded tokens (carajax.lora.hook.jnp_form);
+      the fit finds that step (NNLS keeps the other stairs at or near 0) with no engine setting
+      in the model.
+
+    Every feature is a function of (|S|, Σrank, max rank, tokens, context), so the router's
+    running totals price it (`predict_stats`, `predict_arrays`). Not monotone: the engine's
+    attention work is the padded tokens times the step's *longest* context, which totals do not
+    give; tokens * mean context is that on uniform batches but falls when a short sequence joins
+    long ones, so a price difference (Pre(queue + r) - Pre(queue)) can come out negative. Meant
+    for the step model the simulator charges (`fit_cost_model(step_form="shaped")`)."""
+
+    name: ClassVar[str] = "shaped"
+    feature_names: ClassVar[tuple[str, ...]] = RichForm.feature_names + (
+        "tokens_x_context_per_seq",
+        "has_chunk",
+        *(f"max_rank_x_tokens_gt_{k}" for k in SHAPE_STEPS),
+    )
+
+    @staticmethod
+    def features(batch: Batch) -> np.ndarray:
+        n, t, mx = batch.size, batch.tokens, batch.max_rank
+        ctx_per = batch.context / n if n else 0.0
+        return np.concatenate([RichForm.features(batch), np.array(
+            [t * ctx_per, 1.0 if t > n else 0.0, *(mx if t > k else 0.0 for k in SHAPE_STEPS)],
+            dtype=np.float64)])
+
+    @staticmethod
+    def py_features(batch: Batch) -> tuple[float, ...]:
+        ranks, tokens = batch.ranks, batch.tokens
+        n = len(ranks)
+        mx = float(max(ranks, default=0))
+        ctx_per = batch.context / n if n else 0.0
+        return (*RichForm.py_features(batch), tokens * ctx_per, 1.0 if tokens > n else 0.0,
+                *(mx if tokens > k else 0.0 for k in SHAPE_STEPS))
+
+    def predict(self, batch: Batch) -> float:
+        ranks = batch.ranks
+        n = len(ranks)
+        return self.predict_stats(n, sum(ranks), max(ranks) if n else 0, batch.tokens, batch.context)
+
+    def predict_stats(self, n: int, sum_rank: int, max_rank: int, tokens: int, context: int) -> float:
+        c = self.coef
+        mean_rank = sum_rank / n if n else 0.0
+        ctx_per = context / n if n else 0.0
+        t = (0 + float(tokens) * c[0] + tokens * mean_rank * c[1] + float(context) * c[2]
+             + float(n) * c[3] + float(n * max_rank) * c[4] + float(sum_rank) * c[5] + 1.0 * c[6]
+             + tokens * ctx_per * c[7] + (1.0 if tokens > n else 0.0) * c[8])
+        mx = float(max_rank)
+        for k, ck in zip(SHAPE_STEPS, c[9:]):
+            t = t + (mx if tokens > k else 0.0) * ck
+        return float(t)
+
+    def predict_arrays(self, n, sum_rank, max_rank, tokens, context):
+        c = self.coef
+        mean_rank = np.divide(sum_rank, n, out=np.zeros_like(sum_rank), where=n > 0)
+        ctx_per = np.divide(context, n, out=np.zeros_like(context), where=n > 0)
+        t = (0 + tokens * c[0] + tokens * mean_rank * c[1] + context * c[2]
+             + n * c[3] + n * max_rank * c[4] + sum_rank * c[5] + 1.0 * c[6]
+             + tokens * ctx_per * c[7] + np.where(tokens > n, 1.0, 0.0) * c[8])
+        for k, ck in zip(SHAPE_STEPS, c[9:]):
+            t = t + np.where(tokens > k, max_rank, 0.0) * ck
+        return t
+
+
+Model = PaddedForm | UnpaddedForm | RichForm | ShapedForm
+FORMS: dict[str, type[_LinearForm]] = {f.name: f for f in (PaddedForm, UnpaddedForm, RichForm, ShapedForm)}
 
 
 def model_from_dict(d: Mapping[str, Any]) -> Model:
@@ -603,10 +688,14 @@ def fit_cost_model(
     measurements: Sequence[Mapping[str, Any]],
     form: str = "rich",
     kernel: str | None = None,
+    step_form: str | None = None,
     **metadata: Any,
 ) -> CostModel:
     """Fit prefill and decode models to profiler measurements of one kernel (each on its own rows),
-    and the fused `step` model on every row (prefill, decode and mixed) when there are mixed rows.
+    and the fused `step` model on every row (prefill, decode and mixed) when there are mixed rows,
+    in `step_form` (default: `form`). The simulator charges steps with the step model; the router
+    prices placements with the prefill and decode views, as differences of two predictions, where
+    a form that is monotone in the batch (every form but `shaped`, see `ShapedForm`) is safer.
 
     Without mixed rows (a profile of the engine before it fused its steps) there is no step model:
     one fitted only on steps of one kind would price the mixed steps it never saw.
@@ -618,7 +707,8 @@ def fit_cost_model(
         if not batches:
             raise ValueError(f"no {phase} measurements for kernel {kernel!r}")
         models[phase] = fit(form, batches, seconds)
-    step = fit(form, *_parse(measurements, "step", kernel)) if _has_mixed(measurements, kernel) else None
+    step = (fit(step_form or form, *_parse(measurements, "step", kernel))
+            if _has_mixed(measurements, kernel) else None)
     return CostModel(prefill=models["prefill"], decode=models["decode"], kernel=kernel, step=step,
                      **metadata)
 

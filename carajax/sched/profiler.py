@@ -419,18 +419,24 @@ def _notes(impl: str, seq_len: int, r_max: int) -> list[str]:
         "mixed rows: batch_size decodes (context_per_request cached each) plus one prefill chunk "
         "of `chunk` prompt tokens at offset context_per_request from one more request (the last "
         "of `ranks`), run as one Schedule, decodes first: the engine's fused step.",
-        f"Attention walks each sequence's KV pages in chunks of 8 and skips the chunks past the "
-        f"step's longest context, so a step's attention cost follows the contexts it reads, not "
-        f"the KV capacity (seq_len {seq_len}).",
+        f"Attention walks each query block's KV pages in chunks (of 2 pages on decode-only steps, "
+        f"8 with prefill chunks) and skips the chunks past the step's longest context, so a step's "
+        f"attention cost follows the longest context it reads, not the KV capacity "
+        f"(seq_len {seq_len}).",
         "load_time: pool.load_now from the host tier (host page layout + jax.device_put + "
         "install), median of load_repeats after one warm-up load per rank.",
     ]
     if impl == "reference":
         notes.append(
-            f"lora_impl=reference (jnp): it ignores lora_kernel and gathers every slot at the pool's "
-            f"page-padded rank (max_lora_rank {r_max}), so LoRA work does not depend on the requests' "
-            "ranks; only one kernel mode was profiled, labelled 'padded' (the closer description). "
-            "Profile with --impl interpret/pallas to compare the kernels.")
+            "lora_impl=reference (jnp): it ignores lora_kernel; its work follows the ranks of the "
+            "adapters a step uses (never the pool's max_lora_rank "
+            f"{r_max}): a step of up to 4 padded tokens per sequence slot (decode-like) gathers the "
+            "step's distinct adapters' pages, their count rounded up to a power of 4, for two "
+            "GEMMs over all its tokens (jnp_ops.sgmv_compact); a longer step runs blocks of 64 "
+            "tokens of one sequence each (ceil(T / 64) + max_batch_size blocks), each at the "
+            "step's largest page count rounded up to a power of two (jnp_ops.sgmv_blocked). Only "
+            "one kernel mode was profiled, labelled 'padded'. Profile with --impl "
+            "interpret/pallas to compare the kernels.")
     if jax.devices()[0].platform == "cpu":
         notes.append("On CPU jax.device_put is a host memcpy: load_time is not a PCIe transfer.")
     return notes
@@ -683,20 +689,24 @@ def device_label(meta: Mapping[str, Any]) -> str:
     return f"{d['platform']}: {d['device_kind']} ({h['cpu_model']}, {h['cpu_count']} host CPUs)"
 
 
-def fit_profile(doc: Mapping[str, Any], form: str = "rich", kernel: str | None = None) -> cm.CostModel:
+def fit_profile(doc: Mapping[str, Any], form: str = "rich", kernel: str | None = None,
+                step_form: str | None = None) -> cm.CostModel:
     """Fit a CostModel of `form` to a profile's rows of one kernel (default: the first profiled),
-    with provenance metadata and the measured load-time table."""
+    with provenance metadata and the measured load-time table; its step model in `step_form`
+    (default: `form`)."""
     meta = doc["metadata"]
     kernel = kernel or meta["kernels_profiled"][0]
     loads = doc.get("load_time", [])
     # Loads move whole pages: bytes per unit of page capacity, not per rank (rank 8 moves a
     # 16-rank page), so that `load_seconds(nbytes=...)` prices bytes as the pool moves them.
     per_rank = [row["bytes"] / (row["pages"] * meta["lora_page_rank"]) for row in loads]
-    notes = " ".join([f"form={form}, kernel={kernel}, lora_impl={meta['lora_impl']}, "
+    step = f" (step model: {step_form})" if step_form not in (None, form) else ""
+    notes = " ".join([f"form={form}{step}, kernel={kernel}, lora_impl={meta['lora_impl']}, "
                       f"dtype={meta['dtype']}, jax {meta['jax_version']}, "
                       f"{len(doc['measurements'])} measured steps."] + meta["notes"])
     return cm.fit_cost_model(
-        doc["measurements"], form=form, kernel=kernel, source="profiled by carajax profile",
+        doc["measurements"], form=form, kernel=kernel, step_form=step_form,
+        source="profiled by carajax profile",
         device=device_label(meta), model_name=meta["model_name"], date=meta["date"], notes=notes,
         load_time=tuple((row["rank"], row["seconds"]) for row in loads),
         load_bytes_per_rank=float(np.mean(per_rank)) if per_rank else None)
@@ -752,7 +762,9 @@ def plot_profile(doc: Mapping[str, Any], model: cm.CostModel, path: str | os.Pat
                title=f"{name}: R2={m['r2']:.3f}, MAPE={100 * m['mape']:.1f}% ({len(sub)} rows)")
         ax.legend(fontsize=7)
     meta = doc["metadata"]
-    fig.suptitle(f"{meta['model_name']} on {meta['device']['device_kind']}, {model.prefill.name} form, "
+    forms = model.prefill.name + (f" (step: {model.step.name})" if model.step is not None
+                                  and model.step.name != model.prefill.name else "")
+    fig.suptitle(f"{meta['model_name']} on {meta['device']['device_kind']}, {forms} form, "
                  f"kernel {model.kernel} ({meta['lora_impl']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
