@@ -35,8 +35,7 @@ from carajax.engine.kv_pages import KVLayout
 from carajax.engine.planner import Schedule
 from carajax.engine.request import Request
 from carajax.engine.sampling import sample_tokens
-from carajax.lora import jnp_ops
-from carajax.lora.hook import BatchLora, jnp_form, resolve_lora_impl
+from carajax.lora.hook import BatchLora, jnp_form, resolve_lora_impl, step_compact_plan
 from carajax.models.llama import Llama, PagedKVCache, StepBatch, dense_batch, output_logits
 
 # Incremented at trace time only: one count per compiled variant.
@@ -139,14 +138,13 @@ def _head(x, logit_rows, norm_weight, out, *, eps: float, tied: bool):
     return output_logits(x[logit_rows], norm_weight, eps, out, tied)
 
 
-@functools.partial(jax.jit, static_argnames=("page_rank",))
-def _compact_plan(lora, batch: StepBatch, seg_slots, *, page_rank: int):
+@jax.jit
+def _compact_plan(lora, batch: StepBatch, seg_slots):
     """The step's plan for the compact LoRA form (`jnp_ops.CompactPlan`), once for all layers."""
     _TRACES["lora_plan"] += 1
     starts = batch.query_starts[:-1]
-    slot_ranks = functools.reduce(jnp.maximum, [r.max(axis=0) for r in lora.ranks.values()])
-    return jnp_ops.compact_plan(starts, batch.query_starts[1:] - starts, seg_slots, slot_ranks,
-                                lora.page_table, page_rank, batch.tokens.shape[0])
+    return step_compact_plan(lora, starts, batch.query_starts[1:] - starts, seg_slots,
+                             batch.tokens.shape[0])
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
@@ -369,8 +367,7 @@ class ModelRunner:
         T, S = batch.tokens.shape[0], seg_slots.shape[0]
         if not use_lora or self.lora_impl != "reference" or jnp_form(T, S) != "compact":
             return None
-        pr = next(iter(self.pool.weights.a.values())).shape[2]
-        return _compact_plan(self.pool.weights, batch, seg_slots, page_rank=pr)
+        return _compact_plan(self.pool.weights, batch, seg_slots)
 
     def run(self, plan: Schedule, table: Callable[[Request], list[int]], cpu_ids: dict[str, int]
             ) -> tuple[dict[Request, int], dict[Request, str]]:

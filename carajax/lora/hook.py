@@ -79,6 +79,15 @@ def table_choice(T: int, G: int, r_max: int) -> str:
     return "reference" if table is None else table.choose(T, G, r_max)
 
 
+def step_compact_plan(weights, seg_starts, seg_lens, seg_slots, T: int) -> jnp_ops.CompactPlan:
+    """The compact form's plan of a step (layer 0's page ids): each slot's pages up to its
+    largest rank over every projection and layer (they share pages)."""
+    slot_ranks = functools.reduce(jnp.maximum, [r.max(axis=0) for r in weights.ranks.values()])
+    pr = next(iter(weights.a.values())).shape[2]
+    return jnp_ops.compact_plan(seg_starts, seg_lens, seg_slots, slot_ranks, weights.page_table,
+                                pr, T)
+
+
 class BatchLora:
     """A `LoraHook` for one step's flattened batch (built inside the jitted step).
 
@@ -101,14 +110,10 @@ class BatchLora:
         self._compact: jnp_ops.CompactPlan | None = compact
 
     def _compact_plan(self, T: int) -> jnp_ops.CompactPlan:
-        """The step's compact plan (layer 0's page ids), built once per step: each slot's pages
-        up to its largest rank over every projection and layer (they share pages)."""
+        """The step's compact plan, built once per step (`step_compact_plan`)."""
         if self._compact is None:
-            w = self.weights
-            slot_ranks = functools.reduce(jnp.maximum, [r.max(axis=0) for r in w.ranks.values()])
-            pr = next(iter(w.a.values())).shape[2]
-            self._compact = jnp_ops.compact_plan(self.seg_starts, self.seg_lens, self.seg_slots,
-                                                 slot_ranks, w.page_table, pr, T)
+            self._compact = step_compact_plan(self.weights, self.seg_starts, self.seg_lens,
+                                              self.seg_slots, T)
         return self._compact
 
     def __call__(self, layer: int, modules: tuple[str, ...], x: jax.Array
