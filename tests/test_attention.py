@@ -149,6 +149,25 @@ def test_mixed_batch_matches_dense_loop(heads, kv_heads, query_block):
     np.testing.assert_array_equal(out[n_valid:], 0)
 
 
+@pytest.mark.parametrize("chunk_block", [5, 8])
+def test_prefill_blocks_of_the_flat_step_match_dense_loop(monkeypatch, chunk_block):
+    """A step with prefill chunks attends its own keys in blocks of the flat step, across
+    sequence boundaries (query block i against key block i - d, diagonals no sequence spans
+    skipped), and the earlier context through the pages; small blocks make every part run:
+    several diagonals, skipped ones, a sequence spanning blocks, a padded last block (5)."""
+    from carajax.models import attention
+
+    monkeypatch.setattr(attention, "CHUNK_BLOCK", chunk_block)
+    specs = MIXED + [(20, 20), (30, 11)]  # a long fresh prompt; a second chunk of a prompt
+    case = make_case(np.random.default_rng(4), specs, page_size=8, heads=8, kv_heads=2,
+                     num_tokens=48, num_cols=8, num_pages=64)
+    fn = jax.jit(functools.partial(paged_attention, query_block=4, impl="reference"))
+    out = np.asarray(fn(*case.args()), np.float64)
+    n_valid = case.query_starts[-1]
+    assert rel_error(out[:n_valid], naive_attention(case)[:n_valid]) <= F32_TOL
+    np.testing.assert_array_equal(out[n_valid:], 0)
+
+
 def test_query_block_does_not_change_the_result():
     # The shapes of the GQA case above, so that most compiles are reused.
     case = make_case(np.random.default_rng(1), MIXED, page_size=8, heads=8, kv_heads=2,

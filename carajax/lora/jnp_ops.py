@@ -36,7 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from carajax.models.attention import num_query_blocks, plan_query_blocks
+from carajax.ragged import num_query_blocks, plan_query_blocks
 
 
 @functools.partial(jax.jit, static_argnames=("token_block",))

@@ -49,8 +49,7 @@ import jax.experimental.pallas.triton as plgpu
 import jax.numpy as jnp
 import numpy as np
 
-# attention.py imports this module lazily (in its dispatch), so this import is not circular.
-from carajax.models.attention import checked_layout, default_query_block, plan_query_blocks
+from carajax.ragged import checked_layout, default_query_block, plan_query_blocks
 
 # A masked score: finite, so that max/exp arithmetic on a fully masked row stays NaN-free.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
