@@ -280,6 +280,11 @@ class EngineConfig:
     # delayed to latency + bytes / bandwidth. Results from it are labelled emulated.
     emulated_link_gbps: float | None = None
     emulated_link_latency_ms: float = 0.0
+    # `auto` where the device is this host's CPU: the host's LoRA would run on the very cores the
+    # step runs on, and a "copy" is a memcpy, so CPU assist cannot win and is never picked (nor
+    # its step variants compiled), unless this is True: experiments with an emulated link that
+    # stand for a separate accelerator, and tests of the choice itself.
+    auto_cpu_assist_on_host: bool = False
     # LoRA ops: "auto" (on GPU the shipped measured table's fastest per step shape, else the
     # fastest at warm-up of the forms verified compiled on the device kind, see carajax.autotune;
     # jnp references elsewhere or with neither), "pallas", "fused" (shrink + expand in one Pallas

@@ -10,7 +10,7 @@ import pytest
 
 import carajax
 from carajax.config import TARGET_MODULES, EngineConfig, ModelConfig
-from carajax.engine.cold_start import HostLoraCost, choose
+from carajax.engine.cold_start import HostLoraCost, HostPath
 from carajax.lora.adapter import LoraAdapter, LoraModule
 from carajax.models import weights
 from carajax.models.tokenizer import ByteTokenizer
@@ -93,8 +93,8 @@ def test_the_copy_starts_at_submit_and_its_claim_ends_with_the_request(adapter_d
         cold = e.submit(COLD_PROMPT, adapter="cold", sampling=GREEDY)
         assert e.pool.where("cold") == "loading"  # no step has run yet
         assert e.pool.stats()["wanted"] == {"cold": 1}
-        # (auto: the host's LoRA for 41 tokens beats a 0.3 s copy)
-        assert e.stats()["cold_paths"] == {"async" if policy == "async" else "cpu_assist": 1}
+        # (auto on this host-only device: the copy, never CPU assist)
+        assert e.stats()["cold_paths"] == {"cpu_assist" if policy == "cpu_assist" else "async": 1}
         with pytest.raises(carajax.QueueFullError):
             e.generate([COLD_PROMPT, COLD_PROMPT], adapters=["cold", "cold"], sampling=GREEDY)
         assert e.pool.stats()["wanted"] == {"cold": 1}  # the refused two released theirs
@@ -110,10 +110,11 @@ def test_the_copy_starts_at_submit_and_its_claim_ends_with_the_request(adapter_d
 @pytest.mark.parametrize("latency_ms,path", [(2000, "cpu_assist"), (0, "async")])
 def test_auto_takes_cpu_assist_only_when_the_copy_is_slower(adapter_dirs, reference, latency_ms,
                                                              path):
-    """A 2 s copy: the host's LoRA for 41 tokens (well under a second, measured) wins, the request
-    starts on the CPU path. A copy at 1000 GB/s with no latency: waiting for it wins."""
+    """As if the device were separate (`auto_cpu_assist_on_host`): a 2 s copy: the host's LoRA
+    for 41 tokens (well under a second, measured on the engine's own CPU-assisted step) wins, the
+    request starts on the CPU path. A copy at 1000 GB/s with no latency: waiting for it wins."""
     with _engine(adapter_dirs, cold_start="auto", emulated_link_gbps=1000.0,
-                 emulated_link_latency_ms=latency_ms) as e:
+                 emulated_link_latency_ms=latency_ms, auto_cpu_assist_on_host=True) as e:
         e.pool.load_now("warm")
         outs = e.generate([WARM_PROMPT, COLD_PROMPT], adapters=["warm", "cold"], sampling=GREEDY)
         stats = e.stats()
@@ -134,15 +135,62 @@ def _adapter(rank: int, d: int = 64, layers: int = 2) -> LoraAdapter:
                                       for i in range(layers) for m in TARGET_MODULES[:4]})
 
 
-def test_choice_compares_the_host_lora_time_with_the_copy_time():
-    cost = HostLoraCost(seconds_per_mac=1e-9, callback_s=1e-4, chunk=16)
+def test_choice_compares_the_host_path_time_with_the_copy_time():
+    cost = HostLoraCost(seconds_per_mac=1e-9, step_fixed_s=2e-4, chunk=16)
     adapter = _adapter(8)  # 2 layers x 4 projections x 8 x (64 + 64) = 8192 MACs per token
-    # 32 tokens: 262,144 MACs = 0.262 ms, + 2 chunks x 2 layers x 0.1 ms callbacks = 0.662 ms.
-    assert cost.prefill_seconds(adapter, 32, num_layers=2) == pytest.approx(0.662144e-3)
-    assert choose(cost, adapter, 32, 2, copy_s=1e-3).path == "cpu_assist"
-    assert choose(cost, adapter, 32, 2, copy_s=0.5e-3).path == "async"
+    # 32 tokens: 262,144 MACs = 0.262 ms, + 2 chunk steps x 0.2 ms of fixed cost = 0.662 ms.
+    assert cost.prefill_seconds(adapter, 32) == pytest.approx(0.662144e-3)
+    path = HostPath(cost, host_only=False)
+    assert path.choose(adapter, 32, copy_s=1e-3).path == "cpu_assist"
+    assert path.choose(adapter, 32, copy_s=0.5e-3).path == "async"
     # A rank-64 adapter costs 8x the MACs: the same copy is no longer worth beating.
-    assert choose(cost, _adapter(64), 32, 2, copy_s=1e-3).path == "async"
+    assert path.choose(_adapter(64), 32, copy_s=1e-3).path == "async"
+    # A host-only device never assists, however slow the copy.
+    host_only = HostPath(cost, host_only=True).choose(adapter, 32, copy_s=100.0)
+    assert host_only.path == "async" and host_only.cpu_s == float("inf")
+
+
+def test_live_steps_refine_the_seconds_per_mac():
+    path = HostPath(HostLoraCost(seconds_per_mac=1e-9, step_fixed_s=1e-4, chunk=16),
+                    host_only=False)
+    for _ in range(40):  # the host turns out 3x slower than measured
+        path.observe(host_s=3e-9 * 1_000_000, macs=1_000_000)
+    assert path.cost.seconds_per_mac == pytest.approx(3e-9, rel=1e-3)
+    assert path.observations == 40
+    path.observe(host_s=1.0, macs=0)  # nothing computed: nothing learnt
+    assert path.observations == 40
+
+
+def test_auto_on_a_host_only_device_waits_for_the_copy(adapter_dirs, reference):
+    """On this CPU backend the "device" is the host: a 2 s copy still beats CPU assist there
+    (the host's LoRA would take the step's own cores), so `auto` takes async, measures nothing,
+    compiles no CPU-assist variant, and says so in its stats."""
+    with _engine(adapter_dirs, cold_start="auto", emulated_link_gbps=1000.0,
+                 emulated_link_latency_ms=300) as e:
+        assert not e.uses_cpu_assist
+        e.pool.load_now("warm")
+        outs = e.generate([WARM_PROMPT, COLD_PROMPT], adapters=["warm", "cold"], sampling=GREEDY)
+        stats = e.stats()
+    assert [o.token_ids for o in outs] == reference
+    assert outs[1].metrics.cold_path == "async" and outs[1].metrics.cpu_prefill_tokens == 0
+    assert stats["auto_host_path"]["host_only"] is True
+    assert "never picks cpu_assist" in stats["auto_host_path"]["note"]
+    assert stats["cpu_assist"].calls == 0
+
+
+def test_auto_measures_the_host_path_on_its_own_step_and_refines_it(adapter_dirs):
+    """Off a host-only device, the host path's costs come from the engine's CPU-assisted step
+    (a chunk with no cold row over the plain step: the callbacks' fixed cost; every row cold
+    at two ranks: seconds per MAC), and each CPU-assisted step refines them."""
+    with _engine(adapter_dirs, cold_start="auto", emulated_link_gbps=1000.0,
+                 emulated_link_latency_ms=2000, auto_cpu_assist_on_host=True) as e:
+        measured = e.host_path.cost
+        assert measured.step_fixed_s > 0 and 0 < measured.seconds_per_mac < 1e-6
+        assert measured.chunk == 16
+        out = e.generate([COLD_PROMPT], adapters=["cold"], sampling=GREEDY)[0]
+        stats = e.stats()["auto_host_path"]
+    assert out.metrics.cold_path == "cpu_assist" and out.metrics.cpu_prefill_tokens > 0
+    assert stats["host_only"] is False and stats["observations"] >= 1
 
 
 def test_pool_predicts_copies_from_the_link_and_records_the_real_time(adapter_dirs):
@@ -168,13 +216,13 @@ def test_pool_predicts_copies_from_the_link_and_records_the_real_time(adapter_di
 def test_an_adapter_added_after_warmup_never_compiles_inside_a_step(adapter_dirs, tmp_path):
     """Installs compile per (targeted projections, page count): a served engine compiles a new
     adapter's variant when it is added, so its first copy installs without compiling."""
-    from carajax.lora import pool as pool_module
+    from carajax.lora import pages
     with _engine(adapter_dirs, cold_start="async") as e:
         e.warmup()
         path = write_random_adapter(tmp_path / "mlp", CFG, rank=8, seed=5,
                                     target_modules=("gate_proj", "up_proj", "down_proj"))
         e.add_adapter("mlp", path)
-        variants = pool_module._install_flat._cache_size()
+        variants = pages.install_flat._cache_size()
         e.pool.load_now("mlp")
-        assert pool_module._install_flat._cache_size() == variants
+        assert pages.install_flat._cache_size() == variants
         assert e.pool.where("mlp") == "device"

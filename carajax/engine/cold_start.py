@@ -6,13 +6,20 @@ for its prompt: slow links, big adapters, slow accelerators (CaraServe's A10 ove
 link with a long prompt, waiting for the copy is cheaper, and the warm rows beside it never stall
 on host callbacks. Both paths then run the prompt's base model on the device, so the comparison is
 
-    cpu_s  = prompt MACs of its LoRA x measured seconds per MAC + chunks x layers x callback time
+    cpu_s  = chunks x the CPU-assisted step's fixed cost + prompt MACs of its LoRA x seconds per MAC
     copy_s = the link's backlog + latency + adapter bytes / bandwidth   (`AdapterPool.copy_seconds`)
 
 and the request takes CPU assist iff cpu_s < copy_s (it hands over to the device when the copy
-lands, as `cpu_assist` does). The numbers are measured where the engine runs: the host's LoRA
-throughput at the prefill chunk's size (its thread split included) and a host-callback round trip,
-once per process and model shape; the link from the emulated settings or `measure_link`.
+lands, as `cpu_assist` does).
+
+Both host terms are measured as the step runs them (`measure_host_path`): the engine's own
+CPU-assisted step of one prefill chunk, every row cold, timed against the same step with no cold
+row (the four callbacks a layer that move the chunk's activations to the host and back: the
+fixed cost) and against the plain step, at two ranks (the MACs' cost: linear in rank). Live
+CPU-assisted steps then refine the seconds per MAC (`HostPath.observe`, from the bridge's own
+clock). Where the device IS the host (a CPU backend), none of this is run: the host's LoRA
+would compete for the cores the step runs on, and `auto` sends every cold request to `async`
+(`host_only`).
 """
 
 from __future__ import annotations
@@ -20,74 +27,130 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import threading
 import time
+from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from carajax.config import ModelConfig
+from carajax.config import TARGET_MODULES, ModelConfig
 from carajax.lora.adapter import LoraAdapter, LoraModule
 
 PATHS = ("cpu_assist", "async")
+# Weight of a live step's observation in the running seconds-per-MAC estimate.
+REFINE_WEIGHT = 0.2
+
+
+def lora_macs_per_token(adapter: LoraAdapter) -> int:
+    """Multiply-adds of an adapter's LoRA for one token, over all its layers and projections."""
+    return sum(m.rank * (m.a.shape[1] + m.b.shape[0]) for m in adapter.modules.values())
 
 
 @dataclasses.dataclass(frozen=True)
 class HostLoraCost:
-    """Measured host costs of CPU-assisted LoRA."""
+    """Measured host costs of a CPU-assisted prefill."""
 
-    seconds_per_mac: float  # wall seconds per multiply-add at the chunk's size, threads included
-    callback_s: float  # one host-callback round trip from a jitted step
+    seconds_per_mac: float  # host LoRA compute, threads included, at the chunk's size
+    step_fixed_s: float  # one CPU-assisted chunk step's extra cost with nothing to compute
     chunk: int  # prompt tokens per step (EngineConfig.prefill_chunk)
 
-    def prefill_seconds(self, adapter: LoraAdapter, prompt_tokens: int, num_layers: int) -> float:
-        """Host seconds the CPU path adds to a prefill of `prompt_tokens` with `adapter`."""
-        macs_per_token = sum(m.rank * (m.a.shape[1] + m.b.shape[0]) for m in adapter.modules.values())
+    def prefill_seconds(self, adapter: LoraAdapter, prompt_tokens: int) -> float:
+        """Seconds the CPU path adds to a prefill of `prompt_tokens` with `adapter`."""
         chunks = max(1, math.ceil(prompt_tokens / self.chunk))
-        return (prompt_tokens * macs_per_token * self.seconds_per_mac
-                + chunks * num_layers * self.callback_s)
+        return (chunks * self.step_fixed_s
+                + prompt_tokens * lora_macs_per_token(adapter) * self.seconds_per_mac)
 
 
-def measure_host_lora(worker, config: ModelConfig, rank: int, chunk: int,
-                      repeats: int = 5) -> HostLoraCost:
-    """Time the CPU worker on one q-projection-shaped job of `chunk` tokens at `rank` (what a
-    CPU-assisted step sends, per projection), and a no-op host callback from a jitted function."""
-    rng = np.random.default_rng(0)
-    d = config.hidden_size
-    module = LoraModule(a=rng.standard_normal((rank, d), np.float32) * 0.02,
-                        b=rng.standard_normal((d, rank), np.float32) * 0.02, scale=1.0)
-    x = rng.standard_normal((chunk, d), np.float32)
-    worker.delta(x, module)  # warm: weights cached, threads started, CPU backend compiled
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        worker.delta(x, module)
-        times.append(time.perf_counter() - t0)
-    worker.evict(module)
-    macs = chunk * rank * 2 * d
-    noop = jax.jit(lambda v: jax.pure_callback(lambda h: h, jax.ShapeDtypeStruct(v.shape, v.dtype), v))
-    v = jnp.zeros(8, jnp.float32)
-    jax.block_until_ready(noop(v))
-    calls = []
-    for _ in range(repeats * 4):
-        t0 = time.perf_counter()
-        jax.block_until_ready(noop(v))
-        calls.append(time.perf_counter() - t0)
-    return HostLoraCost(seconds_per_mac=statistics.median(times) / macs,
-                        callback_s=statistics.median(calls), chunk=chunk)
+def random_adapter(config: ModelConfig, rank: int, seed: int = 0) -> LoraAdapter:
+    """An adapter of `rank` on every target projection of every layer (timing only)."""
+    rng = np.random.default_rng(seed)
+    modules = {}
+    for layer in range(config.num_layers):
+        for name in TARGET_MODULES:
+            d_in, d_out = config.projection_shape(name)
+            modules[(layer, name)] = LoraModule(
+                a=(rng.standard_normal((rank, d_in)) * 0.02).astype(np.float32),
+                b=(rng.standard_normal((d_out, rank)) * 0.02).astype(np.float32), scale=1.0)
+    return LoraAdapter(name=f"timing-rank-{rank}", path="", modules=modules)
+
+
+def measure_host_path(step: Callable[[int], None], register: Callable[[LoraAdapter], int],
+                      unregister: Callable[[int], None], config: ModelConfig, chunk: int,
+                      ranks: tuple[int, int], repeats: int = 3) -> HostLoraCost:
+    """Time the engine's CPU-assisted step as it runs: `step(cold_id)` runs one prefill chunk
+    step of `chunk` tokens, every row cold under bridge id `cold_id` (-1: the CPU-assisted
+    variant with no cold row; None: the plain step) and waits for it. The fixed cost is the
+    no-cold-row step over the plain one; the seconds per MAC come from the steps with adapters
+    of the two `ranks` (on every projection), over their MACs."""
+    def median_s(cold_id) -> float:
+        step(cold_id)  # compile, first touch of the adapter's weights
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step(cold_id)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    plain, empty = median_s(None), median_s(-1)
+    per_mac = []
+    for rank in sorted(set(ranks)):
+        adapter = random_adapter(config, rank)
+        cid = register(adapter)
+        try:
+            added = median_s(cid) - empty
+        finally:
+            unregister(cid)
+        per_mac.append(max(added, 0.0) / (chunk * lora_macs_per_token(adapter)))
+    return HostLoraCost(seconds_per_mac=max(statistics.fmean(per_mac), 1e-15),
+                        step_fixed_s=max(empty - plain, 0.0), chunk=chunk)
 
 
 @dataclasses.dataclass(frozen=True)
 class ColdChoice:
-    """One cold request's decision and the two predictions behind it (seconds)."""
+    """One cold request's decision and the two predictions behind it (seconds; cpu_s is inf
+    where CPU assist is not an option)."""
 
     path: str  # "cpu_assist" | "async"
     cpu_s: float
     copy_s: float
 
 
-def choose(cost: HostLoraCost, adapter: LoraAdapter, prompt_tokens: int, num_layers: int,
-           copy_s: float) -> ColdChoice:
-    """CPU assist iff the host finishes the prompt's LoRA before the copy would land."""
-    cpu_s = cost.prefill_seconds(adapter, prompt_tokens, num_layers)
-    return ColdChoice("cpu_assist" if cpu_s < copy_s else "async", cpu_s, copy_s)
+class HostPath:
+    """`auto`'s view of the host path: the measured cost, refined from live steps, or none at
+    all on a host-only device (where `choose` always answers `async`)."""
+
+    def __init__(self, cost: HostLoraCost | None, *, host_only: bool):
+        self.cost, self.host_only = cost, host_only
+        self.observations = 0
+        self._lock = threading.Lock()
+
+    def choose(self, adapter: LoraAdapter, prompt_tokens: int, copy_s: float) -> ColdChoice:
+        """CPU assist iff the host finishes the prompt's LoRA before the copy would land."""
+        with self._lock:
+            cost = self.cost
+        if self.host_only or cost is None:
+            return ColdChoice("async", math.inf, copy_s)
+        cpu_s = cost.prefill_seconds(adapter, prompt_tokens)
+        return ColdChoice("cpu_assist" if cpu_s < copy_s else "async", cpu_s, copy_s)
+
+    def observe(self, host_s: float, macs: int) -> None:
+        """A live CPU-assisted step's host work by the bridge's own clock: `host_s` seconds
+        inside its callbacks while they computed `macs` multiply-adds (the callbacks' transfers
+        lie outside that clock, in the measured fixed cost). Refines the seconds per MAC."""
+        with self._lock:
+            if self.cost is None or macs <= 0:
+                return
+            blended = ((1 - REFINE_WEIGHT) * self.cost.seconds_per_mac
+                       + REFINE_WEIGHT * host_s / macs)
+            self.cost = dataclasses.replace(self.cost, seconds_per_mac=blended)
+            self.observations += 1
+
+    def stats(self) -> dict:
+        with self._lock:
+            cost = self.cost
+        if self.host_only:
+            return {"host_only": True,
+                    "note": "the device is this host's CPU: auto never picks cpu_assist"}
+        return {"host_only": False, "observations": self.observations,
+                **({"seconds_per_mac": cost.seconds_per_mac, "step_fixed_ms":
+                    cost.step_fixed_s * 1e3, "chunk": cost.chunk} if cost else {})}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import os
 import statistics
 import threading
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from carajax.config import PRESET_CHECKPOINTS, TARGET_MODULES, EngineConfig, ModelConfig
-from carajax.engine.cold_start import HostLoraCost, measure_host_lora
+from carajax.engine.cold_start import HostPath, measure_host_path
 from carajax.engine.planner import BatchPlanner, Schedule
 from carajax.engine.request import (
     QueueFullError,
@@ -52,7 +53,8 @@ Prompt = str | Sequence[int]
 # How long an engine with nothing to run but requests waiting for adapter copies sleeps between
 # polls (outside its lock, so submissions and cancels go through).
 COPY_POLL_S = 0.5e-3
-_CPU_PROFILES: dict[tuple, object] = {}  # see Engine._profile_cpu_assist and _host_lora
+log = logging.getLogger(__name__)
+_CPU_PROFILES: dict[tuple, object] = {}  # see Engine._profile_cpu_assist and _measure_host_path
 __all__ = ["Engine", "QueueFullError", "RequestError", "RequestOutput"]
 
 
@@ -95,7 +97,7 @@ class Engine:
         self.planner = BatchPlanner(config, self.runner.layout, self.runner.seq_len, self.pool,
                                     self._decode_text,
                                     lambda n: self.runner.token_bucket(n, decode_only=False),
-                                    host_lora=self._host_lora, num_layers=model.config.num_layers)
+                                    host_path=self._host_path)
         # Per step: (seconds on the host: planning, building inputs, applying results; seconds
         # in all). Host time is what a faster device cannot remove.
         # Per step: (host seconds: planning, building inputs, applying results; the step's
@@ -120,10 +122,21 @@ class Engine:
         self._closed = False
         self._warmed = False  # `warmup` has run: later adapters' installs compile as they come
         self.steps = 0
-        if config.cold_start in ("cpu_assist", "auto"):
+        # Where the device is this host's CPU, `auto` never picks CPU assist (the host's LoRA
+        # would compete for the step's own cores): nothing to measure, no variants to compile.
+        host_only = (self.runner.device_platform == "cpu"
+                     and not config.auto_cpu_assist_on_host)
+        self.host_path = HostPath(None, host_only=host_only)  # read by `auto` only
+        if config.cold_start == "cpu_assist" or (config.cold_start == "auto" and not host_only):
             self._profile_cpu_assist()
         if config.cold_start == "auto":
-            self._host_lora()  # measured now, not in the step of the first cold request
+            if host_only:
+                log.info("cold_start=auto on a host-only device (%s): cold requests wait for "
+                         "their copy (async); CPU assist would run on the step's own cores",
+                         self.runner.device_platform)
+            else:  # measured now, not in the step of the first cold request
+                self.host_path.cost = self._measure_host_path()
+        self._bridge_seen = self.bridge.stats()  # live CPU-assisted steps refine host_path
 
     def _profile_cpu_assist(self) -> None:
         """CaraServe's profiling-guided CPU parallelism: c = tokens one core handles within the
@@ -144,16 +157,25 @@ class Engine:
                 c.hidden_size, c.hidden_size, self.config.max_lora_rank, budget, repeats=3)
         self.bridge.worker.tokens_per_core = _CPU_PROFILES[key]
 
-    def _host_lora(self) -> HostLoraCost:
-        """`auto`'s measured host LoRA costs, once per model shape, dtype and chunk in a process
-        (at construction: a measurement inside the first cold request's step would stall it)."""
-        c = self.model_config
-        key = ("host_lora", c, self.config.prefill_chunk, self.config.max_lora_rank)
+    def _measure_host_path(self):
+        """`auto`'s host-path costs, timed on this engine's own CPU-assisted step at the prefill
+        chunk's size (ranks 8 and max_lora_rank); once per model shape, dtype and chunk in a
+        process."""
+        c, cfg = self.model_config, self.config
+        chunk = min(cfg.prefill_chunk, cfg.max_step_tokens, self.runner.seq_len)
+        key = ("host_path", c, str(self.runner.dtype), chunk, cfg.max_lora_rank)
         if key not in _CPU_PROFILES:
-            chunk = min(self.config.prefill_chunk, self.config.max_step_tokens)
-            _CPU_PROFILES[key] = measure_host_lora(self.bridge.worker, c, self.config.max_lora_rank,
-                                                   chunk)
+            def step(cold_id):
+                bridge = None if cold_id is None else self.bridge
+                self.runner.dry_step(chunk, bridge=bridge, cold_id=-1 if cold_id is None
+                                     else cold_id)
+            _CPU_PROFILES[key] = measure_host_path(
+                step, self.bridge.register, self.bridge.unregister, c, self.runner.token_bucket(
+                    chunk, decode_only=False), (min(8, cfg.max_lora_rank), cfg.max_lora_rank))
         return _CPU_PROFILES[key]
+
+    def _host_path(self) -> HostPath:
+        return self.host_path
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: str = "float32",
@@ -188,8 +210,13 @@ class Engine:
         with self._lock:
             self._warmed = True
             self.pool.warmup()  # adapter installs: one variant per (projections, page count)
-            return self.runner.warmup(cpu=self.config.cold_start in ("cpu_assist", "auto"),
-                                      progress=progress)
+            return self.runner.warmup(cpu=self.uses_cpu_assist, progress=progress)
+
+    @property
+    def uses_cpu_assist(self) -> bool:
+        """Whether cold requests may take CPU assist here (its step variants are compiled)."""
+        return self.config.cold_start == "cpu_assist" or (
+            self.config.cold_start == "auto" and not self.host_path.host_only)
 
     # -- adapters ---------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str | os.PathLike, *, pin: bool = False) -> LoraAdapter:
@@ -458,6 +485,10 @@ class Engine:
             self._step_times.append((step.host_s + (t_end - t_got), period, t_got - t_sync))
             self.planner.step_times.add(step.plan.num_tokens, period)
             self.steps += 1
+            if step.inputs.cpu_rows.size and self.host_path.cost is not None:
+                seen, self._bridge_seen = self._bridge_seen, self.bridge.stats()
+                self.host_path.observe(self._bridge_seen.cold_host_s - seen.cold_host_s,
+                                       self._bridge_seen.macs - seen.macs)
 
     def _ensure_loop(self) -> None:
         if not self.background:
@@ -505,6 +536,8 @@ class Engine:
                     "step_wait_ms": _median_ms(times, 2),
                     "async_scheduling": self.config.async_scheduling,
                     "cold_paths": dict(self.planner.cold_paths),
+                    **({"auto_host_path": self.host_path.stats()}
+                       if self.config.cold_start == "auto" else {}),
                     "finished": {"count": self.planner.finished_count,
                                  "recent_output_tokens": list(self.planner.finished_outputs)},
                     "adapters": self.pool.stats(), "cpu_assist": self.bridge.stats()}

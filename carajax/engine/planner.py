@@ -128,8 +128,7 @@ class BatchPlanner:
 
     def __init__(self, config: EngineConfig, layout: KVLayout, seq_len: int, pool, decode_text,
                  token_bucket: Callable[[int], int] | None = None,
-                 host_lora: Callable[[], cold_start.HostLoraCost] | None = None,
-                 num_layers: int = 1):
+                 host_path: Callable[[], cold_start.HostPath] | None = None):
         self.config = config
         self.layout = layout
         self.seq_len = seq_len  # longest context of one request (positions)
@@ -147,8 +146,7 @@ class BatchPlanner:
         # The padded token count the runner will compile a step with (mixed steps): a step
         # whose chunks fall short of it is topped up with more prompt tokens, which cost nothing.
         self.token_bucket = token_bucket
-        self.host_lora = host_lora  # `auto`: the measured host LoRA costs (measured on first use)
-        self.num_layers = num_layers
+        self.host_path = host_path  # `auto`: the engine's measured view of the host path
         self.cold_paths: collections.Counter[str] = collections.Counter()  # cold requests per path
         # Output lengths of recently finished replies, and how many ever finished: what routers
         # learn the reply-length distribution from (sched.output_lengths).
@@ -314,8 +312,8 @@ class BatchPlanner:
         policy = self.config.cold_start
         if policy == "auto":
             adapter = self.pool.adapter(req.adapter)
-            choice = cold_start.choose(self.host_lora(), adapter, len(req.prompt_ids),
-                                       self.num_layers, self.pool.copy_seconds(req.adapter))
+            choice = self.host_path().choose(adapter, len(req.prompt_ids),
+                                             self.pool.copy_seconds(req.adapter))
             req.metrics.cold_path = choice.path
             req.metrics.predicted_cpu_s = choice.cpu_s
             req.metrics.predicted_copy_s = choice.copy_s

@@ -46,6 +46,7 @@ _TRACES: collections.Counter[str] = collections.Counter()
 PREFILL_BLOCK = 16
 MAX_PREFILL_BLOCK = 64
 CPU_ROWS_SMALL = 8  # see ModelRunner.cpu_rows_bucket
+CPU_ROWS_GROWTH = 4  # ditto
 
 
 class Static:
@@ -252,15 +253,28 @@ class ModelRunner:
 
     @staticmethod
     def cpu_rows_bucket(n: int, T: int) -> int:
-        """Rows a CPU-assist step gathers for the host: 8 (a few cold decode tokens) or all T
-        (cold prefill chunks), so CPU-assist variants are two per token bucket, all warmed up."""
-        return min(T, CPU_ROWS_SMALL) if n <= CPU_ROWS_SMALL else T
+        """Rows a CPU-assist step gathers for the host, for n cold rows in a step of T: 8, 32,
+        128, ... (at most 4x the cold rows, never the whole step for a few more than 8), capped
+        at T; a few variants per token bucket, all warmed up."""
+        c = CPU_ROWS_SMALL
+        while c < n:
+            c *= CPU_ROWS_GROWTH
+        return min(T, c)
+
+    def cpu_rows_buckets(self, T: int) -> list[int]:
+        """Every `cpu_rows_bucket` a step of T tokens can take."""
+        return sorted({self.cpu_rows_bucket(n, T) for n in range(1, T + 1)})
 
     def query_block(self, T: int, decode_only: bool) -> int:
         """The attention's query block for a step of T (bucketed) tokens; static per variant."""
         if decode_only:
             return 1
         return min(MAX_PREFILL_BLOCK, max(PREFILL_BLOCK, bucket(T // self.config.max_batch_size, 1)))
+
+    @property
+    def device_platform(self) -> str:
+        """Where the step runs: "cpu", "gpu" or "tpu" (the platform holding the weights)."""
+        return next(iter(self.embedding.devices())).platform
 
     @property
     def table_width(self) -> int:
@@ -425,7 +439,7 @@ class ModelRunner:
         lowered = []
         for bridge in ((None, self.bridge) if cpu else (None,)):
             for T, block in shapes:
-                for C in ({self.cpu_rows_bucket(n, T) for n in (1, T)} if bridge else {0}):
+                for C in (self.cpu_rows_buckets(T) if bridge else (0,)):
                     lowered += self._lowered(T, block, bridge, C, embed_and_head=bridge is None)
         for R in sorted({min(T, cfg.max_batch_size) for T, _ in shapes}):
             logits = jax.ShapeDtypeStruct((R, self.model_config.vocab_size), jnp.float32)
@@ -438,9 +452,10 @@ class ModelRunner:
                     progress(done, len(lowered))
         return sum(_TRACES.values()) - before
 
-    def _dry_inputs(self, T: int, bridge, C: int | None = None):
+    def _dry_inputs(self, T: int, bridge, C: int | None = None, cold_id: int = -1):
         """Host arrays of a step of T padding tokens (every KV write dropped, no sequence
-        attends): batch, seg_slots, cpu_rows, cpu_ids, from_prev."""
+        attends): batch, seg_slots, cpu_rows, cpu_ids, from_prev. `cold_id` >= 0: the first C
+        rows are cold rows of that bridge id (the host computes their LoRA for real)."""
         S = self.config.max_batch_size
         R = min(T, S)
         batch = StepBatch(tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
@@ -450,8 +465,10 @@ class ModelRunner:
                           logit_rows=np.zeros(R, np.int32))
         if C is None:
             C = self.cpu_rows_bucket(1, T) if bridge is not None else 0
-        return (batch, np.full(S, -1, np.int32), np.full(C, T, np.int32),
-                np.full(C, -1, np.int32), np.full(T, -1, np.int32))
+        rows, ids = np.full(C, T, np.int32), np.full(C, -1, np.int32)
+        if cold_id >= 0:
+            rows[:], ids[:] = np.arange(C), cold_id
+        return batch, np.full(S, -1, np.int32), rows, ids, np.full(T, -1, np.int32)
 
     def _lowered(self, T: int, block: int, bridge, C: int, embed_and_head: bool = True) -> list:
         """The step's compiled pieces for T tokens, lowered (not compiled): the layer, and
@@ -470,11 +487,14 @@ class ModelRunner:
                                    eps=self.norm_eps, tied=self.tied))
         return out
 
-    def dry_step(self, T: int, block: int | None = None, bridge=None) -> None:
-        """A step of T padding tokens, to time the projections of T tokens; waits for it."""
+    def dry_step(self, T: int, block: int | None = None, bridge=None, cold_id: int = -1) -> None:
+        """A step of T padding tokens, to time the projections of T tokens; waits for it. With a
+        bridge and `cold_id`: every row cold under that bridge id, as a CPU-assisted prefill
+        chunk of T tokens runs."""
         T = bucket(T, 1)
         block = self.query_block(T, False) if block is None else block
-        batch, seg_slots, cpu_rows, cpu_ids, from_prev = self._dry_inputs(T, bridge)
+        C = None if cold_id < 0 else self.cpu_rows_bucket(T, T)
+        batch, seg_slots, cpu_rows, cpu_ids, from_prev = self._dry_inputs(T, bridge, C, cold_id)
         logits = self._forward(batch, seg_slots, cpu_rows, cpu_ids, from_prev,
                                use_lora=len(self.pool) > 0, bridge=bridge, block=block)
         jax.block_until_ready(_sample(logits, _greedy(logits.shape[0]), self.config.max_batch_size))

@@ -314,6 +314,8 @@ class BridgeStats:
     tokens: int  # cold tokens whose delta was computed (summed over projections)
     host_s: float  # seconds spent inside the callback
     recent_call_s: tuple[float, ...]  # duration of each of the last 1024 invocations
+    macs: int = 0  # multiply-adds of the deltas computed
+    cold_host_s: float = 0.0  # seconds inside the invocations that had cold tokens
 
     @property
     def mean_call_us(self) -> float:
@@ -374,12 +376,12 @@ class CpuAssistBridge:
     def stats(self) -> BridgeStats:
         with self._lock:
             return BridgeStats(self._calls, self._cold_calls, self._tokens, self._host_s,
-                               tuple(self._recent))
+                               tuple(self._recent), self._macs, self._cold_host_s)
 
     def reset_stats(self) -> None:
         with self._lock:
-            self._calls = self._cold_calls = self._tokens = 0
-            self._host_s = 0.0
+            self._calls = self._cold_calls = self._tokens = self._macs = 0
+            self._host_s = self._cold_host_s = 0.0
             self._recent: collections.deque[float] = collections.deque(maxlen=1024)
 
     # -- in jit ------------------------------------------------------------------------------
@@ -434,17 +436,17 @@ class CpuAssistBridge:
         t0 = time.perf_counter()
         x = np.asarray(x)  # [..., Tq, d_in]
         ys = tuple(np.zeros((*x.shape[:-1], d), x.dtype) for d in d_outs)  # [..., Tq, d_out]
-        tokens, errors, cold_ids = 0, {}, []
+        tokens, macs, errors, cold_ids = 0, 0, {}, []
         try:
             meta = np.asarray(meta).reshape(-1, 3)  # rows of (layer, id, length)
             cold = np.flatnonzero((meta[:, 1] >= 0) & (meta[:, 2] > 0))
             if cold.size:  # a step with no cold row returns zeros straight away
                 cold_ids = sorted({int(i) for i in meta[cold, 1]})
-                tokens, errors = self._cold_rows(modules, meta, cold, x, ys)
+                tokens, macs, errors = self._cold_rows(modules, meta, cold, x, ys)
         except BaseException as e:  # nothing may propagate into XLA
             for y in ys:
                 y[...] = 0
-            tokens = 0
+            tokens = macs = 0
             errors = {cid: e for cid in cold_ids} or {-1: e}
         dt = time.perf_counter() - t0
         with self._lock:
@@ -453,11 +455,14 @@ class CpuAssistBridge:
             self._cold_calls += bool(cold_ids)
             self._tokens += tokens
             self._host_s += dt
+            self._macs += macs
+            self._cold_host_s += dt if cold_ids else 0.0
             self._recent.append(dt)
         return ys
 
-    def _cold_rows(self, modules, meta, cold, x, ys) -> tuple[int, dict]:
-        """Fill the outputs' cold rows in place; returns (tokens computed, {cpu id: exception})."""
+    def _cold_rows(self, modules, meta, cold, x, ys) -> tuple[int, int, dict]:
+        """Fill the outputs' cold rows in place; returns (tokens computed, their multiply-adds,
+        {cpu id: exception})."""
         Tq, d_in = x.shape[-2:]
         xr = x.reshape(-1, Tq, d_in)  # [rows, Tq, d_in] (a view)
         yrs = [y.reshape(-1, Tq, y.shape[-1]) for y in ys]  # views
@@ -499,4 +504,6 @@ class CpuAssistBridge:
             for yr in yrs:
                 yr[ids == cid] = 0
         tokens = sum(int(lens[rows].sum()) for cid, rows in done if cid not in errors)
-        return tokens, errors
+        macs = sum(xs.shape[0] * m.rank * (xs.shape[1] + np.shape(m.b)[0])
+                   for (xs, m), (_, cid, _) in zip(jobs, targets) if cid not in errors)
+        return tokens, macs, errors
