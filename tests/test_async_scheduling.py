@@ -109,3 +109,37 @@ def test_stats_report_host_and_wait_times(async_scheduling):
     # the launch, so it is only bounded by the steps' sum (a tiny model's device is fast).
     assert s["step_host_ms"] > 0 and s["step_ms"] > 0
     assert 0 <= s["step_wait_ms"] <= s["step_ms"]
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_the_next_step_is_launched_before_the_last_ones_tokens_are_read(async_scheduling):
+    """What async scheduling is for: the device gets step N + 1 before the host reads step N's
+    tokens (launch, launch, wait, launch, wait, ...), where the waiting engine alternates launch
+    and wait."""
+    events = []
+    with _engine(async_scheduling) as e:
+        launch, wait = e.runner.launch, e.runner.wait
+
+        def logged_launch(inputs):
+            events.append("launch")
+            return launch(inputs)
+
+        def logged_wait(tokens):
+            events.append("wait")
+            return wait(tokens)
+
+        e.runner.launch, e.runner.wait = logged_launch, logged_wait
+        e.generate(_prompts(3, seed=4), sampling=carajax.SamplingParams(
+            max_tokens=8, temperature=0.0, stop_token_ids=()))
+    # Steps on the device when the host starts waiting for one: 2 = the next was launched first.
+    in_flight, launched, waited = [], 0, 0
+    for event in events:
+        launched += event == "launch"
+        waited += event == "wait"
+        if event == "wait":
+            in_flight.append(launched - waited + 1)
+    assert len(in_flight) == launched >= 8
+    if async_scheduling:
+        assert in_flight.count(2) >= len(in_flight) - 3  # all but the last few steps
+    else:
+        assert set(in_flight) == {1}

@@ -1,7 +1,7 @@
 """The built-in demo model and its trained adapters (carajax.demo, made by scripts/train_demo.py).
 
 Specification: the base echoes a word (`hello=` -> `hello`); each shipped adapter does its own
-task on words no training step saw, at >= 95% exact match, where the base alone scores ~0; in one
+task on words no training step saw, at >= 99% exact match, where the base alone scores ~0; in one
 mixed batch, in-process and over gRPC with cold adapters served by CPU-assist behind a slow
 emulated link, every request shows its own adapter's behaviour and equals its single-request
 output; HF `transformers` + `peft` load the shipped files and agree token for token.
@@ -76,7 +76,8 @@ def test_each_adapter_does_its_task_on_held_out_words_and_the_base_does_not(engi
     base = engine.generate(prompts, sampling=demo.GREEDY)
     acc = T.exact_match(demo.TASKS[task], words, [o.text for o in with_adapter])
     base_acc = T.exact_match(demo.TASKS[task], words, [o.text for o in base])
-    assert acc >= 0.95, f"{task}: {acc:.1%} on held-out words"
+    # The README's promise (>= 99%); on these 40 fixed words that is every one of them.
+    assert acc >= 0.99, f"{task}: {acc:.1%} on held-out words"
     assert base_acc <= 0.05, f"the base alone solves {task} on {base_acc:.1%}"
     # ... because the base echoes the word, which every evaluation word's answer differs from.
     assert T.exact_match(demo.ECHO, words, [o.text for o in base]) >= 0.95

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+
+# The reference stack is a test dependency (pyproject's `test` extra): missing, this module fails
+# at import (an error in CI), never a silent skip.
+import peft  # noqa: F401
 import pytest
 
 import carajax
 from carajax.testing import run_chunks
 from tests.conftest import assert_close, rel_error
 from tests.hf_reference import ADAPTERS, MODELS, NEW_TOKENS, build_case
-
-pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

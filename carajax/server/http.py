@@ -58,6 +58,11 @@ def create_app(serving: OpenAIServing, *, api_key: str | None = None) -> FastAPI
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         errors = e.errors()
+        if errors and errors[0]["type"] == "json_invalid":  # its loc is a character offset
+            reason = errors[0].get("ctx", {}).get("error", "JSON decode error")
+            return JSONResponse(oa.bad_request(
+                f"the request body is not valid JSON: {reason} (at character "
+                f"{errors[0]['loc'][-1]})").body(), status_code=400)
         where = ".".join(str(x) for x in errors[0]["loc"] if x != "body") if errors else ""
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         return JSONResponse(oa.bad_request(f"{where}: {errors[0]['msg']}{more}" if errors else

@@ -212,13 +212,15 @@ class GenerateSpec:
 
 
 def generate_spec(req: _Sampling, prompt: str | list[int], *, adapter: str | None, request_id: str,
-                  max_tokens: int, eos_token_ids: tuple[int, ...], limits: HttpLimits,
-                  tokenizer=None) -> GenerateSpec:
+                  max_tokens: int | None, eos_token_ids: tuple[int, ...], limits: HttpLimits,
+                  tokenizer=None, context: int | None = None) -> GenerateSpec:
     """Check `req` against `limits` and build the GenerateRequest (ids when `tokenizer` is given:
-    the router then prices the exact prompt length)."""
+    the router then prices the exact prompt length). `max_tokens` None: as many as the context
+    leaves (up to the server's limit). Where the prompt's length is known here and `context` is
+    given, the engine's rule applies here too: prompt + max_tokens <= context, else 400."""
     stops = req.stop_strings()
     extra_ids = list(req.stop_token_ids or ())
-    if max_tokens > limits.max_tokens:
+    if max_tokens is not None and max_tokens > limits.max_tokens:
         raise bad_request(f"max_tokens {max_tokens} is over this server's limit {limits.max_tokens}",
                           "max_tokens")
     for check, param in ((lambda: codec.check_stops(extra_ids, stops, limits.request), "stop"),
@@ -229,6 +231,16 @@ def generate_spec(req: _Sampling, prompt: str | list[int], *, adapter: str | Non
             raise bad_request(str(e), param) from None
     if isinstance(prompt, str) and tokenizer is not None:
         prompt = tokenizer.encode(prompt)
+    room = None if context is None or isinstance(prompt, str) else context - len(prompt)
+    if max_tokens is None:
+        max_tokens = limits.max_tokens if room is None else min(limits.max_tokens, room)
+        if max_tokens < 1:
+            raise bad_request(f"the prompt ({len(prompt)} tokens) fills the context length "
+                              f"{context}", "messages")
+    elif room is not None and max_tokens > room:
+        raise bad_request(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) is over the "
+                          f"context length {context}: ask for at most {max(room, 0)} tokens",
+                          "max_tokens")
     # vLLM's stop_token_ids stop in addition to EOS; carajax's replace it, so EOS is added back.
     stop_ids = None
     if extra_ids or req.ignore_eos:
