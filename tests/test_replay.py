@@ -238,3 +238,14 @@ def test_replay_command_engine_mode_writes_results(tmp_path, setup):
     for png in ("latency_cdf.png", "ttft_over_time.png", "slo_attainment.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert format_table(saved["summaries"]) in (out / "replay.md").read_text()
+
+
+def test_the_machine_record_needs_no_git(monkeypatch):
+    """`carajax replay` on a machine without git (or outside a checkout) records no commit and
+    runs on, where it used to die on FileNotFoundError."""
+    from carajax.replay.command import machine_info
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    info = machine_info()
+    assert info["git_commit"] is None and info["git_dirty"] is False
+    assert info["cores"] >= 1

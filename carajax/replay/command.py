@@ -67,7 +67,8 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                    "adapters it lacks are loaded with /v1/load_lora_adapter if it allows that, else the "
                    "replay stops naming them); --model must match its model")
     g.add_argument("--model", default=DEMO_MODEL, help="the built-in trained model (default), a "
-                   "preset name (random weights) or an HF checkpoint dir")
+                   "preset name (random weights), an HF checkpoint dir, a GGUF file or a model "
+                   "carajax pulls by name (smollm2-135m-instruct)")
     g.add_argument("--workers", type=int, default=2)
     g.add_argument("--cold-starts", default="cached,wait,async,cpu_assist,auto",
                    help="engine policies to compare")
@@ -170,8 +171,14 @@ def machine_info() -> dict:
 
     host = host_info()
     dev = jax.devices()[0]
-    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,  # noqa: E731
-                                    check=False).stdout.strip()
+
+    def git(*args: str) -> str:  # "" where git is not installed or this is no checkout
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                                  check=False).stdout.strip()
+        except OSError:
+            return ""
+
     commit = git("rev-parse", "--short", "HEAD") or None
     return {"cpu": host["cpu_model"], "cores": host["cpu_count"], "load_avg_at_start": os.getloadavg(),
             "platform": host["platform"], "python": host["python"],
