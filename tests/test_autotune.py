@@ -16,6 +16,7 @@ import pytest
 import carajax
 from carajax import autotune
 from carajax.config import EngineConfig
+from carajax.engine import kernel_timing
 from carajax.lora import hook, kernel_table
 from carajax.models import attention, paged_attention_pallas
 from tests.conftest import rel_error
@@ -98,7 +99,7 @@ def test_measure_times_the_callables():
     def broken():
         raise RuntimeError("does not lower here")
 
-    got = autotune.measure({"slow": sleeper("slow", 0.02, 1.0), "wrong": sleeper("wrong", 0, 2.0),
+    got = kernel_timing.measure({"slow": sleeper("slow", 0.02, 1.0), "wrong": sleeper("wrong", 0, 2.0),
                             "broken": broken, "reference": sleeper("reference", 0.002, 1.0)},
                            repeats=3, reference="reference", tolerance=1e-3)
     # A form that raises or disagrees with the reference is left out.
@@ -106,7 +107,7 @@ def test_measure_times_the_callables():
     assert got["slow"] >= 0.02 and 0.002 <= got["reference"] < got["slow"]
     assert calls == {"reference": 4, "slow": 4, "wrong": 1}  # one untimed call + 3 rounds
     with pytest.raises(RuntimeError):  # the reference itself must run
-        autotune.measure({"reference": broken}, reference="reference")
+        kernel_timing.measure({"reference": broken}, reference="reference")
 
 
 @pytest.mark.slow  # ~25 s: interpret-mode kernels compile
@@ -116,7 +117,7 @@ def test_warm_up_times_the_verified_forms_on_a_simulated_gpu(simulated_gpu, tiny
     `auto` then runs it. The fused form has no interpret mode in the hook: compiled, it fails
     on CPU and is left out, as a form that fails on a device would be."""
     verified = {"attention": ["pallas"], "lora": ["pallas", "padded", "fused"]}
-    choices = autotune.warm_up(tiny_config, ENGINE, "float32", platform="gpu", device_kind=GPU,
+    choices = kernel_timing.warm_up(tiny_config, ENGINE, "float32", platform="gpu", device_kind=GPU,
                                verified=verified, interpret=True, repeats=2)
     for op, timed in (("attention", {"reference", "pallas"}),
                       ("lora", {"reference", "pallas", "padded"})):
@@ -136,7 +137,7 @@ def test_warm_up_times_the_verified_forms_on_a_simulated_gpu(simulated_gpu, tiny
     for cls in ("decode", "prefill"):  # the hook's per-step choice, from the measured table
         assert autotune.lora_table().choose(s.segments(cls)[0], s.seqs, s.max_rank) == lora[cls]
     # Once per process for the same engine: no second measurement.
-    assert autotune.warm_up(tiny_config, ENGINE, "float32", platform="gpu", device_kind=GPU,
+    assert kernel_timing.warm_up(tiny_config, ENGINE, "float32", platform="gpu", device_kind=GPU,
                             verified=verified, interpret=True) is choices
 
 
@@ -153,8 +154,8 @@ def test_auto_runs_the_measured_fastest(monkeypatch, simulated_gpu, kernel_calls
         timed.append(sorted(candidates))
         return {f: fake[cls][f] for f in candidates if f in fake[cls]}  # fused: left out
 
-    monkeypatch.setattr(autotune, "measure", measure)
-    choices = autotune.warm_up(tiny_config, ENGINE, "float32", verified={
+    monkeypatch.setattr(kernel_timing, "measure", measure)
+    choices = kernel_timing.warm_up(tiny_config, ENGINE, "float32", verified={
         "attention": ["pallas"], "lora": ["pallas", "padded", "fused"]})
     assert timed == [["pallas", "reference"]] * 2 + [["fused", "padded", "pallas", "reference"]] * 2
     assert choices["attention"].forms == {"decode": "pallas", "prefill": "reference"}
@@ -178,8 +179,8 @@ def test_auto_on_a_gpu_with_nothing_verified_runs_the_reference(monkeypatch, sim
     def measure(*args, **kw):
         raise AssertionError("nothing to measure")
 
-    monkeypatch.setattr(autotune, "measure", measure)
-    choices = autotune.warm_up(tiny_config, ENGINE, "float32")  # the shipped record
+    monkeypatch.setattr(kernel_timing, "measure", measure)
+    choices = kernel_timing.warm_up(tiny_config, ENGINE, "float32")  # the shipped record
     assert {op: c.source for op, c in choices.items()} == {"attention": "reference",
                                                            "lora": "reference"}
     for case in cases().values():
@@ -203,8 +204,8 @@ def test_a_shipped_table_decides_first(monkeypatch, tmp_path, simulated_gpu, ker
     path.write_text(json.dumps(table))
     monkeypatch.setenv(kernel_table.ENV_TABLE, str(path))
     kernel_table.load.cache_clear()
-    monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("a table ships"))
-    choices = autotune.warm_up(tiny_config, ENGINE, "float32",
+    monkeypatch.setattr(kernel_timing, "measure", lambda *a, **k: pytest.fail("a table ships"))
+    choices = kernel_timing.warm_up(tiny_config, ENGINE, "float32",
                                verified={"attention": ["pallas"], "lora": ["pallas"]})
     assert {op: c.source for op, c in choices.items()} == {"attention": "table", "lora": "table"}
     assert autotune.attention_impl(decode=True) == "pallas"
@@ -226,7 +227,7 @@ def test_on_cpu_auto_is_the_jnp_path(tiny_config):
     if carajax.autotune.device()[0] == "gpu":
         pytest.skip("a CPU check")
     verified = {"attention": ["pallas"], "lora": ["pallas"]}
-    choices = autotune.warm_up(tiny_config, ENGINE, "float32", verified=verified)
+    choices = kernel_timing.warm_up(tiny_config, ENGINE, "float32", verified=verified)
     assert all(c.source == "reference" for c in choices.values())
     assert autotune.attention_impl(decode=True) == "reference"
     assert hook.resolve_lora_impl("auto") == "reference"
@@ -235,8 +236,8 @@ def test_on_cpu_auto_is_the_jnp_path(tiny_config):
 
 
 def test_a_tensor_parallel_engine_is_not_measured(monkeypatch, simulated_gpu, tiny_config):
-    monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("measured under tp"))
-    choices = autotune.warm_up(tiny_config, EngineConfig(max_batch_size=2, tp=2), "float32",
+    monkeypatch.setattr(kernel_timing, "measure", lambda *a, **k: pytest.fail("measured under tp"))
+    choices = kernel_timing.warm_up(tiny_config, EngineConfig(max_batch_size=2, tp=2), "float32",
                                verified={"attention": ["pallas"]})
     assert choices["attention"].source == "reference"
 

@@ -127,3 +127,36 @@ def test_byte_template_maps_a_chat_to_the_demo_prompt(word):
     assert ByteTokenizer().encode(template.prompt_text(chat)) == ByteTokenizer().encode(demo.prompt(word))
     with pytest.raises(ChatTemplateError, match="no user message"):
         template.render([{"role": "system", "content": "only"}])
+
+
+class _Tokenizer:
+    """Characters as ids, after a BOS (id 1) only where `adds_bos`: what a tokenizer's
+    post-processor decides (Llama's adds one; SmolLM2's ChatML one does not)."""
+
+    bos_id = 1
+
+    def __init__(self, adds_bos: bool):
+        self.adds_bos = adds_bos
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_id] * self.adds_bos + [ord(c) for c in text]
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_a_bos_the_tokenizer_does_not_add_stays_in_the_prompt(tmp_path, adds_bos):
+    # SmolLM2's bos_token is "<|im_start|>", the template's own first token: cut from the text,
+    # it would be lost from the prompt, since its tokenizer adds no BOS back.
+    chatml = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "chat_template": chatml}))
+    template = load_chat_template(tmp_path, _Tokenizer(adds_bos))
+    rendered = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert template.render([{"role": "user", "content": "Hi"}]) == rendered
+    text = template.prompt_text([{"role": "user", "content": "Hi"}])
+    assert text == (rendered.removeprefix("<|im_start|>") if adds_bos else rendered)
+    # Either way the ids start with exactly one "<|im_start|>" (as BOS or as text), then "user".
+    ids = _Tokenizer(adds_bos).encode(text)
+    start = [1] if adds_bos else [ord(c) for c in "<|im_start|>"]
+    assert ids[:len(start)] == start
+    assert ids[len(start):len(start) + 5] == [ord(c) for c in "user\n"]

@@ -43,17 +43,18 @@ CASES = {  # argv -> what the one line says (the path, once)
     "simulate cost model": (["simulate", "--cost-model", MISSING], f"--cost-model {MISSING}: no such file"),
     "simulate policy": (["simulate", "--policies", "carajax,nope"], "--policies: unknown ['nope']"),
     "replay trace": (["replay", "--trace", MISSING], f"--trace {MISSING}: no such file"),
-    "replay model": (["replay", "--model", "nosuch"], "--model nosuch: not a checkpoint directory "
-                     "nor a preset"),
+    "replay model": (["replay", "--model", "nosuch"], "--model nosuch: not a checkpoint directory, "
+                     "GGUF file, model to pull (smollm2-135m-instruct) nor a preset"),
     "replay rank weights": (["replay", "--rank-weights", "1,2"], "one non-negative weight per rank "
                             "of --ranks (4)"),
     "replay engine config": (["replay", "--engine-config", "{oops"], "bad --engine-config"),
     "replay adapter dir": (["replay", "--adapter-dir", MISSING], f"--adapter-dir {MISSING}: no such "
                            "directory"),
     "serve adapters": (["serve", "--adapters", MISSING], f"--adapters {MISSING}: no such directory"),
-    "serve model": (["serve", "--model", "nosuch"], "--model nosuch: not a checkpoint directory nor "
-                    "a preset (carajax-demo, "),
-    "serve model path": (["serve", "--model", MISSING], f"--model {MISSING}: no such directory"),
+    "serve model": (["serve", "--model", "nosuch"], "--model nosuch: not a checkpoint directory, "
+                    "GGUF file, model to pull (smollm2-135m-instruct) nor a preset (carajax-demo, "),
+    "serve model path": (["serve", "--model", MISSING], f"--model {MISSING}: no such file or "
+                         "directory"),
     "serve adapter root": (["serve", "--adapter-root", MISSING], f"--adapter-root {MISSING}: no such "
                            "directory"),
     "serve root and any": (["serve", "--adapter-root", ".", "--allow-any-adapter-path"],

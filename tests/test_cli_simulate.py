@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from carajax.cli import main
-from carajax.sched import cost_model as cm
+from carajax.sched.a10_model import a10_first_principles
 from carajax.sched.cost_model import Batch, PaddedForm, RichForm, UnpaddedForm
 
 
@@ -26,9 +26,9 @@ def _random_batches(n: int, seed: int = 0) -> list[Batch]:
 def test_fast_predict_equals_numpy(form):
     rng = np.random.default_rng(1)
     models = [form(tuple(rng.uniform(0, 1e-3, len(form.feature_names)))) for _ in range(3)]
-    a10 = cm.a10_first_principles("padded")
+    a10 = a10_first_principles("padded")
     if form is RichForm:
-        models += [a10.prefill, a10.decode, cm.a10_first_principles("unpadded").decode]
+        models += [a10.prefill, a10.decode, a10_first_principles("unpadded").decode]
     batches = _random_batches(300)
     for m in models:
         many = m.predict_many(batches)
@@ -50,7 +50,7 @@ def test_cli_simulate_tiny_trace(tmp_path, capsys):
                    "output_tokens": int(rng.integers(1, 64))}
             f.write(json.dumps(row) + "\n")
     cost_path = tmp_path / "cost.json"
-    cm.a10_first_principles("padded").save(cost_path)
+    a10_first_principles("padded").save(cost_path)
     out = tmp_path / "out" / "sim.json"
     policies = ["caraserve", "carajax", "most_idle", "random", "first_fit"]
     main(["simulate", "--trace", str(trace), "--workers", "4", "--adapters", "50", "--zipf", "1.8",
@@ -82,7 +82,7 @@ def test_cli_simulate_step_pricing(tmp_path):
     trace.write_text("".join(f'{{"arrival_s": {0.1 * i}, "prompt_tokens": 300, "output_tokens": 4}}\n'
                              for i in range(20)))
     old = tmp_path / "old.json"
-    d = json.loads(cm.a10_first_principles("padded").to_json())
+    d = json.loads(a10_first_principles("padded").to_json())
     del d["step"]
     old.write_text(json.dumps(d))
     args = ["simulate", "--trace", str(trace), "--workers", "2", "--adapters", "4", "--cost-model", str(old),

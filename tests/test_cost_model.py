@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from carajax.sched import cost_model as cm
+from carajax.sched.a10_model import a10_first_principles
 from carajax.sched.cost_model import Batch, CostModel, PaddedForm, RichForm, UnpaddedForm
 
 A10_PATH = os.path.join(os.path.dirname(__file__), "..", "data", "cost_models", "a10_paper.json")
@@ -172,7 +173,7 @@ def test_json_round_trip_identical_predictions(tmp_path):
 
 def test_a10_paper_model_is_plausible():
     model = cm.load(A10_PATH)
-    assert model == cm.a10_first_principles("padded")  # the file is exactly what the derivation writes
+    assert model == a10_first_principles("padded")  # the file is exactly what the derivation writes
     assert "2401.11240" in model.source and "not measured" in model.source
     # Batch 8 at rank 64, 512 tokens of context each: ~22.5 ms weights + 1.4 ms compute + 3.6 ms KV
     # + 8*64 * 3.5 us LoRA reads = ~29 ms.
@@ -188,7 +189,7 @@ def test_a10_paper_model_is_plausible():
     assert model.load_seconds(256) > model.load_seconds(128) > model.load_seconds(64)
     # A rank-64 q,k,v adapter in bytes (3 modules * 32 layers * 2 * 4096 * 64 * 2 B) prices like rank 64.
     assert model.load_seconds(0, nbytes=3 * 32 * 2 * 4096 * 64 * 2) == pytest.approx(20.6e-3)
-    unpadded = cm.a10_first_principles("unpadded")
+    unpadded = a10_first_principles("unpadded")
     b = Batch((8, 8, 8, 64), 4)
     assert unpadded.decode_time(b) < model.decode_time(b)  # padding to 64 costs 4*64 vs 88 rank units
 
@@ -265,7 +266,7 @@ def test_step_model_json_round_trip_and_files_without_one(tmp_path):
 
 
 def test_a10_step_is_the_decode_form_and_a_mixed_step_costs_less_than_two_forwards():
-    model = cm.a10_first_principles("padded")
+    model = a10_first_principles("padded")
     assert model.step == model.decode
     # 8 decodes at 512 cached tokens beside one 256-token chunk, all rank 16. Two forwards pay both
     # intercepts; the fused step reads the weights once, so it saves the prefill's 5 ms exactly
@@ -313,7 +314,7 @@ def test_fit_recovers_the_shaped_step_form_where_rich_cannot():
     shaped, rich = cm.fit_report(rows, form="shaped")["step"], cm.fit_report(rows, form="rich")["step"]
     assert shaped["r2"] > 0.99 and shaped["mape"] < 0.02
     assert rich["mape"] > 3 * shaped["mape"]  # no rich feature turns a cost on above 64 tokens
-    model = cm.fit("shaped", *cm._parse(rows, "step", "padded"))
+    model = cm.fit("shaped", *cm.parse_rows(rows, "step", "padded"))
     stairs = dict(zip(cm.SHAPE_STEPS, model.coef[9:]))
     assert stairs[64] == pytest.approx(8e-5, rel=0.1)  # the step the engine takes, found
     assert sum(stairs.values()) == pytest.approx(8e-5, rel=0.1)

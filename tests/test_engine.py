@@ -18,9 +18,10 @@ from carajax.testing import write_random_adapter
 RANKS = [8, 16, 32, 64, 8, 16, 32, 64]
 NAMES = [f"a{i}" for i in range(len(RANKS))]
 GREEDY = carajax.SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=())
-# A request that runs until the test cancels it: ~1000 tokens (the context), and the tests that
-# use it step the engine themselves (background=False), far fewer times than that.
-LONG = dataclasses.replace(GREEDY, max_tokens=4000)
+# A request that runs until the test cancels it: 900 tokens (prompt and all fit llama-test's
+# 1024-position context), and the tests that use it step the engine themselves
+# (background=False), far fewer times than that.
+LONG = dataclasses.replace(GREEDY, max_tokens=900)
 
 
 def run_until(engine: carajax.Engine, done, max_steps: int = 2000) -> None:
@@ -145,14 +146,21 @@ def test_cpu_assist_lowers_cold_ttft_and_stalls_nobody(adapter_dirs):
             warm = engine.submit(REQUESTS[1][0], adapter="warm", sampling=LONG)
             run_until(engine, lambda w=warm: tokens_so_far(engine, w) >= 2)  # warm is decoding
             cold = engine.submit(REQUESTS[3][0], adapter="cold", sampling=GREEDY)
-            run_until(engine, lambda c=cold: c.done)
+            during_copy = 0  # warm tokens from steps that ran while the cold copy was in flight
+            while not cold.done:
+                loading, before = engine.pool.where("cold") == "loading", tokens_so_far(engine, warm)
+                engine.step()
+                during_copy += (tokens_so_far(engine, warm) - before) if loading else 0
             assert warm.cancel()  # still running: it shared every step with the cold one
-            results[policy] = (warm.result(), cold.result())
-    (w_warm, w_cold), (c_warm, c_cold) = results["wait"], results["cpu_assist"]
+            results[policy] = (warm.result(), cold.result(), during_copy)
+    (w_warm, w_cold, _), (c_warm, c_cold, c_during) = results["wait"], results["cpu_assist"]
     assert w_cold.metrics.cold_start and c_cold.metrics.cold_start
     assert c_cold.metrics.ttft_s < w_cold.metrics.ttft_s
     assert w_cold.metrics.ttft_s >= 0.9  # it waited for its own copy ...
     assert w_warm.metrics.stalled_s >= 0.9  # ... and so did the request already running
+    # cpu_assist: nobody waited; the warm request decoded on while the 1 s copy was in flight
+    # (several steps' worth, each well under the copy's second).
+    assert c_during >= 2
     assert c_warm.metrics.stalled_s == 0.0 and c_cold.metrics.stalled_s == 0.0
     assert c_cold.metrics.cpu_prefill_tokens == len(REQUESTS[3][0])
     assert w_cold.metrics.cpu_prefill_tokens == 0
@@ -197,6 +205,10 @@ def test_bad_requests_fail_alone(adapter_dirs, alone, tmp_path, tiny_config):
             engine.submit([2, 3], adapter="nope")
         with pytest.raises(carajax.RequestError, match="context length"):
             engine.submit([5] * engine.runner.seq_len)
+        # Prompt + max_tokens must fit the context: refused at once, not cut short later.
+        n = engine.runner.seq_len - 4
+        with pytest.raises(carajax.RequestError, match=r"over the context length .* at most 4"):
+            engine.submit([5] * n, sampling=carajax.SamplingParams(max_tokens=5))
         with pytest.raises(carajax.RequestError, match="max_tokens 4001 is over the limit"):
             engine.submit([2, 3], sampling=carajax.SamplingParams(max_tokens=4001))
         big = write_random_adapter(tmp_path / "big", tiny_config, rank=128)

@@ -176,7 +176,15 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(client, server, e
         assert "n=2" in str(client_error(client, n=2))
         r = httpx.post(f"{url}/v1/completions", content=b"{not json", timeout=30,
                        headers={"content-type": "application/json"})
-        assert r.status_code == 400 and "error" in r.json()
+        assert r.status_code == 400
+        assert r.json()["error"]["message"].startswith("the request body is not valid JSON: ")
+        assert "(at character 1)" in r.json()["error"]["message"]
+        # prompt + max_tokens over the context: refused with the room left, named max_tokens
+        room = engine.runner.seq_len - len(engine.tokenizer.encode("hello="))
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="reverse", prompt="hello=", max_tokens=room + 1)
+        assert f"at most {room} tokens" in e.value.body["message"]
+        assert e.value.body["param"] == "max_tokens"
         r = httpx.post(f"{url}/v1/completions", timeout=30,
                        json={"model": "reverse", "prompt": "x" * (3 << 20)})  # over 2 MiB
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"

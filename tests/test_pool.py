@@ -106,7 +106,7 @@ def test_pool_pages_reproduce_each_adapter(make_pool, adapters, dtype):
     w = pool.weights
     table = np.asarray(w.page_table)
     for name in names:
-        s, n = pool.slot(name), pool._entries[name].n_pages
+        s, n = pool.slot(name), pool._table.entries[name].n_pages
         assert n == {"r16_0": 1, "r64": 4, "r8": 1, "mixed": 2}[name]
         for m in TARGET_MODULES:
             a, b, ranks, scales = adapters[name].stacked(pool.config, m, pool.r_max, pool.dtype)
@@ -195,7 +195,7 @@ def test_byte_budget_is_proportional_to_rank(make_pool, tiny_config, adapters):
     assert pool.where("r64") == "host" and st["pages_free"] == 3
     assert st["device_bytes_used"] == 7 * PAGE_BYTES
     # parsed, plus the staged copy of the projections each targets
-    assert st["host_bytes_used"] == sum(pool.host_bytes(pool._entries[n].adapter) for n in names)
+    assert st["host_bytes_used"] == sum(pool.host_bytes(pool._table.entries[n].adapter) for n in names)
     assert pool.host_bytes(adapters["r16_0"]) == adapters["r16_0"].nbytes + ATTENTION_PAGE_BYTES
 
 
@@ -255,7 +255,7 @@ def test_prefetch_here_stages_on_the_calling_thread(make_pool):
     pool = make_pool(4, "r16_0", "r64")
     pool.load_now("r16_0")  # compiles a one-page install
     assert pool.prefetch("r64", here=True)
-    job = pool._entries["r64"].load
+    job = pool._table.entries["r64"].load
     assert job.done.is_set() and job.staged is not None
     jax.block_until_ready(job.staged[0])
     assert pool.poll() == ["r64"] and pool.where("r64") == "device"
@@ -379,7 +379,7 @@ def test_unregister_frees_pages(make_pool):
     pool.unregister("r64")
     st = pool.stats()
     assert st["pages_free"] == 5 and st["device_bytes_used"] == PAGE_BYTES
-    assert st["host_bytes_used"] == pool.host_bytes(pool._entries["r16_0"].adapter)
+    assert st["host_bytes_used"] == pool.host_bytes(pool._table.entries["r16_0"].adapter)
     with pytest.raises(AdapterError, match="unknown adapter"):
         pool.where("r64")
 
@@ -399,7 +399,7 @@ def test_close_stops_the_loader(make_pool):
     pool.load_now("r16_0")
     assert pool.prefetch("r16_1")
     pool.close()
-    assert not pool._thread.is_alive()
+    assert not pool.link.thread.is_alive()
     assert pool.where("r16_1") == "host"  # the copy in flight was dropped
     assert pool.where("r16_0") == "device" and pool.stats()["pages_free"] == 1
     with pytest.raises(RuntimeError, match="closed"):

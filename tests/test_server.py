@@ -433,3 +433,25 @@ def test_sigterm_drains_in_flight_streams(serve_process, engine):
     assert result.token_ids == want  # same weights and adapter: the same greedy tokens
     assert p.proc.wait(timeout=30) == 0, p.stderr()
     assert "draining" in p.lines.get(timeout=5)
+
+
+def test_sigterm_while_the_worker_compiles_exits_cleanly():
+    """A worker stopped while it compiles (an orchestrator scaling down, a user's Ctrl-C) stops
+    the start-up: compiles in flight finish, the rest are dropped, exit 0 with a line saying so,
+    no traceback (it used to die by the signal, -15)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "carajax.cli", "serve", "--model", "carajax-demo", "--host",
+         "127.0.0.1", "--port", "0", "--warmup", "--cold-start", "async", "--cost-model", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "NOT_SERVING while the engine compiles" in line, line + proc.stderr.read()[-2000:]
+        time.sleep(1.0)  # into the compiles
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by a signal while starting" in out
+    assert "Traceback" not in err

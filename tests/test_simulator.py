@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from carajax.sched import cost_model as cm
+from carajax.sched.a10_model import a10_first_principles
 from carajax.sched.cost_model import Batch
 from carajax.sched.simulator import (
     AnalyticCost,
@@ -456,7 +457,7 @@ def test_two_forward_pricing_reproduces_the_simulator_before_the_fused_step():
     cfg = SimConfig(n_workers=8, kv_rows=40_000, adapter_pages=16, slo_tpot=0.04, fused_step=False)
     old = {"wait": (97.09254322620994, 1547.3264892128, 69, 0.995, 0),
            "cpu_assist": (108.21692003333676, 1288.4557778000035, 65, 1.0, 14807)}
-    for cold, cost in (("wait", cm.a10_first_principles("padded")), ("cpu_assist", AnalyticCost())):
+    for cold, cost in (("wait", a10_first_principles("padded")), ("cpu_assist", AnalyticCost())):
         r = simulate(reqs, "carajax", cost, dataclasses.replace(cfg, cold_start=cold))
         s = r.summary()
         got = (float(r.ttft.sum()), float(r.latency.sum()), r.loads, s["slo_attainment"],
@@ -467,7 +468,7 @@ def test_two_forward_pricing_reproduces_the_simulator_before_the_fused_step():
 
 
 def test_fused_steps_need_a_step_model():
-    old = dataclasses.replace(cm.a10_first_principles("padded"), step=None)  # a model fitted before
+    old = dataclasses.replace(a10_first_principles("padded"), step=None)  # a model fitted before
     reqs = [SimRequest(0.0, 10, 2, "x", 8)]
     with pytest.raises(ValueError, match=r"has none.*carajax profile --fit.*fused_step=False"):
         simulate(reqs, "round_robin", old, SimConfig(n_workers=1))

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from carajax.config import PRESET_CHECKPOINTS, TARGET_MODULES, EngineConfig, ModelConfig
+from carajax.config import TARGET_MODULES, EngineConfig, ModelConfig
 from carajax.engine.cold_start import HostPath, measure_host_path
 from carajax.engine.planner import BatchPlanner, Schedule
 from carajax.engine.request import (
@@ -45,9 +45,9 @@ from carajax.engine.sampling import SamplingParams
 from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
 from carajax.lora.cpu_assist import CpuAssistBridge, CpuLoraWorker
 from carajax.lora.pool import AdapterPool
-from carajax.models import weights
+from carajax.models import hub
 from carajax.models.llama import Llama
-from carajax.models.tokenizer import Tokenizer, load_tokenizer
+from carajax.models.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 # How long an engine with nothing to run but requests waiting for adapter copies sleeps between
@@ -180,23 +180,11 @@ class Engine:
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: str = "float32",
                         config: EngineConfig | None = None, seed: int = 0) -> Engine:
-        """A local HF checkpoint directory, the built-in trained "carajax-demo" model
-        (`carajax.demo`), or a preset name (random weights from `seed`)."""
+        """A local HF checkpoint directory or GGUF file, the built-in trained "carajax-demo"
+        model (`carajax.demo`), a model carajax pulls by name ("smollm2-135m-instruct", once,
+        see `carajax.models.hub`), or a preset name (random weights from `seed`)."""
         config = dataclasses.replace(config or EngineConfig(), dtype=dtype)
-        jdtype = jnp.dtype(dtype)
-        preset = name_or_path if name_or_path in PRESET_CHECKPOINTS else None
-        if preset is not None:
-            name_or_path = PRESET_CHECKPOINTS[preset]
-        if os.path.isdir(name_or_path):
-            model_config = ModelConfig.from_hf(name_or_path)
-            if preset is not None:
-                model_config = dataclasses.replace(model_config, name=preset)
-            model = weights.load_hf(name_or_path, model_config, dtype=jdtype)
-            tokenizer = load_tokenizer(name_or_path, model_config)
-        else:
-            model_config = ModelConfig.from_name(name_or_path)
-            model = weights.random_model(model_config, dtype=jdtype, seed=seed)
-            tokenizer = load_tokenizer(None, model_config)
+        model, tokenizer = hub.load(name_or_path, dtype=jnp.dtype(dtype), seed=seed)
         return cls(model, tokenizer, config)
 
     @staticmethod
@@ -338,6 +326,11 @@ class Engine:
         if sampling.max_tokens > self.config.max_tokens_limit:
             raise RequestError(f"max_tokens {sampling.max_tokens} is over the limit "
                                f"{self.config.max_tokens_limit}")
+        # One rule everywhere (as vLLM's): the prompt and every token asked for fit the context.
+        if len(ids) + sampling.max_tokens > self.runner.seq_len:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) "
+                               f"is over the context length {self.runner.seq_len}: ask for at "
+                               f"most {self.runner.seq_len - len(ids)} tokens")
         if adapter is not None:
             self._adapter(adapter)
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(2**31))

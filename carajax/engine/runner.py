@@ -29,22 +29,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from carajax import autotune, parallel
+from carajax import parallel
 from carajax.config import EngineConfig
+from carajax.engine import kernel_timing
 from carajax.engine.kv_pages import KVLayout
 from carajax.engine.planner import Schedule
 from carajax.engine.request import Request
 from carajax.engine.sampling import sample_tokens
+from carajax.engine.step_shapes import PREFILL_BLOCK, bucket
+from carajax.engine.step_shapes import query_block as step_query_block
 from carajax.lora.hook import BatchLora, jnp_form, resolve_lora_impl, step_compact_plan
 from carajax.models.llama import Llama, PagedKVCache, StepBatch, dense_batch, output_logits
 
 # Incremented at trace time only: one count per compiled variant.
 _TRACES: collections.Counter[str] = collections.Counter()
-# The attention's query block in steps with prefill chunks: T / max_batch_size, within these
-# bounds (each block gathers its sequence's whole context: long chunks want few blocks, mixed
-# steps of many decodes want small ones); decode-only steps: 1.
-PREFILL_BLOCK = 16
-MAX_PREFILL_BLOCK = 64
 CPU_ROWS_SMALL = 8  # see ModelRunner.cpu_rows_bucket
 CPU_ROWS_GROWTH = 4  # ditto
 
@@ -69,11 +67,6 @@ class Static:
 def _to_device(tree):
     """Host arrays to the device in one call (cheaper here than `jax.device_put` of a tree)."""
     return tree
-
-
-def bucket(n: int, minimum: int) -> int:
-    """The padded size for n: the next power of two, at least `minimum`."""
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
 def _hook(lora, batch: StepBatch, seg_slots, cpu, use_lora, impl, pad, compact=None):
@@ -191,7 +184,7 @@ class ModelRunner:
         self.dtype = model.embed_tokens.value.dtype
         # `auto`'s kernels on this device (GPU only; returns at once on CPU). Before anything is
         # traced (the attention reads the choice at trace time).
-        self.kernel_choices = autotune.warm_up(model.config, config, self.dtype)
+        self.kernel_choices = kernel_timing.warm_up(model.config, config, self.dtype)
         self.lora_impl = resolve_lora_impl(config.lora_impl)
         # Static per engine (one compiled variant set); the jnp path ignores it.
         self.pad = config.lora_kernel == "padded"
@@ -267,9 +260,7 @@ class ModelRunner:
 
     def query_block(self, T: int, decode_only: bool) -> int:
         """The attention's query block for a step of T (bucketed) tokens; static per variant."""
-        if decode_only:
-            return 1
-        return min(MAX_PREFILL_BLOCK, max(PREFILL_BLOCK, bucket(T // self.config.max_batch_size, 1)))
+        return step_query_block(T, self.config.max_batch_size, decode_only)
 
     @property
     def device_platform(self) -> str:
@@ -445,11 +436,14 @@ class ModelRunner:
             logits = jax.ShapeDtypeStruct((R, self.model_config.vocab_size), jnp.float32)
             lowered.append(_sample.lower(logits, _greedy(R), cfg.max_batch_size))
         done = 0
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
+        try:
             for _ in concurrent.futures.as_completed([pool.submit(lw.compile) for lw in lowered]):
                 done += 1
                 if progress is not None:
                     progress(done, len(lowered))
+        finally:  # interrupted (a signal stops a starting worker): drop the compiles not begun
+            pool.shutdown(wait=True, cancel_futures=True)
         return sum(_TRACES.values()) - before
 
     def _dry_inputs(self, T: int, bridge, C: int | None = None, cold_id: int = -1):

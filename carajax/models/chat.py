@@ -6,8 +6,9 @@
 
 Where the template comes from (as `transformers` looks for it): `chat_template.jinja` beside the
 tokenizer, else `chat_template` in `tokenizer_config.json` (a string, or a list of named templates
-of which "default" is used). Checkpoints without one have no chat; the byte tokenizer of the
-built-in models gets `BYTE_CHAT_TEMPLATE`.
+of which "default" is used); in a GGUF file, `tokenizer.chat_template` in its metadata.
+Checkpoints without one have no chat; the byte tokenizer of the built-in models gets
+`BYTE_CHAT_TEMPLATE`.
 
 Rendering matches `PreTrainedTokenizerBase.apply_chat_template(..., tokenize=False)`: the same
 sandboxed Jinja environment (`ImmutableSandboxedEnvironment`, trim_blocks, lstrip_blocks,
@@ -53,6 +54,10 @@ class ChatTemplate:
 
     source: str
     special_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Whether the engine's tokenizer puts BOS in front of every encoding itself (Llama's do; the
+    # ChatML ones such as SmolLM2's do not, and their bos_token `<|im_start|>` is the template's
+    # own first token, which must then stay in the text).
+    tokenizer_adds_bos: bool = True
 
     def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                tools: list[dict] | None = None, documents: list[dict] | None = None,
@@ -71,12 +76,14 @@ class ChatTemplate:
 
     def prompt_text(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                     **kwargs) -> str:
-        """The rendered conversation without a leading BOS: the engine's tokenizer adds BOS itself
-        (as its post-processor says), so the ids come out as `apply_chat_template(tokenize=True)`
-        makes them, with one BOS, not two."""
+        """The rendered conversation as the engine's tokenizer should read it, so the ids come out
+        as `apply_chat_template(tokenize=True)` makes them: without a leading BOS where the
+        tokenizer adds BOS itself (as its post-processor says: one BOS, not two), as rendered
+        where it does not."""
         text = self.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         bos = self.special_tokens.get("bos_token")
-        return text[len(bos):] if bos and text.startswith(bos) else text
+        strip = self.tokenizer_adds_bos and bos and text.startswith(bos)
+        return text[len(bos):] if strip else text
 
 
 def load_chat_template(path: str | os.PathLike | None, tokenizer=None) -> ChatTemplate | None:
@@ -84,7 +91,12 @@ def load_chat_template(path: str | os.PathLike | None, tokenizer=None) -> ChatTe
     tokenizer without one, `BYTE_CHAT_TEMPLATE`; else None (the model has no chat)."""
     config: dict = {}
     source = None
-    if path is not None:
+    if path is not None and os.fspath(path).endswith(".gguf"):  # the template is metadata
+        from carajax.models import gguf
+
+        config = gguf.read(path).tokenizer_config
+        source = config.get("chat_template")
+    elif path is not None:
         folder = Path(path)
         if (folder / "tokenizer_config.json").is_file():
             config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -100,7 +112,16 @@ def load_chat_template(path: str | os.PathLike | None, tokenizer=None) -> ChatTe
         source = BYTE_CHAT_TEMPLATE
         config = {"bos_token": "\x02", "eos_token": "\x03"}  # STX, ETX: the byte tokenizer's
     special = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
-    return ChatTemplate(source, special)
+    return ChatTemplate(source, special, tokenizer_adds_bos=_adds_bos(tokenizer))
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether `tokenizer` starts every encoding with its BOS (no tokenizer: assume it does,
+    as Llama's do)."""
+    if tokenizer is None or getattr(tokenizer, "bos_id", None) is None:
+        return tokenizer is None
+    ids = tokenizer.encode("")
+    return bool(ids) and ids[0] == tokenizer.bos_id
 
 
 def _pick(templates) -> str | None:

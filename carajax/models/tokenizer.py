@@ -32,12 +32,14 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A `tokenizer.json` loaded with HF `tokenizers` (adds BOS as its post-processor says)."""
+    """A `tokenizer.json` loaded with HF `tokenizers` (adds BOS as its post-processor says), or
+    a `tokenizers.Tokenizer` built already (a GGUF file's)."""
 
-    def __init__(self, path: str, config: ModelConfig):
+    def __init__(self, path_or_tokenizer, config: ModelConfig):
         from tokenizers import Tokenizer as _Tokenizer
 
-        self._tok = _Tokenizer.from_file(path)
+        self._tok = (path_or_tokenizer if isinstance(path_or_tokenizer, _Tokenizer)
+                     else _Tokenizer.from_file(path_or_tokenizer))
         self.bos_id = config.bos_token_id
         self.eos_ids = config.eos_token_ids
 
@@ -49,7 +51,13 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str | None, config: ModelConfig) -> Tokenizer | None:
-    """The checkpoint's `tokenizer.json` if it has one; bytes for a 256-token vocab; else None."""
+    """The checkpoint's `tokenizer.json` if it has one (a GGUF file: the one its metadata
+    describes); bytes for a 256-token vocab; else None."""
+    if path is not None and os.fspath(path).endswith(".gguf"):
+        from carajax.models import gguf
+
+        tok = gguf.read(path).tokenizer()
+        return None if tok is None else HFTokenizer(tok, config)
     if path is not None:
         file = os.path.join(path, "tokenizer.json")
         if os.path.exists(file):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Collection
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +71,6 @@ def load_hf(path: str | os.PathLike, config: ModelConfig | None = None, *,
     path = os.fspath(path)
     config = config or ModelConfig.from_hf(path)
     files = _checkpoint_files(path)
-    model = abstract_model(config, dtype)
-    graphdef, state = nnx.split(model)
-    pure = nnx.to_pure_dict(state)
     by_file: dict[str, dict[str, np.ndarray]] = {}
 
     def read(name: str) -> np.ndarray:
@@ -81,13 +79,28 @@ def load_hf(path: str | os.PathLike, config: ModelConfig | None = None, *,
             by_file[file] = _safetensors.load(file)
         return by_file[file][name]
 
+    try:
+        return from_tensors(read, files, config, dtype=dtype, where=path)
+    except _safetensors.SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def from_tensors(read: Callable[[str], np.ndarray], names: Collection[str], config: ModelConfig, *,
+                 dtype=jnp.float32, where: str = "checkpoint") -> Llama:
+    """A model from tensors named and laid out as HF Llama stores them (`read(name)`, once per
+    parameter; `names` what the source holds), each checked against the config's shape and cast
+    to dtype. `where` names the source in errors."""
+    model = abstract_model(config, dtype)
+    graphdef, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)
+
     def tensor(hf: str, transpose: bool, shape: tuple[int, ...]) -> np.ndarray:
-        if hf not in files:
-            raise CheckpointError(f"{path}: checkpoint has no tensor {hf!r}")
+        if hf not in names:
+            raise CheckpointError(f"{where}: checkpoint has no tensor {hf!r}")
         arr = read(hf)
         arr = arr.T if transpose else arr
         if tuple(arr.shape) != tuple(shape):
-            raise CheckpointError(f"{path}: tensor {hf!r} has shape {tuple(arr.shape)}, "
+            raise CheckpointError(f"{where}: tensor {hf!r} has shape {tuple(arr.shape)}, "
                                   f"config expects {tuple(shape)}")
         return arr
 
@@ -100,10 +113,7 @@ def load_hf(path: str | os.PathLike, config: ModelConfig | None = None, *,
         return jnp.asarray(np.asarray(arr, np.float32) if arr.dtype != leaf.dtype else arr,
                            dtype=leaf.dtype)
 
-    try:
-        pure = jax.tree_util.tree_map_with_path(fill, pure)
-    except _safetensors.SafetensorsError as e:
-        raise CheckpointError(str(e)) from None
+    pure = jax.tree_util.tree_map_with_path(fill, pure)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 

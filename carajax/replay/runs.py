@@ -88,7 +88,9 @@ class Plan:
 
 
 def _model_config(model: str) -> ModelConfig:
-    return ModelConfig.from_hf(model) if os.path.isdir(model) else ModelConfig.from_name(model)
+    from carajax.models import hub
+
+    return hub.model_config(model)
 
 
 def _device() -> str:

@@ -50,7 +50,7 @@ from carajax.engine.sampling import SamplingParams
 from carajax.lora.adapter import LoraAdapter, LoraModule
 from carajax.lora.hook import resolve_lora_impl
 from carajax.lora.pool import AdapterPool, PoolFullError
-from carajax.models import weights
+from carajax.models import hub
 from carajax.sched import cost_model as cm
 
 FORMAT = "carajax.profile/v1"
@@ -479,12 +479,8 @@ def profile(model: str = "llama-test", grid: ProfileGrid = GRIDS["quick"], *, dt
     if impl == "reference":
         kernels = ("padded",) if "padded" in kernels else kernels[:1]
     jdtype = jax.numpy.dtype(dtype)
-    if os.path.isdir(model):
-        mcfg = ModelConfig.from_hf(model)
-        llama = weights.load_hf(model, mcfg, dtype=jdtype)
-    else:
-        mcfg = ModelConfig.from_name(model)
-        llama = weights.random_model(mcfg, dtype=jdtype, seed=seed)
+    llama, _ = hub.load(model, dtype=jdtype, seed=seed)  # a checkpoint, GGUF, pulled model or preset
+    mcfg = llama.config
     rows: list[dict] = []
     loads: list[dict] = []
     cache: dict[str, LoraAdapter] = {}  # host adapters, shared by the engines of each kernel mode

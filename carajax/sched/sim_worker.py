@@ -1,6 +1,6 @@
 """One simulated worker: the router's `WorkerState`, answered from running totals.
 
-The simulator (`carajax.sched.simulator`) owns the event loop and the step arithmetic; this module
+The event loop (`carajax.sched.sim_loop`) owns the steps and their arithmetic; this module
 holds what a worker *is* between steps (its FIFO, the requests prefilling and decoding, its adapter
 pages and host-to-device link) and what the router reads of it, kept as running totals so that
 routing stays O(workers) per request.
@@ -12,16 +12,13 @@ import collections
 import contextlib
 import heapq
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from carajax.sched.pricing import Prices, price_each
 from carajax.sched.router import Batch, CostModel, RouteRequest, WorkerState
+from carajax.sched.sim_config import SimConfig
 from carajax.trace import TraceRequest as SimRequest
-
-if TYPE_CHECKING:
-    from carajax.sched.simulator import SimConfig
 
 _new = object.__new__
 

@@ -58,25 +58,31 @@ class ServedModel:
         A name this process cannot find gives a model with neither: completions still work
         (the workers tokenize), chat does not."""
         from carajax.config import PRESET_CHECKPOINTS, ModelConfig
+        from carajax.models import hub
         from carajax.models.tokenizer import load_tokenizer
 
         path = _checkpoint_dir(name_or_path)
         try:
-            config = ModelConfig.from_hf(path) if path else ModelConfig.from_name(name_or_path)
+            config = hub.model_config(path) if path else ModelConfig.from_name(name_or_path)
         except (KeyError, ValueError, OSError):
             return cls(name or name_or_path)
         served = name or (name_or_path if name_or_path in PRESET_CHECKPOINTS or not path else config.name)
         tokenizer = load_tokenizer(path, config)
-        return cls(served, tokenizer, load_chat_template(path, tokenizer), config.eos_token_ids)
+        # The checkpoint's context: a worker started with a shorter max_seq_len refuses a
+        # request over its own, with the room it has.
+        return cls(served, tokenizer, load_chat_template(path, tokenizer), config.eos_token_ids,
+                   config.max_position_embeddings)
 
 
 def _checkpoint_dir(name_or_path: str | None) -> str | None:
-    from carajax.config import PRESET_CHECKPOINTS
+    """The checkpoint directory or GGUF file a model name stands for, if it is here (a model
+    carajax pulls and has pulled, too; nothing is pulled here)."""
+    from carajax.models import hub
 
     if name_or_path is None:
         return None
-    path = PRESET_CHECKPOINTS.get(name_or_path, name_or_path)
-    return path if Path(path).is_dir() else None
+    path = hub.resolve(name_or_path, pull_missing=False)
+    return path if Path(path).is_dir() or hub.is_gguf(path) else None
 
 
 class _Aborted(Exception):
@@ -207,12 +213,15 @@ class OpenAIServing:
         self._check_serving()
         chat = isinstance(req, oa.ChatCompletionRequest)
         prompt = self._chat_prompt(req) if chat else req.single_prompt()
+        # Not given: chat as many as the context leaves (up to the limit), as OpenAI's; legacy
+        # completions 16, as OpenAI's.
         max_tokens = req.max_tokens or (req.max_completion_tokens if chat else None) or (
-            self.limits.max_tokens if chat else 16)  # chat: up to the limit, as OpenAI's
+            None if chat else 16)
         return oa.generate_spec(
             req, prompt, adapter=None if req.model == self.model.name else req.model,
             request_id=oa.new_id("chatcmpl" if chat else "cmpl"), max_tokens=max_tokens,
-            eos_token_ids=self.model.eos_token_ids, limits=self.limits, tokenizer=self.model.tokenizer)
+            eos_token_ids=self.model.eos_token_ids, limits=self.limits, tokenizer=self.model.tokenizer,
+            context=self.model.max_model_len)
 
     def _chat_prompt(self, req: oa.ChatCompletionRequest) -> str:
         template = self.model.chat_template
