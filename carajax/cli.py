@@ -406,7 +406,8 @@ def serve_cmd(args: argparse.Namespace) -> None:
             stop_both(held["worker"], held.get("http"), 0)
         if "engine" in held:
             held["engine"].close()
-        return
+        sys.stdout.flush()
+        os._exit(0)  # compile threads may still run: no interpreter teardown under them (SIGSEGV)
     while not stop.wait(0.1):  # a timed wait, so the signal handler gets to run promptly
         pass
     print(f"carajax worker {worker.name}: draining (grace {args.grace:g} s)", flush=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -146,7 +148,7 @@ def test_prefill_chunks_fill_the_padding_of_their_token_bucket():
     with _engine(pages=64) as e:
         e.submit([2, 5, 6], sampling=GREEDY)
         e.step()  # its prompt; it decodes from now on
-        e.submit(list(range(2, 42)), sampling=GREEDY)  # 40 prompt tokens
+        e.submit(list(range(2, 42)), sampling=dataclasses.replace(GREEDY, max_tokens=24))  # 40 + 24 = 64
         plan = e.planner.schedule()
         assert [(c.is_decode, c.length) for c in plan.chunks] == [(True, 1), (False, 15)]
         assert e.runner.token_bucket(plan.num_tokens, decode_only=False) == 16
