@@ -202,7 +202,7 @@ def test_bad_files_are_one_clear_error(tmp_path, case):
 
 
 def test_cli_names_a_bad_gguf_in_one_line(tmp_path):
-    from carajax.cli import UsageError, model_config_arg
+    from carajax.cli.args import UsageError, model_config_arg
 
     files.write_llama(tmp_path / "bad.gguf", arch="qwen2")
     with pytest.raises(UsageError, match=r"--model .*bad.gguf: .*architecture 'qwen2'") as err:

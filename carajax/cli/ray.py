@@ -1,0 +1,116 @@
+"""Start (or join) a Ray cluster, deploy the carajax Serve app, serve until SIGTERM or SIGINT.
+
+The app is --replicas replicas, each one engine, behind an OpenAI-compatible HTTP entry point;
+each request goes to the replica the routing policy picks (--router carajax). Needs the `.[ray]`
+extra. When it serves it prints "carajax on Ray Serve ready at URL ...".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+
+from carajax.cli.args import UsageError, adapter_dirs_arg, cost_model_arg, model_config_arg
+from carajax.config import DEMO_MODEL
+
+HELP = "deploy replicas + our router on Ray Serve (needs .[ray]) until SIGTERM"
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    from carajax.sched.router import POLICIES
+
+    p.add_argument("--replicas", type=int, default=2,
+                   help="replicas, each one engine (default: %(default)s)")
+    p.add_argument("--policy", default="carajax", choices=POLICIES,
+                   help="the routing policy of --router carajax (default: %(default)s)")
+    p.add_argument("--router", default="carajax", choices=("carajax", "ray"),
+                   help="carajax: our router asking --policy; ray: Ray Serve's default (power of two "
+                        "choices; default: %(default)s)")
+    p.add_argument("--http-host", default="127.0.0.1",
+                   help="host Serve's HTTP proxy binds (0.0.0.0: all interfaces; default: %(default)s)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="port of Serve's HTTP proxy, where the OpenAI API answers under /v1 "
+                        "(default: %(default)s)")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster ('auto': the local one `ray start --head` began; "
+                        "default: start a local Ray in this process)")
+    p.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica (default: %(default)s)")
+    p.add_argument("--num-gpus", type=float, default=0,
+                   help="GPUs per replica (1 on GPU nodes; default: %(default)s)")
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help="the model every replica serves: the built-in trained model, a preset name "
+                        "(random weights), an HF checkpoint dir, a GGUF file or a model carajax pulls "
+                        "by name (default: %(default)s)")
+    p.add_argument("--adapter-root", default=None, metavar="DIR",
+                   help="register every PEFT adapter dir under DIR on every replica (default: the "
+                        f"trained adapters of {DEMO_MODEL}, none for other models)")
+    p.add_argument("--engine-config", default=None, metavar="JSON",
+                   help="EngineConfig fields of every replica's engine as JSON, e.g. "
+                        "'{\"max_batch_size\": 16}'")
+    p.add_argument("--cost-model", default=None, metavar="FILE",
+                   help="cost model JSON the replicas report and the router prices with (default: "
+                        "the one shipped with carajax)")
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0,
+                   help="time-per-token SLO in milliseconds that the caraserve and carajax policies "
+                        "price (default: %(default)s)")
+
+
+def ray_cmd(args: argparse.Namespace) -> None:
+    """Every argument is checked before Ray starts (one-line errors, as the other commands)."""
+    from carajax.config import EngineConfig
+    from carajax.sched.cost_model import require_rank_terms
+
+    if args.replicas < 1:
+        raise UsageError(f"--replicas {args.replicas}: must be >= 1")
+    model_config_arg(args.model)
+    if args.adapter_root:
+        try:
+            adapter_dirs_arg(args.adapter_root)
+        except UsageError as e:  # its message names --adapters, the serve flag
+            raise UsageError(e.message.replace("--adapters", "--adapter-root", 1)) from None
+    try:
+        engine_config = json.loads(args.engine_config or "{}")
+        EngineConfig(**engine_config)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"bad --engine-config: {e}") from None
+    if args.cost_model:
+        try:
+            require_rank_terms(cost_model_arg(args.cost_model), args.policy, f" ({args.cost_model})")
+        except ValueError as e:
+            raise UsageError(f"--cost-model: {e}") from None
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise UsageError("Ray is not installed: pip install 'carajax[ray]'") from None
+    from carajax.cluster.app import build_app
+
+    try:
+        app = build_app(replicas=args.replicas, policy=args.policy, router=args.router, model=args.model,
+                        adapter_root=args.adapter_root, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                        engine_config=engine_config, cost_model=args.cost_model,
+                        slo_tpot=args.slo_tpot_ms / 1e3)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    ray.init(address=args.address, configure_logging=False)
+    serve.start(http_options={"host": args.http_host, "port": args.http_port})
+    serve.run(app, name="carajax", route_prefix="/")
+    host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "[::]") else args.http_host
+    router = f"policy {args.policy}" if args.router == "carajax" else "Ray's default router"
+    print(f"carajax on Ray Serve ready at http://{host}:{args.http_port}/v1 ({args.replicas} replicas, "
+          f"{router})", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.1):
+        pass
+    print("carajax ray: shutting down", flush=True)
+    serve.delete("carajax")
+    if args.address is None:  # our own local Ray; a joined cluster keeps running
+        serve.shutdown()
+        ray.shutdown()
+
+
+__all__ = ["HELP", "add_ray_args", "ray_cmd"]
