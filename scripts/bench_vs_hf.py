@@ -62,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time HF at this thread count only (default: at 1 thread and at all "
                         "cores, each run, the faster median is HF's number). On a busy 2-core "
                         "box, 2 OpenMP threads can be several times slower than 1")
+    p.add_argument("--model", default=None, help="a real model instead of the random Llama: a "
+                   "name carajax pulls (smollm2-135m-instruct) or an HF-layout directory, with its "
+                   "shipped adapters (carajax.demo.adapter_dirs) unless --adapter-dirs says otherwise "
+                   "(default: the random Llama below)")
+    p.add_argument("--adapter-dirs", default=None, metavar="NAME=DIR,...",
+                   help="with --model: these PEFT adapters (default: the model's shipped ones)")
     m = p.add_argument_group("base model (random Llama, float32)")
     m.add_argument("--layers", type=int, default=4)
     m.add_argument("--hidden", type=int, default=512)
@@ -169,6 +175,32 @@ def build_adapters(args, ckpt: str, root: str) -> dict[str, tuple[str, int]]:
                              seed=args.seed * 1000 + i + 1, std=args.lora_std)
         out[name] = (path, rank)
     return out
+
+
+def real_model(args) -> tuple[str, dict[str, tuple[str, int]]]:
+    """(HF-layout checkpoint dir, adapters) of `--model`: for a pulled GGUF model, the directory
+    carajax converted it to (dequantized; tests/test_smollm2.py checks it against transformers'
+    own reading of the GGUF file). Sets the workload's vocabulary from the model."""
+    from carajax import demo
+    from carajax.config import ModelConfig
+    from carajax.models import hub
+
+    ckpt = str(hub.resolve(args.model))
+    if not os.path.isdir(ckpt):
+        raise SystemExit(f"--model {args.model}: needs an HF-layout directory (got {ckpt})")
+    config = ModelConfig.from_hf(ckpt)
+    args.vocab, args.layers, args.hidden = config.vocab_size, config.num_layers, config.hidden_size
+    args.intermediate, args.heads, args.kv_heads = (config.intermediate_size, config.num_heads,
+                                                    config.num_kv_heads)
+    args.tie_embeddings = config.tie_word_embeddings
+    dirs = (dict(kv.split("=", 1) for kv in args.adapter_dirs.split(",")) if args.adapter_dirs
+            else demo.adapter_dirs(args.model))
+    adapters = {}
+    for name, path in dirs.items():
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            adapters[name] = (path, int(json.load(f)["r"]))
+    args.ranks = [r for _, r in adapters.values()]
+    return ckpt, adapters
 
 
 # -- workloads --------------------------------------------------------------------------------
@@ -444,10 +476,16 @@ def main(argv=None) -> int:
     root = tempfile.mkdtemp(prefix="bench_vs_hf_")
     try:
         t0 = time.perf_counter()
-        ckpt = build_checkpoint(args, root)
-        adapters = build_adapters(args, ckpt, root)
-        log(f"random Llama ({args.layers} layers, hidden {args.hidden}, vocab {args.vocab}) and "
-            f"{len(adapters)} adapters (ranks {args.ranks}) written in {time.perf_counter() - t0:.1f}s")
+        if args.model:
+            ckpt, adapters = real_model(args)
+            names = ", ".join(f"{n} (r={r})" for n, (_, r) in adapters.items())
+            log(f"{args.model} ({ckpt}) with adapters {names}")
+        else:
+            ckpt = build_checkpoint(args, root)
+            adapters = build_adapters(args, ckpt, root)
+            log(f"random Llama ({args.layers} layers, hidden {args.hidden}, vocab {args.vocab}) and "
+                f"{len(adapters)} adapters (ranks {args.ranks}) written in "
+                f"{time.perf_counter() - t0:.1f}s")
         workloads = make_workloads(args, list(adapters))
         t0 = time.perf_counter()
         hf = HFRunner(ckpt, adapters)
@@ -473,7 +511,8 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "bench_vs_hf", "machine": machine,
         "args": {k: v for k, v in vars(args).items()},
-        "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
+        "model": {"name": args.model or "random Llama",
+                  "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
                   "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab,
                   "tied": args.tie_embeddings, "dtype": "float32", "init_std": args.init_std},
         "adapters": {name: rank for name, (_, rank) in adapters.items()},
