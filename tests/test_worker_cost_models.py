@@ -91,7 +91,7 @@ def test_a_workers_own_model_is_profiled_once_then_read_from_the_cache(worker_en
                                                                       monkeypatch):
     """Profiled on the worker's own engine (tests/test_worker_memory.py: in place, one copy of the
     weights), then read from the cache under a key of the engine's shapes."""
-    monkeypatch.setenv("CARAJAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CARAJAX_HOME", str(tmp_path))
     calls = []
     real = lcm.profiler.profile_engine
     tiny = dataclasses.replace(lcm.QUICK, batch_sizes=(1, 2), prompt_tokens=(16,), contexts=(0,),

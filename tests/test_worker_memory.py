@@ -84,7 +84,7 @@ def test_serve_profiles_its_own_engine_before_serving(tmp_path, monkeypatch):
     engine the worker serves (its runner launches every profiled step; no other Engine or model is
     built), while health says NOT_SERVING; then SERVING, with the fitted model in Stats and the
     engine clean (no KV page, adapter or request of the profile's left)."""
-    monkeypatch.setenv("CARAJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CARAJAX_HOME", str(tmp_path / "cache"))
     write_random_adapter(tmp_path / "adapters" / "a8", ModelConfig.from_name("llama-test"), rank=8)
     counts = _Counts(monkeypatch)
     seen: dict = {}
@@ -159,7 +159,7 @@ def test_profile_leaves_the_engine_as_it_found_it(tmp_path, monkeypatch):
     stays resident throughout, the evicted one is loaded back, the profile's adapters and KV pages
     are gone, replies are unchanged; a request submitted meanwhile waits and runs afterwards; a
     second start reads the fit from the cache without profiling."""
-    monkeypatch.setenv("CARAJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CARAJAX_HOME", str(tmp_path / "cache"))
     config = ModelConfig.from_name("llama-test")
     pool_pages = 10  # pinned r8 (1) + resident r16 (1) + the profile's: keep (1) + 2 x r64 (8)
     per_rank = sum(sum(config.projection_shape(m)) for m in ("q_proj", "k_proj", "v_proj", "o_proj",
@@ -310,7 +310,7 @@ def _run_probes(cache: Path) -> tuple[dict, dict]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",
            "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
     procs = [subprocess.Popen([sys.executable, "-m", "tests.test_worker_memory", kind], cwd=ROOT,
-                              env={**env, "CARAJAX_CACHE": str(cache / kind)}, text=True,
+                              env={**env, "CARAJAX_HOME": str(cache / kind)}, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for kind in ("baseline", "big")]
     outs = []

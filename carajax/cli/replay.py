@@ -71,7 +71,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter-dir", default=None, metavar="DIR", help="use the PEFT adapters in DIR "
                    "(by folder name, Zipf over their sorted names) instead of random ones")
     g.add_argument("--adapter-cache", default=None, metavar="DIR", help="where random adapters are "
-                   "written once (default ~/.cache/carajax/adapters, under $XDG_CACHE_HOME if set)")
+                   "written once (default: adapters/ under $CARAJAX_HOME, default ~/.cache/carajax)")
     g = p.add_argument_group("serving")
     g.add_argument("--mode", default="cluster", choices=["cluster", "engine"],
                    help="cluster: workers (`carajax serve` processes) behind a router over gRPC; "

@@ -28,6 +28,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from carajax import paths
 from carajax.config import PRESET_CHECKPOINTS, ModelConfig
 from carajax.models.weights import CheckpointError
 
@@ -65,7 +66,7 @@ MODELS: dict[str, HubModel] = {m.name: m for m in [
 
 def home() -> Path:
     """carajax's cache: `$CARAJAX_HOME`, default ~/.cache/carajax."""
-    return Path(os.environ.get("CARAJAX_HOME") or Path.home() / ".cache" / "carajax")
+    return paths.home()
 
 
 def model_dir(name: str) -> Path:

@@ -16,10 +16,14 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from carajax import paths
 from carajax.config import ATTENTION_MODULES, ModelConfig
 from carajax.testing import write_random_adapter
 
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "carajax" / "adapters"
+
+def default_cache() -> Path:
+    """Where random adapters are written once: adapters/ under `carajax.paths.home()`."""
+    return paths.home() / "adapters"
 
 
 def model_key(config: ModelConfig) -> str:

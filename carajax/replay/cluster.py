@@ -26,9 +26,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from carajax import paths
 from carajax.config import DEMO_MODEL
 
-DEFAULT_COMPILE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "carajax" / "jax"
 _READY = re.compile(r"carajax worker (\S+) ready on (\S+)")
 
 
@@ -48,7 +48,8 @@ class ClusterSpec:
     poll_interval_s: float = 0.2
     slo_tpot_s: float = 0.1  # what the router's policy prices
     avg_output_len: float = 128.0
-    compile_cache: str | None = str(DEFAULT_COMPILE_CACHE)
+    # JAX's persistent compilation cache (None: none); default jax/ under carajax.paths.home().
+    compile_cache: str | None = dataclasses.field(default_factory=lambda: str(paths.home() / "jax"))
     startup_timeout_s: float = 900.0
 
     def __post_init__(self):

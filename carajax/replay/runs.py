@@ -115,7 +115,7 @@ def _adapters(args, prepared, cfg: ModelConfig
                              f"it: {missing[:10]}")
         return reqs, {n: p for n, (p, _) in found.items()}, {n: r for n, (_, r) in found.items()}, \
             f"from {args.adapter_dir}"
-    cache = args.adapter_cache or adapter_store.DEFAULT_CACHE
+    cache = args.adapter_cache or adapter_store.default_cache()
     paths = adapter_store.random_adapters(prepared.adapters, cfg, cache=cache, seed=args.seed)
     return reqs, paths, dict(prepared.adapters), f"random PEFT adapters (q/k/v/o), cached in {cache}"
 

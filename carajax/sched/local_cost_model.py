@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 
+from carajax import paths
 from carajax.engine.engine import Engine
 from carajax.sched import cost_model as cm
 from carajax.sched import profiler
@@ -44,8 +45,8 @@ ENGINE_FIELDS = ("dtype", "max_batch_size", "kv_page_size", "kv_cache_bytes", "m
 
 
 def cache_dir() -> Path:
-    """$CARAJAX_CACHE, else ~/.cache/carajax: where fitted models are kept between runs."""
-    return Path(os.environ.get("CARAJAX_CACHE") or Path.home() / ".cache" / "carajax") / "cost_models"
+    """Where fitted models are kept between runs: cost_models/ under `carajax.paths.home()`."""
+    return paths.home() / "cost_models"
 
 
 def cache_key(engine: Engine, grid: profiler.ProfileGrid = QUICK) -> str:
