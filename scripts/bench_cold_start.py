@@ -174,6 +174,34 @@ def add_repeat_overheads(results: dict) -> None:
             for key in ("ttft_mean_s", "ttft_p50_s", "latency_mean_s")}
 
 
+def auto_verdict(results: dict) -> dict | None:
+    """`auto` against the policies it chooses between (async, wait, cpu_assist): mean TTFT over
+    the best of them and over `wait`, and whether every policy's tokens equal `cached`'s."""
+    if "auto" not in results:
+        return None
+    ttft = {p: r["ttft_s"]["mean"] for p, r in results.items() if p in
+            ("async", "wait", "cpu_assist", "auto")}
+    others = {p: t for p, t in ttft.items() if p != "auto"}
+    out = {"auto_ttft_mean_s": ttft["auto"]}
+    text = [f"auto: mean TTFT {ttft['auto'] * 1e3:.1f} ms"]
+    if others:
+        best = min(others, key=others.get)
+        out.update(best=best, over_best_pct=100 * (ttft["auto"] / others[best] - 1))
+        text.append(f"{out['over_best_pct']:+.1f}% vs the best of the others ({best}, "
+                    f"{others[best] * 1e3:.1f} ms)")
+    if "wait" in ttft:
+        out["over_wait_pct"] = 100 * (ttft["auto"] / ttft["wait"] - 1)
+        text.append(f"{out['over_wait_pct']:+.1f}% vs wait")
+    if "cached" in results:
+        ref = results["cached"]["token_ids"]
+        out["tokens_equal_cached"] = {p: r["token_ids"] == ref for p, r in results.items()
+                                      if isinstance(r, dict) and "token_ids" in r}
+        text.append("tokens equal cached's: " + ", ".join(
+            f"{p} {'yes' if ok else 'NO'}" for p, ok in out["tokens_equal_cached"].items()))
+    out["text"] = "; ".join(text)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-test")
@@ -194,6 +222,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1,
                    help="run every policy this many times (rotated order); prints the spread")
+    p.add_argument("--modules", choices=["attention", "all"], default="attention",
+                   help="the adapters' projections: q/k/v/o, or all seven (twice the bytes a copy "
+                        "moves per rank at llama-test's shape)")
     p.add_argument("--out", default="results/bench_cold_start.json")
     args = p.parse_args()
 
@@ -203,10 +234,11 @@ def main() -> None:
     model_config = carajax.ModelConfig.from_name(args.model)
     emulated = jax.default_backend() == "cpu" or args.emulate
     runs = {}
+    modules = TARGET_MODULES if args.modules == "all" else ATTENTION_MODULES
     with tempfile.TemporaryDirectory() as adapter_dir:
         for k, r in enumerate([*warmup, *stream]):
             write_random_adapter(os.path.join(adapter_dir, f"{r['adapter']}-r{r['rank']}"),
-                                 model_config, rank=r["rank"], seed=k, target_modules=ATTENTION_MODULES)
+                                 model_config, rank=r["rank"], seed=k, target_modules=modules)
         for gbps in args.link_gbps:
             results = runs[str(gbps)] = {}
             for rep in range(args.repeats):
@@ -216,7 +248,8 @@ def main() -> None:
                 for policy in args.policies[k:] + args.policies[:k]:
                     print(f"running {policy} at {gbps} GB/s ({len(stream)} requests, "
                           f"{args.rate} req/s), repeat {rep + 1}/{args.repeats} ...", flush=True)
-                    summary, _ = bench_policy(policy, args, stream, warmup, adapter_dir, gbps)
+                    summary, outs = bench_policy(policy, args, stream, warmup, adapter_dir, gbps)
+                    summary["token_ids"] = [list(o.token_ids) for o in outs]
                     if rep == 0:
                         results[policy] = summary | {"repeats": []}
                     results[policy]["repeats"].append(
@@ -228,6 +261,10 @@ def main() -> None:
         print_table(args, stream, emulated, float(gbps), results)
         if args.repeats > 1:
             print_repeats(args, float(gbps), results)
+        verdict = auto_verdict(results)
+        if verdict:
+            results["auto_verdict"] = verdict
+            print("  " + verdict["text"])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": datetime.date.today().isoformat(), "device": str(jax.devices()[0]),
