@@ -17,10 +17,12 @@ from carajax.engine.engine import Engine
 from carajax.engine.request import QueueFullError, RequestError, RequestHandle, RequestMetrics, RequestOutput
 from carajax.engine.sampling import SamplingParams
 from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
+from carajax.lora.spec import AdapterSpec
 from carajax.models.weights import CheckpointError
 
 __all__ = [
-    "PRESETS", "TARGET_MODULES", "AdapterError", "CheckpointError", "Engine", "EngineConfig",
+    "PRESETS", "TARGET_MODULES", "AdapterError", "AdapterSpec", "CheckpointError", "Engine",
+    "EngineConfig",
     "LoraAdapter", "ModelConfig", "QueueFullError", "RequestError", "RequestHandle",
     "RequestMetrics", "RequestOutput", "RopeScaling",
     "SamplingParams", "__version__", "demo", "load_adapter",

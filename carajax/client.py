@@ -38,7 +38,8 @@ from carajax.server import carajax_pb2_grpc as pb_grpc
 
 __all__ = ["AdapterInfo", "AsyncClient", "Client", "GenerateResult", "RequestMetrics", "ServerError"]
 
-_WHERE = {pb.RESIDENCY_HOST: "host", pb.RESIDENCY_LOADING: "loading", pb.RESIDENCY_DEVICE: "device"}
+_WHERE = {pb.RESIDENCY_HOST: "host", pb.RESIDENCY_LOADING: "loading", pb.RESIDENCY_DEVICE: "device",
+          pb.RESIDENCY_DISK: "disk"}
 
 
 class ServerError(RuntimeError):
@@ -105,7 +106,7 @@ class AdapterInfo:
     adapter_id: str
     rank: int
     bytes: int
-    where: str  # "host", "loading" or "device"
+    where: str  # "disk", "host", "loading" or "device"
     pinned: bool
     in_use: int
     path: str

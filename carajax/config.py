@@ -268,7 +268,9 @@ class EngineConfig:
     max_lora_rank: int = 64  # largest adapter rank accepted
     lora_page_rank: int = 16  # device pool granularity: an adapter of rank r takes ceil(r/16) pages
     device_lora_budget_bytes: int | None = None  # None: room for 8 adapters of max_lora_rank
-    host_lora_budget_bytes: int | None = None  # None: unlimited
+    # Host memory for adapters' weights, least recently used out first; an adapter not in it is
+    # read from disk when a request needs it (registration keeps only its spec). None: unlimited.
+    host_lora_budget_bytes: int | None = None
     # Cold starts (a request whose adapter is not on the device): "auto" (per request, CPU assist
     # when the host would finish its prompt's LoRA before the copy lands, else async),
     # "cpu_assist" (CaraServe: start at once, LoRA on the CPU until the copy lands), "async"

@@ -46,12 +46,14 @@ def time_step(engine, chunks, repeats: int) -> float:
             raise RuntimeError("the KV cache is too small for this step (raise kv_cache_bytes)")
     plan = Schedule(tuple(SeqChunk(req, start, n, path, samples=start + n == req.num_tokens)
                           for req, start, n, path in chunks))
+    cpu_ids = {req.adapter: engine._cpu_id(req.adapter) for req, _, _, path in chunks
+               if path == "cpu"}  # CPU assist's views of their host copies
     times = []
     for _ in range(repeats + 2):  # two untimed: caches, threads, the CPU worker's weights
         t0 = time.perf_counter()
-        inputs = runner.prepare(plan, planner.pages.table, engine._cpu_ids)
+        inputs = runner.prepare(plan, planner.pages.table, cpu_ids)
         tokens = runner.launch(inputs)[0]
-        _, failed = runner.collect(plan, inputs, tokens, engine._cpu_ids)
+        _, failed = runner.collect(plan, inputs, tokens, cpu_ids)
         times.append(time.perf_counter() - t0)
         if failed:
             raise RuntimeError(f"CPU LoRA failed: {failed}")

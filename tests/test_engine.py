@@ -254,7 +254,7 @@ def test_cpu_worker_exception_fails_only_its_request(adapter_dirs, alone, tiny_c
         broken = dict(good_weights.modules)
         m = broken[(0, "q_proj")]
         broken[(0, "q_proj")] = LoraModule(a=np.ones((m.rank, 7), np.float32), b=m.b, scale=1.0)
-        engine.bridge.unregister(engine._cpu_ids["bad"])
+        engine._forget_cpu_id("bad")  # (none yet: the bridge sees an adapter at its first CPU step)
         engine._cpu_ids["bad"] = engine.bridge.register(LoraAdapter("bad", "", broken))
         outs = engine.generate([REQUESTS[1][0], REQUESTS[0][0], REQUESTS[8][0]],
                                adapters=["bad", "a0", None], sampling=GREEDY)

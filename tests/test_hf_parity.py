@@ -93,6 +93,9 @@ def test_adapter_scaling_follows_peft(case, engine):
     assert pat.modules[(0, "up_proj")].scale == pytest.approx(32 / 16)
 
 
+# One model each: the float32 tests above cover every config; these two re-run a whole engine
+# for what does not depend on it (bfloat16 rounding, the kernels' wiring).
+@pytest.mark.parametrize("case", ["llama3_rope"], indirect=True)
 def test_bfloat16_within_tolerance(case):
     engine = carajax.Engine.from_pretrained(case.model_dir, dtype="bfloat16")
     engine.add_adapter("attn_r8", case.adapter_dirs["attn_r8"])
@@ -104,6 +107,7 @@ def test_bfloat16_within_tolerance(case):
         assert rel_error(ours, case.logits[adapter]) > 1e-5
 
 
+@pytest.mark.parametrize("case", ["gqa"], indirect=True)
 def test_pallas_kernels_wired_into_the_model_match_hf(case):
     """The same checks with the Pallas kernels in the LoRA hook (interpret mode here; compiled
     on a GPU, where "auto" picks them): prefill goes through sgmv, decode through bgmv."""

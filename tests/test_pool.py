@@ -31,6 +31,8 @@ ATTENTION_PAGE_BYTES = 57_344
 # 0.057344 s on the wire + 0.05 s = 0.107344 s.
 LINK = dict(emulated_link_gbps=0.001, emulated_link_latency_ms=50.0)
 ONE_PAGE_COPY_S = 0.05 + ATTENTION_PAGE_BYTES / 1e6
+# Beside its pages the host tier keeps an adapter's ranks and scales: int32 + float32 [7, 2].
+META_BYTES = 2 * 4 * 7 * 2
 
 
 def mixed_adapter(config, seed: int = 0) -> LoraAdapter:
@@ -188,15 +190,16 @@ def test_byte_budget_is_proportional_to_rank(make_pool, tiny_config, adapters):
         pool.load_now(name)
     st = pool.stats()
     assert st["pages_free"] == 0 and st["device_bytes_used"] == 10 * PAGE_BYTES
-    assert sorted(st["on_device"]) == sorted(names[:7]) and st["host_only"] == ["r16_6"]
+    assert sorted(st["on_device"]) == sorted(names[:7]) and pool.where("r16_6") == "host"
+    assert st["adapters"] == 8 and st["host_adapters"] == 8 and st["disk_only"] == 0
     # The 7th rank-16 adapter needs one page: the least recently used (r64) goes, freeing 4.
     pool.load_now("r16_6")
     st = pool.stats()
     assert pool.where("r64") == "host" and st["pages_free"] == 3
     assert st["device_bytes_used"] == 7 * PAGE_BYTES
-    # parsed, plus the staged copy of the projections each targets
-    assert st["host_bytes_used"] == sum(pool.host_bytes(pool._table.entries[n].adapter) for n in names)
-    assert pool.host_bytes(adapters["r16_0"]) == adapters["r16_0"].nbytes + ATTENTION_PAGE_BYTES
+    # one host copy each: the staged pages of the projections it targets (+ ranks and scales)
+    assert st["host_bytes_used"] == sum(pool.host_bytes(pool.adapter(n)) for n in names)
+    assert pool.host_bytes(adapters["r16_0"]) == ATTENTION_PAGE_BYTES + META_BYTES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,8 +354,8 @@ def test_load_all_reports_bytes_needed_against_the_budget(make_pool):
 
 
 def test_register_errors_leave_the_pool_unchanged(make_pool, adapters):
-    nbytes = adapters["r16_0"].nbytes + ATTENTION_PAGE_BYTES  # parsed + staged
-    r8 = adapters["r8"].nbytes + PAGE_BYTES - ATTENTION_PAGE_BYTES
+    nbytes = ATTENTION_PAGE_BYTES + META_BYTES  # its host copy
+    r8 = PAGE_BYTES - ATTENTION_PAGE_BYTES + META_BYTES
     pool = make_pool(4, max_lora_rank=32, host_budget_bytes=nbytes + r8 - 1)
     pool.register(adapters["r16_0"])
     before = pool.stats()
@@ -379,7 +382,7 @@ def test_unregister_frees_pages(make_pool):
     pool.unregister("r64")
     st = pool.stats()
     assert st["pages_free"] == 5 and st["device_bytes_used"] == PAGE_BYTES
-    assert st["host_bytes_used"] == pool.host_bytes(pool._table.entries["r16_0"].adapter)
+    assert st["host_bytes_used"] == pool.host_bytes(pool.adapter("r16_0"))
     with pytest.raises(AdapterError, match="unknown adapter"):
         pool.where("r64")
 

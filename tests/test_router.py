@@ -162,6 +162,24 @@ def test_async_cold_starts_cost_the_request_its_copy_and_the_others_nothing():
     assert slow_cpu.score(req, ws[0]) - slow_cpu.score(req, ws[1]) == pytest.approx(0.00064)
 
 
+def test_a_disk_read_adds_to_the_cold_requests_own_wait():
+    # Same busy workers (n = 2); neither holds "x" on the device. A has it only on disk: a read of
+    # 1e7 bytes at 1e9 B/s after 0.01 s = 0.02 s before its copy (0.064 s). B has it in host
+    # memory. async: only the request waits, A - B = 0.02/100 = 0.0002; wait: the step blocks on
+    # the copy only (the engine keeps the request queued for its read), so again 0.0002.
+    cost = FakeCost()
+    req = RouteRequest("x", 64, 100, 100)
+    batch = [(100, 8), (100, 8)]
+    disk = dict(in_host=set(), read_bytes_per_s=1e9, read_latency_s=0.01, adapter_bytes={"x": 10**7})
+    ws = [_w("A", cost, batch=batch, **disk), _w("B", cost, batch=batch, **{**disk, "in_host": {"x"}})]
+    assert ws[0].read_seconds("x", 64) == pytest.approx(0.02) and ws[1].read_seconds("x", 64) == 0
+    assert _w("C", cost).read_seconds("x", 64) == 0  # no host tier reported: nothing to read
+    for policy in ("async", "wait", "cpu_assist"):
+        pol = CarajaxPolicy(avg_output_len=100, slo_tpot=1.0, cold_start=policy, cpu_slowdown=0.5)
+        assert pol.score(req, ws[0]) - pol.score(req, ws[1]) == pytest.approx(0.0002), policy
+        assert pol.choose(req, ws).name == "B"
+
+
 def test_carajax_counts_the_prefill_queued_ahead():
     # Unpadded, avg_output_len = 100, new request: 100 prompt tokens, rank 8, resident on both.
     # A: queue [(4000, 8)], batch [(100, 8)] (n = 2);  B: queue [], batch [(100, 8), (100, 8)] (n = 2).

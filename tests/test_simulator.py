@@ -91,6 +91,18 @@ def test_lru_eviction_counts_loads():
     assert simulate(reqs, "round_robin", FLAT, SimConfig(n_workers=1, adapter_pages=2)).loads == 2
 
 
+@pytest.mark.parametrize("host_adapters, ttft", [(0, [0.51] * 3), (1, [0.71] * 3),
+                                                  (2, [0.71, 0.71, 0.51])])
+def test_adapters_not_in_host_memory_are_read_first(host_adapters, ttft):
+    # x, y, x one after another, one device page (each load evicts the other): every request
+    # copies (0.5 s) then prefills (0.01 s). A host tier of one adapter reads each first (0.2 s
+    # latency, FLAT prices no bytes); of two, the second x is still in host memory.
+    reqs = [SimRequest(float(t), 10, 2, a, 8) for t, a in zip((0, 10, 20), "xyx")]
+    cfg = SimConfig(n_workers=1, adapter_pages=1, cold_start="async", host_adapters=host_adapters,
+                    disk_read_latency_ms=200.0)
+    assert simulate(reqs, "round_robin", FLAT, cfg).ttft.tolist() == pytest.approx(ttft)
+
+
 def test_pinned_adapters_are_not_evicted_and_requests_wait_for_pages():
     # One page, two concurrent requests on different adapters: y cannot load while x is in use,
     # so y waits for x's request to finish (no over-commit), and each adapter is loaded once.

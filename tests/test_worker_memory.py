@@ -148,7 +148,7 @@ def test_serve_profiles_its_own_engine_before_serving(tmp_path, monkeypatch):
     assert clean["kv_free"] == clean["kv_total"] and not clean["has_work"]
     pool = clean["pool"]
     assert clean["adapters"] == ["a8"] and pool["on_device"] == ["a8"]  # `cached`: resident again
-    assert not pool["host_only"] and not pool["loading"] and not pool["in_use"]
+    assert pool["adapters"] == 1 and not pool["loading"] and not pool["in_use"]
     assert seen["reply"].finish_reason == "length" and len(seen["reply"].token_ids) == 6
     assert len(list((tmp_path / "cache" / "cost_models").glob("*.json"))) == 1
 
@@ -212,7 +212,7 @@ def test_profile_leaves_the_engine_as_it_found_it(tmp_path, monkeypatch):
         assert late["done_at"] > late["closed_at"]  # it waited for the profile to end
         assert late["out"].token_ids == before[1]  # and its reply is unchanged
         after = engine.pool.stats()
-        for key in ("on_device", "pinned", "host_only", "loading", "in_use", "wanted",
+        for key in ("on_device", "pinned", "host_adapters", "disk_only", "loading", "in_use", "wanted",
                     "pages_free", "slots_free", "host_bytes_used", "copies"):
             assert sorted(after[key]) == sorted(stats[key]) if isinstance(stats[key], list) \
                 else after[key] == stats[key], key

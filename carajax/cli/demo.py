@@ -57,10 +57,7 @@ def _jobs(args, engine, builtin):
         paths = builtin.adapter_dirs()
         jobs = [(w, a) for w in args.words.split(",") for a in (None, *paths)]
         return "trained", paths, jobs, [builtin.prompt(w) for w, _ in jobs], True
-    try:
-        paths = builtin.adapter_dirs(args.model)
-    except KeyError:
-        paths = None
+    paths = builtin.shipped_adapters(args.model)
     if paths:
         template = load_chat_template(hub.resolve(args.model), engine.tokenizer)
         jobs = [(q, a) for q in (args.question or QUESTIONS) for a in (None, *paths)]

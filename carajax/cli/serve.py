@@ -31,8 +31,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEMO_MODEL,
                    help="HF checkpoint dir, GGUF file, a model carajax pulls by name "
                         "(smollm2-135m-instruct), preset name (random weights), or the built-in "
-                        f"{DEMO_MODEL} (trained; its adapters are registered unless --adapters; "
-                        "default: %(default)s)")
+                        f"{DEMO_MODEL} (trained); the adapters shipped for the built-in model and for "
+                        "smollm2-135m-instruct are registered unless --adapters is given "
+                        "(default: %(default)s)")
     add_dtype_arg(p)
     p.add_argument("--adapters", default=None, metavar="DIR",
                    help="register every PEFT adapter directory under DIR by its folder name")
@@ -64,7 +65,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    metavar="auto|none|FILE", help="the step-latency model this worker reports for "
                    "routers to price it with: auto profiles the serving engine itself once (about a "
                    "minute on a CPU, while health is NOT_SERVING) and caches the fit under "
-                   "$CARAJAX_CACHE or ~/.cache/carajax; none; or a JSON file from `carajax profile "
+                   "$CARAJAX_HOME (default ~/.cache/carajax); none; or a JSON file from `carajax profile "
                    "--fit` (default: %(default)s; $CARAJAX_COST_MODEL sets it)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="compile every step variant before serving, with health NOT_SERVING meanwhile "
@@ -147,9 +148,8 @@ def _start_worker(args: argparse.Namespace, started, held: dict):
         except AdapterError as e:
             engine.close()
             raise UsageError(f"--adapters: cannot register adapter {d.name!r}: {e}") from None
-    if not args.adapters and builtin.is_demo(args.model):
-        # the built-in model comes with its trained adapters
-        for name, path in builtin.adapter_dirs().items():
+    if not args.adapters:  # a model shipped with trained adapters comes with them
+        for name, path in builtin.shipped_adapters(args.model).items():
             engine.add_adapter(name, path)
     # Bind at once and answer health NOT_SERVING while compiling and profiling, so orchestrators
     # see a live process that is not ready yet (the Kubernetes convention), then SERVING.

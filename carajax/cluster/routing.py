@@ -30,13 +30,14 @@ from carajax.sched.cost_model import CostModel, RankBlindModelError, require_ran
 
 ROUTE_KWARG = "route"
 LIVE_ROUTERS: weakref.WeakSet = weakref.WeakSet()  # this process's CarajaxRequestRouters (/router)
+_RANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> (version, {name: rank})
 
 
 def replica_stats(engine, servicer, *, name: str, cost_model_json: str = "", serving: bool = True) -> dict:
     """One routing-stats snapshot of a replica's engine and its worker servicer (which knows the
     prompt lengths of requests not admitted yet)."""
     st = engine.stats()  # one snapshot under the engine lock
-    ranks = {n: a.rank for n, a in engine.adapters.items()}
+    ranks = _ranks(engine, st.get("adapters_version", 0))
     queue, batch, ages = [], [], []
     for r in st["running"]:
         if r["phase"] == "decode":
@@ -56,6 +57,14 @@ def replica_stats(engine, servicer, *, name: str, cost_model_json: str = "", ser
             "max_batch": engine.config.max_batch_size, "max_seq_len": engine.runner.seq_len,
             "cost_model": cost_model_json, "finished_count": st["finished"]["count"],
             "recent_outputs": st["finished"]["recent_output_tokens"]}
+
+
+def _ranks(engine, version: int) -> dict[str, int]:
+    """{name: rank} of the engine's adapters, listed again only when its registry changed."""
+    cached = _RANKS.get(engine)
+    if cached is None or cached[0] != version:
+        cached = _RANKS[engine] = (version, {n: a.rank for n, a in engine.adapters.items()})
+    return cached[1]
 
 
 def new_outputs(stats: dict, seen: int) -> tuple[list[int], int]:

@@ -31,9 +31,32 @@ def model_dir() -> str:
     return str(ROOT / "model")
 
 
-def adapter_dirs() -> dict[str, str]:
-    """Shipped adapter name -> its PEFT directory, one per task in `TASKS`."""
-    return {name: str(ROOT / "adapters" / name) for name in TASKS}
+SMOLLM2 = "smollm2-135m-instruct"  # carajax.demo.smollm2's base model
+
+
+def adapter_dirs(model: str = MODEL_NAME) -> dict[str, str]:
+    """Shipped adapter name -> its PEFT directory, for the demo model (one per task in `TASKS`)
+    or for "smollm2-135m-instruct" (`carajax.demo.smollm2`: shout, json, bullets); KeyError for
+    a model with none shipped."""
+    if model == MODEL_NAME:
+        return {name: str(ROOT / "adapters" / name) for name in TASKS}
+    if model == SMOLLM2 and (ROOT / "smollm2" / "adapters").is_dir():
+        from carajax.demo import smollm2
+
+        return smollm2.adapter_dirs()
+    shipped = [MODEL_NAME, *([SMOLLM2] if (ROOT / "smollm2" / "adapters").is_dir() else [])]
+    raise KeyError(f"no shipped adapters for {model!r}; there are for {', '.join(map(repr, shipped))}")
+
+
+def shipped_adapters(model: str) -> dict[str, str]:
+    """`adapter_dirs(model)` for a model shipped with trained adapters (the built-in one, also
+    by its directory, or smollm2-135m-instruct); {} for any other."""
+    if is_demo(model):
+        return adapter_dirs()
+    try:
+        return adapter_dirs(model)
+    except KeyError:
+        return {}
 
 
 def manifest() -> dict:
@@ -58,4 +81,5 @@ def is_demo(name_or_path: str) -> bool:
 
 
 __all__ = ["ECHO", "GREEDY", "MODEL_NAME", "TASKS", "Task", "adapter_dirs", "engine",
-           "exact_match", "is_demo", "manifest", "model_dir", "prompt", "random_words"]
+           "exact_match", "is_demo", "manifest", "model_dir", "prompt", "random_words",
+           "shipped_adapters"]

@@ -146,12 +146,13 @@ def train_base(cfg: TrainConfig = BASE_TRAINING, config: ModelConfig = DEMO_CONF
     return nnx.merge(graphdef, params, consts), losses
 
 
-def init_lora(config: ModelConfig, rank: int, seed: int) -> dict:
+def init_lora(config: ModelConfig, rank: int, seed: int,
+              modules: tuple[str, ...] = TARGET_MODULES) -> dict:
     """PEFT's initialisation: A uniform in +-1/sqrt(d_in) (Kaiming, a=sqrt(5)), B zero."""
     rng = np.random.default_rng(seed)
     params = {}
     for layer in range(config.num_layers):
-        for m in TARGET_MODULES:
+        for m in modules:
             d_in, d_out = config.projection_shape(m)
             bound = 1.0 / math.sqrt(d_in)
             params[f"{layer}.{m}"] = {
@@ -217,7 +218,10 @@ def final_loss(losses: list[float]) -> float:
     return float(np.mean(losses[-50:]))
 
 
-def plot_losses(curves: dict[str, list[float]], path: str) -> None:
+def plot_losses(curves: dict[str, list[float]], path: str, *,
+                title: str = "carajax-demo: the base learns to echo, each adapter its task "
+                             "(base frozen)",
+                xlabel: str = "optimizer step (batch of 64 fresh words)") -> None:
     """Training loss per step of each model, log scale, one PNG."""
     import matplotlib
 
@@ -228,9 +232,9 @@ def plot_losses(curves: dict[str, list[float]], path: str) -> None:
     for name, losses in curves.items():
         ax.plot(np.arange(1, len(losses) + 1), losses, label=name, lw=1.2)
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step (batch of 64 fresh words)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("cross-entropy on the answer tokens")
-    ax.set_title("carajax-demo: the base learns to echo, each adapter its task (base frozen)")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -6,8 +6,11 @@ for its prompt: slow links, big adapters, slow accelerators (CaraServe's A10 ove
 link with a long prompt, waiting for the copy is cheaper, and the warm rows beside it never stall
 on host callbacks. Both paths then run the prompt's base model on the device, so the comparison is
 
-    cpu_s  = chunks x the CPU-assisted step's fixed cost + prompt MACs of its LoRA x seconds per MAC
-    copy_s = the link's backlog + latency + adapter bytes / bandwidth   (`AdapterPool.copy_seconds`)
+    cpu_s  = read + chunks x the CPU-assisted step's fixed cost + prompt MACs x seconds per MAC
+    copy_s = read + the link's backlog + latency + adapter bytes / bandwidth (`copy_seconds`)
+
+where `read` is 0 for an adapter in host memory, else its predicted disk read (the reads queued
+before it, latency, file bytes / bandwidth, as measured: `AdapterPool.read_seconds`).
 
 and the request takes CPU assist iff cpu_s < copy_s (it hands over to the device when the copy
 lands, as `cpu_assist` does).
@@ -35,14 +38,17 @@ import numpy as np
 
 from carajax.config import TARGET_MODULES, ModelConfig
 from carajax.lora.adapter import LoraAdapter, LoraModule
+from carajax.lora.spec import AdapterSpec
 
 PATHS = ("cpu_assist", "async")
 # Weight of a live step's observation in the running seconds-per-MAC estimate.
 REFINE_WEIGHT = 0.2
 
 
-def lora_macs_per_token(adapter: LoraAdapter) -> int:
+def lora_macs_per_token(adapter: LoraAdapter | AdapterSpec) -> int:
     """Multiply-adds of an adapter's LoRA for one token, over all its layers and projections."""
+    if isinstance(adapter, AdapterSpec):
+        return adapter.macs_per_token
     return sum(m.rank * (m.a.shape[1] + m.b.shape[0]) for m in adapter.modules.values())
 
 
@@ -54,7 +60,7 @@ class HostLoraCost:
     step_fixed_s: float  # one CPU-assisted chunk step's extra cost with nothing to compute
     chunk: int  # prompt tokens per step (EngineConfig.prefill_chunk)
 
-    def prefill_seconds(self, adapter: LoraAdapter, prompt_tokens: int) -> float:
+    def prefill_seconds(self, adapter: LoraAdapter | AdapterSpec, prompt_tokens: int) -> float:
         """Seconds the CPU path adds to a prefill of `prompt_tokens` with `adapter`."""
         chunks = max(1, math.ceil(prompt_tokens / self.chunk))
         return (chunks * self.step_fixed_s
@@ -124,13 +130,16 @@ class HostPath:
         self.observations = 0
         self._lock = threading.Lock()
 
-    def choose(self, adapter: LoraAdapter, prompt_tokens: int, copy_s: float) -> ColdChoice:
-        """CPU assist iff the host finishes the prompt's LoRA before the copy would land."""
+    def choose(self, adapter: LoraAdapter | AdapterSpec, prompt_tokens: int, copy_s: float, *,
+               read_s: float = 0.0) -> ColdChoice:
+        """CPU assist iff the host finishes the prompt's LoRA before the copy would land. An
+        adapter only on disk is read first either way: `read_s` (also inside `copy_s`) delays
+        the host path too."""
         with self._lock:
             cost = self.cost
         if self.host_only or cost is None:
             return ColdChoice("async", math.inf, copy_s)
-        cpu_s = cost.prefill_seconds(adapter, prompt_tokens)
+        cpu_s = read_s + cost.prefill_seconds(adapter, prompt_tokens)
         return ColdChoice("cpu_assist" if cpu_s < copy_s else "async", cpu_s, copy_s)
 
     def observe(self, host_s: float, macs: int) -> None:

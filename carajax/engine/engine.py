@@ -42,9 +42,10 @@ from carajax.engine.request import (
 )
 from carajax.engine.runner import ModelRunner, StepInputs
 from carajax.engine.sampling import SamplingParams
-from carajax.lora.adapter import AdapterError, LoraAdapter, load_adapter
+from carajax.lora.adapter import AdapterError, load_adapter
 from carajax.lora.cpu_assist import CpuAssistBridge, CpuLoraWorker
 from carajax.lora.pool import AdapterPool
+from carajax.lora.spec import AdapterSpec, read_spec
 from carajax.models import hub
 from carajax.models.llama import Llama
 from carajax.models.tokenizer import Tokenizer
@@ -64,6 +65,7 @@ class _Launched:
 
     plan: Schedule
     inputs: StepInputs
+    cpu_ids: dict[str, int]  # the bridge ids of its CPU-assisted adapters
     tokens: jax.Array  # int32 [max_batch_size] on the device
     stalled: float  # seconds its synchronous adapter loads took
     t0: float  # perf_counter when its planning began
@@ -91,7 +93,8 @@ class Engine:
             device_budget_bytes=config.lora_budget_bytes(model.config, np.dtype(dtype).itemsize),
             host_budget_bytes=config.host_lora_budget_bytes, max_slots=config.max_loras,
             page_rank=config.lora_page_rank, emulated_link_gbps=config.emulated_link_gbps,
-            emulated_link_latency_ms=config.emulated_link_latency_ms)
+            emulated_link_latency_ms=config.emulated_link_latency_ms,
+            on_host_evict=self._forget_cpu_id)
         self.bridge = CpuAssistBridge(CpuLoraWorker(max_threads=config.cpu_threads), model.config)
         self.runner = ModelRunner(model, config, self.pool, self.bridge)
         self.planner = BatchPlanner(config, self.runner.layout, self.runner.seq_len, self.pool,
@@ -107,8 +110,9 @@ class Engine:
             maxlen=256)
         self._inflight: _Launched | None = None  # async scheduling: the step on the device
         self._last_applied = 0.0
-        self._adapters: dict[str, LoraAdapter] = {}
-        self._cpu_ids: dict[str, int] = {}
+        self._adapters: dict[str, AdapterSpec] = {}  # the registry: specs, never weights
+        self.adapters_version = 0  # changes with every registration and removal
+        self._cpu_ids: dict[str, int] = {}  # bridge ids of adapters CPU assist has read
         self._rng = np.random.default_rng()
         self._ids = itertools.count()
         # Engine state (planner, pool, runner): held for host bookkeeping only, never across the
@@ -207,25 +211,33 @@ class Engine:
             self.config.cold_start == "auto" and not self.host_path.host_only)
 
     # -- adapters ---------------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str | os.PathLike, *, pin: bool = False) -> LoraAdapter:
-        """Parse, validate and register a PEFT adapter directory under `name`.
+    def add_adapter(self, name: str, path: str | os.PathLike, *, pin: bool = False) -> AdapterSpec:
+        """Register a PEFT adapter directory under `name`; returns its spec (shapes, ranks).
 
-        Raises `AdapterError` (and registers nothing) if it is malformed, unsupported, does not
-        fit the base model, has a rank over `max_lora_rank`, the name is taken, or (`cached`
-        policy) it does not fit on the device.
+        Its config and safetensors header are checked against the base model; its weights are
+        read now only if the host tier has room for them (then checked too: finite values), else
+        when a request first needs them. Raises `AdapterError` (and registers nothing) if it is
+        malformed, unsupported, does not fit the base model, has a rank over `max_lora_rank`, the
+        name is taken, or (`cached` policy) it does not fit on the device.
         """
         if not name:
             raise AdapterError("adapter name must be a non-empty string")
-        adapter = load_adapter(path, self.model_config, max_rank=self.config.max_lora_rank,
-                               name=name)  # host work, outside the lock
-        staged = self.pool.stage_host(adapter)  # host work too (AdapterError if it cannot fit)
+        spec = read_spec(path, self.model_config, max_rank=self.config.max_lora_rank, name=name)
+        if name in self._adapters:
+            raise AdapterError(f"adapter {name!r} is already registered; remove it first")
+        staged = None
+        if self.pool.host_room(spec):  # host work, outside the lock
+            adapter = load_adapter(path, self.model_config, max_rank=self.config.max_lora_rank,
+                                   name=name)
+            staged = self.pool.stage_host(adapter)
+            del adapter  # the host tier keeps one copy, in the layout a copy moves
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"adapter {name!r} is already registered; remove it first")
-            self.pool.register(adapter, staged=staged)
+            self.pool.register_spec(spec, staged=staged)
             try:
                 if self.config.cold_start == "cached":
-                    self._check_fits_cached(adapter)
+                    self._check_fits_cached(spec)
                     self.pool.load_now(name)
                 if pin:
                     self.pool.pin(name)
@@ -234,11 +246,11 @@ class Engine:
             except Exception:
                 self.pool.unregister(name)
                 raise
-            self._adapters[name] = adapter
-            self._cpu_ids[name] = self.bridge.register(adapter)
-        return adapter
+            self._adapters[name] = spec
+            self.adapters_version += 1
+        return spec
 
-    def _check_fits_cached(self, adapter: LoraAdapter) -> None:
+    def _check_fits_cached(self, adapter: AdapterSpec) -> None:
         """`cached` keeps every adapter on the device: one that does not fit in the free pages
         is refused (never by evicting another)."""
         st = self.pool.stats()
@@ -257,8 +269,9 @@ class Engine:
             self.pool.unregister(name)  # raises if in use
             self.planner.fail_waiting(lambda r: r.adapter == name,
                                         f"adapter {name!r} was removed")
-            self.bridge.unregister(self._cpu_ids.pop(name))
+            self._forget_cpu_id(name)
             del self._adapters[name]
+            self.adapters_version += 1
 
     def pin_adapter(self, name: str) -> None:
         """Keep an adapter on the device (loaded now if needed); never evicted until unpinned."""
@@ -272,13 +285,38 @@ class Engine:
             self.pool.unpin(self._adapter(name).name)
 
     @property
-    def adapters(self) -> dict[str, LoraAdapter]:
-        return dict(self._adapters)
+    def adapters(self) -> dict[str, AdapterSpec]:
+        """A snapshot of the registry, {name: spec}: a copy of every entry, for listings. To look
+        one up, `get_adapter` (constant time however many are registered)."""
+        return dict(self._adapters)  # (one C-level copy: atomic under the GIL)
 
-    def _adapter(self, name: str) -> LoraAdapter:
-        if name not in self._adapters:
-            raise AdapterError(f"unknown adapter {name!r}; registered: {sorted(self._adapters)}")
-        return self._adapters[name]
+    def get_adapter(self, name: str) -> AdapterSpec | None:
+        """The registered adapter's spec, or None."""
+        return self._adapters.get(name)
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self._adapters)
+
+    def _adapter(self, name: str) -> AdapterSpec:
+        spec = self._adapters.get(name)
+        if spec is None:
+            raise AdapterError(f"unknown adapter {name!r} ({len(self._adapters)} registered)")
+        return spec
+
+    def _cpu_id(self, name: str) -> int:
+        """The bridge id of an adapter a step runs on the CPU: registered with views of its host
+        copy (held there while a request runs with it) the first time, until that copy goes."""
+        cid = self._cpu_ids.get(name)
+        if cid is None:
+            cid = self._cpu_ids[name] = self.bridge.register(self.pool.host_view(name))
+        return cid
+
+    def _forget_cpu_id(self, name: str) -> None:
+        """The adapter's host copy went (evicted, or unregistered): so does its bridge id."""
+        cid = self._cpu_ids.pop(name, None)
+        if cid is not None:
+            self.bridge.unregister(cid)
 
     # -- requests ---------------------------------------------------------------------------
     def _token_ids(self, prompt: Prompt, limit: int) -> list[int]:
@@ -447,10 +485,12 @@ class Engine:
         launched = None
         if not plan.empty:
             stalled = sum(self.pool.load_now(name) for name in plan.sync_loads)
-            inputs = self.runner.prepare(plan, self.planner.pages.table, self._cpu_ids)
+            cpu_ids = {c.request.adapter: self._cpu_id(c.request.adapter)
+                       for c in plan.chunks if c.path == "cpu"}
+            inputs = self.runner.prepare(plan, self.planner.pages.table, cpu_ids)
             tokens = self.runner.launch(inputs)[0]
             self.planner.commit(plan)
-            launched = _Launched(plan, inputs, tokens, stalled, t0,
+            launched = _Launched(plan, inputs, cpu_ids, tokens, stalled, t0,
                                  time.perf_counter() - t0 - stalled)
         # Steps with CPU-assisted tokens are applied at once: their host callbacks' errors
         # must be read against the step that made them.
@@ -467,7 +507,7 @@ class Engine:
         sampled = self.runner.wait(step.tokens)  # the device wait: the lock is free
         t_got = time.perf_counter()
         with self._lock:
-            tokens, failed = self.runner.collect(step.plan, step.inputs, sampled, self._cpu_ids)
+            tokens, failed = self.runner.collect(step.plan, step.inputs, sampled, step.cpu_ids)
             self.planner.postprocess(step.plan, tokens, step.stalled, failed)
             t_end = time.perf_counter()
             # The step's period: since the previous step's results were applied (or since this
@@ -533,7 +573,8 @@ class Engine:
                        if self.config.cold_start == "auto" else {}),
                     "finished": {"count": self.planner.finished_count,
                                  "recent_output_tokens": list(self.planner.finished_outputs)},
-                    "adapters": self.pool.stats(), "cpu_assist": self.bridge.stats()}
+                    "adapters": self.pool.stats(), "adapters_version": self.adapters_version,
+                    "cpu_assist": self.bridge.stats()}
 
     def close(self) -> None:
         """Stop the loop thread (queued requests fail) and the pool's loader."""

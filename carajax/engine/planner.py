@@ -300,12 +300,13 @@ class BatchPlanner:
 
     def start_cold(self, req: Request, *, submitter: bool = True) -> None:
         """Give a cold request its path (the policy's, or under `auto` the faster of CPU assist
-        and waiting for the copy, by measured predictions) and, on the paths that copy while the
-        request runs or waits (`async`, `cpu_assist`), start its copy now. Called on the
+        and waiting for the copy, by measured predictions, a disk read included) and, on the
+        paths that copy while the request runs or waits (`async`, `cpu_assist`), start its copy
+        now (after reading it, if it is only on disk); on the others, its read. Called on the
         submitting thread, before the request is queued: the copy then runs beside the step in
         flight instead of from the first step that considers the request. The adapter is
-        `want`ed until admission, so other prefetches do not evict it meanwhile. Touches only
-        the request and the pool (whose bookkeeping is locked); `add` counts the path."""
+        `want`ed until admission, so other reads and copies do not evict it meanwhile. Touches
+        only the request and the pool (whose bookkeeping is locked); `add` counts the path."""
         if (req.adapter is None or req.metrics.cold_path is not None
                 or self.pool.slot(req.adapter) is not None):
             return
@@ -313,19 +314,24 @@ class BatchPlanner:
         if policy == "auto":
             adapter = self.pool.adapter(req.adapter)
             choice = self.host_path().choose(adapter, len(req.prompt_ids),
-                                             self.pool.copy_seconds(req.adapter))
+                                             self.pool.copy_seconds(req.adapter),
+                                             read_s=self.pool.read_seconds(req.adapter))
             req.metrics.cold_path = choice.path
             req.metrics.predicted_cpu_s = choice.cpu_s
             req.metrics.predicted_copy_s = choice.copy_s
         else:
             req.metrics.cold_path = "cpu_assist" if policy == "cpu_assist" else (
                 "async" if policy == "async" else "wait")
-        if req.metrics.cold_path in ("async", "cpu_assist"):
+        copies = req.metrics.cold_path in ("async", "cpu_assist")
+        if copies or self.pool.where(req.adapter) == "disk":
             self.pool.want(req.adapter)
             req.wants_adapter = True
+        if copies:
             # Staged on the submitter's thread, the engine's goes to the loader; False (the
             # pool is full now): retried at admission.
             self.pool.prefetch(req.adapter, here=submitter)
+        else:
+            self.pool.fetch(req.adapter)
 
     def forget(self, req: Request) -> None:
         """Undo `start_cold`'s claim for a request that was never queued (or has ended)."""
@@ -334,13 +340,19 @@ class BatchPlanner:
             req.wants_adapter = False
 
     def _waits_for_copy(self, req: Request) -> bool:
-        """Whether req stays queued for its adapter's copy (starting the copy if need be). A cold
-        request not given its path at submit (warm then, evicted since) gets it now."""
+        """Whether req stays queued for its adapter: for its read from disk on any path (or
+        fails, if that read failed), for its copy under `async` (starting either if need be). A
+        cold request not given its path at submit (warm then, evicted since) gets it now."""
         if req.adapter is None or self.pool.slot(req.adapter) is not None:
             return False
         if req.metrics.cold_path is None:
             self.start_cold(req, submitter=False)
             self.cold_paths[req.metrics.cold_path] += 1
+        reading = self.pool.fetch(req.adapter)  # None: its weights are in host memory
+        if reading is not None:
+            if reading != "reading":  # the read failed: this request fails, the rest go on
+                self._finish(req, "error", now(), error=reading)
+            return True
         if req.metrics.cold_path != "async":
             return False
         self.pool.prefetch(req.adapter)  # no-op while loading; retried when the pool is full

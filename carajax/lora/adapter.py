@@ -156,17 +156,9 @@ def _read_config(path: str) -> dict:
     return cfg
 
 
-def load_adapter(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
-                 name: str | None = None, max_bytes: int = MAX_ADAPTER_BYTES) -> LoraAdapter:
-    """Parse and validate a PEFT LoRA adapter directory against a base model.
-
-    Raises `AdapterError` naming the cause: a missing or corrupt file, a pickle-only adapter
-    (`adapter_model.bin`, never unpickled), a weights file over `max_bytes`, an unsupported
-    feature (DoRA, modules_to_save, bias, LoRA on embeddings or lm_head, ...), a tensor whose shape
-    does not fit the base model, a rank over `max_rank`, a non-float or non-finite tensor. All but
-    the last are found from the file's header, before any tensor is read.
-    """
-    path = os.fspath(path)
+def open_adapter_dir(path: str, max_bytes: int) -> tuple[dict, str]:
+    """(its adapter_config.json, its weights file) of a PEFT adapter directory: `AdapterError`
+    if either is missing or unreadable, the weights are only a pickle, or over `max_bytes`."""
     if not os.path.isdir(path):
         raise AdapterError(f"{path}: not a directory")
     cfg = _read_config(path)
@@ -181,6 +173,21 @@ def load_adapter(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
     if size > max_bytes:
         raise AdapterError(f"{weights_file}: {size} bytes, over the limit of {max_bytes} bytes per "
                            "adapter")
+    return cfg, weights_file
+
+
+def load_adapter(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
+                 name: str | None = None, max_bytes: int = MAX_ADAPTER_BYTES) -> LoraAdapter:
+    """Parse and validate a PEFT LoRA adapter directory against a base model.
+
+    Raises `AdapterError` naming the cause: a missing or corrupt file, a pickle-only adapter
+    (`adapter_model.bin`, never unpickled), a weights file over `max_bytes`, an unsupported
+    feature (DoRA, modules_to_save, bias, LoRA on embeddings or lm_head, ...), a tensor whose shape
+    does not fit the base model, a rank over `max_rank`, a non-float or non-finite tensor. All but
+    the last are found from the file's header, before any tensor is read.
+    """
+    path = os.fspath(path)
+    cfg, weights_file = open_adapter_dir(path, max_bytes)
     try:
         header = _safetensors.read_header(weights_file)
     except _safetensors.SafetensorsError as e:
@@ -270,18 +277,20 @@ def _check_header(weights_file: str, header: dict, cfg: dict, config: ModelConfi
 
 def save_adapter(path: str | os.PathLike, config: ModelConfig,
                  modules: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]], *, rank: int,
-                 alpha: float, use_rslora: bool = False, extra_config: dict | None = None) -> str:
+                 alpha: float, use_rslora: bool = False, extra_config: dict | None = None,
+                 dtype=np.float32) -> str:
     """Write `modules[(layer, projection)] = (A [r, d_in], B [d_out, r])` as PEFT's
     `save_pretrained` does (`adapter_config.json` + `adapter_model.safetensors`, keys without the
-    adapter name); `load_adapter` and PEFT read it back."""
+    adapter name), tensors in `dtype` (float32, or e.g. `ml_dtypes.bfloat16` for half the bytes);
+    `load_adapter` and PEFT read it back."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     tensors = {}
     for (layer, module), (a, b) in modules.items():
         group = "self_attn" if module in ATTENTION_MODULES else "mlp"
         key = f"base_model.model.model.layers.{layer}.{group}.{module}"
-        tensors[f"{key}.lora_A.weight"] = np.asarray(a, np.float32)
-        tensors[f"{key}.lora_B.weight"] = np.asarray(b, np.float32)
+        tensors[f"{key}.lora_A.weight"] = np.asarray(a, np.float32).astype(dtype)
+        tensors[f"{key}.lora_B.weight"] = np.asarray(b, np.float32).astype(dtype)
     _safetensors.save(os.path.join(path, "adapter_model.safetensors"), tensors)
     present = {m for _, m in modules}
     targets = [m for m in TARGET_MODULES if m in present]  # the model's order, as PEFT lists them

@@ -3,7 +3,8 @@
 While a request's adapter is still being copied to the accelerator ("cold"), its prefill runs
 anyway: the base projections run on the accelerator and, at each LoRA target projection, a host
 callback hands that request's activation rows to the CPU, which returns `scale * (x A^T) B^T`
-computed from the adapter's host weights. The two are added in the model's hook.
+computed from the adapter's host weights (views of the host tier's one copy of it,
+`carajax.lora.pages.module_views`). The two are added in the model's hook.
 
 Two pieces:
 - `CpuLoraWorker` computes deltas on the JAX CPU backend, slicing the tokens over a thread pool
@@ -262,7 +263,8 @@ class CpuLoraWorker:
     def _compute(self, x: np.ndarray, weights) -> np.ndarray:
         """One slice on the calling thread: x [n, d_in] -> float32 [n, d_out] (padded to a bucket)."""
         if isinstance(weights, LoraModule):  # a small job: numpy, no JAX dispatch
-            return (np.asarray(x, np.float32) @ weights.a.T) @ weights.b.T * np.float32(weights.scale)
+            a, b = (np.asarray(w, np.float32) for w in (weights.a, weights.b))  # views if float32
+            return (np.asarray(x, np.float32) @ a.T) @ b.T * np.float32(weights.scale)
         a, b, scale = weights
         n = x.shape[0]
         xp = _aligned_zeros((bucket(n), x.shape[1]))  # [bucket, d_in]; padding rows stay 0

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 
-from carajax.lora.adapter import LoraAdapter
+from carajax.lora.spec import AdapterSpec
 
 
 @dataclasses.dataclass(eq=False)
@@ -31,11 +31,11 @@ class Copy:
     """One host-to-device copy: reserved by `AdapterPool.prefetch`, staged on the loader thread,
     installed on the engine thread. The stager writes `staged`/`error` before setting `done`."""
 
-    adapter: LoraAdapter
+    spec: AdapterSpec
     n_pages: int
     ready_at: float  # emulated link deadline (time.monotonic); 0: no emulation
     nbytes: int = 0  # what crosses the link (`AdapterPool.copy_bytes`)
-    host: tuple | None = None  # the entry's staged copy (flat pages, ranks, scales), if any
+    host: tuple | None = None  # the entry's host copy (flat pages, ranks, scales): what it moves
     started: float = 0.0  # time.monotonic() when the copy was queued
     predicted_s: float = 0.0  # `Link.predict` when it was queued
     done: threading.Event = dataclasses.field(default_factory=threading.Event)

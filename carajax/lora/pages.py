@@ -8,8 +8,10 @@ A copy moves only the projections the adapter targets (`staged_modules`: an atte
 adapter is 45% of a seven-projection page), as one flat host buffer (`flat_pages`) crossing the
 link in one `jax.device_put`, then scattered into the pool by a jitted install that donates it
 (`install_flat`); a tensor-parallel pool stages per projection, placed as the pool's shards
-(`install`). A page's untargeted projections keep what they held; the slot's rank and scale
-there are 0, so no kernel reads them. `PoolArrays` holds the arrays and runs the installs; the
+(`install`). That buffer is the host tier's only copy of the adapter: per layer, each module's
+A [r, d_in] and B [d_out, r] are views of it (`module_views`), which CPU assist reads. A page's
+untargeted projections keep what they held; the slot's rank and scale there are 0, so no kernel
+reads them. `PoolArrays` holds the arrays and runs the installs; the
 pool (`carajax.lora.pool`) decides which pages and slot, and when.
 """
 
@@ -23,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from carajax.config import TARGET_MODULES, ModelConfig
-from carajax.lora.adapter import LoraAdapter
+from carajax.lora.adapter import LoraAdapter, LoraModule
+from carajax.lora.spec import MODULE_ORDER
 
 
 @jax.tree_util.register_dataclass
@@ -68,24 +71,6 @@ def page_bytes(config: ModelConfig, page_rank: int, itemsize: int) -> int:
                for m in TARGET_MODULES)
 
 
-def host_pages(adapter: LoraAdapter, config: ModelConfig, module: str, n_pages: int,
-               page_rank: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One projection of an adapter in page shape, as the loader copies it.
-
-    Returns a [L, n_pages, page_rank, d_in], b [L, n_pages, d_out, page_rank], ranks int32 [L],
-    scales float32 [L]; rows past the rank (and untouched layers) are zero, as in `stacked`.
-    """
-    a, b, ranks, scales = adapter.stacked(config, module, n_pages * page_rank, dtype)
-    L, _, d_in = a.shape
-    d_out = b.shape[1]
-    a = a.reshape(L, n_pages, page_rank, d_in)
-    b = np.ascontiguousarray(b.reshape(L, d_out, n_pages, page_rank).transpose(0, 2, 1, 3))
-    return a, b, ranks, scales
-
-
-MODULE_ORDER = tuple(sorted(TARGET_MODULES))  # jax flattens dicts by sorted key: staging agrees
-
-
 def _scatter(w: PagedLoraWeights, slot, pages, table_row, a, b, ranks, scales) -> PagedLoraWeights:
     """Staged pages into the pool and slot `slot`'s metadata. a / b hold only the projections
     the adapter targets: the others keep whatever their pages held (an evicted adapter's
@@ -113,70 +98,105 @@ def install(w: PagedLoraWeights, slot, pages, table_row, a, b, ranks, scales) ->
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="modules")
 def install_flat(w: PagedLoraWeights, slot, pages, table_row, flat, ranks, scales, *,
                   modules: tuple[str, ...]) -> PagedLoraWeights:
-    """`install` from one flat staged buffer: each of `modules`' A pages then B pages
-    (`flat_pages`). One host-to-device copy per adapter instead of one per array (on the CPU
-    backend each costs ~30 us beside a loaded engine); the split is free under jit. Compiles
-    once per (page count, targeted projections)."""
+    """`install` from one flat staged buffer in the host layout (`flat_pages`: each of
+    `modules`' A [L, R, d_in] then B [L, d_out, R]). One host-to-device copy per adapter instead
+    of one per array (on the CPU backend each costs ~30 us beside a loaded engine); the split
+    into pages, B's transpose included, runs on the device. Compiles once per (page count,
+    targeted projections)."""
     n, a, b, k = pages.shape[0], {}, {}, 0
     for m in modules:
         L, _, pr, d_in = w.a[m].shape
         d_out = w.b[m].shape[2]
         a[m] = flat[k:k + L * n * pr * d_in].reshape(L, n, pr, d_in)
         k += L * n * pr * d_in
-        b[m] = flat[k:k + L * n * d_out * pr].reshape(L, n, d_out, pr)
+        b[m] = flat[k:k + L * d_out * n * pr].reshape(L, d_out, n, pr).transpose(0, 2, 1, 3)
         k += L * n * d_out * pr
     return _scatter(w, slot, pages, table_row, a, b, ranks, scales)
 
 
-def staged_modules(adapter: LoraAdapter) -> tuple[str, ...]:
+def staged_modules(adapter) -> tuple[str, ...]:
     """The projections whose pages cross the link for this adapter (MODULE_ORDER): the ones it
-    targets. Typical adapters target q/v or the four attention projections: a copy of all
-    seven would move 2-3x the bytes for pages that are never read."""
+    targets (`LoraAdapter` or `AdapterSpec`). Typical adapters target q/v or the four attention
+    projections: a copy of all seven would move 2-3x the bytes for pages that are never read."""
     present = set(adapter.target_modules)
     return tuple(m for m in MODULE_ORDER if m in present)
 
 
+def module_offsets(spec, config: ModelConfig, n_pages: int, page_rank: int
+                   ) -> dict[str, tuple[int, int, int]]:
+    """Where each staged projection lies in the flat host buffer (`flat_pages`): module ->
+    (start of A [L, R, d_in], start of B [L, d_out, R], end), in elements; R = n_pages * page_rank."""
+    R, L, k, out = n_pages * page_rank, config.num_layers, 0, {}
+    for m in staged_modules(spec):
+        d_in, d_out = config.projection_shape(m)
+        out[m] = (k, k + L * R * d_in, k + L * R * (d_in + d_out))
+        k = out[m][2]
+    return out
+
+
 def flat_pages(adapter: LoraAdapter, config: ModelConfig, n_pages: int, page_rank: int, dtype
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An adapter as one staged buffer (`install_flat`'s layout: its `staged_modules`) and its
-    ranks int32 [M, L] and scales float32 [M, L] for every projection, M in MODULE_ORDER (0
-    where it has none)."""
-    staged, parts = set(staged_modules(adapter)), []
-    ranks = np.zeros((len(MODULE_ORDER), config.num_layers), np.int32)
-    scales = np.zeros((len(MODULE_ORDER), config.num_layers), np.float32)
-    for i, m in enumerate(MODULE_ORDER):
-        if m in staged:
-            a, b, ranks[i], scales[i] = host_pages(adapter, config, m, n_pages, page_rank, dtype)
-            parts += [a.reshape(-1), b.reshape(-1)]
-    return np.concatenate(parts), ranks, scales
+    """An adapter as the host tier holds it and a copy moves it: one flat buffer of its
+    `staged_modules`, each A [L, R, d_in] then B [L, d_out, R] (R = n_pages * page_rank; rows past
+    a module's rank and layers it does not touch are zero), and its ranks int32 [M, L] and
+    scales float32 [M, L] for every projection, M in MODULE_ORDER (0 where it has none). Per
+    layer, a module's A[:r] and B[:, :r] are views of the buffer (`module_views`)."""
+    R, L = n_pages * page_rank, config.num_layers
+    offsets = module_offsets(adapter, config, n_pages, page_rank)
+    flat = np.zeros(max((end for _, _, end in offsets.values()), default=0), dtype)
+    ranks = np.zeros((len(MODULE_ORDER), L), np.int32)
+    scales = np.zeros((len(MODULE_ORDER), L), np.float32)
+    for (layer, m), mod in adapter.modules.items():
+        d_in, d_out = config.projection_shape(m)
+        a0, b0, end = offsets[m]
+        flat[a0:b0].reshape(L, R, d_in)[layer, :mod.rank] = mod.a
+        flat[b0:end].reshape(L, d_out, R)[layer, :, :mod.rank] = mod.b
+        i = MODULE_ORDER.index(m)
+        ranks[i, layer], scales[i, layer] = mod.rank, mod.scale
+    return flat, ranks, scales
 
 
-def copy_bytes(adapter: LoraAdapter, config: ModelConfig, page_rank: int, itemsize: int) -> int:
+def module_views(spec, host: tuple, config: ModelConfig, page_rank: int) -> LoraAdapter:
+    """The adapter as `LoraModule`s whose A [r, d_in] and B [d_out, r] are views of its host copy
+    (`flat_pages`' buffer): what CPU assist computes from, without a second host copy."""
+    flat, ranks, scales = host
+    n_pages = -(-spec.rank // page_rank)
+    R, L, modules = n_pages * page_rank, config.num_layers, {}
+    for m, (a0, b0, end) in module_offsets(spec, config, n_pages, page_rank).items():
+        d_in, d_out = config.projection_shape(m)
+        a, b, i = flat[a0:b0].reshape(L, R, d_in), flat[b0:end].reshape(L, d_out, R), \
+            MODULE_ORDER.index(m)
+        for layer in np.flatnonzero(ranks[i]):
+            r = int(ranks[i, layer])
+            modules[(int(layer), m)] = LoraModule(a=a[layer, :r], b=b[layer, :, :r],
+                                                  scale=float(scales[i, layer]))
+    return LoraAdapter(name=spec.name, path=spec.path, modules=modules)
+
+
+def copy_bytes(adapter, config: ModelConfig, page_rank: int, itemsize: int) -> int:
     """Bytes one copy of `adapter` moves: its pages of the projections it targets
     (`staged_modules`; the pool reserves its pages in every projection)."""
     rows = -(-adapter.rank // page_rank) * page_rank * config.num_layers
     return sum(rows * sum(config.projection_shape(m)) * itemsize for m in staged_modules(adapter))
 
 
-def stage(adapter: LoraAdapter, config: ModelConfig, n_pages: int, page_rank: int, dtype, *,
-          device: jax.Device | None = None, shardings: dict[str, tuple] | None = None,
-          host: tuple | None = None) -> tuple:
+def stage(spec, config: ModelConfig, n_pages: int, page_rank: int, host: tuple, *,
+          device: jax.Device | None = None, shardings: dict[str, tuple] | None = None) -> tuple:
     """The adapter on its way to the device: (device arrays to wait for, the install function,
-    its staged arguments). One flat buffer (`host`: the registered copy, else built now), or per
-    projection placed by `shardings` (module -> (a sharding, b sharding)) on a sharded pool."""
-    modules = staged_modules(adapter)
+    its staged arguments). Its host copy (`flat_pages`) as one buffer, or on a sharded pool per
+    projection in page shape, placed by `shardings` (module -> (a sharding, b sharding))."""
+    flat, ranks, scales = host
+    modules = staged_modules(spec)
     if shardings is None:
-        flat, ranks, scales = host or flat_pages(adapter, config, n_pages, page_rank, dtype)
         flat = jax.device_put(flat, device)
         return (flat,), functools.partial(install_flat, modules=modules), (flat, ranks, scales)
-    a, b = {}, {}
-    ranks = np.zeros((len(MODULE_ORDER), config.num_layers), np.int32)
-    scales = np.zeros((len(MODULE_ORDER), config.num_layers), np.float32)
-    for i, m in enumerate(MODULE_ORDER):
-        if m in modules:
-            pa, pb, ranks[i], scales[i] = host_pages(adapter, config, m, n_pages, page_rank, dtype)
-            sa, sb = shardings[m]  # pages placed as the pool's shards
-            a[m], b[m] = jax.device_put(pa, sa), jax.device_put(pb, sb)
+    a, b, L, pr = {}, {}, config.num_layers, page_rank
+    for m, (a0, b0, end) in module_offsets(spec, config, n_pages, page_rank).items():
+        d_in, d_out = config.projection_shape(m)
+        pa = flat[a0:b0].reshape(L, n_pages, pr, d_in)
+        pb = np.ascontiguousarray(flat[b0:end].reshape(L, d_out, n_pages, pr).transpose(0, 2, 1, 3))
+        sa, sb = shardings[m]  # pages placed as the pool's shards
+        a[m], b[m] = jax.device_put(pa, sa), jax.device_put(pb, sb)
     return (*a.values(), *b.values()), install, (a, b, ranks, scales)
 
 
@@ -220,10 +240,10 @@ class PoolArrays:
                                       shardings)
         self.shardings = {m: (shardings.a[m], shardings.b[m]) for m in shardings.a}
 
-    def stage(self, adapter: LoraAdapter, n_pages: int, host: tuple | None = None) -> tuple:
+    def stage(self, spec, n_pages: int, host: tuple) -> tuple:
         """`stage` for this pool's layout, device and shardings."""
-        return stage(adapter, self.config, n_pages, self.page_rank, self.dtype, device=self.device,
-                     shardings=self.shardings, host=host)
+        return stage(spec, self.config, n_pages, self.page_rank, host, device=self.device,
+                     shardings=self.shardings)
 
     def install(self, staged: tuple, slot: int, pages: list[int], modules: tuple[str, ...]) -> None:
         """A staged copy into `pages`, and slot `slot`'s page-table row, ranks and scales."""
@@ -247,6 +267,6 @@ class PoolArrays:
             done += 1
         return done
 
-__all__ = ["MODULE_ORDER", "PagedLoraWeights", "copy_bytes", "flat_pages", "host_pages",
-           "install", "install_flat", "install_zeros", "page_bytes", "PoolArrays", "stage",
-           "staged_modules"]
+__all__ = ["MODULE_ORDER", "PagedLoraWeights", "copy_bytes", "flat_pages", "install",
+           "install_flat", "install_zeros", "module_offsets", "module_views", "page_bytes",
+           "PoolArrays", "stage", "staged_modules"]

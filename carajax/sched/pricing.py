@@ -41,6 +41,7 @@ class Prices:
     kv_free: np.ndarray  # [W] float: KV rows not reserved
     costs: tuple[Any, ...]  # the distinct cost models among the workers
     cost_index: np.ndarray  # [W] int: each worker's cost model, an index into `costs`
+    read_s: np.ndarray | None = None  # [W] s: its adapter's disk read first (None: no reads)
 
     def per_cost(self, fn: Callable[[Any], float]) -> np.ndarray:
         """[W] fn(worker's cost model), evaluated once per distinct model (e.g. a load time)."""
@@ -56,14 +57,17 @@ def price_each(request: Any, workers: Sequence[Any]) -> Prices:
     resident = np.zeros(w_count, dtype=bool)
     costs: dict[int, tuple[int, Any]] = {}  # id(cost) -> (index, cost)
     cost_index = np.zeros(w_count, dtype=np.int64)
+    read_s = np.zeros(w_count)
     for i, w in enumerate(workers):
         eligible[i] = w.healthy and w.hosts_base and w.has_memory_for(adapter, rank)
         resident[i] = rank <= 0 or adapter in w.resident
         cols[:4, i] = w.marginal_seconds(prompt, rank)
         cols[4:, i] = (w.n_requests(), w.max_batch, w.kv_free_rows)
         cost_index[i] = costs.setdefault(id(w.cost), (len(costs), w.cost))[0]
+        if hasattr(w, "read_seconds"):
+            read_s[i] = w.read_seconds(adapter, rank)
     return Prices(eligible, resident, *cols, costs=tuple(c for _, c in costs.values()),
-                  cost_index=cost_index)
+                  cost_index=cost_index, read_s=read_s if read_s.any() else None)
 
 
 def price(request: Any, workers: Sequence[Any]) -> Prices:

@@ -534,10 +534,10 @@ def exclusive(engine: Engine, poll_s: float = 0.01):
 
 def _temp_host_bytes(pool: AdapterPool, config: ModelConfig, rank: int) -> int:
     """Host bytes one of the profile's rank-`rank` adapters counts in the pool's host budget
-    (`AdapterPool.host_bytes`: float32 as parsed, plus its staged pages in the pool's dtype)."""
+    (`AdapterPool.host_bytes`: its staged pages in the pool's dtype, its ranks and scales)."""
     per_rank = config.num_layers * sum(sum(config.projection_shape(m)) for m in TARGET_MODULES)
     padded = math.ceil(rank / pool.page_rank) * pool.page_rank
-    return rank * per_rank * 4 + padded * per_rank * pool.dtype.itemsize
+    return padded * per_rank * pool.dtype.itemsize + 2 * 4 * len(TARGET_MODULES) * config.num_layers
 
 
 def fitted_points(grid: ProfileGrid, engine: Engine) -> tuple[list[Point], tuple[int, ...]]:
@@ -643,7 +643,7 @@ def profile_engine(engine: Engine, grid: ProfileGrid = GRIDS["quick"], *, seed: 
             if session is not None:
                 session.close()
             for name in resident:  # evicted by the profile's adapters: back where they were
-                if pool.where(name) == "host":
+                if pool.where(name) in ("host", "disk"):
                     pool.load_now(name)
             pool.copies.clear()
             pool.copies.extend(copies)

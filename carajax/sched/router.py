@@ -77,6 +77,22 @@ class WorkerState:
     kv_free_rows: int = 1 << 30
     max_batch: int = 32
     healthy: bool = True
+    # The worker's host tier, if it reports one: adapters in host memory (or on the device); the
+    # others are read from disk first, at `read_bytes_per_s` after `read_latency_s`, each of
+    # `adapter_bytes` (else rank x `read_bytes_per_rank`). None: every adapter in host memory.
+    in_host: set[str] | None = None
+    read_bytes_per_s: float = 0.0
+    read_latency_s: float = 0.0
+    adapter_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    read_bytes_per_rank: float = 0.0
+
+    def read_seconds(self, adapter: str, rank: int) -> float:
+        """Seconds a request for `adapter` waits for its disk read here (0 if in host memory)."""
+        if (rank <= 0 or self.in_host is None or adapter in self.in_host
+                or adapter in self.resident or self.read_bytes_per_s <= 0):
+            return 0.0
+        nbytes = self.adapter_bytes.get(adapter, rank * self.read_bytes_per_rank)
+        return self.read_latency_s + nbytes / self.read_bytes_per_s
 
     def pages_needed(self, rank: int) -> int:
         """Adapter pages one adapter of `rank` occupies (0 for the base model)."""
@@ -373,7 +389,8 @@ class CarajaxPolicy:
         on the worker (0 where the adapter is resident). `wait`: the step blocks on the copy
         (both); `async`: the request waits in the queue for it (only its own); `cpu_assist`:
         the slower CPU-side prefill lengthens the steps it runs in (both); `auto`: whichever of
-        async and cpu_assist is faster, as the engine chooses."""
+        async and cpu_assist is faster, as the engine chooses. An adapter only on the worker's
+        disk is read first, queued, on every path: its read adds to the request's own wait."""
         zero = np.zeros(len(p.resident))
         if self.cold_start == "cached" or p.resident.all():
             return zero, zero
@@ -384,15 +401,16 @@ class CarajaxPolicy:
             load = p.per_cost(lambda c: c.load_seconds(rank))
         if self.cold_start in ("cpu_assist", "auto"):
             cpu = p.per_cost(lambda c: self.cpu_slowdown * c.prefill_time(alone))
+        read = p.read_s if p.read_s is not None else zero
         if self.cold_start == "wait":
-            own, others = load, load
+            own, others = load + read, load
         elif self.cold_start == "async":
-            own, others = load, zero
+            own, others = load + read, zero
         elif self.cold_start == "cpu_assist":
-            own, others = cpu, cpu
+            own, others = cpu + read, cpu
         else:  # auto
             via_cpu = cpu < load
-            own, others = np.where(via_cpu, cpu, load), np.where(via_cpu, cpu, 0.0)
+            own, others = np.where(via_cpu, cpu, load) + read, np.where(via_cpu, cpu, 0.0)
         return np.where(p.resident, 0.0, own), np.where(p.resident, 0.0, others)
 
     def base_scores(

@@ -61,6 +61,13 @@ class SimConfig:
     # oracle mode, every step exactly its price. `StepNoise.ones()` reproduces the oracle exactly.
     step_noise: StepNoise | None = None
     noise_seed: int = 0
+    # Each worker's host tier (the engine's `host_lora_budget_bytes`): how many adapters it keeps
+    # in host memory, least recently used out first; a cold adapter not there is read from disk
+    # before its copy: `disk_read_latency_ms` + rank x the cost model's `load_bytes_per_rank` /
+    # `disk_read_gbps`. 0: every adapter in host memory (no reads).
+    host_adapters: int = 0
+    disk_read_gbps: float = 2.0
+    disk_read_latency_ms: float = 0.2
 
     def __post_init__(self):
         if self.slo_metric not in ("latency_per_token", "tpot"):
@@ -73,6 +80,8 @@ class SimConfig:
             raise ValueError("prefill_chunk must be >= 0 (0 = whole prompts) and max_prefill_tokens >= 1")
         if self.n_workers < 1 or self.max_batch < 1:
             raise ValueError("need at least one worker and a batch of at least one")
+        if self.host_adapters < 0 or self.disk_read_gbps <= 0 or self.disk_read_latency_ms < 0:
+            raise ValueError("host_adapters and disk_read_latency_ms must be >= 0, disk_read_gbps > 0")
         if self.step_noise is not None and not isinstance(self.step_noise, StepNoise):
             raise ValueError(f"step_noise must be a StepNoise or None, got {type(self.step_noise).__name__}")
 

@@ -54,6 +54,20 @@ class _Run:
     es: list[float] | None = None
 
 
+def read(w: SimWorker, adapter: str, rank: int) -> float:
+    """The adapter is copied to w's device now: into its host tier first (LRU out beyond
+    `host_adapters`), read from disk if it was not there; the read's seconds."""
+    if w.in_host is None or rank <= 0:
+        return 0.0
+    read_s = 0.0 if adapter in w.in_host else (
+        w.read_latency_s + rank * w.read_bytes_per_rank / w.read_bytes_per_s)
+    w.in_host[adapter] = None
+    w.in_host.move_to_end(adapter)
+    while len(w.in_host) > w.host_adapters:
+        w.in_host.popitem(last=False)
+    return read_s
+
+
 class EventLoop:
     """One simulation: the event queue, the workers' runs, and the per-request results it fills
     in (`first`, `finish`, `tokens`, `placed`: NaN / -1 until known) with its counters."""
@@ -133,10 +147,11 @@ class EventLoop:
         if cfg.cold_start != "auto":
             return "cpu" if cfg.cold_start == "cpu_assist" else "async"
         toks = req.prompt_tokens
-        cpu_s = cfg.cpu_slowdown * w.cost.prefill_time(_batch((req.rank,), toks, toks))
+        read_s = w.read_seconds(req.adapter, req.rank)  # both paths wait for a disk read first
+        cpu_s = read_s + cfg.cpu_slowdown * w.cost.prefill_time(_batch((req.rank,), toks, toks))
         land = w.landing.get(req.adapter, 0.0)
         copy_s = land - now if land > now else (
-            max(now, w.link_free) - now + w.cost.load_seconds(req.rank))
+            max(now + read_s, w.link_free) - now + w.cost.load_seconds(req.rank))
         return "cpu" if cpu_s < copy_s else "async"
 
     @staticmethod
@@ -154,7 +169,7 @@ class EventLoop:
         w.pre_pinned.add(rid)
         if got:
             self.loads += 1
-            w.start_copy(req.adapter, req.rank, now)
+            w.start_copy(req.adapter, req.rank, now, read(w, req.adapter, req.rank))
         return True
 
     # -- a worker's step ------------------------------------------------------------------------
@@ -224,7 +239,7 @@ class EventLoop:
                 if self.wait_loads:
                     r.load_due = True
                 elif path == "cpu":
-                    w.start_copy(req.adapter, req.rank, now)
+                    w.start_copy(req.adapter, req.rank, now, read(w, req.adapter, req.rank))
             if path == "cpu" and w.landing:
                 r.ready_at = w.landing.get(req.adapter, 0.0)  # resident but maybe still landing
             w._dequeue_at(i)
@@ -258,7 +273,8 @@ class EventLoop:
             toks += c
             ctx += r.done + c
             if r.load_due:  # wait: the step loads the adapter first, the whole batch waits
-                load_s += w.cost.load_seconds(r.rank)
+                # (its disk read too, here: the engine keeps the request queued for that)
+                load_s += read(w, r.adapter, r.rank) + w.cost.load_seconds(r.rank)
                 r.load_due = False
             if r.ready_at > now:  # cpu_assist: the copy has not landed, LoRA on the CPU
                 cpu_ranks.append(r.rank)

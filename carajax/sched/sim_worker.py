@@ -82,6 +82,11 @@ class SimWorker(WorkerState):
         self.resident = collections.OrderedDict()  # type: ignore[assignment]  # adapter -> pages, LRU first
         self.pinned: dict[str, int] = {}  # adapter -> running requests using it
         self.landing: dict[str, float] = {}  # cpu_assist / async: adapter -> when its copy lands
+        # The host tier (`read_seconds`, `read`): adapters in host memory, LRU first (None: all).
+        self.host_adapters = cfg.host_adapters
+        self.in_host = collections.OrderedDict() if cfg.host_adapters else None  # type: ignore
+        self.read_bytes_per_s, self.read_latency_s = cfg.disk_read_gbps * 1e9, cfg.disk_read_latency_ms / 1e3
+        self.read_bytes_per_rank = getattr(cost, "load_bytes_per_rank", None) or 0.0
         self.link_free = 0.0  # when the host-to-device link finishes its queued copies
         self.pre_pinned: set[int] = set()  # async: queued requests whose adapter is pinned (copying)
         self.pages_total = cfg.adapter_pages
@@ -325,9 +330,10 @@ class SimWorker(WorkerState):
         else:
             self.row[SimCluster.D_CONTEXT] = ctx_sum + self.pend_ctx
 
-    def start_copy(self, adapter: str, rank: int, now: float) -> float:
-        """cpu_assist / async: queue the adapter's copy on this worker's link; returns when it lands."""
-        t = max(now, self.link_free) + self.cost.load_seconds(rank)
+    def start_copy(self, adapter: str, rank: int, now: float, read_s: float = 0.0) -> float:
+        """cpu_assist / async: queue the adapter's copy on this worker's link, after `read_s` of
+        disk read; returns when it lands."""
+        t = max(now + read_s, self.link_free) + self.cost.load_seconds(rank)
         self.link_free = self.landing[adapter] = t
         return t
 
@@ -382,6 +388,7 @@ class SimCluster(list):
         arrays = hasattr(cost, "prefill_time_arrays") and hasattr(cost, "decode_time_arrays")
         self.cost = cost if arrays else None
         self.page_rank = cfg.page_rank
+        self.cfg_host_adapters = cfg.host_adapters  # workers read adapters from disk: price it
         self.ignore_memory = False
         self._tab = np.zeros((len(workers), len(self.COLUMNS)))  # [worker, column]
         for w, row in zip(workers, self._tab, strict=True):
@@ -430,12 +437,14 @@ class SimCluster(list):
             resident = np.ones(len(self), dtype=bool)
         else:
             resident = np.fromiter((adapter in w.resident for w in self), dtype=bool, count=len(self))
+        read_s = (np.fromiter((w.read_seconds(adapter, rank) for w in self), np.float64, len(self))
+                  if rank > 0 and self.cfg_host_adapters else None)
         if rank <= 0 or self.ignore_memory:
             eligible = np.ones(len(self), dtype=bool)
         else:
             eligible = resident | (pages >= -(-rank // self.page_rank))
         return Prices(eligible, resident, pre_with, pre_now, dec_with, dec_now, n, self._max_batch, kv,
-                      costs=(self.cost,), cost_index=self._cost_index)
+                      costs=(self.cost,), cost_index=self._cost_index, read_s=read_s)
 
 
 __all__ = ["SimCluster", "SimWorker"]

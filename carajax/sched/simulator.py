@@ -34,6 +34,11 @@ It answers "what at 60 workers and 40k adapters" with the same routing code the 
   worker with nothing else to run wakes when the copy lands. `"auto"` takes, per cold request at
   routing, `cpu_assist` if `cpu_slowdown` x Pre(its prompt alone) is less than the copy's wait
   (the link's backlog + `load_seconds(rank)`), else `async`: the router's prices for both.
+  With `host_adapters` > 0 each worker keeps that many adapters in host memory (LRU); a cold one
+  not there is read from disk first (`disk_read_latency_ms` + its bytes / `disk_read_gbps`): a
+  copy starts after the read, `auto` and the router add it to both paths; under `wait` the step
+  waits for it with the copy (the engine keeps the request queued instead: an upper bound), and
+  under `cpu_assist` the request starts before it (a lower bound);
 
 * the step's duration: in the oracle mode (default) the price above, exactly what the router's
   cost model predicts, so the router never mispredicts; in the measured mode (`step_noise`, see

@@ -13,6 +13,7 @@ class Residency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESIDENCY_HOST: _ClassVar[Residency]
     RESIDENCY_LOADING: _ClassVar[Residency]
     RESIDENCY_DEVICE: _ClassVar[Residency]
+    RESIDENCY_DISK: _ClassVar[Residency]
 
 class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -24,6 +25,7 @@ RESIDENCY_UNSPECIFIED: Residency
 RESIDENCY_HOST: Residency
 RESIDENCY_LOADING: Residency
 RESIDENCY_DEVICE: Residency
+RESIDENCY_DISK: Residency
 PHASE_UNSPECIFIED: Phase
 PHASE_WAITING: Phase
 PHASE_PREFILL: Phase
@@ -206,7 +208,7 @@ class RequestState(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., rank: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., prompt_tokens: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class AdapterMemory(_message.Message):
-    __slots__ = ("device_budget_bytes", "device_bytes_used", "page_bytes", "page_rank", "pages_total", "pages_free", "slots_total", "slots_free", "host_budget_bytes", "host_bytes_used")
+    __slots__ = ("device_budget_bytes", "device_bytes_used", "page_bytes", "page_rank", "pages_total", "pages_free", "slots_total", "slots_free", "host_budget_bytes", "host_bytes_used", "host_adapters", "disk_adapters", "disk_read_bytes_per_s", "disk_read_latency_s")
     DEVICE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +219,10 @@ class AdapterMemory(_message.Message):
     SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
     HOST_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    HOST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    DISK_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    DISK_READ_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DISK_READ_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     device_budget_bytes: int
     device_bytes_used: int
     page_bytes: int
@@ -227,7 +233,11 @@ class AdapterMemory(_message.Message):
     slots_free: int
     host_budget_bytes: int
     host_bytes_used: int
-    def __init__(self, device_budget_bytes: _Optional[int] = ..., device_bytes_used: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_rank: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., host_budget_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ...) -> None: ...
+    host_adapters: int
+    disk_adapters: int
+    disk_read_bytes_per_s: float
+    disk_read_latency_s: float
+    def __init__(self, device_budget_bytes: _Optional[int] = ..., device_bytes_used: _Optional[int] = ..., page_bytes: _Optional[int] = ..., page_rank: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., host_budget_bytes: _Optional[int] = ..., host_bytes_used: _Optional[int] = ..., host_adapters: _Optional[int] = ..., disk_adapters: _Optional[int] = ..., disk_read_bytes_per_s: _Optional[float] = ..., disk_read_latency_s: _Optional[float] = ...) -> None: ...
 
 class Counters(_message.Message):
     __slots__ = ("steps", "requests", "prompt_tokens", "output_tokens", "cpu_prefill_tokens", "cold_starts")
@@ -260,7 +270,7 @@ class Counters(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., requests: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cpu_prefill_tokens: _Optional[int] = ..., cold_starts: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker", "model", "cold_start_policy", "emulated_link", "serving", "max_batch_size", "max_queue", "max_lora_rank", "max_seq_len", "waiting", "running", "queued", "memory", "adapters", "counters", "uptime_s", "cost_model")
+    __slots__ = ("worker", "model", "cold_start_policy", "emulated_link", "serving", "max_batch_size", "max_queue", "max_lora_rank", "max_seq_len", "waiting", "running", "queued", "memory", "adapters", "counters", "uptime_s", "cost_model", "adapters_registered", "adapters_version")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COLD_START_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +288,8 @@ class StatsResponse(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_VERSION_FIELD_NUMBER: _ClassVar[int]
     worker: str
     model: str
     cold_start_policy: str
@@ -295,4 +307,6 @@ class StatsResponse(_message.Message):
     counters: Counters
     uptime_s: float
     cost_model: str
-    def __init__(self, worker: _Optional[str] = ..., model: _Optional[str] = ..., cold_start_policy: _Optional[str] = ..., emulated_link: _Optional[bool] = ..., serving: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., queued: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., memory: _Optional[_Union[AdapterMemory, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., uptime_s: _Optional[float] = ..., cost_model: _Optional[str] = ...) -> None: ...
+    adapters_registered: int
+    adapters_version: int
+    def __init__(self, worker: _Optional[str] = ..., model: _Optional[str] = ..., cold_start_policy: _Optional[str] = ..., emulated_link: _Optional[bool] = ..., serving: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., queued: _Optional[_Iterable[_Union[RequestState, _Mapping]]] = ..., memory: _Optional[_Union[AdapterMemory, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., uptime_s: _Optional[float] = ..., cost_model: _Optional[str] = ..., adapters_registered: _Optional[int] = ..., adapters_version: _Optional[int] = ...) -> None: ...

@@ -18,7 +18,8 @@ from carajax.engine.sampling import SamplingParams
 from carajax.server import carajax_pb2 as pb
 
 MAX_REQUEST_ID = 128
-_RESIDENCY = {"host": pb.RESIDENCY_HOST, "loading": pb.RESIDENCY_LOADING, "device": pb.RESIDENCY_DEVICE}
+_RESIDENCY = {"host": pb.RESIDENCY_HOST, "loading": pb.RESIDENCY_LOADING,
+              "device": pb.RESIDENCY_DEVICE, "disk": pb.RESIDENCY_DISK}
 _PHASE = {"waiting": pb.PHASE_WAITING, "prefill": pb.PHASE_PREFILL, "decode": pb.PHASE_DECODE}
 
 
@@ -189,21 +190,15 @@ def result_message(out: RequestOutput, *, worker: str, path: str) -> pb.Generate
 
 
 # -- adapters and stats -----------------------------------------------------------------------
-def residency(pool_stats: dict) -> dict[str, str]:
-    """adapter name -> "host" / "loading" / "device" from one `AdapterPool.stats()` snapshot."""
-    where = {n: "host" for n in pool_stats["host_only"]}
-    where.update({n: "loading" for n in pool_stats["loading"]})
-    where.update({n: "device" for n in pool_stats["on_device"]})
-    return where
-
-
-def adapter_infos(adapters: dict, pool_stats: dict) -> list[pb.AdapterInfo]:
-    """One AdapterInfo per registered adapter (`Engine.adapters`), sorted by id."""
-    where, pinned = residency(pool_stats), set(pool_stats["pinned"])
+def adapter_infos(adapters: dict, where: dict[str, str], pool_stats: dict) -> list[pb.AdapterInfo]:
+    """One AdapterInfo per adapter of `adapters` ({name: AdapterSpec}), sorted by id: `where`
+    ({name: "device" | "loading" | "host"}, `AdapterPool.in_memory`; absent: on disk only),
+    pins and uses from one `AdapterPool.stats()` snapshot."""
+    pinned, in_use = set(pool_stats["pinned"]), pool_stats["in_use"]
     return [pb.AdapterInfo(adapter_id=name, rank=a.rank, bytes=a.nbytes,
-                           where=_RESIDENCY.get(where.get(name, ""), pb.RESIDENCY_UNSPECIFIED),
-                           pinned=name in pinned, in_use=pool_stats["in_use"].get(name, 0),
-                           path=a.path, target_modules=list(a.target_modules))
+                           where=_RESIDENCY[where.get(name, "disk")], pinned=name in pinned,
+                           in_use=in_use.get(name, 0), path=a.path,
+                           target_modules=list(a.target_modules))
             for name, a in sorted(adapters.items())]
 
 
@@ -221,4 +216,6 @@ def memory_message(pool_stats: dict, page_rank: int) -> pb.AdapterMemory:
         device_budget_bytes=s["device_budget_bytes"], device_bytes_used=s["device_bytes_used"],
         page_bytes=s["page_bytes"], page_rank=page_rank, pages_total=s["pages_total"],
         pages_free=s["pages_free"], slots_total=s["slots_total"], slots_free=s["slots_free"],
-        host_budget_bytes=s["host_budget_bytes"] or 0, host_bytes_used=s["host_bytes_used"])
+        host_budget_bytes=s["host_budget_bytes"] or 0, host_bytes_used=s["host_bytes_used"],
+        host_adapters=s["host_adapters"], disk_adapters=s["disk_only"],
+        disk_read_bytes_per_s=s["read_bytes_per_s"], disk_read_latency_s=s["read_latency_ms"] / 1e3)

@@ -11,9 +11,10 @@ Recorded as requests finish or are refused:
                                                warm (resident), cpu_assist, wait
 Read from the engine at scrape time (one `Engine.stats()` per scrape):
     carajax_num_requests_waiting, carajax_num_requests_running
-    carajax_adapters{residency}                host / loading / device; carajax_adapters_pinned
+    carajax_adapters{residency}                disk / host / loading / device; carajax_adapters_pinned
     carajax_adapter_device_bytes_used, carajax_adapter_device_budget_bytes,
-    carajax_adapter_host_bytes_used, carajax_engine_steps_total
+    carajax_adapter_host_bytes_used, carajax_adapter_disk_read_bytes_per_s,
+    carajax_adapter_read_failures_total, carajax_engine_steps_total
     carajax_lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}
                                                vLLM's lora_requests_info shape: value = unix time
 """
@@ -56,8 +57,10 @@ class _EngineCollector(Collector):
                                 value=len(st["running"]))
         g = GaugeMetricFamily("carajax_adapters", "Registered adapters by residency",
                               labels=["residency"])
-        for label, key in (("host", "host_only"), ("loading", "loading"), ("device", "on_device")):
-            g.add_metric([label], len(pool[key]))
+        device, loading, disk = len(pool["on_device"]), len(pool["loading"]), pool["disk_only"]
+        for label, n in (("disk", disk), ("host", pool["adapters"] - device - loading - disk),
+                         ("loading", loading), ("device", device)):
+            g.add_metric([label], n)
         yield g
         yield GaugeMetricFamily("carajax_adapters_pinned", "Pinned adapters", value=len(pool["pinned"]))
         yield GaugeMetricFamily("carajax_adapter_device_bytes_used",
@@ -65,8 +68,14 @@ class _EngineCollector(Collector):
                                 value=pool["device_bytes_used"])
         yield GaugeMetricFamily("carajax_adapter_device_budget_bytes", "Device bytes for adapter pages",
                                 value=pool["device_budget_bytes"])
-        yield GaugeMetricFamily("carajax_adapter_host_bytes_used", "Host bytes of registered adapters",
+        yield GaugeMetricFamily("carajax_adapter_host_bytes_used",
+                                "Host bytes of adapters in host memory (and reads in flight)",
                                 value=pool["host_bytes_used"])
+        yield GaugeMetricFamily("carajax_adapter_disk_read_bytes_per_s",
+                                "Measured disk read bandwidth of adapters", value=pool["read_bytes_per_s"])
+        yield CounterMetricFamily("carajax_adapter_read_failures",
+                                  "Adapter disk reads that failed (their requests failed)",
+                                  value=pool["read_failures"])
         yield CounterMetricFamily("carajax_engine_steps", "Engine steps run", value=st["steps"])
         kv = st["kv_cache"]
         yield GaugeMetricFamily("carajax_kv_pages_free", "Free KV-cache pages", value=kv["pages_free"])

@@ -148,6 +148,7 @@ class OpenAIServing:
                                                               thread_name_prefix="carajax-http")
         self._unary = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="carajax-http-unary")
         self._created = int(time.time())
+        self._models: tuple[int | None, list[dict]] | None = None  # (registry version, cards)
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -176,13 +177,18 @@ class OpenAIServing:
 
     # -- models and adapters ----------------------------------------------------------------
     async def models(self) -> dict:
-        listed = await self._call(self.servicer.ListAdapters, pb.ListAdaptersRequest())
-        base = self.model.name
-        data = [oa.model_card(base, parent=None, created=self._created,
-                              max_model_len=self.model.max_model_len)]
-        data += [oa.model_card(a.adapter_id, parent=base, created=self._created,
-                               max_model_len=self.model.max_model_len) for a in listed.adapters]
-        return {"object": "list", "data": data}
+        """The base model and every adapter. On a worker the list is built again only when its
+        registry changed (`Engine.adapters_version`), not at every call."""
+        version = getattr(getattr(self.servicer, "engine", None), "adapters_version", None)
+        if version is None or self._models is None or self._models[0] != version:
+            listed = await self._call(self.servicer.ListAdapters, pb.ListAdaptersRequest())
+            base = self.model.name
+            data = [oa.model_card(base, parent=None, created=self._created,
+                                  max_model_len=self.model.max_model_len)]
+            data += [oa.model_card(a.adapter_id, parent=base, created=self._created,
+                                   max_model_len=self.model.max_model_len) for a in listed.adapters]
+            self._models = (version, data)
+        return {"object": "list", "data": list(self._models[1])}
 
     async def load_lora(self, body: oa.LoadLoraRequest) -> str:
         self._check_lora_loading()

@@ -95,6 +95,8 @@ class WorkerLink:
         self.healthy = False  # until the first Stats answers
         self.error = "not polled yet"
         self.adapters: dict[str, int] = {}  # registered adapter id -> rank
+        self.adapter_bytes: dict[str, int] = {}  # registered adapter id -> bytes of its weights
+        self._adapters_version: int | None = None  # the worker's, when `adapters` was listed
         self.state = policies.WorkerState(name=address, cost=cost, healthy=False)
         # What this worker is priced with: its own model from Stats when it reports one (fitted on
         # its device), else the router's. A rank-aware policy refuses a rank-blind model.
@@ -109,6 +111,12 @@ class WorkerLink:
         try:
             st = self.stub.Stats(pb.StatsRequest(), timeout=self.stats_timeout,
                                  metadata=self.metadata)
+            if st.adapters_version != self._adapters_version:  # registered or removed since
+                listed = self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.stats_timeout,
+                                                metadata=self.metadata).adapters
+                self.adapters = {a.adapter_id: a.rank for a in listed}
+                self.adapter_bytes = {a.adapter_id: a.bytes for a in listed}
+                self._adapters_version = st.adapters_version
         except grpc.RpcError as e:
             # A worker compiling a step variant (seconds on a CPU) answers Stats late: that is
             # slow, not down. Liveness comes from the health service, which never waits on the
@@ -125,7 +133,6 @@ class WorkerLink:
             self._use_cost_model(st.cost_model)
         self.healthy = st.serving
         self.error = "" if st.serving else "draining"
-        self.adapters = {a.adapter_id: a.rank for a in st.adapters}
         mem = st.memory
         page_rank = max(1, mem.page_rank)
         # Pages a new adapter can take: free ones plus those of idle, unpinned residents (LRU).
@@ -134,6 +141,10 @@ class WorkerLink:
         s = self.state
         s.name, s.healthy, s.page_rank = self.name, self.healthy, page_rank
         s.resident = {a.adapter_id for a in st.adapters if a.where == pb.RESIDENCY_DEVICE}
+        # Stats lists the adapters in host memory or on the device; the others are read first.
+        s.in_host = {a.adapter_id for a in st.adapters}
+        s.read_bytes_per_s, s.read_latency_s = mem.disk_read_bytes_per_s, mem.disk_read_latency_s
+        s.adapter_bytes = self.adapter_bytes
         s.pages_free = mem.pages_free + evictable
         s.max_batch = st.max_batch_size
         s.kv_free_rows = max(0, st.max_batch_size - len(st.running)) * st.max_seq_len

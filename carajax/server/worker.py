@@ -159,7 +159,7 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise _Refused(Code.DEADLINE_EXCEEDED, "deadline passed before the request was queued")
-        adapter = self.engine.adapters.get(args.adapter) if args.adapter else None
+        adapter = self.engine.get_adapter(args.adapter) if args.adapter else None
         if args.adapter and adapter is None:
             raise _Refused(Code.NOT_FOUND, f"unknown adapter {args.adapter!r} on worker {self.name}")
         prompt = args.prompt
@@ -184,7 +184,7 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
         name, path = request.adapter_id, request.path
         if not name or not path:
             context.abort(Code.INVALID_ARGUMENT, "LoadAdapter needs adapter_id and path")
-        if name in self.engine.adapters:
+        if self.engine.get_adapter(name) is not None:
             context.abort(Code.ALREADY_EXISTS, f"adapter {name!r} is already registered on worker "
                                                f"{self.name}; unload it first")
         try:  # the client names a path on our disk: only where the operator allows
@@ -208,7 +208,7 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
 
     def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
         name = request.adapter_id
-        if name not in self.engine.adapters:
+        if self.engine.get_adapter(name) is None:
             context.abort(Code.NOT_FOUND, f"unknown adapter {name!r} on worker {self.name}")
         try:
             self.engine.remove_adapter(name)
@@ -219,11 +219,16 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
     def ListAdapters(self, request, context) -> pb.ListAdaptersResponse:
         return pb.ListAdaptersResponse(adapters=self._adapter_infos())
 
-    def _adapter_infos(self, names: list[str] | None = None) -> list[pb.AdapterInfo]:
-        adapters = self.engine.adapters
-        if names is not None:
-            adapters = {n: adapters[n] for n in names if n in adapters}
-        return codec.adapter_infos(adapters, self.engine.pool.stats())
+    def _adapter_infos(self, names: list[str] | None = None, *, where: dict[str, str] | None = None,
+                       pool_stats: dict | None = None) -> list[pb.AdapterInfo]:
+        """Every registered adapter (a listing), or those of `names` that are registered."""
+        engine = self.engine
+        where = engine.pool.in_memory() if where is None else where
+        if names is None:
+            adapters = engine.adapters
+        else:
+            adapters = {n: a for n in names if (a := engine.get_adapter(n)) is not None}
+        return codec.adapter_infos(adapters, where, pool_stats or engine.pool.stats())
 
     # -- stats ------------------------------------------------------------------------------
     def queued_adapters(self, running: list[dict]) -> list[str]:
@@ -239,7 +244,7 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
 
     def Stats(self, request, context) -> pb.StatsResponse:
         st = self.engine.stats()  # one snapshot under the engine lock
-        cfg, pool = self.engine.config, st["adapters"]
+        cfg, pool, where = self.engine.config, st["adapters"], self.engine.pool.in_memory()
         queued = self._queued(st["running"])
         running = []
         for r in st["running"]:
@@ -256,7 +261,9 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
                                          "phase": "waiting", "prompt_tokens": a.prompt_tokens,
                                          "max_tokens": a.max_tokens}) for rid, a in queued],
             memory=codec.memory_message(pool, cfg.lora_page_rank),
-            adapters=codec.adapter_infos(self.engine.adapters, pool),
+            # Those in host memory or on the device: bounded by the budgets, not the registry.
+            adapters=self._adapter_infos(list(where), where=where, pool_stats=pool),
+            adapters_registered=pool["adapters"], adapters_version=st["adapters_version"],
             counters=pb.Counters(steps=st["steps"], **counters),
             uptime_s=time.monotonic() - self._started, cost_model=self.cost_model_json)
 
