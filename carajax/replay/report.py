@@ -11,6 +11,7 @@ whole batch, so one load counts once per request in that batch).
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -205,7 +206,9 @@ def plot_results(results: Mapping[str, Sequence[Mapping]], summaries: Mapping[st
     paths = []
 
     def finish(fig, title: str, file: str, legend_row: bool = False) -> None:
-        fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=11)
+        # The subtitle wrapped to the figure's width (~12 characters an inch at this size).
+        sub = textwrap.fill(subtitle, int(12 * fig.get_figwidth())) if subtitle else ""
+        fig.suptitle(title + (f"\n{sub}" if sub else ""), fontsize=11)
         top = 1.0
         if legend_row:  # one legend for every panel, between the title and the panels
             seen: dict[str, object] = {}
