@@ -107,7 +107,8 @@ def demo_cmd(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         outs = engine.generate(prompts, adapters=[a for _, a in jobs], sampling=sampling)
         elapsed = time.perf_counter() - t0
-    right = (_chat_table if kind == "chat" else _table)(jobs, prompts, outs, kind, builtin)
+    right = (_chat_table(jobs, outs) if kind == "chat"
+             else _table(jobs, prompts, outs, kind, builtin))
     total = sum(len(o.token_ids) for o in outs)
     print(f"\n{len(jobs)} requests, {total} tokens in {elapsed:.2f}s in one continuous batch, "
           "after warm-up (cold starts included: the adapters start on the host)")
@@ -153,7 +154,7 @@ def _table(jobs, prompts, outs, kind, builtin) -> int:
     return right
 
 
-def _chat_table(jobs, prompts, outs, kind, builtin) -> int:
+def _chat_table(jobs, outs) -> int:
     """Each answer under a line naming its adapter, TTFT, and whether it is in the style."""
     from carajax.demo.smollm2.styles import STYLES
 
