@@ -82,31 +82,34 @@ def random_adapter(config: ModelConfig, rank: int, seed: int = 0) -> LoraAdapter
 
 def measure_host_path(step: Callable[[int], None], register: Callable[[LoraAdapter], int],
                       unregister: Callable[[int], None], config: ModelConfig, chunk: int,
-                      ranks: tuple[int, int], repeats: int = 3) -> HostLoraCost:
+                      ranks: tuple[int, int], repeats: int = 5) -> HostLoraCost:
     """Time the engine's CPU-assisted step as it runs: `step(cold_id)` runs one prefill chunk
     step of `chunk` tokens, every row cold under bridge id `cold_id` (-1: the CPU-assisted
     variant with no cold row; None: the plain step) and waits for it. The fixed cost is the
     no-cold-row step over the plain one; the seconds per MAC come from the steps with adapters
-    of the two `ranks` (on every projection), over their MACs."""
-    def median_s(cold_id) -> float:
-        step(cold_id)  # compile, first touch of the adapter's weights
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step(cold_id)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    of the two `ranks` (on every projection), over their MACs.
 
-    plain, empty = median_s(None), median_s(-1)
-    per_mac = []
-    for rank in sorted(set(ranks)):
-        adapter = random_adapter(config, rank)
-        cid = register(adapter)
-        try:
-            added = median_s(cid) - empty
-        finally:
+    The variants run in interleaved rounds and each keeps its fastest time: a busy neighbour
+    slows whole stretches of time, so timing one variant after another in blocks can make the
+    fixed cost (a fraction of a millisecond per step) vanish into the load's drift."""
+    adapters = [random_adapter(config, rank) for rank in sorted(set(ranks))]
+    ids = [register(a) for a in adapters]
+    try:
+        variants = [None, -1, *ids]
+        for cold_id in variants:
+            step(cold_id)  # compile, first touch of the adapter's weights
+        best = {cold_id: math.inf for cold_id in variants}
+        for _ in range(repeats):
+            for cold_id in variants:
+                t0 = time.perf_counter()
+                step(cold_id)
+                best[cold_id] = min(best[cold_id], time.perf_counter() - t0)
+    finally:
+        for cid in ids:
             unregister(cid)
-        per_mac.append(max(added, 0.0) / (chunk * lora_macs_per_token(adapter)))
+    plain, empty = best[None], best[-1]
+    per_mac = [max(best[cid] - empty, 0.0) / (chunk * lora_macs_per_token(a))
+               for cid, a in zip(ids, adapters)]
     return HostLoraCost(seconds_per_mac=max(statistics.fmean(per_mac), 1e-15),
                         step_fixed_s=max(empty - plain, 0.0), chunk=chunk)
 
