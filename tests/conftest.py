@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -17,6 +19,23 @@ from carajax.config import ModelConfig
 # `carajax serve` profiles its device for a cost model at start-up by default (cached on disk);
 # the servers tests start (subprocesses inherit this) skip it unless a test asks for it.
 os.environ.setdefault("CARAJAX_COST_MODEL", "none")
+
+# One persistent compilation cache for the whole run: each test file drops JAX's in-memory
+# caches (below), and most files, the servers and subprocesses they start included (they
+# inherit the variable), compile the same few engines' step variants. Shared by the xdist workers
+# of one run (same run id), removed when the run ends; a user's $JAX_COMPILATION_CACHE_DIR wins.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+_COMPILE_CACHE = os.path.join(tempfile.gettempdir(), f"carajax-tests-jax-{_RUN_ID}")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILE_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the xdist controller, or a plain run
+        shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
 # Relative error bounds by compute dtype.
 TOLERANCE = {

@@ -180,6 +180,32 @@ def test_auto_on_a_host_only_device_waits_for_the_copy(adapter_dirs, reference):
     assert stats["cpu_assist"].calls == 0
 
 
+def test_auto_lets_the_step_wait_for_a_copy_about_to_land(adapter_dirs, reference):
+    """Under `auto` on this host (the copy path), a queued cold request joins the batch once its
+    copy's time left is under half a recent step: the step waits that little for it (the warm
+    row stalls far less than the 300 ms copy) instead of leaving it a step or two behind."""
+    long = carajax.SamplingParams(max_tokens=400, temperature=0.0, stop_token_ids=())
+    with _engine(adapter_dirs, cold_start="auto", emulated_link_gbps=1.0,
+                 emulated_link_latency_ms=300) as e:
+        e.warmup()
+        e.pool.load_now("warm")
+        warm = e.submit(WARM_PROMPT, adapter="warm", sampling=long)
+        cold = e.submit(COLD_PROMPT, adapter="cold", sampling=GREEDY)
+        while not cold.done and e.step():
+            pass
+        out = cold.result()
+        joined = e.stats()["auto_joined_on_landing"]
+        warm.cancel()
+        while e.step():
+            pass
+    assert out.token_ids == reference[1]
+    assert out.metrics.cold_path == "async" and out.metrics.cpu_prefill_tokens == 0
+    assert joined == 1
+    assert out.metrics.ttft_s >= 0.3  # it did wait for its copy
+    assert warm.result().token_ids[:8] == reference[0]
+    assert warm.result().metrics.stalled_s < 0.05  # the warm row waited a fraction of a step
+
+
 def test_auto_measures_the_host_path_on_its_own_step_and_refines_it(adapter_dirs):
     """Off a host-only device, the host path's costs come from the engine's CPU-assisted step
     (a chunk with no cold row over the plain step: the callbacks' fixed cost; every row cold

@@ -569,7 +569,9 @@ class Engine:
                     "step_wait_ms": _median_ms(times, 2),
                     "async_scheduling": self.config.async_scheduling,
                     "cold_paths": dict(self.planner.cold_paths),
-                    **({"auto_host_path": self.host_path.stats()}
+                    **({"auto_host_path": self.host_path.stats(),
+                        # async requests the step waited for as their copies landed
+                        "auto_joined_on_landing": self.planner.joined_on_landing}
                        if self.config.cold_start == "auto" else {}),
                     "finished": {"count": self.planner.finished_count,
                                  "recent_output_tokens": list(self.planner.finished_outputs)},

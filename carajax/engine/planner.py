@@ -24,8 +24,10 @@ each request's LoRA path for the step:
              batch waits), then runs it on the device.
 Under `async` a cold request is not admitted: it stays queued while its copy runs (later requests
 go ahead of it), and starts on the device once resident. Under `auto` each cold request is given
-one of `cpu_assist` or `async` (`cold_start.choose`). Both start the copy when the request is
-submitted (`start_cold`), not when a step first considers it.
+one of `cpu_assist` or `async` (`cold_start.choose`); an `async` one whose copy is about to land
+(within `JOIN_LANDING_FRACTION` of a recent step) is admitted at once and the step waits for the
+copy (`load`), as `wait` would: a short stall is cheaper than a whole step's delay for it. Both
+start the copy when the request is submitted (`start_cold`), not when a step first considers it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ from carajax.engine.request import Phase, QueueFullError, Request, RequestOutput
 
 # Under a time-per-token target, prompts still get this many tokens per step.
 MIN_PREFILL_SHARE = 16
+# `auto`: a queued cold request joins the step (which then waits for its copy) when the copy's
+# predicted time left is at most this fraction of a recent step. Left queued, it would join one
+# or two steps later (the step in flight, then the one being planned): the stall costs every
+# running row less than that costs it.
+JOIN_LANDING_FRACTION = 0.5
 
 
 class StepTimes:
@@ -65,6 +72,12 @@ class StepTimes:
             return None
         b, a = np.polyfit(t, s, 1)
         return float(a), float(max(b, 1e-9))
+
+    def recent_seconds(self, n: int = 16) -> float | None:
+        """Median seconds of the last `n` steps (None before any)."""
+        if not self._points:
+            return None
+        return float(np.median([s for _, s in list(self._points)[-n:]]))
 
     def max_tokens(self, seconds: float) -> int | None:
         """The most tokens a step may hold to take at most `seconds` (None: no fit yet)."""
@@ -148,6 +161,7 @@ class BatchPlanner:
         self.token_bucket = token_bucket
         self.host_path = host_path  # `auto`: the engine's measured view of the host path
         self.cold_paths: collections.Counter[str] = collections.Counter()  # cold requests per path
+        self.joined_on_landing = 0  # `auto`'s async requests admitted as their copies landed
         # Output lengths of recently finished replies, and how many ever finished: what routers
         # learn the reply-length distribution from (sched.output_lengths).
         self.finished_outputs: collections.deque[int] = collections.deque(maxlen=256)
@@ -356,6 +370,17 @@ class BatchPlanner:
         if req.metrics.cold_path != "async":
             return False
         self.pool.prefetch(req.adapter)  # no-op while loading; retried when the pool is full
+        return not self._joins_on_landing(req)
+
+    def _joins_on_landing(self, req: Request) -> bool:
+        """`auto` only: whether a queued cold request's copy lands soon enough that the step
+        should wait for it (see JOIN_LANDING_FRACTION)."""
+        if self.config.cold_start != "auto" or self.pool.where(req.adapter) != "loading":
+            return False
+        step_s = self.step_times.recent_seconds()
+        if step_s is None or self.pool.copy_seconds(req.adapter) > JOIN_LANDING_FRACTION * step_s:
+            return False
+        self.joined_on_landing += 1
         return True
 
     def _admit(self, req: Request) -> None:
