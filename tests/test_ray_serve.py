@@ -2,7 +2,8 @@
 the OpenAI ingress, and our router inside Ray.
 
 Skipped without ray (`pip install -e .[ray]`). One Ray cluster and one application for the module
-(starting them costs most of the time).
+(starting them costs most of the time); the application wants an API key, so every test sends it
+and one checks the refusals (the ingress's guard without a cluster: tests/test_ray_ingress_guard.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ openai = pytest.importorskip("openai")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 WORDS = ("hello", "carajax")
+KEY = "ray-s3cret-for-tests"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _free_port() -> int:
@@ -42,8 +45,8 @@ def cluster():
              configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(replicas=2, policy="carajax", stats_period_s=0.2), name="carajax",
-                  route_prefix="/")
+        serve.run(build_app(replicas=2, policy="carajax", stats_period_s=0.2, api_key=KEY),
+                  name="carajax", route_prefix="/")
         yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/v1")
     finally:
         serve.shutdown()
@@ -51,7 +54,7 @@ def cluster():
 
 
 def test_demo_adapters_through_the_ingress(cluster):
-    client = openai.OpenAI(base_url=cluster.url, api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=cluster.url, api_key=KEY, max_retries=0, timeout=120)
     for name, task in TASKS.items():
         for word in WORDS:
             out = client.completions.create(model=name, prompt=f"{word}=", max_tokens=16, temperature=0)
@@ -63,7 +66,7 @@ def test_demo_adapters_through_the_ingress(cluster):
 
 
 def test_streaming_and_errors(cluster):
-    client = openai.OpenAI(base_url=cluster.url, api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=cluster.url, api_key=KEY, max_retries=0, timeout=120)
     text = "".join(c.choices[0].text for c in client.completions.create(
         model="reverse", prompt="hello=", max_tokens=16, temperature=0, stream=True))
     assert text == "olleh"
@@ -76,7 +79,7 @@ def test_both_replicas_publish_stats_and_serve(cluster):
 
     seen = set()
     for _ in range(20):
-        r = httpx.post(f"{cluster.url}/completions", timeout=120,
+        r = httpx.post(f"{cluster.url}/completions", timeout=120, headers=AUTH,
                        json={"model": "upper", "prompt": "hello=", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == "HELLO"
         seen.add(r.headers["x-carajax-replica"])
@@ -85,7 +88,7 @@ def test_both_replicas_publish_stats_and_serve(cluster):
     import concurrent.futures
 
     def one(word):
-        r = httpx.post(f"{cluster.url}/completions", timeout=120,
+        r = httpx.post(f"{cluster.url}/completions", timeout=120, headers=AUTH,
                        json={"model": "rot13", "prompt": f"{word}=", "max_tokens": 16, "temperature": 0})
         return r.json()["choices"][0]["text"], r.headers["x-carajax-replica"]
 
@@ -102,6 +105,37 @@ def test_both_replicas_publish_stats_and_serve(cluster):
     assert set(stats["adapters"]) == set(TASKS) and stats["queue"] == [] and stats["kv_pages_free"] > 0
 
 
+def test_the_key_the_body_limit_and_open_health(cluster):
+    """Without the key: 401 in OpenAI's shape on every /v1 route (the official client raises
+    AuthenticationError); a 3 MiB body: 413 before it is parsed; too many messages: 400 at the
+    ingress; /health and /router open."""
+    import httpx
+
+    root = cluster.url.removesuffix("/v1")
+    body = {"model": "upper", "prompt": "hello=", "max_tokens": 8, "temperature": 0}
+    for headers in ({}, {"Authorization": f"Bearer {KEY}-wrong"}):
+        for method, path in (("GET", "/models"), ("POST", "/completions"),
+                             ("POST", "/chat/completions")):
+            r = httpx.request(method, cluster.url + path, json=body, headers=headers, timeout=30)
+            assert r.status_code == 401, (path, r.text)
+            err = r.json()["error"]
+            assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
+            assert KEY not in r.text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=cluster.url, api_key="wrong", max_retries=0).models.list()
+    r = httpx.post(f"{cluster.url}/completions", json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "HELLO"
+    big = {**body, "prompt": "x" * (3 << 20)}
+    r = httpx.post(f"{cluster.url}/completions", json=big, headers=AUTH, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    many = {"model": "upper", "messages": [{"role": "user", "content": "hi"}] * 1025}
+    r = httpx.post(f"{cluster.url}/chat/completions", json=many, headers=AUTH, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.get(f"{root}/health", timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "serving"}
+    assert httpx.get(f"{root}/router", timeout=30).status_code == 200
+
+
 def test_a_replica_killed_mid_stream(cluster):
     """Its stream ends with an error event (no hang), the other replica keeps serving, Ray brings
     the replica back and the next requests succeed. Kills a replica: keep it the last cluster test."""
@@ -111,7 +145,7 @@ def test_a_replica_killed_mid_stream(cluster):
             "temperature": 0, "stream": True}
     lines = []
     t0 = time.monotonic()
-    with httpx.stream("POST", f"{cluster.url}/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{cluster.url}/completions", json=body, timeout=60, headers=AUTH) as r:
         assert r.status_code == 200
         uid = r.headers["x-carajax-replica"].split("#")[-1]
         for line in r.iter_lines():
@@ -125,7 +159,7 @@ def test_a_replica_killed_mid_stream(cluster):
     assert lines[-1] == "data: [DONE]" and any('"error"' in x and "failed mid-stream" in x for x in lines)
     assert time.monotonic() - t0 < 60
     for word in WORDS:  # the survivor (or the restarted replica) serves
-        r = httpx.post(f"{cluster.url}/completions", timeout=120,
+        r = httpx.post(f"{cluster.url}/completions", timeout=120, headers=AUTH,
                        json={"model": "reverse", "prompt": f"{word}=", "max_tokens": 16, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == word[::-1]
     deadline = time.monotonic() + 120
@@ -136,7 +170,7 @@ def test_a_replica_killed_mid_stream(cluster):
         time.sleep(1)
     else:
         pytest.fail(f"Ray did not restore 2 replicas: {states}")
-    r = httpx.post(f"{cluster.url}/completions", timeout=120,
+    r = httpx.post(f"{cluster.url}/completions", timeout=120, headers=AUTH,
                    json={"model": "upper", "prompt": "hello=", "max_tokens": 16, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "HELLO"
 

@@ -15,7 +15,7 @@
     carajax route --workers HOST:PORT,HOST:PORT [--policy carajax] [--port 50050] [--http-port PORT]
                                                           the router in front of workers; prints
                                                           "carajax router ready on HOST:PORT ..."
-    carajax ray [--replicas 2] [--policy carajax] [--http-port 8000] [--address ADDRESS]
+    carajax ray [--replicas 2] [--policy carajax] [--http-port 8000] [--address ADDRESS] [--api-key KEY]
                                                           Ray Serve: replicas + our router;
                                                           "carajax on Ray Serve ready at URL ..."
     carajax replay [--scale 0.5] [--cold-starts cached,wait,async,cpu_assist,auto] [--mode cluster]

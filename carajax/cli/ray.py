@@ -2,7 +2,9 @@
 
 The app is --replicas replicas, each one engine, behind an OpenAI-compatible HTTP entry point;
 each request goes to the replica the routing policy picks (--router carajax). Needs the `.[ray]`
-extra. When it serves it prints "carajax on Ray Serve ready at URL ...".
+extra. When it serves it prints "carajax on Ray Serve ready at URL ...". The HTTP entry point
+checks an API key (--api-key or $CARAJAX_API_KEY) and body sizes as `carajax serve --http-port`
+does; serving every interface (--http-host 0.0.0.0) without a key prints a warning.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import sys
 import threading
 
 from carajax.cli.args import UsageError, adapter_dirs_arg, cost_model_arg, model_config_arg
@@ -33,6 +36,10 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=8000,
                    help="port of Serve's HTTP proxy, where the OpenAI API answers under /v1 "
                         "(default: %(default)s)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (/health and "
+                        "/router stay open); or set $CARAJAX_API_KEY, which keeps the key out of "
+                        "the process list (default: no authentication)")
     p.add_argument("--address", default=None,
                    help="join this Ray cluster ('auto': the local one `ray start --head` began; "
                         "default: start a local Ray in this process)")
@@ -61,9 +68,14 @@ def ray_cmd(args: argparse.Namespace) -> None:
     """Every argument is checked before Ray starts (one-line errors, as the other commands)."""
     from carajax.config import EngineConfig
     from carajax.sched.cost_model import require_rank_terms
+    from carajax.server.auth import resolve_api_key
 
     if args.replicas < 1:
         raise UsageError(f"--replicas {args.replicas}: must be >= 1")
+    try:
+        api_key = resolve_api_key(args.api_key)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     model_config_arg(args.model)
     if args.adapter_root:
         try:
@@ -91,16 +103,20 @@ def ray_cmd(args: argparse.Namespace) -> None:
         app = build_app(replicas=args.replicas, policy=args.policy, router=args.router, model=args.model,
                         adapter_root=args.adapter_root, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                         engine_config=engine_config, cost_model=args.cost_model,
-                        slo_tpot=args.slo_tpot_ms / 1e3)
+                        slo_tpot=args.slo_tpot_ms / 1e3, api_key=api_key)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     ray.init(address=args.address, configure_logging=False)
     serve.start(http_options={"host": args.http_host, "port": args.http_port})
     serve.run(app, name="carajax", route_prefix="/")
-    host = "127.0.0.1" if args.http_host in ("0.0.0.0", "::", "[::]") else args.http_host
+    everywhere = args.http_host in ("0.0.0.0", "::", "[::]")
+    host = "127.0.0.1" if everywhere else args.http_host
     router = f"policy {args.policy}" if args.router == "carajax" else "Ray's default router"
+    if everywhere and api_key is None:
+        print(f"carajax ray: warning: serving on every interface ({args.http_host}) without an API "
+              "key; set --api-key or $CARAJAX_API_KEY", file=sys.stderr, flush=True)
     print(f"carajax on Ray Serve ready at http://{host}:{args.http_port}/v1 ({args.replicas} replicas, "
-          f"{router})", flush=True)
+          f"{router}{'; API key required' if api_key is not None else ''})", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

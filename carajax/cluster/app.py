@@ -10,10 +10,17 @@ CarajaxReplica   one Engine (the demo model and its trained adapters by default,
                  `stats_period_s` (carajax.cluster.routing).
 OpenAIIngress    the FastAPI app on Serve's HTTP proxy: /v1/completions, /v1/chat/completions
                  (SSE with `stream`), /v1/models, /health, /router (our router's counters). It
-                 tokenizes the prompt (to know its length), looks up the adapter's rank, and
+                 estimates the prompt's length in tokens, looks up the adapter's rank, and
                  passes both to the replica call as `route=...`, which our router
                  (carajax.cluster.ray_router) prices. The served replica's name comes back in the
                  `x-carajax-replica` header.
+
+The ingress holds to the worker's HTTP standard (carajax.server.http): with an API key
+(`build_app(api_key=...)`, `carajax ray --api-key` or $CARAJAX_API_KEY) every /v1 route needs
+`Authorization: Bearer KEY` (401 otherwise), bodies over 2 MiB are refused with 413 before they
+are read (both: carajax.server.guard), and prompts over the workers' size limits with 400 before
+anything is tokenized. /health and /router stay open: they reveal whether the app is up and the
+router's counts, never a request or a completion.
 
 `router="ray"` keeps Ray's default router (power of two choices) for comparison.
 """
@@ -29,7 +36,11 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from carajax.cluster import routing
+from carajax.engine.request import RequestError
+from carajax.server import codec
 from carajax.server import openai_api as oa
+from carajax.server.auth import resolve_api_key
+from carajax.server.guard import Guard, GuardConfig
 
 DEFAULT_MODEL = "carajax-demo"
 
@@ -155,16 +166,74 @@ async def _guarded(gen, replica: str):
         yield "data: [DONE]\n\n"
 
 
+# The ingress tokenizes only to estimate a prompt's length for the router, on the one event loop
+# that every request of the application passes through. So: requests over the workers' own size
+# limits are refused here with the workers' messages, before any tokenizing (a replica would
+# refuse them one hop later); within the limits only the first ROUTE_SAMPLE_CHARS characters are
+# tokenized and the count scaled to the whole length. A 1 MiB prompt would otherwise hold the
+# loop (and every stream on it) for a good part of a second, while the router needs the length to
+# a few percent, not exactly; the replica still tokenizes the whole prompt to serve it.
+ROUTE_SAMPLE_CHARS = 16384
+
+
+def _route_text(body: dict, kind: str, limits: oa.HttpLimits) -> str | list | None:
+    """The prompt (text or token ids) whose length the route estimates, after the size checks
+    the replica makes (the same limits, the same 400s); None where the shape is wrong (the replica
+    says how)."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        if len(messages) > limits.max_messages:
+            raise oa.bad_request(f"{len(messages)} messages; at most {limits.max_messages}",
+                                 "messages")
+        texts = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):  # text parts
+                content = "\n".join(p["text"] for p in content
+                                    if isinstance(p, dict) and isinstance(p.get("text"), str))
+            if isinstance(content, str):
+                texts.append(content)
+        chars = sum(map(len, texts))
+        if chars > limits.request.max_prompt_bytes:
+            raise oa.bad_request(f"the messages have {chars} characters; at most "
+                                 f"{limits.request.max_prompt_bytes}", "messages")
+        return "".join(texts)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a list of one prompt is that prompt
+    if not prompt or not isinstance(prompt, (str, list)):
+        return None
+    try:
+        codec.check_prompt(prompt, limits.request)
+    except RequestError as e:
+        raise oa.bad_request(str(e), "prompt") from None
+    return prompt
+
+
+def _serving_guard() -> GuardConfig:
+    """The guard of the ingress replica this request reached: serve.ingress freezes the FastAPI
+    app (middleware included) at import, before any key is known, so the middleware asks the
+    replica per request, as Serve's own class-based routes find their instance."""
+    return serve.get_replica_context().servable_object.guard
+
+
 fastapi_app = FastAPI(title="carajax on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
+fastapi_app.add_middleware(Guard, config=_serving_guard)  # before serve.ingress copies the app
 
 
 @serve.ingress(fastapi_app)
 class OpenAIIngress:
-    """The OpenAI HTTP entry point; each generation goes to a replica with its route."""
+    """The OpenAI HTTP entry point; each generation goes to a replica with its route.
+    guard: the API key and body limit every request passes first (default: no key, 2 MiB)."""
 
-    def __init__(self, replicas, model: str = DEFAULT_MODEL, avg_output_len: float = 128.0):
+    def __init__(self, replicas, model: str = DEFAULT_MODEL, avg_output_len: float = 128.0,
+                 guard: GuardConfig | None = None):
         from carajax.server.openai_serving import ServedModel
 
+        self.limits = oa.HttpLimits()
+        self.guard = guard or GuardConfig(max_body_bytes=self.limits.max_body_bytes)
         self.replicas = replicas
         self.model = ServedModel.load(model)  # tokenizer and chat template, no weights
         self.avg_output_len = avg_output_len
@@ -176,6 +245,8 @@ class OpenAIIngress:
         return self.info
 
     async def _route(self, body: dict, kind: str) -> dict:
+        """What our router prices; oa.ApiError (400) for a prompt over the size limits."""
+        text = _route_text(body, kind, self.limits)  # first: nothing over the limits goes further
         info = await self._info()
         adapter = body.get("model")
         if adapter == info["base"]:
@@ -183,18 +254,20 @@ class OpenAIIngress:
         elif adapter not in info["adapters"]:  # loaded since? else the replica says 404
             info = await self._info(refresh=True)
         rank = info["adapters"].get(adapter, 0) if adapter else 0
-        if kind == "chat":
-            text = "".join(str(m.get("content") or "") for m in body.get("messages") or [])
-        else:
-            text = body.get("prompt")
-            text = text[0] if isinstance(text, list) and text and not isinstance(text[0], int) else text
-        if isinstance(text, str):
-            tok = self.model.tokenizer
-            n = len(tok.encode(text)) if tok is not None else len(text.encode()) + 1
-        else:
-            n = len(text or [])
+        n = self._prompt_tokens(text)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         return routing.request_route(adapter, rank, n, max_tokens, self.avg_output_len)
+
+    def _prompt_tokens(self, text: str | list | None) -> int:
+        """The prompt's length in tokens, from a bounded prefix (see ROUTE_SAMPLE_CHARS)."""
+        if not isinstance(text, str):
+            return len(text or [])
+        tok = self.model.tokenizer
+        if tok is None:
+            return len(text.encode()) + 1
+        sample = text[:ROUTE_SAMPLE_CHARS]
+        n = len(tok.encode(sample))
+        return n if len(sample) == len(text) else round(n * len(text) / len(sample))
 
     async def _generate(self, request: Request, kind: str) -> Response:
         try:
@@ -205,6 +278,8 @@ class OpenAIIngress:
             return JSONResponse(oa.bad_request("the body must be a JSON object").body(), status_code=400)
         try:
             route = await self._route(body, kind)
+        except oa.ApiError as e:  # over a size limit: refused before tokenizing
+            return JSONResponse(e.body(), status_code=e.status)
         except (TypeError, ValueError, AttributeError):  # a malformed field: the replica says which
             route = None  # Ray's default router takes it
         if not body.get("stream"):
@@ -243,7 +318,8 @@ class OpenAIIngress:
     @fastapi_app.get("/router")
     async def router(self) -> dict:
         """Our routers in this process: policy, requests it routed, fallbacks to Ray's default
-        (calls without a route, e.g. /v1/models'), dispatches in flight. Empty under router="ray"."""
+        (calls without a route, e.g. /v1/models'), dispatches in flight. Empty under router="ray".
+        Open without the API key, like /health: counts only, no request content."""
         return {"routers": [r.summary() for r in list(routing.LIVE_ROUTERS)]}
 
     @fastapi_app.get("/health")
@@ -255,14 +331,17 @@ def build_app(*, replicas: int = 2, policy: str = "carajax", model: str = DEFAUL
               adapter_root: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
               engine_config: dict | None = None, cost_model: str | None = None,
               slo_tpot: float = 0.1, stats_period_s: float = 0.5, router: str = "carajax",
-              max_ongoing_requests: int | None = None, autoscaling: dict | None = None):
+              max_ongoing_requests: int | None = None, autoscaling: dict | None = None,
+              api_key: str | None = None):
     """The Serve application. router="carajax": our CarajaxRequestRouter asking `policy`;
     "ray": Ray's default router. autoscaling: Serve's autoscaling_config (min_replicas,
-    max_replicas, target_ongoing_requests, ...) in place of a fixed `replicas`."""
+    max_replicas, target_ongoing_requests, ...) in place of a fixed `replicas`. api_key: the
+    key every /v1 route wants as `Authorization: Bearer KEY` (None: no authentication)."""
     from carajax.cluster.ray_router import CarajaxRequestRouter
     from carajax.config import EngineConfig
 
     cfg = EngineConfig(**(engine_config or {}))  # checked here, before any replica starts
+    guard = GuardConfig(api_key=api_key)  # an empty key is refused here too
     opts: dict = {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                   "max_ongoing_requests": max_ongoing_requests or cfg.max_batch_size + cfg.max_queue}
     if autoscaling:
@@ -280,13 +359,26 @@ def build_app(*, replicas: int = 2, policy: str = "carajax", model: str = DEFAUL
     replica = serve.deployment(CarajaxReplica, name="CarajaxReplica", **opts).bind(
         model=model, adapter_root=adapter_root, engine_config=engine_config, cost_model=cost_model)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0})
-    return ingress.bind(replica, model=model)
+    return ingress.bind(replica, model=model, guard=guard)
 
 
 def app_builder(args: dict):
     """For `serve run deploy/carajax_serve.yaml`: build_app's keywords from the YAML's `args`
-    (engine_config and autoscaling may be given as JSON strings)."""
+    (engine_config and autoscaling may be given as JSON strings). The API key comes from
+    $CARAJAX_API_KEY in the environment the app is built in (the Ray cluster's), never from
+    `args`: Serve keeps and shows its config in plain text. `require_api_key: true` makes a
+    missing key an error instead of an open app."""
     kw = dict(args)
+    if "api_key" in kw:
+        raise ValueError("api_key in the Serve config would be stored and shown in plain text: set "
+                         "CARAJAX_API_KEY in the Ray cluster's environment instead")
+    require = kw.pop("require_api_key", False)
+    if isinstance(require, str):
+        require = require.strip().lower() in ("1", "true", "yes", "on")
+    kw["api_key"] = resolve_api_key(None)
+    if require and kw["api_key"] is None:
+        raise ValueError("require_api_key is set but CARAJAX_API_KEY is not set in the environment "
+                         "the app is built in (the Ray cluster's): refusing to serve without a key")
     for key in ("engine_config", "autoscaling"):
         if isinstance(kw.get(key), str):
             kw[key] = json.loads(kw[key])

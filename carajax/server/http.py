@@ -17,7 +17,8 @@ Routes:
     GET  /metrics                                the server's Prometheus registry
 With an API key every /v1 route needs `Authorization: Bearer KEY` (401 otherwise); /health and
 /metrics stay open for probes and scrapers (carajax.server.auth). A body over the size limit is
-refused with 413 before it is parsed. How requests reach the engine: carajax.server.openai_serving.
+refused with 413 before it is parsed (both checks: carajax.server.guard, shared with the Ray
+ingress). How requests reach the engine: carajax.server.openai_serving.
 
 uvicorn runs on a thread of its own with its own event loop, so the gRPC server, the engine and
 this share one process; the socket is bound before `serve_http` returns (port 0: any free port).
@@ -40,7 +41,7 @@ from starlette.exceptions import HTTPException
 
 from carajax.server import openai_api as oa
 from carajax.server.adapter_paths import AdapterPathPolicy
-from carajax.server.auth import REFUSAL, bearer_ok
+from carajax.server.guard import Guard, GuardConfig
 from carajax.server.openai_serving import CallContext, OpenAIServing, ServedModel
 
 __all__ = ["HttpServer", "ServedModel", "create_app", "serve_http"]
@@ -49,7 +50,7 @@ __all__ = ["HttpServer", "ServedModel", "create_app", "serve_http"]
 def create_app(serving: OpenAIServing, *, api_key: str | None = None) -> FastAPI:
     """The FastAPI app over `serving` (see the module docstring for the routes)."""
     app = FastAPI(title="carajax", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=serving.limits.max_body_bytes)
+    app.add_middleware(Guard, config=GuardConfig(api_key, serving.limits.max_body_bytes))
 
     @app.exception_handler(oa.ApiError)
     async def api_error(request: Request, e: oa.ApiError):
@@ -192,59 +193,6 @@ async def _unless_disconnected(request: Request, awaitable):
     if work.cancelled():
         return None
     return work.result()
-
-
-class _Guard:
-    """ASGI middleware, before any parsing: the API key on /v1 routes (401) and the body size
-    (413 from Content-Length without reading; a chunked body is read up to the limit)."""
-
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
-        self.app, self._key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self._key is not None and scope["path"].startswith("/v1"):
-            if not bearer_ok(headers.get(b"authorization"), self._key):
-                return await _send_error(send, oa.ApiError(
-                    401, REFUSAL, type="authentication_error", code="invalid_api_key"),
-                    [(b"www-authenticate", b"Bearer")])
-        too_large = oa.ApiError(413, f"request body over {self.max_body_bytes} bytes",
-                                code="request_too_large")
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return await _send_error(send, too_large)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        body = bytearray()
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body += msg.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                return await _send_error(send, too_large)
-            if not msg.get("more_body"):
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # disconnect notices
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-async def _send_error(send, e: oa.ApiError, extra: list | None = None) -> None:
-    data = json.dumps(e.body()).encode()
-    await send({"type": "http.response.start", "status": e.status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(data)).encode()), *(extra or ())]})
-    await send({"type": "http.response.body", "body": data})
 
 
 class HttpServer:
