@@ -4,16 +4,20 @@ the OpenAI ingress, and our router inside Ray.
 Skipped without ray (`pip install -e .[ray]`). One Ray cluster and one application for the module
 (starting them costs most of the time); the application wants an API key, so every test sends it
 and one checks the refusals (the ingress's guard without a cluster: tests/test_ray_ingress_guard.py).
+Its adapter root holds copies of the demo adapters; one test adds adapters to it while it serves
+(found by name: tests/test_adapter_root.py has the rest).
 """
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 import types
 
 import pytest
 
+from carajax import demo
 from carajax.cluster import routing
 from carajax.demo import TASKS
 from carajax.sched import cost_model as cm
@@ -37,17 +41,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     from carajax.cluster.app import build_app
 
+    root = tmp_path_factory.mktemp("ray-adapters")
+    for name in TASKS:  # copies, not links: a link out of the root is refused
+        shutil.copytree(demo.ROOT / "adapters" / name, root / name)
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(replicas=2, policy="carajax", stats_period_s=0.2, api_key=KEY),
-                  name="carajax", route_prefix="/")
-        yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/v1")
+        serve.run(build_app(replicas=2, policy="carajax", stats_period_s=0.2, api_key=KEY,
+                            adapter_root=str(root)), name="carajax", route_prefix="/")
+        yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/v1", root=root)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -134,6 +141,40 @@ def test_the_key_the_body_limit_and_open_health(cluster):
     r = httpx.get(f"{root}/health", timeout=30)
     assert r.status_code == 200 and r.json() == {"status": "serving"}
     assert httpx.get(f"{root}/router", timeout=30).status_code == 200
+
+
+def test_adapters_added_to_the_root_answer_by_name(cluster):
+    """Copied in after start-up: served by name on whichever replica gets it, concurrently too, and
+    listed; a name escaping the root is 400, a missing one 404, a broken one 400 with the replica
+    serving on."""
+    import concurrent.futures
+
+    import httpx
+
+    shutil.copytree(cluster.root / "upper", cluster.root / "upper-late")
+    shutil.copytree(cluster.root / "reverse", cluster.root / "broken")
+    (cluster.root / "broken" / "adapter_config.json").write_text("{oops")
+
+    def post(model, word="hello"):
+        return httpx.post(f"{cluster.url}/completions", timeout=120, headers=AUTH,
+                          json={"model": model, "prompt": f"{word}=", "max_tokens": 16, "temperature": 0})
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda w: post("upper-late", w), ["hello", "carajax", "ray"] * 2))
+    assert [r.status_code for r in got] == [200] * 6, [r.text for r in got]
+    assert [r.json()["choices"][0]["text"] for r in got] == ["HELLO", "CARAJAX", "RAY"] * 2
+    for name, status, needle in (("../upper", 400, "not a plain directory name"),
+                                 ("nope", 404, "nope"), ("broken", 400, "corrupt JSON")):
+        r = post(name)
+        assert r.status_code == status and needle in r.json()["error"]["message"], (name, r.text)
+        assert post("upper").json()["choices"][0]["text"] == "HELLO"
+    deadline = time.monotonic() + 30  # each replica's listing is kept a few seconds
+    while time.monotonic() < deadline:
+        names = {m["id"] for m in httpx.get(f"{cluster.url}/models", headers=AUTH, timeout=30).json()["data"]}
+        if {"upper-late", "broken"} <= names:
+            break
+        time.sleep(0.5)
+    assert {"carajax-demo", "upper-late", "broken", *TASKS} == names
 
 
 def test_a_replica_killed_mid_stream(cluster):

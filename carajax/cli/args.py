@@ -96,6 +96,21 @@ def adapter_dirs_arg(root: str) -> list[Path]:
     return dirs
 
 
+def adapter_root_arg(root: str) -> str:
+    """--adapter-root's directory; `UsageError` if there is none. It may be empty: adapters copied
+    into it later are found by name."""
+    if not os.path.isdir(root):
+        raise UsageError(f"--adapter-root {root}: "
+                         + ("not a directory" if os.path.exists(root) else "no such directory"))
+    return root
+
+
+ADAPTER_ROOT_HELP = ("a request naming an adapter that is not registered gets DIR/<name> (a PEFT "
+                     "directory), registered on first use and listed by /v1/models; a name with a "
+                     "path separator or a leading '.' is refused (400), one not under DIR is 404, "
+                     "a broken adapter 400")
+
+
 def check_tp(model: str, tp: int) -> None:
     """Exit with a message (not a traceback) if the model is unknown or `tp` does not fit this
     machine's devices or the model's heads; checked before any weights are built or read."""
@@ -142,7 +157,7 @@ def add_link_args(p: argparse.ArgumentParser) -> None:
 
 
 __all__ = [
-    "DTYPES", "UsageError", "adapter_dirs_arg", "add_cold_start_arg", "add_dtype_arg", "add_link_args",
-    "add_tp_arg", "check_tp", "cost_model_arg", "existing_file", "int_list", "model_config_arg",
-    "positive_int",
+    "ADAPTER_ROOT_HELP", "DTYPES", "UsageError", "adapter_dirs_arg", "adapter_root_arg",
+    "add_cold_start_arg", "add_dtype_arg", "add_link_args", "add_tp_arg", "check_tp",
+    "cost_model_arg", "existing_file", "int_list", "model_config_arg", "positive_int",
 ]

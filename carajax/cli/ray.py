@@ -15,7 +15,13 @@ import signal
 import sys
 import threading
 
-from carajax.cli.args import UsageError, adapter_dirs_arg, cost_model_arg, model_config_arg
+from carajax.cli.args import (
+    ADAPTER_ROOT_HELP,
+    UsageError,
+    adapter_root_arg,
+    cost_model_arg,
+    model_config_arg,
+)
 from carajax.config import DEMO_MODEL
 
 HELP = "deploy replicas + our router on Ray Serve (needs .[ray]) until SIGTERM"
@@ -51,8 +57,10 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                         "(random weights), an HF checkpoint dir, a GGUF file or a model carajax pulls "
                         "by name (default: %(default)s)")
     p.add_argument("--adapter-root", default=None, metavar="DIR",
-                   help="register every PEFT adapter dir under DIR on every replica (default: the "
-                        f"trained adapters of {DEMO_MODEL}, none for other models)")
+                   help="every replica registers the PEFT adapter dirs under DIR at start, and "
+                        "the replica a request is routed to finds later ones by name: "
+                        + ADAPTER_ROOT_HELP + " (DIR must be the same store on every node; "
+                        f"default: the trained adapters of {DEMO_MODEL}, none for other models)")
     p.add_argument("--engine-config", default=None, metavar="JSON",
                    help="EngineConfig fields of every replica's engine as JSON, e.g. "
                         "'{\"max_batch_size\": 16}'")
@@ -78,10 +86,7 @@ def ray_cmd(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
     model_config_arg(args.model)
     if args.adapter_root:
-        try:
-            adapter_dirs_arg(args.adapter_root)
-        except UsageError as e:  # its message names --adapters, the serve flag
-            raise UsageError(e.message.replace("--adapters", "--adapter-root", 1)) from None
+        adapter_root_arg(args.adapter_root)
     try:
         engine_config = json.loads(args.engine_config or "{}")
         EngineConfig(**engine_config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from carajax.cli.args import UsageError, cost_model_arg
+from carajax.cli.args import UsageError, adapter_root_arg, cost_model_arg
 from carajax.cli.serving import add_http_args, http_args, http_note, start_http, stop_both
 
 HELP = "run the router service in front of workers until SIGTERM"
@@ -34,6 +34,13 @@ def add_route_args(p: argparse.ArgumentParser) -> None:
                         "price (default: %(default)s)")
     p.add_argument("--poll-interval", type=float, default=0.5,
                    help="seconds between polls of each worker's stats (default: %(default)s)")
+    p.add_argument("--adapter-root", default=None, metavar="DIR",
+                   help="the adapter store the workers were started with (their --adapter-root, "
+                        "the same files): a request naming an adapter no worker has registered but "
+                        "that exists as DIR/<name> goes to a worker, priced as a cold start of the "
+                        "rank in its adapter_config.json, and that worker registers it; a name "
+                        "with a path separator or a leading '.' is refused (400) here (default: "
+                        "none: only adapters some worker has registered are routed)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus /metrics on PORT (default: none)")
     p.add_argument("--grace", type=float, default=30.0,
@@ -56,6 +63,8 @@ def route_cmd(args: argparse.Namespace) -> None:
     if bad or not workers:
         raise UsageError(f"--workers {args.workers!r}: expected comma-separated HOST:PORT addresses")
     api_key = http_args(args)
+    if args.adapter_root is not None:
+        adapter_root_arg(args.adapter_root)
     try:
         cm.require_rank_terms(cost, args.policy, f" ({args.cost_model or 'the shipped default'})")
     except ValueError as e:
@@ -63,7 +72,8 @@ def route_cmd(args: argparse.Namespace) -> None:
     router = serve_router(workers, args.port, policy=args.policy, cost=cost,
                           slo_tpot=args.slo_tpot_ms / 1e3, host=args.host,
                           poll_interval=args.poll_interval, metrics_port=args.metrics_port,
-                          api_key=api_key, worker_api_key=args.worker_api_key)
+                          api_key=api_key, worker_api_key=args.worker_api_key,
+                          adapter_root=args.adapter_root)
     http = start_http(router, args, api_key)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,8 +12,10 @@ import os
 import sys
 
 from carajax.cli.args import (
+    ADAPTER_ROOT_HELP,
     UsageError,
     adapter_dirs_arg,
+    adapter_root_arg,
     add_cold_start_arg,
     add_dtype_arg,
     add_link_args,
@@ -38,9 +40,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", default=None, metavar="DIR",
                    help="register every PEFT adapter directory under DIR by its folder name")
     p.add_argument("--adapter-root", default=None, metavar="DIR",
-                   help="adapters loaded at run time (LoadAdapter) must resolve, symlinks followed, "
-                        "inside DIR; relative paths are taken under it. Without it or "
-                        "--allow-any-adapter-path, run-time loading is off")
+                   help=ADAPTER_ROOT_HELP + "; adapters loaded at run time (LoadAdapter) must "
+                        "resolve, symlinks followed, inside DIR, relative paths taken under it "
+                        "(default: none: run-time loading off unless --allow-any-adapter-path)")
     p.add_argument("--allow-any-adapter-path", action="store_true",
                    help="allow run-time loading from any path this process can read (trusted "
                         "clients only)")
@@ -198,14 +200,14 @@ def own_cost_model(engine):
 
 
 def adapter_path_policy(args: argparse.Namespace):
-    """Where LoadAdapter (and the HTTP load endpoint) may read adapters from at run time."""
+    """Where LoadAdapter (and the HTTP load endpoint) may read adapters from at run time; with a
+    root, also where requests find adapters by name."""
     from carajax.server.adapter_paths import AdapterPathPolicy
 
     if args.adapter_root is not None and args.allow_any_adapter_path:
         raise UsageError("--adapter-root and --allow-any-adapter-path exclude each other")
-    if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
-        raise UsageError(f"--adapter-root {args.adapter_root}: "
-                         + ("not a directory" if os.path.exists(args.adapter_root) else "no such directory"))
+    if args.adapter_root is not None:
+        adapter_root_arg(args.adapter_root)
     return AdapterPathPolicy(root=args.adapter_root, allow_any=args.allow_any_adapter_path)
 
 

@@ -4,13 +4,17 @@
     serve.run(app, name="carajax", route_prefix="/")   # POST /v1/completions on Serve's HTTP port
 
 CarajaxReplica   one Engine (the demo model and its trained adapters by default, or every adapter
-                 dir under `adapter_root`); requests run through the worker's own gRPC servicer and
+                 dir under `adapter_root`, where a request may also name an adapter added later:
+                 `adapter_root/<name>` is registered on first use, as on `carajax serve
+                 --adapter-root`); requests run through the worker's own gRPC servicer and
                  OpenAI layer in-process (carajax.server.openai_serving), so validation, stop
                  strings and errors are the HTTP server's; publishes routing stats every
                  `stats_period_s` (carajax.cluster.routing).
 OpenAIIngress    the FastAPI app on Serve's HTTP proxy: /v1/completions, /v1/chat/completions
                  (SSE with `stream`), /v1/models, /health, /router (our router's counters). It
-                 estimates the prompt's length in tokens, looks up the adapter's rank, and
+                 estimates the prompt's length in tokens, looks up the adapter's rank (from
+                 its adapter_config.json under `adapter_root` for one no replica has registered
+                 yet, so a cold start is priced), and
                  passes both to the replica call as `route=...`, which our router
                  (carajax.cluster.ray_router) prices. The served replica's name comes back in the
                  `x-carajax-replica` header.
@@ -28,6 +32,7 @@ router's counts, never a request or a completion.
 # No `from __future__ import annotations`: serve.ingress hands FastAPI the methods, whose
 # `request: Request` must be a real class, not a string, for FastAPI to inject the request.
 import json
+import logging
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -37,12 +42,15 @@ from ray.serve.config import RequestRouterConfig
 
 from carajax.cluster import routing
 from carajax.engine.request import RequestError
+from carajax.lora.adapter import AdapterError
 from carajax.server import codec
 from carajax.server import openai_api as oa
+from carajax.server.adapter_paths import AdapterPathPolicy, AdapterStore
 from carajax.server.auth import resolve_api_key
 from carajax.server.guard import Guard, GuardConfig
 
 DEFAULT_MODEL = "carajax-demo"
+_log = logging.getLogger("carajax.cluster")
 
 
 def _adapter_dirs(model: str, adapter_root: str | None) -> dict[str, str]:
@@ -79,9 +87,15 @@ class CarajaxReplica:
         self.name = f"{ctx.deployment}#{ctx.replica_id.unique_id}" if ctx is not None else "replica"
         self.engine = Engine.from_pretrained(model, dtype=dtype, config=EngineConfig(**(engine_config or {})))
         for name, path in _adapter_dirs(model, adapter_root).items():
-            self.engine.add_adapter(name, path)
+            try:
+                self.engine.add_adapter(name, path)
+            except AdapterError as e:  # one broken adapter in the store must not stop the replica
+                if not adapter_root:
+                    raise
+                _log.warning("replica %s: not registering adapter %r: %s", self.name, name, e)
         self.cost_json = Path(cost_model).read_text() if cost_model else ""
-        self.servicer = CaraServeServicer(self.engine, name=self.name)
+        paths = AdapterPathPolicy(root=adapter_root) if adapter_root else None
+        self.servicer = CaraServeServicer(self.engine, name=self.name, adapter_paths=paths)
         self.serving = OpenAIServing(_InProcess(self.servicer), ServedModel.of_engine(self.engine, model),
                                      limits=oa.HttpLimits(max_tokens=self.engine.config.max_tokens_limit),
                                      enable_lora_loading=False, adapter_paths=None)
@@ -92,9 +106,12 @@ class CarajaxReplica:
                                      cost_model_json=self.cost_json, serving=self.servicer.serving)
 
     def models(self) -> dict:
-        """{"base": served name, "max_model_len": ..., "adapters": {name: rank}}."""
+        """{"base": served name, "max_model_len": ..., "adapters": {name: rank} registered,
+        "available": [names under the adapter root a request may name]}."""
+        store = self.servicer.adapter_store
         return {"base": self.serving.model.name, "max_model_len": self.serving.model.max_model_len,
-                "adapters": {n: a.rank for n, a in self.engine.adapters.items()}}
+                "adapters": {n: a.rank for n, a in self.engine.adapters.items()},
+                "available": list(store.names()) if store is not None else []}
 
     def _request(self, body: dict, kind: str):
         cls = oa.ChatCompletionRequest if kind == "chat" else oa.CompletionRequest
@@ -229,7 +246,7 @@ class OpenAIIngress:
     guard: the API key and body limit every request passes first (default: no key, 2 MiB)."""
 
     def __init__(self, replicas, model: str = DEFAULT_MODEL, avg_output_len: float = 128.0,
-                 guard: GuardConfig | None = None):
+                 guard: GuardConfig | None = None, adapter_root: str | None = None):
         from carajax.server.openai_serving import ServedModel
 
         self.limits = oa.HttpLimits()
@@ -238,6 +255,10 @@ class OpenAIIngress:
         self.model = ServedModel.load(model)  # tokenizer and chat template, no weights
         self.avg_output_len = avg_output_len
         self.info: dict | None = None  # a replica's models(): base name, adapters and ranks
+        # The replicas' adapter root, read here for the rank of an adapter none has registered
+        # yet (its config only); None where this node does not see it.
+        self.store = (AdapterStore(AdapterPathPolicy(root=adapter_root))
+                      if adapter_root and Path(adapter_root).is_dir() else None)
 
     async def _info(self, refresh: bool = False) -> dict:
         if self.info is None or refresh:
@@ -248,15 +269,29 @@ class OpenAIIngress:
         """What our router prices; oa.ApiError (400) for a prompt over the size limits."""
         text = _route_text(body, kind, self.limits)  # first: nothing over the limits goes further
         info = await self._info()
-        adapter = body.get("model")
+        adapter, rank = body.get("model"), 0
         if adapter == info["base"]:
             adapter = None
-        elif adapter not in info["adapters"]:  # loaded since? else the replica says 404
+        elif adapter in info["adapters"]:
+            rank = info["adapters"][adapter]
+        elif (found := self._root_rank(adapter)) is not None:
+            rank = found  # under the root: the replica chosen registers it on first use
+        else:  # loaded since? else the replica says 404
             info = await self._info(refresh=True)
-        rank = info["adapters"].get(adapter, 0) if adapter else 0
+            rank = info["adapters"].get(adapter, 0)
         n = self._prompt_tokens(text)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         return routing.request_route(adapter, rank, n, max_tokens, self.avg_output_len)
+
+    def _root_rank(self, adapter) -> int | None:
+        """The rank of `adapter_root/<adapter>` (None: not there); 0 for a name that cannot be
+        there (the replica refuses it with the reason)."""
+        if self.store is None or not isinstance(adapter, str):
+            return None
+        try:
+            return self.store.rank(adapter)
+        except AdapterError:  # a malformed name, or a link out of the root
+            return 0
 
     def _prompt_tokens(self, text: str | list | None) -> int:
         """The prompt's length in tokens, from a bounded prefix (see ROUTE_SAMPLE_CHARS)."""
@@ -312,8 +347,10 @@ class OpenAIIngress:
         info = await self._info(refresh=True)
         card = lambda name, parent: oa.model_card(name, parent=parent, created=0,  # noqa: E731
                                                   max_model_len=info["max_model_len"])
+        names = list(info["adapters"])
+        names += [a for a in info.get("available", ()) if a not in info["adapters"]]
         return {"object": "list", "data": [card(info["base"], None)] +
-                [card(a, info["base"]) for a in info["adapters"]]}
+                [card(a, info["base"]) for a in names]}
 
     @fastapi_app.get("/router")
     async def router(self) -> dict:
@@ -359,7 +396,7 @@ def build_app(*, replicas: int = 2, policy: str = "carajax", model: str = DEFAUL
     replica = serve.deployment(CarajaxReplica, name="CarajaxReplica", **opts).bind(
         model=model, adapter_root=adapter_root, engine_config=engine_config, cost_model=cost_model)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0})
-    return ingress.bind(replica, model=model, guard=guard)
+    return ingress.bind(replica, model=model, guard=guard, adapter_root=adapter_root)
 
 
 def app_builder(args: dict):

@@ -177,18 +177,27 @@ class OpenAIServing:
 
     # -- models and adapters ----------------------------------------------------------------
     async def models(self) -> dict:
-        """The base model and every adapter. On a worker the list is built again only when its
-        registry changed (`Engine.adapters_version`), not at every call."""
+        """The base model, every adapter registered, then those a request may name under the
+        adapter root (`--adapter-root`; a listing kept a few seconds, no file read). On a worker
+        the list is built again only when its registry or that listing changed
+        (`Engine.adapters_version`), not at every call."""
         version = getattr(getattr(self.servicer, "engine", None), "adapters_version", None)
-        if version is None or self._models is None or self._models[0] != version:
+        store = getattr(self.servicer, "adapter_store", None)
+        under_root = ()  # a scandir at most every few seconds, off the event loop
+        if store is not None:
+            under_root = await asyncio.get_running_loop().run_in_executor(self._unary, store.names)
+        if version is None or self._models is None or self._models[:2] != (version, under_root):
             listed = await self._call(self.servicer.ListAdapters, pb.ListAdaptersRequest())
             base = self.model.name
+            names = [a.adapter_id for a in listed.adapters]
+            known = set(names)
+            names += [n for n in under_root if n not in known]
             data = [oa.model_card(base, parent=None, created=self._created,
                                   max_model_len=self.model.max_model_len)]
-            data += [oa.model_card(a.adapter_id, parent=base, created=self._created,
-                                   max_model_len=self.model.max_model_len) for a in listed.adapters]
-            self._models = (version, data)
-        return {"object": "list", "data": list(self._models[1])}
+            data += [oa.model_card(n, parent=base, created=self._created,
+                                   max_model_len=self.model.max_model_len) for n in names]
+            self._models = (version, under_root, data)
+        return {"object": "list", "data": list(self._models[2])}
 
     async def load_lora(self, body: oa.LoadLoraRequest) -> str:
         self._check_lora_loading()
@@ -320,4 +329,9 @@ class OpenAIServing:
             err.message = (f"The model '{spec.request.adapter_id}' does not exist: it is neither the "
                            f"base model '{self.model.name}' nor a registered adapter ({e.details})")
             err.code, err.param = "model_not_found", "model"
+        elif spec.request.adapter_id and e.code in (
+                grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED) and (
+                "adapter name " in e.details
+                or f"adapter {spec.request.adapter_id!r}" in e.details):
+            err.param = "model"  # the adapter it names: malformed, broken, or outside the root
         return err

@@ -14,6 +14,13 @@ What the router knows about a worker (`WorkerLink`):
     registered (a request goes only to workers that hold its adapter) and which are resident on
     its device (the cold-start price), adapter pages free or evictable, KV rows free.
 
+With an adapter root (`adapter_root`, `carajax route --adapter-root DIR`: the store the workers
+were started with too), a request naming an adapter no live worker has registered but that exists
+as `DIR/<name>` goes to any live worker, priced as a cold start of the rank its
+adapter_config.json gives; the worker registers it on first use. Such a name, once some workers
+hold it, may still go to the others (priced cold there), so a popular adapter spreads. A malformed
+name is INVALID_ARGUMENT here, before any worker is asked.
+
 Failures: a worker that dies mid-stream fails only the streams it was serving, with UNAVAILABLE
 naming the worker; before the first token a refused request (worker down, queue full) is retried
 once on each remaining candidate. The worker's own status codes (NOT_FOUND, INVALID_ARGUMENT, ...)
@@ -48,6 +55,12 @@ from carajax.sched.cost_model import (
 from carajax.server import auth
 from carajax.server import carajax_pb2 as pb
 from carajax.server import carajax_pb2_grpc as pb_grpc
+from carajax.server.adapter_paths import (
+    AdapterNameError,
+    AdapterPathError,
+    AdapterPathPolicy,
+    AdapterStore,
+)
 from carajax.server.worker import SERVICE_NAME, start_server
 
 Code = grpc.StatusCode
@@ -198,8 +211,10 @@ class RouterServicer(pb_grpc.CaraServeServicer):
     """CaraServe over a set of workers: Generate is routed, adapter calls fan out to all."""
 
     def __init__(self, links: Sequence[WorkerLink], policy: policies.Policy, *,
-                 avg_output_len: float = 128.0, registry: CollectorRegistry | None = None):
+                 avg_output_len: float = 128.0, registry: CollectorRegistry | None = None,
+                 adapter_store: AdapterStore | None = None):
         self.links = list(links)
+        self.adapter_store = adapter_store  # the workers' shared adapter root, if given
         self.policy = policy
         self.avg_output_len = avg_output_len
         self.serving = True
@@ -230,10 +245,15 @@ class RouterServicer(pb_grpc.CaraServeServicer):
             down = ", ".join(f"{w.name} ({w.error})" for w in self.links)
             raise _NoRoute(Code.UNAVAILABLE, f"no worker available: {down}")
         holders = [w for w in live if not adapter or adapter in w.adapters]
+        rank = holders[0].adapters.get(adapter, 0) if adapter and holders else 0
+        if adapter and self.adapter_store is not None:
+            found = self._root_rank(adapter, held=bool(holders))
+            if found is not None:  # every worker finds DIR/<name>: cold where it is not held
+                rank, holders = rank if holders else found, live
         if not holders:
+            where = " nor is it under the adapter root" if self.adapter_store is not None else ""
             raise _NoRoute(Code.NOT_FOUND, f"unknown adapter {adapter!r}: no live worker has it "
-                                           f"registered")
-        rank = holders[0].adapters.get(adapter, 0) if adapter else 0
+                                           f"registered{where}")
         route = self._route_request(request, rank)
         with self._lock:
             states = [w.refresh_state() for w in holders]
@@ -244,6 +264,20 @@ class RouterServicer(pb_grpc.CaraServeServicer):
             link = holders[states.index(chosen)]
             link.inflight[rid] = _Dispatch(route.prompt_tokens, rank)
         return link
+
+    def _root_rank(self, adapter: str, held: bool) -> int | None:
+        """The rank of `DIR/<adapter>` under the adapter root (None: not there). A name that
+        cannot be there is refused, unless some worker has it registered (by LoadAdapter)."""
+        try:
+            return self.adapter_store.rank(adapter)
+        except AdapterNameError as e:
+            if held:
+                return None
+            raise _NoRoute(Code.INVALID_ARGUMENT, str(e)) from None
+        except AdapterPathError as e:
+            if held:
+                return None
+            raise _NoRoute(Code.PERMISSION_DENIED, f"cannot load adapter {adapter!r}: {e}") from None
 
     def _done(self, link: WorkerLink, rid: str, outcome: str) -> None:
         with self._lock:
@@ -437,19 +471,21 @@ def serve_router(workers: Sequence[str], port: int = 50050, *, policy: str = "ca
                  host: str = "[::]", poll_interval: float = 0.5, stats_timeout: float = 2.0,
                  metrics_port: int | None = None, max_workers: int = 256, seed: int = 0,
                  api_key: str | None = None, worker_api_key: str | None = None,
-                 ) -> RouterServer:
+                 adapter_root: str | None = None) -> RouterServer:
     """Start a router over `workers` ("host:port" each), routing by `policy` (a name in
     `carajax.sched.router.POLICIES`) priced with `cost` (default: the shipped CPU-fitted model).
 
     api_key: clients must send it (`authorization: Bearer KEY` metadata; carajax.server.auth).
     worker_api_key: what the router sends its workers (default: `api_key`, one key for the whole
-    cluster). Polls every worker once before returning, so routing starts with real state."""
+    cluster). adapter_root: the workers' shared adapter store (see the module docstring).
+    Polls every worker once before returning, so routing starts with real state."""
     if not workers:
         raise ValueError("a router needs at least one worker")
     if cost is None:
         from carajax.sched.cost_model import default_cost_model
         cost = default_cost_model()
     require_rank_terms(cost, policy, " (the router's)")
+    store = AdapterStore(AdapterPathPolicy(root=adapter_root)) if adapter_root is not None else None
     worker_key = worker_api_key if worker_api_key is not None else api_key
     rank_aware = policy in RANK_AWARE_POLICIES
     links = [WorkerLink(a, cost, stats_timeout, worker_key, rank_aware) for a in workers]
@@ -458,7 +494,7 @@ def serve_router(workers: Sequence[str], port: int = 50050, *, policy: str = "ca
     cold = next((w.last_stats.cold_start_policy for w in links if w.last_stats), "wait")
     chosen = policies.make_policy(policy, slo_tpot=slo_tpot, avg_output_len=avg_output_len,
                                   cold_start=cold, seed=seed)
-    servicer = RouterServicer(links, chosen, avg_output_len=avg_output_len)
+    servicer = RouterServicer(links, chosen, avg_output_len=avg_output_len, adapter_store=store)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="router"),
                          maximum_concurrent_rpcs=max_workers, options=[("grpc.so_reuseport", 0)],
                          interceptors=[auth.ApiKeyInterceptor(api_key)] if api_key is not None else None)

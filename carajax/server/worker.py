@@ -30,7 +30,12 @@ from carajax.lora.pool import PoolFullError
 from carajax.server import carajax_pb2 as pb
 from carajax.server import carajax_pb2_grpc as pb_grpc
 from carajax.server import codec
-from carajax.server.adapter_paths import AdapterPathError, AdapterPathPolicy
+from carajax.server.adapter_paths import (
+    AdapterNameError,
+    AdapterPathError,
+    AdapterPathPolicy,
+    AdapterStore,
+)
 from carajax.server.auth import ApiKeyInterceptor
 from carajax.server.metrics import ServerMetrics
 
@@ -60,7 +65,9 @@ class _Active:
 class CaraServeServicer(pb_grpc.CaraServeServicer):
     """The CaraServe service over one engine; `drain()` makes it refuse new requests.
     `adapter_paths`: where run-time loads may read from (default: nowhere); other front ends of
-    the same engine (HTTP) check their loads against this same object."""
+    the same engine (HTTP) check their loads against this same object. With a root, a request
+    naming an adapter that is not registered gets `root/<name>`, registered on first use
+    (`adapter_store`)."""
 
     def __init__(self, engine: Engine, *, name: str, metrics: ServerMetrics | None = None,
                  adapter_paths: AdapterPathPolicy | None = None, cost_model=None):
@@ -70,6 +77,8 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
         # routers to price this worker with; None: routers use theirs.
         self.cost_model_json = cost_model.to_json() if cost_model is not None else ""
         self.adapter_paths = adapter_paths or AdapterPathPolicy()
+        self.adapter_store = (AdapterStore(self.adapter_paths) if self.adapter_paths.root is not None
+                              else None)
         self.metrics = metrics or ServerMetrics(engine, self.queued_adapters)
         self.serving = True
         self._active: dict[str, _Active] = {}  # insertion order = submission order
@@ -159,9 +168,7 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise _Refused(Code.DEADLINE_EXCEEDED, "deadline passed before the request was queued")
-        adapter = self.engine.get_adapter(args.adapter) if args.adapter else None
-        if args.adapter and adapter is None:
-            raise _Refused(Code.NOT_FOUND, f"unknown adapter {args.adapter!r} on worker {self.name}")
+        adapter = self._adapter(args.adapter) if args.adapter else None
         prompt = args.prompt
         if isinstance(prompt, str) and self.engine.tokenizer is not None:
             prompt = self.engine.tokenizer.encode(prompt)  # as submit would; Stats needs the count
@@ -180,6 +187,27 @@ class CaraServeServicer(pb_grpc.CaraServeServicer):
         return rid, entry.handle
 
     # -- adapters ---------------------------------------------------------------------------
+    def _adapter(self, name: str):
+        """The spec of the adapter a request names: registered, or (with an adapter root) found
+        as `root/<name>` and registered now; `_Refused` saying why not."""
+        spec = self.engine.get_adapter(name)
+        if spec is None and self.adapter_store is not None:
+            try:
+                spec = self.adapter_store.register(self.engine, name)
+            except AdapterNameError as e:
+                raise _Refused(Code.INVALID_ARGUMENT, str(e)) from None
+            except AdapterPathError as e:
+                raise _Refused(Code.PERMISSION_DENIED, f"cannot load adapter {name!r} on worker "
+                                                       f"{self.name}: {e}") from None
+            except AdapterError as e:  # broken: its message names the adapter and the fault
+                raise _Refused(Code.INVALID_ARGUMENT, str(e)) from None
+            except PoolFullError as e:
+                raise _Refused(Code.RESOURCE_EXHAUSTED, f"cannot load adapter {name!r}: {e}") from None
+        if spec is None:
+            where = " (nor under its adapter root)" if self.adapter_store is not None else ""
+            raise _Refused(Code.NOT_FOUND, f"unknown adapter {name!r} on worker {self.name}{where}")
+        return spec
+
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.LoadAdapterResponse:
         name, path = request.adapter_id, request.path
         if not name or not path:
@@ -366,6 +394,9 @@ def serve(engine: Engine, port: int = 50051, *, host: str = "[::]", name: str | 
 
     adapter_paths: where LoadAdapter may read adapters (default: nowhere, LoadAdapter is refused
     with PERMISSION_DENIED); `AdapterPathPolicy(root=DIR)` or `AdapterPathPolicy(allow_any=True)`.
+    With a root, a Generate naming an adapter that is not registered registers `DIR/<name>` on
+    first use (a malformed name is INVALID_ARGUMENT, no such directory NOT_FOUND, a broken
+    adapter INVALID_ARGUMENT).
 
     api_key: every RPC but the health service's needs `authorization: Bearer KEY` metadata
     (UNAUTHENTICATED otherwise; carajax.server.auth).
