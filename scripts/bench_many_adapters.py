@@ -13,7 +13,10 @@ ones are mostly on disk when the requests arrive) are served. Measured:
 - the host's time per step (planning, inputs, results: `stats()["step_host_ms"]`, the median of
   the last steps) on the same workload (`--step-requests` requests over the first 100 adapters)
   with N adapters registered and with 100;
-- the requests' greedy tokens against an engine that holds only their adapters (no host budget).
+- the requests' greedy tokens against an engine that holds only their adapters (no host budget);
+- TTFT p50 / p99 by the tier a request's adapter was in when it arrived (device, its copy in
+  flight, host memory, disk only), `--tier-requests` open-loop Poisson arrivals right after
+  registration, against the same requests on a `cached` engine (only their adapters, all resident).
 
     python scripts/bench_many_adapters.py                         # 10,000 adapters, 300 requests
     python scripts/bench_many_adapters.py --adapters 1000         # a quick check
@@ -35,6 +38,7 @@ import time
 import numpy as np
 
 import carajax
+from carajax.config import TARGET_MODULES
 from carajax.replay.adapters import default_cache, random_adapters
 from carajax.sched.profiler import host_info
 from carajax.trace import draw_adapters
@@ -69,6 +73,50 @@ def serve(engine: carajax.Engine, texts: list[str], adapters: list[str], max_tok
     t0 = time.perf_counter()
     outs = engine.generate(texts, adapters=adapters, sampling=sampling)
     return outs, time.perf_counter() - t0, engine.stats()["step_host_ms"]
+
+
+TIERS = ("device", "loading", "host", "disk")  # where a request's adapter was when it arrived
+
+
+def replay(engine: carajax.Engine, texts: list[str], adapters: list[str], rate: float,
+           max_tokens: int, seed: int) -> tuple[list[str], list]:
+    """Open loop: each request submitted at its Poisson arrival time (`rate` per second); returns
+    the tier its adapter was in at that moment (`pool.where`: on the device, its copy in flight,
+    in host memory, only on disk) and the outputs."""
+    gaps = np.random.default_rng([seed, 3]).exponential(1.0 / rate, len(texts))
+    sampling = carajax.SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    tiers, handles, t0 = [], [], time.monotonic()
+    for text, name, at in zip(texts, adapters, np.cumsum(gaps) - gaps[0]):
+        if (delay := t0 + at - time.monotonic()) > 0:
+            time.sleep(delay)
+        tiers.append(engine.pool.where(name))
+        handles.append(engine.submit(text, adapter=name, sampling=sampling))
+    return tiers, [h.result() for h in handles]
+
+
+def ttft_by_tier(tiers: list[str], outs: list, base: list | None = None) -> dict:
+    """TTFT p50 / p99 (ms) per arrival tier, and (`base`: the same requests on the `cached`
+    engine) the cached engine's p50 over the same requests."""
+    out = {}
+    for tier in TIERS:
+        idx = [i for i, t in enumerate(tiers) if t == tier]
+        if not idx:
+            continue
+        ms = np.array([outs[i].metrics.ttft_s for i in idx]) * 1e3
+        row = {"requests": len(idx), "p50_ms": float(np.median(ms)),
+               "p99_ms": float(np.percentile(ms, 99))}
+        if base is not None:
+            row["cached_p50_ms"] = float(np.median([base[i].metrics.ttft_s for i in idx]) * 1e3)
+        out[tier] = row
+    return out
+
+
+def device_bytes(ranks: list[int], config, page_rank: int = 16) -> int:
+    """Device bytes of the paged pool for adapters of `ranks` (float32): a page is `page_rank`
+    rank rows of every projection in every layer, reserved whatever the adapter targets."""
+    page = page_rank * config.num_layers * sum(sum(config.projection_shape(m))
+                                               for m in TARGET_MODULES) * 4
+    return sum(-(-r // page_rank) for r in ranks) * page
 
 
 def warm(engine: carajax.Engine, paths: dict[str, str], ranks: dict[str, int],
@@ -106,6 +154,9 @@ def main() -> None:
     ap.add_argument("--step-requests", type=int, default=200,
                     help="requests over the first 100 adapters timing the host's work per step")
     ap.add_argument("--max-tokens", type=int, default=12, help="tokens generated per request")
+    ap.add_argument("--tier-requests", type=int, default=300,
+                    help="open-loop Zipf requests for TTFT per tier (0: skip)")
+    ap.add_argument("--rate", type=float, default=10.0, help="their Poisson arrivals per second")
     ap.add_argument("--cache", default=str(default_cache()), help="where the adapter files live")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default: data/benchmarks/"
@@ -153,6 +204,13 @@ def main() -> None:
     rss_registered = rss_bytes()
     stats = engine.stats()
     stats_n = {"ms": timed(engine.stats), "json_bytes": len(json.dumps(stats, default=str))}
+    # TTFT per tier, first: the registry as registration left it (the host budget's worth of
+    # adapters in host memory, none on the device).
+    tier_ids, _ = draw_adapters(args.tier_requests, n, args.zipf, RANKS, seed=args.seed + 2)
+    tier_adapters = [names[order[i]] for i in tier_ids]
+    tier_texts = prompts(args.tier_requests, args.seed + 2)
+    tiers, tier_outs = (replay(engine, tier_texts, tier_adapters, args.rate, args.max_tokens,
+                               args.seed) if args.tier_requests else ([], []))
     outs, wall, host_ms_zipf = serve(engine, texts, wanted, args.max_tokens)
     rss_served = rss_bytes()
     pool = engine.stats()["adapters"]
@@ -179,6 +237,23 @@ def main() -> None:
     mismatched = [i for i, (a, b) in enumerate(zip(outs, ref_outs))
                   if a.token_ids != b.token_ids or a.finish_reason != b.finish_reason]
 
+    # `cached`: the tier stream on an engine holding only its adapters, all on the device.
+    by_tier = {}
+    if args.tier_requests:
+        distinct = list(dict.fromkeys(tier_adapters))
+        cached = carajax.Engine.from_pretrained(MODEL, config=carajax.EngineConfig(
+            cold_start="cached", max_queue=max_queue, max_loras=len(distinct) + 8,
+            device_lora_budget_bytes=device_bytes([ranks[a] for a in distinct], config)))
+        warm(cached, paths, ranks, args.max_tokens)
+        for name in distinct:
+            cached.add_adapter(name, paths[name])
+        _, cached_outs = replay(cached, tier_texts, tier_adapters, args.rate, args.max_tokens,
+                                args.seed)
+        cached.close()
+        by_tier = ttft_by_tier(tiers, tier_outs, cached_outs)
+        by_tier["all, cached engine"] = ttft_by_tier(["device"] * len(cached_outs),
+                                                     cached_outs)["device"]
+
     growth = max(rss_registered, rss_served) - rss0
     result = {
         "model": MODEL, "adapters": n, "adapter_file_bytes": file_bytes,
@@ -199,6 +274,9 @@ def main() -> None:
                     "read_latency_ms": pool["read_latency_ms"],
                     "host_bytes_used": pool["host_bytes_used"], "disk_only": pool["disk_only"]},
         "outputs_equal_to_reference": not mismatched, "mismatched_requests": mismatched,
+        "ttft_by_tier": {"requests": args.tier_requests, "rate_per_s": args.rate,
+                         "errors": sum(o.finish_reason == "error" for o in tier_outs),
+                         "tiers": by_tier},
         "date": datetime.date.today().isoformat(), "host": host_info(),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True, cwd=os.path.dirname(__file__)).stdout.strip(),
@@ -221,6 +299,13 @@ def main() -> None:
     print(f"\n{MODEL}: {n} adapters, host budget {budget / 2**20:.0f} MiB")
     for k, v in rows:
         print(f"  {k:<30} {v}")
+    if by_tier:
+        print(f"\n  TTFT by where the adapter was at arrival ({args.tier_requests} requests, "
+              f"Poisson {args.rate}/s, Zipf {args.zipf}); ms")
+        print(f"  {'tier':<20} {'requests':>8} {'p50':>8} {'p99':>8} {'cached p50':>11}")
+        for tier, r in by_tier.items():
+            print(f"  {tier:<20} {r['requests']:>8} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+                  f"{r.get('cached_p50_ms', float('nan')):>11.1f}")
     out = args.out or os.path.join(os.path.dirname(__file__), "..", "data", "benchmarks",
                                    f"many_adapters_{result['date']}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
