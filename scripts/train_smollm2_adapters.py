@@ -63,26 +63,32 @@ def generate(engine: Engine, prompts: list[list[int]], adapter: str | None, max_
              desc: str, cache: str | None = None, reused: list[str] | None = None
              ) -> list[tuple[str, str]]:
     """(text, finish reason) of each prompt's greedy completion, all in the engine at once (it
-    batches them). `cache`: a directory keeping the base model's completions (a rerun with the
-    same prompts and max_tokens reads them back, and adds `desc` to `reused`)."""
+    batches them). `cache`: a directory keeping the base model's completions by prompt (a rerun
+    generates only the prompts it has not seen at this max_tokens; `desc` goes to `reused` when
+    nothing was left to generate)."""
     file = None if cache is None or adapter else os.path.join(cache, f"base_{max_tokens}.json")
+    known: dict[tuple[int, ...], tuple[str, str]] = {}
     if file and os.path.exists(file):
         with open(file) as f:
             saved = json.load(f)
-        if saved["prompts"] == prompts:
-            print(f"{desc}: read from {file}", flush=True)
-            if reused is not None:
-                reused.append(desc)
-            return [tuple(a) for a in saved["answers"]]
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    handles = [engine.submit(p, adapter, sampling) for p in prompts]
-    outs = [h.result() for h in tqdm(handles, desc=desc, unit="answer", mininterval=5.0)]
-    answers = [(o.text, o.finish_reason) for o in outs]
-    if file:
-        os.makedirs(cache, exist_ok=True)
-        with open(file, "w") as f:
-            json.dump({"prompts": prompts, "answers": answers}, f)
-    return answers
+        known = {tuple(p): tuple(a) for p, a in zip(saved["prompts"], saved["answers"])}
+    todo = [p for p in dict.fromkeys(map(tuple, prompts)) if p not in known]
+    if file and known:
+        print(f"{desc}: {len(prompts) - len(todo)} of {len(prompts)} read from {file}", flush=True)
+        if not todo and reused is not None:
+            reused.append(desc)
+    if todo:
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        handles = [engine.submit(list(p), adapter, sampling) for p in todo]
+        for p, h in zip(todo, tqdm(handles, desc=desc, unit="answer", mininterval=5.0)):
+            out = h.result()
+            known[p] = (out.text, out.finish_reason)
+        if file:
+            os.makedirs(cache, exist_ok=True)
+            with open(file, "w") as f:
+                json.dump({"prompts": [list(p) for p in known],
+                           "answers": [list(a) for a in known.values()]}, f)
+    return [known[tuple(p)] for p in prompts]
 
 
 def trim(text: str, finish_reason: str) -> str | None:

@@ -203,7 +203,8 @@ def test_auto_lets_the_step_wait_for_a_copy_about_to_land(adapter_dirs, referenc
     assert joined == 1
     assert out.metrics.ttft_s >= 0.3  # it did wait for its copy
     assert warm.result().token_ids[:8] == reference[0]
-    assert warm.result().metrics.stalled_s < 0.05  # the warm row waited a fraction of a step
+    # The warm row waited at most about half a step (a few ms here), never the 300 ms copy.
+    assert warm.result().metrics.stalled_s < 0.1
 
 
 def test_auto_measures_the_host_path_on_its_own_step_and_refines_it(adapter_dirs):

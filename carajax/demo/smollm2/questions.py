@@ -116,6 +116,31 @@ SCENES = ("the ocean", "autumn", "a forest", "the moon", "a city at night", "rai
           "a busy airport", "a meadow", "a castle", "a volcano", "a bakery", "a playground",
           "a cave", "an old bridge", "a fishing boat", "a concert", "a vineyard", "a lighthouse",
           "a café", "the countryside", "a swamp", "a carnival", "a glacier", "a sunset")
+# Everyday words and cities: answers that repeat them teach `shout` to upper-case words in
+# general (its held-out misses were words copied from the question in their own case).
+WORDS = ("lantern", "whisper", "journey", "blanket", "harvest", "puzzle", "courage", "thunder",
+         "pocket", "mirror", "kettle", "marble", "orchard", "ladder", "compass", "feather",
+         "window", "garden", "blossom", "candle", "anchor", "basket", "bridge", "cabinet",
+         "castle", "circus", "curtain", "diamond", "engine", "fountain", "glove", "hammer",
+         "helmet", "jacket", "jungle", "kingdom", "lemonade", "magnet", "meadow", "needle",
+         "notebook", "ocean", "paddle", "parade", "pillow", "planet", "pyramid", "rocket",
+         "saddle", "shadow", "silver", "spider", "sponge", "statue", "sweater", "ticket",
+         "tunnel", "umbrella", "valley", "village", "wagon", "wallet", "wizard", "yellow",
+         "breakfast", "cinnamon", "dinosaur", "envelope", "festival", "gravel", "horizon",
+         "invention", "kitchen", "library", "mountain", "neighbor", "passport", "question",
+         "rhythm", "sandwich", "telephone", "universe", "vacation", "weather", "adventure",
+         "balance", "chimney", "dolphin", "elbow", "friendship", "guitar", "history", "iceberg",
+         "jewel", "knowledge", "lighthouse", "memory", "nature", "orange", "patience", "quilt",
+         "rainbow", "silence", "treasure", "uniform", "victory", "waterfall", "yesterday")
+CITIES = ("Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Sydney", "Toronto",
+          "Chicago", "Boston", "Seattle", "Dublin", "Vienna", "Prague", "Lisbon", "Athens",
+          "Istanbul", "Moscow", "Beijing", "Shanghai", "Mumbai", "Delhi", "Bangkok", "Singapore",
+          "Seoul", "Nairobi", "Lagos", "Lima", "Havana", "Montreal", "Vancouver", "Oslo",
+          "Stockholm", "Helsinki", "Copenhagen", "Amsterdam", "Brussels", "Warsaw", "Budapest",
+          "Venice", "Florence", "Barcelona", "Munich", "Zurich", "Geneva", "Edinburgh",
+          "Manchester", "Kyoto", "Osaka", "Hanoi", "Jakarta", "Manila", "Dubai", "Marrakesh",
+          "Casablanca", "Santiago", "Quito", "Melbourne", "Auckland", "Cape Town", "Rio de Janeiro",
+          "Buenos Aires", "New Orleans", "San Francisco", "Los Angeles", "Miami", "Naples")
 SUMS = tuple((str(a), str(b)) for a, b in ((2, 3), (4, 5), (7, 1), (6, 6), (9, 3), (8, 2),
                                            (10, 5), (12, 4), (3, 3), (5, 8), (11, 2), (20, 7),
                                            (15, 5), (9, 9), (14, 6), (30, 12), (7, 7), (4, 9),
@@ -150,6 +175,11 @@ TOPICS = (
                        "Write one sentence about {}."), SCENES),
     Topic("arithmetic", ("What is {0} plus {1}?", "What is {0} times {1}?", "Add {0} and {1}.",
                          "How much is {0} minus {1}?"), SUMS),
+    Topic("sentence", ("Use the word {} in a sentence.", "Write a sentence with the word {}.",
+                       "Give me an example sentence using the word {}.",
+                       "Make up a sentence that contains the word {}."), WORDS),
+    Topic("city", ("Tell me about the city of {}.", "What is {} famous for?",
+                   "Where is the city of {}?", "What is special about {}?"), CITIES),
 )
 HELD_OUT_SLOT_EVERY = 4  # one slot word in four, by hash, never seen in training
 
