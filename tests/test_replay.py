@@ -201,8 +201,10 @@ def test_replay_command_http_target_loads_missing_adapters(tmp_path, setup):
                              seed=k, target_modules=ATTENTION_MODULES)
     args = _args(["--target", "http://127.0.0.1:1", "--out", str(tmp_path / "out"),
                   "--adapter-dir", str(root)])
+    # The worker's root is the parent: its by-name store (root/<name>) does not see x0..x5, so
+    # the replay has to load them by path (which the root allows).
     with serve(engine, 0, host="127.0.0.1", name="w-cli",
-               adapter_paths=AdapterPathPolicy(root=str(root))) as worker, \
+               adapter_paths=AdapterPathPolicy(root=str(tmp_path))) as worker, \
             serve_http(worker, 0, host="127.0.0.1", enable_lora_loading=True) as http:
         args.target = http.url
         doc = replay_cmd(args)

@@ -47,10 +47,11 @@ from carajax.engine.request import Phase, QueueFullError, Request, RequestOutput
 # Under a time-per-token target, prompts still get this many tokens per step.
 MIN_PREFILL_SHARE = 16
 # `auto`: a queued cold request joins the step (which then waits for its copy) when the copy's
-# predicted time left is at most this fraction of a recent step. Left queued, it would join one
-# or two steps later (the step in flight, then the one being planned): the stall costs every
-# running row less than that costs it.
-JOIN_LANDING_FRACTION = 0.5
+# predicted time left is at most this fraction of a recent step. Planned while the step before
+# runs (async scheduling), such a copy lands about when the step launches: little or no stall.
+# Left queued, the request would join one or two steps later. Checked once a step, so a window
+# of one step is the smallest that catches most landings (half a step caught about half).
+JOIN_LANDING_FRACTION = 1.0
 
 
 class StepTimes:
