@@ -115,13 +115,13 @@ def main() -> None:
     ap.add_argument("--out", default=OUT, help="where adapters/, manifest.json and loss_curves.png "
                     "go (default: the package, replacing the shipped files)")
     ap.add_argument("--styles", default=",".join(STYLES), help="comma-separated (default: %(default)s)")
-    ap.add_argument("--steps", default="shout=240,json=120,bullets=80",
+    ap.add_argument("--steps", default="shout=300,json=120,bullets=160",
                     help="optimizer steps per style (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=T.Training.batch, help="sequences per step "
                     "(default: %(default)s)")
     ap.add_argument("--lr", type=float, default=T.Training.lr, help="peak learning rate (default: "
                     "%(default)s)")
-    ap.add_argument("--train-questions", type=int, default=720, help="(default: %(default)s)")
+    ap.add_argument("--train-questions", type=int, default=1000, help="(default: %(default)s)")
     ap.add_argument("--held-out", type=int, default=None, help="score on the first N held-out "
                     "questions only (default: all)")
     ap.add_argument("--answer-tokens", type=int, default=40, help="longest base answer kept, in "
