@@ -333,6 +333,15 @@ class EngineConfig:
                              f"least max_batch_size ({self.max_batch_size}): every running "
                              "request decodes one token per step")
 
+    @property
+    def step_token_limit(self) -> int:
+        """The most tokens a planned step can hold before its bucket's padding: every sequence
+        of the batch contributes at most one prefill chunk (a decode, one token), and prefill
+        at most `max_prefill_tokens`. Below `max_step_tokens` when the batch cannot fill it
+        (4 sequences of 64-token chunks: 256), so the variants past it are never compiled."""
+        return min(self.max_step_tokens, self.max_batch_size * self.prefill_chunk,
+                   self.max_prefill_tokens + self.max_batch_size)
+
     def seq_len(self, model: ModelConfig) -> int:
         limit = min(model.max_position_embeddings, 4096)
         return limit if self.max_seq_len is None else min(self.max_seq_len, model.max_position_embeddings)

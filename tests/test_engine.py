@@ -10,6 +10,7 @@ import pytest
 
 import carajax
 from carajax.config import ATTENTION_MODULES, TARGET_MODULES, EngineConfig
+from carajax.engine.runner import ModelRunner
 from carajax.lora.adapter import LoraAdapter, LoraModule
 from carajax.models import weights
 from carajax.models.tokenizer import ByteTokenizer
@@ -99,6 +100,21 @@ def test_mixed_batch_gives_the_same_tokens_under_every_policy(adapter_dirs, alon
     assert handed, cpu_tokens
     assert all(o.metrics.handover_token == o.metrics.cpu_prefill_tokens for o in handed)
     assert outs[8].metrics.cpu_prefill_tokens == 0  # the base-model request
+
+
+def test_warmup_stops_at_the_largest_step_the_batch_can_fill(adapter_dirs, alone):
+    # 4 sequences of 16-token chunks: no step holds more than 64 tokens (a chunk lengthens only
+    # into its bucket's padding), so warm-up compiles no 128- to 512-token variant, and mixed
+    # traffic afterwards compiles nothing.
+    assert EngineConfig(max_batch_size=4, prefill_chunk=16).step_token_limit == 64
+    assert EngineConfig(max_batch_size=8, prefill_chunk=256).step_token_limit == 512  # the default
+    with make_engine(adapter_dirs, cold_start="cached", max_batch_size=4) as engine:
+        engine.warmup()
+        before = ModelRunner.compiled_variants()
+        outs = engine.generate([p for p, _ in REQUESTS], adapters=[a for _, a in REQUESTS],
+                               sampling=GREEDY)
+        assert ModelRunner.compiled_variants() == before
+    assert [o.token_ids for o in outs] == alone
 
 
 def test_streaming_handle_and_metrics(adapter_dirs, alone):

@@ -111,7 +111,7 @@ def _transformers_outputs(model_dir: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    config = carajax.EngineConfig(cold_start="async", max_batch_size=4, max_seq_len=256)
+    config = carajax.EngineConfig(cold_start="async", max_batch_size=8, max_seq_len=256)
     with carajax.Engine.from_pretrained(MODEL, config=config) as engine:
         yield engine
 

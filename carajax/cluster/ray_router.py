@@ -6,9 +6,12 @@ policy's choice alone in the first rank, then the other candidates one per rank 
 The policy prices each replica from its routing stats (`carajax.cluster.routing`) plus the requests
 this router sent it since that snapshot, with the replica's own cost model when it reports one.
 
-Falls back to Ray's default (power of two choices, with its multiplex and locality preferences)
-when the request has no route (a call that did not go through our ingress), when a candidate has
-not published stats yet, or when the policy finds no candidate.
+Falls back to Ray's default rule (power of two choices after its multiplex and locality
+preferences) when the request has no route (a call that did not go through our ingress), when a
+candidate has not published stats yet, or when the policy finds no candidate.
+
+Only Ray's public request-router API (`ray.serve.request_router`) is used;
+tests/test_ray_api.py fails when a name or hook this module relies on moves.
 
     CarajaxReplica.options(request_router_config=RequestRouterConfig(
         request_router_class=CarajaxRequestRouter,
@@ -18,9 +21,9 @@ not published stats yet, or when the policy finds no candidate.
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import (
     LocalityMixin,
     MultiplexMixin,
@@ -103,10 +106,21 @@ class CarajaxRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         ranked = self.rank(candidate_replicas, route) if route is not None else None
         if ranked is None:
             self.fallbacks += 1
-            return await PowerOfTwoChoicesRequestRouter.choose_replicas(
-                self, candidate_replicas, pending_request)
+            return self.power_of_two(candidate_replicas, pending_request)
         self.routed += 1
         return ranked
+
+    def power_of_two(self, candidate_replicas: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[list[RunningReplica]]:
+        """Ray's default rule from its public mixins: the replicas holding the request's
+        multiplexed model (else the co-located ones) are preferred, two of them are drawn at
+        random and returned as one rank, whose queues Ray probes to take the shorter."""
+        if pending_request is not None and pending_request.metadata.multiplexed_model_id:
+            preferred = self.apply_multiplex_routing(pending_request=pending_request)
+        else:
+            preferred = self.apply_locality_routing(pending_request=pending_request)
+        pool = [r for r in candidate_replicas if r.replica_id in preferred] or list(candidate_replicas)
+        return [random.sample(pool, min(2, len(pool)))] if pool else []
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         route = routing.route_of(pending_request.kwargs)

@@ -414,7 +414,7 @@ class ModelRunner:
 
     def warmup(self, cpu: bool, progress: Callable[[int, int], None] | None = None) -> int:
         """Compile the step variants serving will use: every token bucket (decode-only and
-        mixed, to `max_step_tokens`), with CPU assist if asked, and the sampler per logit-row
+        mixed, to the bucket of `step_token_limit`), with CPU assist if asked, and the sampler per logit-row
         count. Variants are traced here and
         compiled on a thread per core (XLA compiles outside the GIL; the ahead-of-time compiles
         fill the same cache the step dispatches from). `progress(done, total)` after each.
@@ -423,7 +423,7 @@ class ModelRunner:
         decode = sorted({self.token_bucket(1 << i, True)
                          for i in range(bucket(cfg.max_batch_size, 1).bit_length())})
         mixed = sorted({self.token_bucket(1 << i, False)
-                        for i in range(bucket(cfg.max_step_tokens, 1).bit_length())})
+                        for i in range(bucket(cfg.step_token_limit, 1).bit_length())})
         shapes = ([(T, self.query_block(T, True)) for T in decode]
                   + [(T, self.query_block(T, False)) for T in mixed])
         before = sum(_TRACES.values())
