@@ -37,6 +37,19 @@ def pytest_sessionfinish(session):
     if not hasattr(session.config, "workerinput"):  # the xdist controller, or a plain run
         shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
+# The longest files first. pytest-xdist (--dist loadfile) hands whole files to whichever worker is
+# free, in collection order: a long file collected last keeps one worker busy while the other
+# idles at the end (measured on the 2-core CI-like box).
+LONGEST_FILES = ("test_smollm2.py", "test_tensor_parallel.py", "test_demo.py", "test_ray_serve.py",
+                 "test_server.py", "test_hf_parity.py", "test_engine.py", "test_attention.py",
+                 "test_cold_start.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest in order
+
+
 # Relative error bounds by compute dtype.
 TOLERANCE = {
     # float32 against HF/torch float32: different op order only.

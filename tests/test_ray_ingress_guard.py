@@ -68,6 +68,7 @@ def _ingress(key: str | None = KEY):
     ingress.limits = oa.HttpLimits()
     ingress.guard = GuardConfig(api_key=key)
     ingress.avg_output_len, ingress.info = 128.0, None
+    ingress.failover = dict.fromkeys(ray_app.FAILOVER_COUNTS, 0)
     ingress.model = types.SimpleNamespace(tokenizer=_Tokenizer())
     done = {"id": "cmpl-1", "object": "text_completion", "choices": [{"text": "HELLO"}]}
     ingress.replicas = types.SimpleNamespace(

@@ -178,25 +178,50 @@ def test_adapters_added_to_the_root_answer_by_name(cluster):
 
 
 def test_a_replica_killed_mid_stream(cluster):
-    """Its stream ends with an error event (no hang), the other replica keeps serving, Ray brings
-    the replica back and the next requests succeed. Kills a replica: keep it the last cluster test."""
+    """Failover: its stream ends with an error event (no hang); the requests not yet answered
+    that it held are sent again to the other replica and complete, in full; nothing is lost
+    (every request answered or its stream cut, as /router counts); Ray brings the replica back
+    and the next requests succeed. Kills a replica: keep it the last cluster test."""
+    import concurrent.futures
+
     import httpx
 
     body = {"model": "carajax-demo", "prompt": "hello=", "max_tokens": 900, "ignore_eos": True,
             "temperature": 0, "stream": True}
+    whole = {"model": "carajax-demo", "prompt": "hello=", "max_tokens": 400, "ignore_eos": True,
+             "temperature": 0}
+
+    def complete(_):
+        r = httpx.post(f"{cluster.url}/completions", json=whole, timeout=120, headers=AUTH)
+        return r.status_code, r.json()
+
+    before = httpx.get(f"{cluster.url[:-3]}/router", timeout=10).json()["failover"]
     lines = []
     t0 = time.monotonic()
+    pool = concurrent.futures.ThreadPoolExecutor(10)
     with httpx.stream("POST", f"{cluster.url}/completions", json=body, timeout=60, headers=AUTH) as r:
         assert r.status_code == 200
         uid = r.headers["x-carajax-replica"].split("#")[-1]
+        # Ten more requests, spread over both replicas by the router, running when it dies.
+        others = [pool.submit(complete, i) for i in range(10)]
+        time.sleep(1.0)
         for line in r.iter_lines():
             if not line:  # the blank line after each event
                 continue
-            if not lines:  # the first chunk is out: kill the replica serving it
+            if not lines:  # the stream is under way: kill the replica serving it
                 names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
                 victim = next(n for n in names if n.endswith(uid))
                 ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=False)
             lines.append(line)
+    results = [f.result() for f in others]
+    pool.shutdown()
+    for status, out in results:  # every one answered in full, on whichever replica
+        assert status == 200, out
+        assert out["usage"]["completion_tokens"] == 400
+    after = httpx.get(f"{cluster.url[:-3]}/router", timeout=10).json()["failover"]
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["streams_cut"] == 1 and delta["failed"] == 0
+    assert delta["retried"] >= 1 and delta["recovered"] >= 1, delta  # some were on the victim
     assert lines[-1] == "data: [DONE]" and any('"error"' in x and "failed mid-stream" in x for x in lines)
     assert time.monotonic() - t0 < 60
     for word in WORDS:  # the survivor (or the restarted replica) serves

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -64,9 +65,14 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-config", default=None, metavar="JSON",
                    help="EngineConfig fields of every replica's engine as JSON, e.g. "
                         "'{\"max_batch_size\": 16}'")
-    p.add_argument("--cost-model", default=None, metavar="FILE",
-                   help="cost model JSON the replicas report and the router prices with (default: "
-                        "the one shipped with carajax)")
+    p.add_argument("--cost-model", default=os.environ.get("CARAJAX_COST_MODEL", "auto"),
+                   metavar="auto|none|FILE",
+                   help="the step-latency model each replica reports and the router prices it with: "
+                        "auto profiles each replica's own engine in place at start (about a minute "
+                        "on a CPU, once per device, model and engine shape, then cached under "
+                        "$CARAJAX_HOME); none (the router prices every replica with the model "
+                        "shipped with carajax); or a JSON file from `carajax profile --fit` "
+                        "(default: %(default)s; $CARAJAX_COST_MODEL sets it)")
     p.add_argument("--slo-tpot-ms", type=float, default=100.0,
                    help="time-per-token SLO in milliseconds that the caraserve and carajax policies "
                         "price (default: %(default)s)")
@@ -92,7 +98,7 @@ def ray_cmd(args: argparse.Namespace) -> None:
         EngineConfig(**engine_config)
     except (TypeError, ValueError) as e:
         raise UsageError(f"bad --engine-config: {e}") from None
-    if args.cost_model:
+    if args.cost_model not in ("auto", "none"):
         try:
             require_rank_terms(cost_model_arg(args.cost_model), args.policy, f" ({args.cost_model})")
         except ValueError as e:

@@ -6,10 +6,13 @@
 CarajaxReplica   one Engine (the demo model and its trained adapters by default, or every adapter
                  dir under `adapter_root`, where a request may also name an adapter added later:
                  `adapter_root/<name>` is registered on first use, as on `carajax serve
-                 --adapter-root`); requests run through the worker's own gRPC servicer and
-                 OpenAI layer in-process (carajax.server.openai_serving), so validation, stop
-                 strings and errors are the HTTP server's; publishes routing stats every
-                 `stats_period_s` (carajax.cluster.routing).
+                 --adapter-root`); prices itself with its own cost model (`auto`: this
+                 replica's engine profiled in place at start, once per device, model and
+                 engine shape, then cached; or a fitted file) and publishes it with its
+                 routing stats (every `stats_period_s`, carajax.cluster.routing), so each
+                 replica is priced for its own device; requests run through the worker's own
+                 gRPC servicer and OpenAI layer in-process (carajax.server.openai_serving), so
+                 validation, stop strings and errors are the HTTP server's.
 OpenAIIngress    the FastAPI app on Serve's HTTP proxy: /v1/completions, /v1/chat/completions
                  (SSE with `stream`), /v1/models, /health, /router (our router's counters). It
                  estimates the prompt's length in tokens, looks up the adapter's rank (from
@@ -26,18 +29,26 @@ are read (both: carajax.server.guard), and prompts over the workers' size limits
 anything is tokenized. /health and /router stay open: they reveal whether the app is up and the
 router's counts, never a request or a completion.
 
+Failover: a replica that dies (or becomes unreachable) before a request's first byte went back
+to the client costs nothing but time: the ingress sends the request again, to whichever replica
+the router picks now (up to REPLICA_RETRIES more times). A stream already under way ends with an
+error event and [DONE] (its tokens cannot be taken back). /router counts both.
+
 `router="ray"` keeps Ray's default router (power of two choices) for comparison.
 """
 
 # No `from __future__ import annotations`: serve.ingress hands FastAPI the methods, whose
 # `request: Request` must be a real class, not a string, for FastAPI to inject the request.
+import asyncio
 import json
 import logging
+import os
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
 
 from carajax.cluster import routing
@@ -93,12 +104,30 @@ class CarajaxReplica:
                 if not adapter_root:
                     raise
                 _log.warning("replica %s: not registering adapter %r: %s", self.name, name, e)
-        self.cost_json = Path(cost_model).read_text() if cost_model else ""
+        self.cost_json = self._own_cost_model(cost_model)
         paths = AdapterPathPolicy(root=adapter_root) if adapter_root else None
         self.servicer = CaraServeServicer(self.engine, name=self.name, adapter_paths=paths)
         self.serving = OpenAIServing(_InProcess(self.servicer), ServedModel.of_engine(self.engine, model),
                                      limits=oa.HttpLimits(max_tokens=self.engine.config.max_tokens_limit),
                                      enable_lora_loading=False, adapter_paths=None)
+
+    def _own_cost_model(self, choice: str | None) -> str:
+        """The JSON of the step-latency model this replica publishes: `auto` (the default, or
+        $CARAJAX_COST_MODEL) profiles this replica's engine in place, before it takes requests
+        (never a second engine: the weights stay held once), cached on disk per device, model
+        and engine shape (carajax.sched.local_cost_model); `none`: nothing (the router prices it
+        with its default); else a file from `carajax profile --fit`."""
+        choice = choice or os.environ.get("CARAJAX_COST_MODEL", "auto")
+        if choice == "none":
+            return ""
+        if choice == "auto":
+            from carajax.sched.local_cost_model import local_cost_model
+
+            model, path, cached = local_cost_model(self.engine)
+            _log.info("replica %s: cost model %s %s (%s)", self.name,
+                      "read from" if cached else "profiled in place, saved to", path, model.describe())
+            return model.to_json()
+        return Path(choice).read_text()
 
     def record_routing_stats(self) -> dict:
         """Ray Serve calls this every `request_routing_stats_period_s`; our router reads it."""
@@ -170,13 +199,20 @@ class CarajaxReplica:
             engine.close()
 
 
-async def _guarded(gen, replica: str):
+# A replica's process died or cannot be reached: nothing it was serving comes back.
+_REPLICA_GONE = (RayActorError, ActorUnavailableError)
+REPLICA_RETRIES = 2  # tries on other replicas after the first, for a request not yet answered
+FAILOVER_COUNTS = ("retried", "recovered", "failed", "streams_cut")  # see OpenAIIngress.failover
+
+
+async def _guarded(gen, replica: str, counts: dict):
     """The replica's SSE lines; if the replica dies (or fails) mid-stream, an error event and
     [DONE] end the stream, so a client never waits on a stream nobody will finish."""
     try:
         async for line in gen:
             yield line
     except Exception as e:  # RayActorError when the replica's process died
+        counts["streams_cut"] += 1
         err = oa.ApiError(503, f"replica {replica} failed mid-stream: {type(e).__name__}: {e}",
                           type="service_unavailable")
         yield f"data: {json.dumps(err.body())}\n\n"
@@ -259,6 +295,28 @@ class OpenAIIngress:
         # yet (its config only); None where this node does not see it.
         self.store = (AdapterStore(AdapterPathPolicy(root=adapter_root))
                       if adapter_root and Path(adapter_root).is_dir() else None)
+        # Failover: retried (a try on another replica after one died under the request),
+        # recovered (answered after a retry), failed (every try's replica died: a 503),
+        # streams_cut (a replica died mid-stream: the stream ended with an error event).
+        self.failover = dict.fromkeys(FAILOVER_COUNTS, 0)
+
+    async def _on_a_replica(self, call):
+        """`await call()` (one request to a replica, nothing sent to the client yet), again on
+        another replica if the one it reached dies first. The router re-prices the request
+        each try; Ray drops a dead replica from its candidates within a second or so, so the
+        tries back off a little."""
+        for attempt in range(REPLICA_RETRIES + 1):
+            try:
+                out = await call()
+            except _REPLICA_GONE:
+                if attempt == REPLICA_RETRIES:
+                    self.failover["failed"] += 1
+                    raise
+                self.failover["retried"] += 1
+                await asyncio.sleep(0.25 * (attempt + 1))
+                continue
+            self.failover["recovered"] += attempt > 0
+            return out
 
     async def _info(self, refresh: bool = False) -> dict:
         if self.info is None or refresh:
@@ -319,19 +377,29 @@ class OpenAIIngress:
             route = None  # Ray's default router takes it
         if not body.get("stream"):
             try:
-                got = await self.replicas.complete.remote(body, kind, route=route)
-            except Exception as e:  # the replica died while serving it (RayActorError)
+                got = await self._on_a_replica(lambda: self.replicas.complete.remote(body, kind, route=route))
+            except Exception as e:  # every replica tried died under it, or a bug
                 err = oa.ApiError(503, f"the replica failed: {type(e).__name__}: {e}",
                                   type="service_unavailable")
                 return JSONResponse(err.body(), status_code=503)
             return JSONResponse(got["body"], status_code=got["status"],
                                 headers={"x-carajax-replica": got["replica"]})
-        gen = self.replicas.options(stream=True).stream.remote(body, kind, route=route)
-        head = await gen.__anext__()
+
+        async def first_item():  # the status item: no SSE line has gone out before it
+            gen = self.replicas.options(stream=True).stream.remote(body, kind, route=route)
+            return gen, await gen.__anext__()
+
+        try:
+            gen, head = await self._on_a_replica(first_item)
+        except Exception as e:
+            err = oa.ApiError(503, f"the replica failed: {type(e).__name__}: {e}",
+                              type="service_unavailable")
+            return JSONResponse(err.body(), status_code=503)
         if head["status"] != 200:
             return JSONResponse(head["body"], status_code=head["status"],
                                 headers={"x-carajax-replica": head["replica"]})
-        return StreamingResponse(_guarded(gen, head["replica"]), media_type="text/event-stream",
+        return StreamingResponse(_guarded(gen, head["replica"], self.failover),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "x-carajax-replica": head["replica"]})
 
     @fastapi_app.post("/v1/completions")
@@ -355,9 +423,11 @@ class OpenAIIngress:
     @fastapi_app.get("/router")
     async def router(self) -> dict:
         """Our routers in this process: policy, requests it routed, fallbacks to Ray's default
-        (calls without a route, e.g. /v1/models'), dispatches in flight. Empty under router="ray".
-        Open without the API key, like /health: counts only, no request content."""
-        return {"routers": [r.summary() for r in list(routing.LIVE_ROUTERS)]}
+        (calls without a route, e.g. /v1/models'), dispatches in flight (empty under
+        router="ray"); and the failover counts. Open without the API key, like /health: counts
+        only, no request content."""
+        return {"routers": [r.summary() for r in list(routing.LIVE_ROUTERS)],
+                "failover": dict(self.failover)}
 
     @fastapi_app.get("/health")
     async def health(self) -> dict:
@@ -388,8 +458,9 @@ def build_app(*, replicas: int = 2, policy: str = "carajax", model: str = DEFAUL
     kw: dict = {"request_routing_stats_period_s": stats_period_s,
                 "request_routing_stats_timeout_s": max(1.0, 2 * stats_period_s)}
     if router == "carajax":
+        default = cost_model if cost_model not in (None, "auto", "none") else None  # a file
         kw.update(request_router_class=CarajaxRequestRouter,
-                  request_router_kwargs={"policy": policy, "cost_model": cost_model, "slo_tpot": slo_tpot})
+                  request_router_kwargs={"policy": policy, "cost_model": default, "slo_tpot": slo_tpot})
     elif router != "ray":
         raise ValueError(f"router must be 'carajax' or 'ray', got {router!r}")
     opts["request_router_config"] = RequestRouterConfig(**kw)

@@ -60,7 +60,7 @@ class CarajaxRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     def summary(self) -> dict:
         return {"policy": self.policy_name, "routed": self.routed, "fallbacks": self.fallbacks,
-                "inflight": len(self.inflight)}
+                "inflight": len(self.inflight), "pricing": dict(self.costs.pricing)}
 
     def states(self, replicas: list[RunningReplica]) -> list[policies.WorkerState] | None:
         """The policy's view of `replicas`, or None if one has published no stats yet."""

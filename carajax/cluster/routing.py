@@ -106,19 +106,26 @@ class CostModels:
     def __init__(self, default: CostModel, policy: str):
         self.default, self.policy = default, policy
         self._parsed: dict[str, CostModel] = {}
+        self.pricing: dict[str, str] = {}  # replica name -> which model prices it, in words
 
     def of(self, stats: dict) -> CostModel:
         text = stats.get("cost_model") or ""
+        name = str(stats.get("name"))
         if not text:
+            self.pricing[name] = f"router default, the replica reports none: {self.default.describe()}"
             return self.default
         if text not in self._parsed:
             try:
                 cost = CostModel.from_json(text)
-                require_rank_terms(cost, self.policy, f" (replica {stats.get('name')})")
+                require_rank_terms(cost, self.policy, f" (replica {name})")
             except (RankBlindModelError, ValueError, KeyError):
                 cost = self.default
             self._parsed[text] = cost
-        return self._parsed[text]
+        cost = self._parsed[text]
+        self.pricing[name] = (f"its own: {cost.describe()}" if cost is not self.default else
+                              f"router default, its own unusable for {self.policy}: "
+                              f"{self.default.describe()}")
+        return cost
 
 
 def route_of(kwargs: dict) -> policies.RouteRequest | None:

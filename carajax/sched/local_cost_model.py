@@ -77,8 +77,8 @@ def local_cost_model(engine: Engine, *, grid: profiler.ProfileGrid = QUICK, prog
             pass  # a torn or stale file: measure again
     doc = profiler.profile_engine(engine, grid, progress=progress)
     fitted = profiler.fit_profile(doc, "rich")
-    fitted = dataclasses.replace(fitted, source="carajax serve --cost-model auto (quick profile "
-                                 "of this worker's serving engine, in place)")
+    fitted = dataclasses.replace(fitted, source="--cost-model auto (carajax serve or a Ray "
+                                 "replica): a quick profile of its serving engine, in place")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     fitted.save(tmp)
