@@ -13,8 +13,8 @@ import pytest
 
 ray_serve = pytest.importorskip("ray.serve")
 
-from carajax.cluster import app as ray_app  # noqa: E402
 from carajax.cluster.ray_router import CarajaxRequestRouter  # noqa: E402
+from carajax.cluster.replica import CarajaxReplica  # noqa: E402
 from carajax.sched import cost_model as cm  # noqa: E402
 from carajax.sched import local_cost_model as lcm  # noqa: E402
 from tests.test_worker_cost_models import _model  # noqa: E402
@@ -28,8 +28,8 @@ def replicas(monkeypatch, tmp_path):
     with a small profiling grid; closed at the end. Yields (make, profiles run)."""
     monkeypatch.setenv("CARAJAX_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(ray_serve, "get_replica_context", lambda: None)
-    tiny = dataclasses.replace(lcm.QUICK, batch_sizes=(1, 2), prompt_tokens=(16,), contexts=(0,),
-                               rank_mixes=("base", "uniform8", "uniform64"), repeats=2,
+    tiny = dataclasses.replace(lcm.QUICK, batch_sizes=(1, 2), prompt_tokens=(64,), contexts=(0,),
+                               rank_mixes=("base", "uniform8", "uniform64"), repeats=3,
                                load_ranks=(8,), load_repeats=1)
     monkeypatch.setattr(lcm, "QUICK", tiny)
     monkeypatch.setattr(lcm.local_cost_model, "__defaults__", None)  # grid: keyword-only below
@@ -41,7 +41,7 @@ def replicas(monkeypatch, tmp_path):
     made = []
 
     def make(**kw):
-        made.append(ray_app.CarajaxReplica(engine_config=ENGINE, **kw))
+        made.append(CarajaxReplica(engine_config=ENGINE, **kw))
         return made[-1]
 
     yield make, profiles

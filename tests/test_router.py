@@ -256,6 +256,19 @@ def test_most_idle_and_first_fit():
     assert FirstFitPolicy().choose(REQ8, ws).name == "0"  # nobody has room: the first candidate
 
 
+def test_adapter_affinity_prefers_a_holder_then_the_least_loaded():
+    cost = FakeCost()
+    ws = [_w("idle", cost),
+          _w("holds-busy", cost, resident={"x"}, batch=[(1, 8)] * 3),
+          _w("holds", cost, resident={"x"}, batch=[(1, 8)] * 2)]
+    pol = make_policy("adapter_affinity")
+    assert pol.choose(RouteRequest("x", 8, 10, 10), ws).name == "holds"  # not the idle one
+    assert pol.choose(RouteRequest("y", 8, 10, 10), ws).name == "idle"  # nobody holds y
+    assert pol.choose(RouteRequest("", 0, 10, 10), ws).name == "idle"  # the base model
+    ws[2].healthy = False
+    assert pol.choose(RouteRequest("x", 8, 10, 10), ws).name == "holds-busy"
+
+
 def test_random_is_seeded_and_uniform_over_candidates():
     cost = FakeCost()
     ws = [_w(str(i), cost) for i in range(4)]
@@ -283,7 +296,8 @@ def test_worker_state_helpers():
 
 
 def test_make_policy():
-    assert set(POLICIES) == {"caraserve", "carajax", "random", "round_robin", "first_fit", "most_idle"}
+    assert set(POLICIES) == {"caraserve", "carajax", "random", "round_robin", "first_fit", "most_idle",
+                             "adapter_affinity"}
     p = make_policy("caraserve", slo_tpot=0.2, seed=1, avg_output_len=50)  # seed: ignored extra
     assert isinstance(p, CaraServePolicy) and p.slo_tpot == 0.2 and p.avg_output_len == 50
     assert make_policy("carajax").ttft_weight == pytest.approx(1 / 128)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections import Counter
 
 from ray.serve.request_router import (
     LocalityMixin,
@@ -60,7 +61,8 @@ class CarajaxRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     def summary(self) -> dict:
         return {"policy": self.policy_name, "routed": self.routed, "fallbacks": self.fallbacks,
-                "inflight": len(self.inflight), "pricing": dict(self.costs.pricing)}
+                "inflight": len(self.inflight), "pricing": dict(self.costs.pricing),
+                "inflight_by_replica": dict(Counter(d.replica for d in self.inflight.values()))}
 
     def states(self, replicas: list[RunningReplica]) -> list[policies.WorkerState] | None:
         """The policy's view of `replicas`, or None if one has published no stats yet."""
@@ -108,6 +110,9 @@ class CarajaxRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             self.fallbacks += 1
             return self.power_of_two(candidate_replicas, pending_request)
         self.routed += 1
+        # Counted against our first choice now: Ray calls on_request_routed only when replicas
+        # may refuse requests (strict max_ongoing_requests), on_request_completed always.
+        self._dispatched(pending_request, ranked[0][0].replica_id, route)
         return ranked
 
     def power_of_two(self, candidate_replicas: list[RunningReplica],
@@ -122,14 +127,20 @@ class CarajaxRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         pool = [r for r in candidate_replicas if r.replica_id in preferred] or list(candidate_replicas)
         return [random.sample(pool, min(2, len(pool)))] if pool else []
 
+    def _dispatched(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                    route: policies.RouteRequest) -> None:
+        if len(self.inflight) > 4096:  # completions lost (a replica died): forget the oldest
+            cutoff = time.time() - 600
+            self.inflight = {k: d for k, d in self.inflight.items() if d.routed_at > cutoff}
+        self.inflight[pending_request.metadata.internal_request_id] = routing.Dispatch(
+            replica_id.unique_id, time.time(), route.prompt_tokens, route.rank)
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        """Where the request went when a replica could refuse it (our first choice, or the
+        next rank's after a refusal)."""
         route = routing.route_of(pending_request.kwargs)
         if route is not None:
-            if len(self.inflight) > 4096:  # completions lost (a replica died): forget the oldest
-                cutoff = time.time() - 600
-                self.inflight = {k: d for k, d in self.inflight.items() if d.routed_at > cutoff}
-            self.inflight[pending_request.metadata.internal_request_id] = routing.Dispatch(
-                replica_id.unique_id, time.time(), route.prompt_tokens, route.rank)
+            self._dispatched(pending_request, replica_id, route)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self.inflight.pop(internal_request_id, None)

@@ -9,7 +9,9 @@ Policies (`POLICIES`, built by `make_policy(name, **kw)`):
     caraserve    the paper's Algorithm 1 (rank-aware, priced with the worker's own cost model);
     carajax      ours: caraserve's price plus cold start, queueing delay, KV headroom, locality,
                  and the expected SLO misses a placement causes (learned output lengths);
-    random, round_robin, first_fit, most_idle   the paper's baselines.
+    random, round_robin, first_fit, most_idle   the paper's baselines;
+    adapter_affinity   the rule Ray Serve LLM applies to LoRA (multiplexed models): a worker
+                 already holding the adapter first, then the least loaded.
 
 caraserve and carajax price every worker at once: `carajax.sched.pricing.price` gives Algorithm
 1's inputs as arrays over the workers (asked of each `WorkerState`, or answered by the simulator's
@@ -526,6 +528,20 @@ class MostIdlePolicy:
         return workers[min(idx, key=lambda i: (workers[i].n_requests(), i))]
 
 
+class AdapterAffinityPolicy:
+    """Among the candidates holding the request's adapter on the device, the one with the fewest
+    requests; if none holds it (or the request has none), the least loaded of all; ties: lowest
+    index. Ray Serve LLM's rule for LoRA (its multiplexed-model routing prefers replicas with the
+    model loaded, then shorter queues): adapter locality first, no price of rank or SLO."""
+
+    name = "adapter_affinity"
+
+    def choose(self, request: RouteRequest, workers: list[WorkerState]) -> WorkerState:
+        idx = candidates(request, workers)
+        holding = [i for i in idx if request.adapter and request.adapter in workers[i].resident]
+        return workers[min(holding or idx, key=lambda i: (workers[i].n_requests(), i))]
+
+
 _REGISTRY: dict[str, type] = {
     "caraserve": CaraServePolicy,
     "carajax": CarajaxPolicy,
@@ -533,6 +549,7 @@ _REGISTRY: dict[str, type] = {
     "round_robin": RoundRobinPolicy,
     "first_fit": FirstFitPolicy,
     "most_idle": MostIdlePolicy,
+    "adapter_affinity": AdapterAffinityPolicy,
 }
 POLICIES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -553,6 +570,7 @@ def make_policy(name: str, **kw) -> Policy:
 
 __all__ = [
     "POLICIES",
+    "AdapterAffinityPolicy",
     "Batch",
     "CaraServePolicy",
     "CarajaxPolicy",
