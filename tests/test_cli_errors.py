@@ -31,6 +31,19 @@ def one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
     return lines[0]
 
 
+def run_here(capsys, monkeypatch, tmp_path, *argv: str) -> subprocess.CompletedProcess:
+    """`carajax ARGV` in this process (`cli.main`, the code `python -m carajax` runs), from an
+    empty directory: a process costs seconds of imports per case; the tests below that start
+    `python -m carajax` show what a shell sees (no traceback, status 2)."""
+    from carajax import cli
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(argv))
+    return subprocess.CompletedProcess(argv, exit_.value.code, "", capsys.readouterr().err)
+
+
 def test_python_m_carajax_help_lists_the_commands(tmp_path):
     proc = run(tmp_path, "--help")
     assert proc.returncode == 0, proc.stderr
@@ -75,13 +88,19 @@ CASES = {  # argv -> what the one line says (the path, once)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_bad_argument_is_one_line_and_status_2(tmp_path, case):
+def test_a_bad_argument_is_one_line_and_status_2(tmp_path, case, capsys, monkeypatch):
     argv, says = CASES[case]
-    line = one_error_line(run(tmp_path, *argv), argv[0])
+    line = one_error_line(run_here(capsys, monkeypatch, tmp_path, *argv), argv[0])
     assert says in line, line
     if MISSING in argv:
         assert line.count(MISSING) == 1, line  # the path once, not repeated by each layer
     assert os.listdir(tmp_path) == []  # nothing written: no results, no logs
+
+
+def test_in_a_process_a_bad_argument_is_one_line_and_status_2(tmp_path):
+    argv, says = CASES["serve model"]
+    assert says in one_error_line(run(tmp_path, *argv), "serve")
+    assert os.listdir(tmp_path) == []
 
 
 def test_serve_refuses_an_empty_adapters_folder(tmp_path):

@@ -41,7 +41,7 @@ def replicas(monkeypatch, tmp_path):
     made = []
 
     def make(**kw):
-        made.append(CarajaxReplica(engine_config=ENGINE, **kw))
+        made.append(CarajaxReplica(engine_config=ENGINE, warmup=False, **kw))
         return made[-1]
 
     yield make, profiles

@@ -53,8 +53,10 @@ def cluster(tmp_path_factory):
              configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # warmup=False: the replicas compile what the tests use as they use it (a full warm-up
+        # of two replicas sharing two cores takes minutes; users and the benchmark keep it).
         serve.run(build_app(replicas=2, policy="carajax", stats_period_s=0.2, api_key=KEY,
-                            adapter_root=str(root)), name="carajax", route_prefix="/")
+                            adapter_root=str(root), warmup=False), name="carajax", route_prefix="/")
         yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/v1", root=root)
     finally:
         serve.shutdown()

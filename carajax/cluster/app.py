@@ -292,11 +292,13 @@ def build_app(*, replicas: int = 2, policy: str = "carajax", model: str = DEFAUL
               engine_config: dict | None = None, cost_model: str | None = None,
               slo_tpot: float = 0.1, stats_period_s: float = 0.5, router: str = "carajax",
               max_ongoing_requests: int | None = None, autoscaling: dict | None = None,
-              api_key: str | None = None):
+              api_key: str | None = None, warmup: bool = True):
     """The Serve application. router="carajax": our CarajaxRequestRouter asking `policy`;
     "ray": Ray's default router. autoscaling: Serve's autoscaling_config (min_replicas,
     max_replicas, target_ongoing_requests, ...) in place of a fixed `replicas`. api_key: the
-    key every /v1 route wants as `Authorization: Bearer KEY` (None: no authentication)."""
+    key every /v1 route wants as `Authorization: Bearer KEY` (None: no authentication).
+    warmup: each replica compiles its step variants before it takes requests (False: on first
+    use, so the first requests wait on compiles)."""
     from carajax.cluster.ray_router import CarajaxRequestRouter
     from carajax.config import EngineConfig
 
@@ -318,7 +320,8 @@ def build_app(*, replicas: int = 2, policy: str = "carajax", model: str = DEFAUL
         raise ValueError(f"router must be 'carajax' or 'ray', got {router!r}")
     opts["request_router_config"] = RequestRouterConfig(**kw)
     replica = serve.deployment(CarajaxReplica, name="CarajaxReplica", **opts).bind(
-        model=model, adapter_root=adapter_root, engine_config=engine_config, cost_model=cost_model)
+        model=model, adapter_root=adapter_root, engine_config=engine_config, cost_model=cost_model,
+        warmup=warmup)
     # The ingress only forwards (async): Serve's default of 5 ongoing requests per replica would
     # cap the whole application at 5 requests in flight, and queue /health behind them.
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},

@@ -51,7 +51,7 @@ class CarajaxReplica:
 
     def __init__(self, model: str = DEFAULT_MODEL, adapter_root: str | None = None,
                  engine_config: dict | None = None, cost_model: str | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", warmup: bool = True):
         from carajax.config import EngineConfig
         from carajax.engine.engine import Engine
         from carajax.server.openai_serving import OpenAIServing, ServedModel
@@ -67,6 +67,8 @@ class CarajaxReplica:
                 if not adapter_root:
                     raise
                 _log.warning("replica %s: not registering adapter %r: %s", self.name, name, e)
+        if warmup:  # every step variant compiled before Serve marks the replica running, as
+            self.engine.warmup()  # `carajax serve` does before SERVING: no request waits on one
         self.cost_json = self._own_cost_model(cost_model)
         paths = AdapterPathPolicy(root=adapter_root) if adapter_root else None
         self.servicer = CaraServeServicer(self.engine, name=self.name, adapter_paths=paths)

@@ -81,7 +81,9 @@ def _hook(lora, batch: StepBatch, seg_slots, cpu, use_lora, impl, pad, compact=N
 @functools.partial(jax.jit, static_argnames=("graphdef", "use_lora", "impl", "pad"))
 def _score(graphdef, state, lora, batch: StepBatch, cache: PagedKVCache, seg_slots, *,
            use_lora: bool, impl: str, pad: bool = False):
-    """Logits [T, V] of whole sequences from position 0 (a scratch cache, not kept)."""
+    """Logits [T, V] of whole sequences from position 0 (a scratch cache, not kept), the whole
+    model as one program: what tests/tp_check.py reads the collectives of (`score` below runs
+    the step's per-layer pieces instead)."""
     _TRACES["score"] += 1
     model: Llama = nnx.merge(graphdef, state)
     hook = _hook(lora, batch, seg_slots, None, use_lora, impl, pad)
@@ -232,9 +234,20 @@ class ModelRunner:
         tokens[:T] = token_ids
         batch = dataclasses.replace(batch, tokens=jnp.asarray(tokens))
         scratch = PagedKVCache.zeros(self.model_config, pages, self.layout.page_size, self.dtype)
-        logits = _score(self.graphdef, self.state, self.pool.weights, batch, scratch,
-                        np.array([slot], np.int32), use_lora=slot >= 0, impl=self.lora_impl,
-                        pad=self.pad)
+        # The serving step's pieces (embedding, the one compiled layer, head at every row), not
+        # the whole model as one program (`_score`), whose compile grows with depth: SmolLM2's 30
+        # layers with LoRA took ~40 s to compile, one layer a few.
+        seg_slots, use_lora = jnp.asarray([slot], jnp.int32), slot >= 0
+        none = jnp.zeros(0, jnp.int32)  # no CPU-assisted rows
+        x = _embed(self.embedding, batch.tokens, self._prev_tokens, jnp.full(Tb, -1, jnp.int32))
+        compact = self._compact(batch, seg_slots, use_lora)
+        static = dict(use_lora=use_lora, impl=self.lora_impl, pad=self.pad, bridge=None,
+                      block=self.query_block(Tb, False))
+        for state, layer in zip(self.layer_states, self.layer_ids):
+            x, scratch = _layer(self.layer_graphdef, state, layer, x, scratch, batch, self.inv_freq,
+                                self.pool.weights, seg_slots, none, none, compact, **static)
+        logits = _head(x, batch.logit_rows, self.norm_weight, self.out_weight, eps=self.norm_eps,
+                       tied=self.tied)
         return np.asarray(logits[:T])
 
     # -- the step ------------------------------------------------------------------------------
