@@ -3,6 +3,7 @@
     models/       checkpoints `carajax pull` converted (carajax.models.hub)
     cost_models/  cost models workers fitted on their own engine (carajax.sched.local_cost_model)
     jax/          JAX's persistent compilation cache of the replay's workers (carajax.replay.cluster)
+                  and of the replicas `carajax ray` starts
     adapters/     the replay's random adapters (carajax.replay.adapters)
 """
 

@@ -117,6 +117,12 @@ def ray_cmd(args: argparse.Namespace) -> None:
                         slo_tpot=args.slo_tpot_ms / 1e3, api_key=api_key)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
+    # The replicas of a Ray this process starts inherit its environment: one persistent
+    # compilation cache, so a second replica, a restarted one and the next start load their
+    # step variants instead of compiling them (a cluster joined with --address keeps its own).
+    from carajax import paths
+
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(paths.home() / "jax"))
     ray.init(address=args.address, configure_logging=False)
     serve.start(http_options={"host": args.http_host, "port": args.http_port})
     serve.run(app, name="carajax", route_prefix="/")
