@@ -27,10 +27,14 @@ def step_segments(rng, lengths, S):
     return starts, lens, rng.integers(-1, S, len(lens)).astype(np.int32)
 
 
-def check(seed, lengths, T, S=6, r_max=64, pr=16, blocks=(1, 3, 16, 64)):
+def check(seed, lengths, T, S=6, r_max=64, pr=16, blocks=(1, 3, 16, 64), fixed_pages=False):
+    """fixed_pages: as many pages whatever the drawn ranks (the pool's real case), so the ops
+    compile once across drawn examples."""
     rng = np.random.default_rng(seed)
     x, a, b, ranks, scales = make_inputs(seed, T, 48, 40, S, r_max)
-    pa, pb, table = paginate(a, b, ranks, pr, seed)
+    used = int((-(-np.asarray(ranks) // pr)).sum())
+    pa, pb, table = paginate(a, b, ranks, pr, seed,
+                             spare_pages=S * (r_max // pr) + 3 - used if fixed_pages else 3)
     starts, lens, slots = step_segments(rng, lengths, S)
     want = loop_delta(x, a, b, seg_token_slots(starts, lens, slots, T), np.asarray(ranks),
                       np.asarray(scales))
@@ -77,7 +81,7 @@ def test_drawn_segment_lengths(lengths, seed):
     # T and the segment count fixed (empty segments after the drawn ones, as a step with fewer
     # sequences than the batch has), so the ops compile once; the rest of T is padding.
     T = 128
-    check(seed, lengths + [0] * (6 - len(lengths)), T, blocks=(1, 16))
+    check(seed, lengths + [0] * (6 - len(lengths)), T, blocks=(1, 16), fixed_pages=True)
 
 
 def test_no_adapter_anywhere_is_exactly_zero():
