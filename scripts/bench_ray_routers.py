@@ -189,7 +189,8 @@ def main(argv=None) -> int:
                                "args": {k: str(v) for k, v in vars(args).items()},
                                "results": results}, indent=1))
     print(f"\nwrote {out}")
-    shutil.rmtree(work / "adapters", ignore_errors=True) if not args.work else None
+    if not args.work:  # a temp dir of ours: the adapters and replay outputs go with it
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -228,27 +228,19 @@ class OpenAIIngress:
             return JSONResponse(e.body(), status_code=e.status)
         except (TypeError, ValueError, AttributeError):  # a malformed field: the replica says which
             route = None  # Ray's default router takes it
-        if not body.get("stream"):
-            try:
-                got = await self._on_a_replica(lambda: self.replicas.complete.remote(body, kind, route=route))
-            except Exception as e:  # every replica tried died under it, or a bug
-                err = oa.ApiError(503, f"the replica failed: {type(e).__name__}: {e}",
-                                  type="service_unavailable")
-                return JSONResponse(err.body(), status_code=503)
-            return JSONResponse(got["body"], status_code=got["status"],
-                                headers={"x-carajax-replica": got["replica"]})
-
-        async def first_item():  # the status item: no SSE line has gone out before it
+        async def answer():  # a whole completion, or a stream's status item: nothing has gone
+            if not body.get("stream"):  # to the client yet, so a dead replica's try is retried
+                return None, await self.replicas.complete.remote(body, kind, route=route)
             gen = self.replicas.options(stream=True).stream.remote(body, kind, route=route)
             return gen, await gen.__anext__()
 
         try:
-            gen, head = await self._on_a_replica(first_item)
-        except Exception as e:
+            gen, head = await self._on_a_replica(answer)
+        except Exception as e:  # every replica tried died under it, or a bug
             err = oa.ApiError(503, f"the replica failed: {type(e).__name__}: {e}",
                               type="service_unavailable")
             return JSONResponse(err.body(), status_code=503)
-        if head["status"] != 200:
+        if gen is None or head["status"] != 200:  # the completion, or the stream's refusal
             return JSONResponse(head["body"], status_code=head["status"],
                                 headers={"x-carajax-replica": head["replica"]})
         return StreamingResponse(_guarded(gen, head["replica"], self.failover),

@@ -237,17 +237,9 @@ class ModelRunner:
         # The serving step's pieces (embedding, the one compiled layer, head at every row), not
         # the whole model as one program (`_score`), whose compile grows with depth: SmolLM2's 30
         # layers with LoRA took ~40 s to compile, one layer a few.
-        seg_slots, use_lora = jnp.asarray([slot], jnp.int32), slot >= 0
-        none = jnp.zeros(0, jnp.int32)  # no CPU-assisted rows
-        x = _embed(self.embedding, batch.tokens, self._prev_tokens, jnp.full(Tb, -1, jnp.int32))
-        compact = self._compact(batch, seg_slots, use_lora)
-        static = dict(use_lora=use_lora, impl=self.lora_impl, pad=self.pad, bridge=None,
-                      block=self.query_block(Tb, False))
-        for state, layer in zip(self.layer_states, self.layer_ids):
-            x, scratch = _layer(self.layer_graphdef, state, layer, x, scratch, batch, self.inv_freq,
-                                self.pool.weights, seg_slots, none, none, compact, **static)
-        logits = _head(x, batch.logit_rows, self.norm_weight, self.out_weight, eps=self.norm_eps,
-                       tied=self.tied)
+        seg_slots, none = np.array([slot], np.int32), np.zeros(0, np.int32)  # no CPU-assisted rows
+        logits, _ = self._forward(batch, seg_slots, none, none, np.full(Tb, -1, np.int32), scratch,
+                                  use_lora=slot >= 0, bridge=None, block=self.query_block(Tb, False))
         return np.asarray(logits[:T])
 
     # -- the step ------------------------------------------------------------------------------
@@ -355,18 +347,19 @@ class ModelRunner:
         """Dispatch the step (asynchronously); returns (tokens [R], logits [R, V]) on the device
         and keeps the updated cache."""
         use_cpu = inputs.cpu_rows.size > 0
-        logits = self._forward(inputs.batch, inputs.seg_slots, inputs.cpu_rows, inputs.cpu_ids,
-                               inputs.from_prev, use_lora=self._use_lora(inputs.seg_slots),
-                               bridge=self.bridge if use_cpu else None, block=inputs.block)
+        logits, self.cache = self._forward(
+            inputs.batch, inputs.seg_slots, inputs.cpu_rows, inputs.cpu_ids, inputs.from_prev,
+            self.cache, use_lora=self._use_lora(inputs.seg_slots),
+            bridge=self.bridge if use_cpu else None, block=inputs.block)
         tokens = _sample(logits, inputs.sampling, self.config.max_batch_size)
         self._prev_tokens, self._prev_rows = tokens, {req: i for i, req in inputs.samplers}
         return tokens, logits
 
-    def _forward(self, batch: StepBatch, seg_slots, cpu_rows, cpu_ids, from_prev, *,
-                 use_lora: bool, bridge, block: int) -> jax.Array:
+    def _forward(self, batch: StepBatch, seg_slots, cpu_rows, cpu_ids, from_prev, cache, *,
+                 use_lora: bool, bridge, block: int) -> tuple[jax.Array, PagedKVCache]:
         """One step's forward: embedding, every layer, head; float32 logits [R, V] at
-        `logit_rows`. Keeps the updated cache. Host arrays go to the device once, not once
-        per layer."""
+        `logit_rows`, and `cache` with the step's keys and values written (donated). Host arrays
+        go to the device once, not once per layer."""
         batch, seg_slots, cpu_rows, cpu_ids, from_prev = _to_device(
             (batch, seg_slots, cpu_rows, cpu_ids, from_prev))
         x = _embed(self.embedding, batch.tokens, self._prev_tokens, from_prev)
@@ -374,11 +367,10 @@ class ModelRunner:
         static = dict(use_lora=use_lora, impl=self.lora_impl, pad=self.pad, bridge=bridge,
                       block=block)
         for state, layer in zip(self.layer_states, self.layer_ids):
-            x, self.cache = _layer(self.layer_graphdef, state, layer, x, self.cache, batch,
-                                   self.inv_freq, self.pool.weights, seg_slots, cpu_rows,
-                                   cpu_ids, compact, **static)
+            x, cache = _layer(self.layer_graphdef, state, layer, x, cache, batch, self.inv_freq,
+                              self.pool.weights, seg_slots, cpu_rows, cpu_ids, compact, **static)
         return _head(x, batch.logit_rows, self.norm_weight, self.out_weight, eps=self.norm_eps,
-                     tied=self.tied)
+                     tied=self.tied), cache
 
     def _compact(self, batch: StepBatch, seg_slots, use_lora: bool):
         """The compact LoRA form's plan when this step shape runs it (else None)."""
@@ -502,6 +494,7 @@ class ModelRunner:
         block = self.query_block(T, False) if block is None else block
         C = None if cold_id < 0 else self.cpu_rows_bucket(T, T)
         batch, seg_slots, cpu_rows, cpu_ids, from_prev = self._dry_inputs(T, bridge, C, cold_id)
-        logits = self._forward(batch, seg_slots, cpu_rows, cpu_ids, from_prev,
-                               use_lora=len(self.pool) > 0, bridge=bridge, block=block)
+        logits, self.cache = self._forward(batch, seg_slots, cpu_rows, cpu_ids, from_prev,
+                                           self.cache, use_lora=len(self.pool) > 0,
+                                           bridge=bridge, block=block)
         jax.block_until_ready(_sample(logits, _greedy(logits.shape[0]), self.config.max_batch_size))
