@@ -55,18 +55,21 @@ def plan_query_blocks(
     query_starts: jax.Array,  # int32 [S + 1]
     num_tokens: int,
     query_block: int,
+    include: jax.Array | None = None,  # bool [S]
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # 4 x int32 [NB]
     """Split each sequence's query tokens into blocks of at most `query_block` tokens.
 
     Returns per block (NB = `num_query_blocks`): its sequence, its first row of q, its number of
     valid tokens (0 for the unused blocks at the end, whose sequence is then S - 1), and the
     context position of its first token. Sequence s's blocks come after those of sequences < s.
+    `include`: only these sequences get blocks (`num_tokens` then bounds their tokens only).
     """
     S = seq_lens.shape[0]
     bq = query_block
     nb = num_query_blocks(num_tokens, S, bq)
     n = jnp.maximum(query_starts[1:] - query_starts[:-1], 0)  # [S] tokens per sequence
-    blocks = (n + bq - 1) // bq  # [S]
+    blocks = (jnp.where(include, n, 0) if include is not None else n) + bq - 1
+    blocks = blocks // bq  # [S]
     ends = jnp.cumsum(blocks)  # [S] one past sequence s's last block
     b = jnp.arange(nb, dtype=jnp.int32)  # [NB]
     # Block b belongs to the first sequence whose blocks end after b (skipping empty sequences).

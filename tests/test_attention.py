@@ -237,6 +237,15 @@ def test_plan_query_blocks_by_hand():
     np.testing.assert_array_equal(pos0[:5], [2, 4, 6, 0, 2])
     # Pure decode with Bq = 1: one block per token, no spare blocks.
     assert num_query_blocks(16, 16, 1) == 16
+    # Only sequence 2 included (a mixed step's decodes walk apart from its prompts): its blocks
+    # come first, sequence 0 gets none.
+    seq, row0, length, pos0 = plan_query_blocks(jnp.array([7, 0, 3]), jnp.array([0, 5, 5, 8]),
+                                                num_tokens=10, query_block=2,
+                                                include=jnp.array([False, True, True]))
+    np.testing.assert_array_equal(seq[:2], [2, 2])
+    np.testing.assert_array_equal(row0[:2], [5, 7])
+    np.testing.assert_array_equal(length, [2, 1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(pos0[:2], [0, 2])
 
 
 def test_write_pages_follows_block_tables_and_drops_out_of_range():

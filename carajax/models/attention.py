@@ -170,9 +170,17 @@ def paged_attention_reference(
     earlier = seq_lens - n  # [S] context written by earlier steps
     seg, k_own, v_own = _own_keys(k_pages, v_pages, block_tables, earlier, query_starts, T)
     own = _chunk_attention(qs, k_own, v_own, seg, precision)
+    # The earlier context of the step's one-token sequences (decodes beside a prefill chunk)
+    # in a walk of one query per sequence; in blocks of Bq they would each fill a block of
+    # padding rows, and walk it over their whole context (measured: a 512-token step with 15
+    # decodes at context ~400 cost 2x the same chunk alone).
+    single = n == 1
+    past_one = _paged_walk(qs, k_pages, v_pages, block_tables, seq_lens, earlier, query_starts,
+                           1, causal=False, precision=precision, include=single,
+                           num_tokens=min(T, S))
     past = _paged_walk(qs, k_pages, v_pages, block_tables, seq_lens, earlier, query_starts, bq,
-                       causal=False, precision=precision)
-    out = _normalise(_merge(own, past), q.dtype)
+                       causal=False, precision=precision, include=n > 1)
+    out = _normalise(_merge(_merge(own, past_one), past), q.dtype)
     return jnp.where((jnp.arange(T) < query_starts[S])[:, None, None], out, 0)  # padding rows: 0
 
 
@@ -257,15 +265,18 @@ def _online_update(state: State, s, vb, precision) -> State:
 
 
 def _paged_walk(q, k_pages, v_pages, block_tables, seq_lens, limits, query_starts, bq, *,
-                causal: bool, precision) -> State:
+                causal: bool, precision, include=None, num_tokens: int | None = None) -> State:
     """Each query row's softmax state over its sequence's paged context positions below
     `limits[s]` [S] (and, if `causal`, at or below its own position), walked in chunks of pages
-    per query block of `bq` rows of one sequence. Returns [T, K, G], [T, K, G], [T, K, G, D]."""
+    per query block of `bq` rows of one sequence. `include` (bool [S]): only these sequences'
+    rows (the others come out empty: max -inf, sum 0), `num_tokens` (static) bounding their
+    tokens (default T). Returns [T, K, G], [T, K, G], [T, K, G, D]."""
     T, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_pages.shape
     S, P = block_tables.shape
     group = heads // kv_heads
-    seq, row0, length, pos0 = plan_query_blocks(seq_lens, query_starts, T, bq)  # [NB] each
+    seq, row0, length, pos0 = plan_query_blocks(seq_lens, query_starts, num_tokens or T, bq,
+                                                include)  # [NB] each
     nb = seq.shape[0]
     i = jnp.arange(bq, dtype=jnp.int32)
     rows = row0[:, None] + i  # [NB, Bq]
@@ -311,9 +322,13 @@ def _paged_walk(q, k_pages, v_pages, block_tables, seq_lens, limits, query_start
     t = jnp.arange(T, dtype=jnp.int32)
     s = jnp.clip(jnp.searchsorted(query_starts, t, side="right").astype(jnp.int32) - 1, 0, S - 1)
     n = jnp.maximum(query_starts[1:] - query_starts[:-1], 0)  # [S]
+    if include is not None:
+        n = jnp.where(include, n, 0)
     first_block = jnp.cumsum((n + bq - 1) // bq) - (n + bq - 1) // bq  # [S]
     src = (first_block[s] + (t - query_starts[s]) // bq) * bq + (t - query_starts[s]) % bq
     used = t < query_starts[S]  # [T]
+    if include is not None:
+        used &= include[s]
     src = jnp.where(used, src, 0)
 
     def to_rows(x, fill):  # [NB, K, G, Bq, ...] -> [T, K, G, ...]
