@@ -13,7 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carajax.lora.jnp_ops import compact_pages, page_sizes, sgmv_blocked, sgmv_compact
+from carajax.lora.jnp_ops import (
+    compact_pages,
+    compact_plan,
+    page_sizes,
+    prefill_uses_compact,
+    sgmv_blocked,
+    sgmv_compact,
+)
 from carajax.lora.kernels import sgmv_reference
 from tests.conftest import assert_close
 from tests.test_kernels import loop_delta, make_inputs, paginate, seg_token_slots
@@ -127,6 +134,29 @@ def test_the_hook_picks_compact_for_decodes_and_blocks_for_prefill_chunks():
     assert jnp_form(64, 16) == "compact"  # 4 tokens a sequence
     assert jnp_form(512, 16) == "blocked"  # prefill chunks
     assert jnp_form(128, 16) == "blocked"
+
+
+@pytest.mark.parametrize("lens, seg_ranks, want", [
+    # 8 prompts of 64 on ranks 8-64: compact gathers 16 pages for 512 tokens (8,192 units),
+    # blocked 24 blocks x 64 rows x 4 pages (6,144 units at 2.6x the cost each): compact.
+    ([64] * 8, [8, 16, 32, 64] * 2, True),
+    ([512], [16], True),  # one small adapter: one page against 24 mostly empty blocks
+    ([64] * 8, [16] * 8, False),  # 8 distinct rank-16 adapters: 16 pages x 512 tokens
+    ([1] * 15 + [497], [8, 16, 32, 64] * 4, False),  # 16 adapters, 64 pages
+])
+def test_prefill_steps_take_the_form_with_less_work(lens, seg_ranks, want):
+    """Which form a step with prefill chunks runs is decided per step, from its real adapters
+    (16 slots of up to rank 64, page_rank 16, 16 segments, blocks of 64, T = 512); both give
+    the reference's result."""
+    S, pr, r_max, T, G = 16, 16, 64, 512, 16
+    ranks = np.zeros(S, np.int32)
+    ranks[:len(seg_ranks)] = seg_ranks
+    lens = np.array(lens + [0] * (G - len(lens)), np.int32)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
+    slots = np.where(lens > 0, np.arange(G), -1).astype(np.int32)
+    table = np.arange(S * r_max // pr, dtype=np.int32).reshape(S, r_max // pr)
+    plan = compact_plan(starts, lens, slots, ranks, table, pr, T)
+    assert bool(prefill_uses_compact(plan, lens, slots, ranks, table, pr, 64)) is want
 
 
 @pytest.mark.parametrize("ranks_used, want_pages", [([8] * 8, 16), ([64] * 8, 32),

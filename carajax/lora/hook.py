@@ -151,9 +151,20 @@ class BatchLora:
                 return jnp_ops.sgmv_compact(x, a, b, starts, lens, slots, ranks, scales,
                                             page_table=table, plan=plan)
         elif form == "blocked":
+            plan = self._compact_plan(x.shape[0])
+            plan = dataclasses.replace(plan, pages=plan.pages + layer * P)
+
             def op(x, a, b, starts, lens, slots, ranks, scales, table):  # prefill chunks
-                return jnp_ops.sgmv_blocked(x, a, b, starts, lens, slots, ranks, scales,
-                                            page_table=table, token_block=PREFILL_TOKEN_BLOCK)
+                # Blocks of one sequence each, unless the step's adapters are few and small
+                # enough that the compact form's plain GEMMs cost less (`prefill_uses_compact`).
+                return jax.lax.cond(
+                    jnp_ops.prefill_uses_compact(plan, lens, slots, ranks, table, pr,
+                                                 PREFILL_TOKEN_BLOCK),
+                    lambda: jnp_ops.sgmv_compact(x, a, b, starts, lens, slots, ranks, scales,
+                                                 page_table=table, plan=plan),
+                    lambda: jnp_ops.sgmv_blocked(x, a, b, starts, lens, slots, ranks, scales,
+                                                 page_table=table,
+                                                 token_block=PREFILL_TOKEN_BLOCK))
         else:
             # A table's kernel off a GPU (tests) can only run interpreted.
             sgmv = _ops(impl, self.pad_to_max_rank,

@@ -106,6 +106,33 @@ def sgmv_blocked(
     return y.astype(x.dtype)
 
 
+# The two forms' cost per unit of work, measured on the 2-core CPU box (one projection, d 512
+# -> 512, T 512; `scripts/bench_lora_forms.py`): compact ~0.33 us per (token x gathered page),
+# blocked ~0.85 us per (block row x page), so the compact form's plain GEMMs win unless it
+# multiplies many more pages: 8 prompts of 64 tokens on 8 adapters of ranks 8-64, compact
+# 2.3 ms vs blocked 5.6; a 497-token prompt beside 15 decodes on 16 adapters, 10.8 vs 4.5.
+BLOCKED_UNIT_COST = 2.6  # blocked unit / compact unit
+
+
+def prefill_uses_compact(plan: CompactPlan, seg_lens, seg_slots, ranks, page_table,
+                         page_rank: int, token_block: int) -> jax.Array:  # bool []
+    """Whether a step with prefill chunks runs `sgmv_compact` rather than `sgmv_blocked`:
+    the form with the smaller estimated work at the step's real adapters and ranks (the
+    page counts each rounds up to: `page_sizes`)."""
+    T = plan.tok_slot.shape[0]
+    G = seg_slots.shape[0]
+    S, n = page_table.shape
+    live = (seg_slots >= 0) & (seg_lens > 0)
+    need = jnp.max(jnp.where(live, -(-ranks[jnp.maximum(seg_slots, 0)] // page_rank), 0))
+    def rounded(k, sizes):  # the branch a `lax.switch` over `sizes` runs for k pages
+        sizes = jnp.asarray(sizes)
+        return sizes[jnp.sum(sizes < k)]
+
+    compact = T * rounded(plan.count, page_sizes(min(S, G) * n))
+    blocked = num_query_blocks(T, G, token_block) * token_block * rounded(need, page_sizes(n, 2))
+    return compact < BLOCKED_UNIT_COST * blocked
+
+
 def token_slots(seg_starts: jax.Array, seg_lens: jax.Array, seg_slots: jax.Array,
                 T: int) -> jax.Array:
     """int32 [T]: each token's adapter slot; -1 outside every segment (padding) or no LoRA."""
