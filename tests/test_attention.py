@@ -168,6 +168,19 @@ def test_prefill_blocks_of_the_flat_step_match_dense_loop(monkeypatch, chunk_blo
     np.testing.assert_array_equal(out[n_valid:], 0)
 
 
+@pytest.mark.parametrize("query_block", [2, 8])
+def test_prompts_continuing_from_earlier_steps_beside_decodes(query_block):
+    """Prompts resuming mid-context walk their earlier context in query blocks, the step's
+    decodes one query each, beside a fresh prompt."""
+    specs = [(40, 7), (1, 1), (33, 9), (25, 6), (12, 1), (50, 5), (16, 16), (70, 1)]
+    case = make_case(np.random.default_rng(5), specs, page_size=8, heads=8, kv_heads=2,
+                     num_tokens=64, num_cols=10, num_pages=64)
+    out = run(case, query_block=query_block, impl="reference")
+    n_valid = case.query_starts[-1]
+    assert rel_error(out[:n_valid], naive_attention(case)[:n_valid]) <= F32_TOL
+    np.testing.assert_array_equal(out[n_valid:], 0)
+
+
 def test_query_block_does_not_change_the_result():
     # The shapes of the GQA case above, so that most compiles are reused.
     case = make_case(np.random.default_rng(1), MIXED, page_size=8, heads=8, kv_heads=2,
