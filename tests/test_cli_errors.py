@@ -87,6 +87,23 @@ CASES = {  # argv -> what the one line says (the path, once)
 }
 
 
+def test_sizes_read_in_decimal_and_binary_units(capsys):
+    from carajax import cli
+    from carajax.cli.args import byte_size
+
+    for argv, says in ((["serve", "--host-lora-budget", "12XB"], "'12XB': not a size"),
+                       (["ray", "--host-lora-budget", "0MB"], "'0MB': must be > 0")):
+        with pytest.raises(SystemExit) as e:  # argparse: status 2, usage and the error line
+            cli.main(argv)
+        assert e.value.code == 2
+        assert f"carajax {argv[0]}: error: argument --host-lora-budget: {says}" in capsys.readouterr().err
+
+    assert byte_size("268435456") == 2**28
+    assert byte_size("256MiB") == byte_size("256 mib") == 2**28
+    assert byte_size("1.5GB") == 1_500_000_000
+    assert byte_size("4kb") == 4000 and byte_size("512B") == 512
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_bad_argument_is_one_line_and_status_2(tmp_path, case, capsys, monkeypatch):
     argv, says = CASES[case]

@@ -1,7 +1,12 @@
 """What a Ray replica publishes for our router, without Ray: finished reply lengths reach the
-policy once each (the SLO-risk term learns the reply-length distribution from every replica)."""
+policy once each (the SLO-risk term learns the reply-length distribution from every replica);
+the host tier, summarised, prices disk reads."""
 
 from __future__ import annotations
+
+import os
+
+import pytest
 
 import carajax
 from carajax.cluster import routing
@@ -36,3 +41,30 @@ def test_a_replicas_stats_carry_its_finished_replies_to_the_policy():
     for n in new:
         policy.observe_output(n)
     assert seen == 3 and policy.outputs.counts() == {3: 1, 4: 1, 6: 1}
+
+
+def test_a_replicas_stats_carry_its_host_tier_not_its_registry(tmp_path, tiny_config):
+    """Forty adapters registered under a host budget that holds about one: the snapshot counts
+    them and names only those in host memory (its size does not grow with the registry); the
+    router's view prices a disk read for the others, at the replica's own read speed, and none
+    for the one in memory."""
+    from carajax.testing import write_random_adapter
+    from tests.test_host_tier import R16_HOST_BYTES
+
+    path = write_random_adapter(tmp_path / "a", tiny_config, rank=16, seed=1)
+    model = weights.random_model(tiny_config, seed=0)
+    config = EngineConfig(max_batch_size=2, cold_start="async", host_lora_budget_bytes=R16_HOST_BYTES)
+    with carajax.Engine(model, None, config, background=False) as engine:
+        for i in range(40):
+            engine.add_adapter(f"a{i}", path)
+        engine.generate([[2, 10, 20]], adapters=["a7"], sampling=[
+            carajax.SamplingParams(max_tokens=2, temperature=0.0, stop_token_ids=())])
+        stats = routing.replica_stats(engine, CaraServeServicer(engine, name="r0"), name="r0")
+    assert stats["registered"] == 40 and stats["in_host"] == ["a7"] and "adapters" not in stats
+    assert stats["read_bytes_per_s"] > 0 and stats["read_bytes_per_rank"] > 0
+    view = routing.worker_state(stats, cost=None)
+    assert view.read_seconds("a7", 16) == 0.0
+    cold = view.read_seconds("a8", 16)
+    file_bytes = os.path.getsize(os.path.join(path, "adapter_model.safetensors"))
+    assert cold == pytest.approx(stats["read_latency_s"] + file_bytes / stats["read_bytes_per_s"],
+                                 rel=0.05)

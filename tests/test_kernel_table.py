@@ -114,5 +114,6 @@ def test_auto_picks_what_the_table_says(monkeypatch, table_file):
                          (256, 2): ("reference", None)}.items():
         ran.clear()
         got = run("table", T, G)
-        assert ran == [want], (T, G, ran)
+        # A prefill shape traces both jnp forms (each step runs one: `prefill_uses_compact`).
+        assert sorted(set(ran)) == [want] and len(ran) == (2 if T == 256 else 1), (T, G, ran)
         np.testing.assert_allclose(got, run("reference", T, G), rtol=1e-5, atol=1e-5)

@@ -55,8 +55,10 @@ def cluster(tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # warmup=False: the replicas compile what the tests use as they use it (a full warm-up
         # of two replicas sharing two cores takes minutes; users and the benchmark keep it).
+        # Half a CPU each: the autoscaling test's replicas (0.1 each) need room beside them.
         serve.run(build_app(replicas=2, policy="carajax", stats_period_s=0.2, api_key=KEY,
-                            adapter_root=str(root), warmup=False), name="carajax", route_prefix="/")
+                            adapter_root=str(root), warmup=False, num_cpus=0.5),
+                  name="carajax", route_prefix="/")
         yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/v1", root=root)
     finally:
         serve.shutdown()
@@ -112,7 +114,8 @@ def test_both_replicas_publish_stats_and_serve(cluster):
     assert routers[0]["routed"] >= 20 + len(words)  # every completion went through the policy
     handle = serve.get_deployment_handle("CarajaxReplica", app_name="carajax")
     stats = handle.record_routing_stats.remote().result()
-    assert set(stats["adapters"]) == set(TASKS) and stats["queue"] == [] and stats["kv_pages_free"] > 0
+    assert stats["registered"] == len(TASKS) and set(stats["in_host"]) <= set(TASKS)
+    assert stats["queue"] == [] and stats["kv_pages_free"] > 0
 
 
 def test_the_key_the_body_limit_and_open_health(cluster):
@@ -178,6 +181,67 @@ def test_adapters_added_to_the_root_answer_by_name(cluster):
             break
         time.sleep(0.5)
     assert {"carajax-demo", "upper-late", "broken", *TASKS} == names
+
+
+def _replica_states(app: str) -> dict:
+    return dict(serve.status().applications[app].deployments["CarajaxReplica"].replica_states)
+
+
+def test_autoscaling_adds_replicas_under_load_and_removes_them_after(cluster):
+    """Serve's autoscaling drives our replicas (issue 27): bounds 1..3 and a target of one
+    request in flight per replica. Twelve clients sending long completions back to back hold
+    ~12 requests in flight: Serve adds replicas up to 3 (each starts a JAX engine: bounded at
+    150 s); when the clients stop it removes them down to 1 (bounded at 60 s). Every request
+    answers in full meanwhile, whichever replica it reached."""
+    import concurrent.futures
+    import threading
+
+    import httpx
+
+    from carajax.cluster.app import build_app
+
+    scaling = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 3,
+               "target_ongoing_requests": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 2,
+               "metrics_interval_s": 0.25, "look_back_period_s": 1}
+    serve.run(build_app(autoscaling=scaling, num_cpus=0.1, stats_period_s=0.2, api_key=KEY,
+                        warmup=False), name="scaling", route_prefix="/scaling")
+    try:
+        assert _replica_states("scaling") == {"RUNNING": 1}
+        url = cluster.url.removesuffix("/v1") + "/scaling/v1/completions"
+        stop, answers, seen = threading.Event(), [], set()
+
+        def client(i):
+            while not stop.is_set():
+                r = httpx.post(url, timeout=120, headers=AUTH, json={
+                    "model": "carajax-demo", "prompt": "hello=", "max_tokens": 200,
+                    "ignore_eos": True, "temperature": 0})
+                answers.append((r.status_code, r.json()["usage"]["completion_tokens"]))
+                seen.add(r.headers["x-carajax-replica"])
+
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            clients = [pool.submit(client, i) for i in range(12)]
+            try:
+                while _replica_states("scaling").get("RUNNING", 0) < 3:
+                    assert time.monotonic() - t0 < 150, _replica_states("scaling")
+                    time.sleep(0.5)
+                up_s = time.monotonic() - t0
+                while len(seen) < 3:  # the new replicas take requests
+                    assert time.monotonic() - t0 < 180, seen
+                    time.sleep(0.2)
+            finally:
+                stop.set()
+            for c in clients:
+                c.result()
+        t1 = time.monotonic()
+        while _replica_states("scaling") != {"RUNNING": 1}:
+            assert time.monotonic() - t1 < 60, _replica_states("scaling")
+            time.sleep(0.5)
+        assert answers and all(a == (200, 200) for a in answers), answers
+        print(f"autoscaling: 1 -> 3 replicas in {up_s:.1f} s under 12 clients, "
+              f"3 -> 1 in {time.monotonic() - t1:.1f} s after; {len(answers)} requests")
+    finally:
+        serve.delete("scaling")
 
 
 def test_a_replica_killed_mid_stream(cluster):

@@ -133,11 +133,14 @@ def test_prefill_collectives(tp_results, tp):
     # The compiled step of 4 prefill chunks of 16 tokens (adapters of ranks 8/16/32 and none),
     # flattened to T = 64: no all-gather; in the compiled layer a hidden-sized all-reduce
     # [T, hidden] after o_proj and after down_proj, and the jnp path's row-parallel LoRA sums,
-    # rank-sized: x A per token block [5 blocks, 64 tokens, 16 or 32 rank rows] in the two
-    # branches of the page-count switch (jnp_ops.sgmv_blocked), never hidden-sized.
+    # rank-sized, in both forms a prefill step may take (`jnp_ops.prefill_uses_compact`): x A
+    # per token block [5 blocks, 64 tokens, 16 or 32 rank rows] in the two branches of the
+    # blocked form's page-count switch, and [64 tokens, K x 16] in the compact form's (K = 1,
+    # 4, 8), never hidden-sized (hidden 64: the K = 4 branch's sum is f32[64,64] too).
     hlo = tp_results[tp]["hlo_prefill"]
     assert hlo["all_gather_ops"] == 0 and hlo["all_gather"] == []
-    want = ["f32[5,64,16]", "f32[5,64,32]"] * 2 + ["f32[64,64]"] * 2
+    want = (["f32[5,64,16]", "f32[5,64,32]"] * 2 + ["f32[64,16]", "f32[64,64]", "f32[64,128]"] * 2
+            + ["f32[64,64]"] * 2)
     assert sorted(hlo["all_reduce_shapes"]) == sorted(want)
 
 

@@ -146,6 +146,34 @@ def add_cold_start_arg(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """Bytes from "268435456", "256MiB", "1.5GB" (decimal and binary units, any case); an
+    argparse type (a bad value is one line naming the flag)."""
+    t = text.strip().replace(" ", "").upper()
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    try:
+        value = float(num) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: not a size (bytes, or a number with B, KB, MB, GB, KiB, MiB, GiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return int(value)
+
+
+def add_host_budget_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host-lora-budget", type=byte_size, default=None, metavar="SIZE",
+                   help="host memory for adapters' weights, e.g. 256MiB or 4GB: beyond it the least "
+                        "recently used adapters leave host memory (their files stay registered and "
+                        "are read again on their next request; pinned and running ones stay) "
+                        "(default: no limit)")
+
+
 def add_link_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-gbps", type=float, default=None, metavar="GBPS",
                    help="emulate a host->device link of GBPS GB/s: an adapter copy becomes usable only "
@@ -158,6 +186,6 @@ def add_link_args(p: argparse.ArgumentParser) -> None:
 
 __all__ = [
     "ADAPTER_ROOT_HELP", "DTYPES", "UsageError", "adapter_dirs_arg", "adapter_root_arg",
-    "add_cold_start_arg", "add_dtype_arg", "add_link_args", "add_tp_arg", "check_tp",
-    "cost_model_arg", "existing_file", "int_list", "model_config_arg", "positive_int",
+    "add_cold_start_arg", "add_dtype_arg", "add_host_budget_arg", "add_link_args", "add_tp_arg", "byte_size",
+    "check_tp", "cost_model_arg", "existing_file", "int_list", "model_config_arg", "positive_int",
 ]

@@ -20,6 +20,7 @@ from carajax.cli.args import (
     ADAPTER_ROOT_HELP,
     UsageError,
     adapter_root_arg,
+    add_host_budget_arg,
     cost_model_arg,
     model_config_arg,
 )
@@ -65,6 +66,7 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-config", default=None, metavar="JSON",
                    help="EngineConfig fields of every replica's engine as JSON, e.g. "
                         "'{\"max_batch_size\": 16}'")
+    add_host_budget_arg(p)
     p.add_argument("--cost-model", default=os.environ.get("CARAJAX_COST_MODEL", "auto"),
                    metavar="auto|none|FILE",
                    help="the step-latency model each replica reports and the router prices it with: "
@@ -95,6 +97,8 @@ def ray_cmd(args: argparse.Namespace) -> None:
         adapter_root_arg(args.adapter_root)
     try:
         engine_config = json.loads(args.engine_config or "{}")
+        if args.host_lora_budget is not None:  # as `serve`: --engine-config's fields win
+            engine_config = {"host_lora_budget_bytes": args.host_lora_budget, **engine_config}
         EngineConfig(**engine_config)
     except (TypeError, ValueError) as e:
         raise UsageError(f"bad --engine-config: {e}") from None

@@ -18,6 +18,7 @@ from carajax.cli.args import (
     adapter_root_arg,
     add_cold_start_arg,
     add_dtype_arg,
+    add_host_budget_arg,
     add_link_args,
     add_tp_arg,
     check_tp,
@@ -61,6 +62,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     add_tp_arg(p)
     add_link_args(p)
+    add_host_budget_arg(p)
     p.add_argument("--engine-config", default=None, metavar="JSON",
                    help='more EngineConfig fields, e.g. \'{"prefill_chunk": 64, "max_loras": 128}\'')
     p.add_argument("--cost-model", default=os.environ.get("CARAJAX_COST_MODEL", "auto"),
@@ -131,7 +133,7 @@ def _start_worker(args: argparse.Namespace, started, held: dict):
 
     fields = dict(cold_start=args.cold_start, max_batch_size=args.max_batch, max_queue=args.max_queue,
                   emulated_link_gbps=args.link_gbps, emulated_link_latency_ms=args.link_latency_ms,
-                  tp=args.tp)
+                  tp=args.tp, host_lora_budget_bytes=args.host_lora_budget)
     try:  # --engine-config: any other EngineConfig field (the replay sizes pools and chunks so)
         config = EngineConfig(**{**fields, **json.loads(args.engine_config or "{}")})
     except (TypeError, ValueError) as e:

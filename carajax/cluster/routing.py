@@ -10,7 +10,11 @@ The stats (a JSON-able dict):
     serving               False while draining
     queue                 [[prompt_tokens, rank]] waiting or prefilling (the policy's queue)
     batch, decode_ages    [[context_len, rank]] decoding, and the tokens each has produced
-    adapters              {name: rank} registered; resident: on the device; loading: being copied
+    registered            how many adapters it has registered (on disk at least)
+    in_host               names in host memory or on the device (bounded by the budgets);
+                          resident: on the device; loading: being copied
+    read_bytes_per_s, read_latency_s, read_bytes_per_rank   its disk reads, measured: what an
+                          adapter not in host memory adds before its copy
     pages_free, page_rank adapter pages free or held by an idle, unpinned adapter (evictable)
     kv_pages_free, kv_page_size, max_batch, max_seq_len
     cost_model            the replica's own fitted cost model as JSON ("" when it has none)
@@ -30,14 +34,18 @@ from carajax.sched.cost_model import CostModel, RankBlindModelError, require_ran
 
 ROUTE_KWARG = "route"
 LIVE_ROUTERS: weakref.WeakSet = weakref.WeakSet()  # this process's CarajaxRequestRouters (/router)
-_RANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> (version, {name: rank})
 
 
 def replica_stats(engine, servicer, *, name: str, cost_model_json: str = "", serving: bool = True) -> dict:
     """One routing-stats snapshot of a replica's engine and its worker servicer (which knows the
-    prompt lengths of requests not admitted yet)."""
+    prompt lengths of requests not admitted yet). Its size follows the batch and the memory
+    budgets, never the registry: the adapters are summarised by tier (names only of those in
+    host memory or on the device; the others are read from disk first, priced by the router
+    at the replica's measured read speed)."""
     st = engine.stats()  # one snapshot under the engine lock
-    ranks = _ranks(engine, st.get("adapters_version", 0))
+    where = engine.pool.in_memory()  # {name: "device" | "loading" | "host"}
+    specs = {n: engine.get_adapter(n) for n in where}
+    specs = {n: a for n, a in specs.items() if a is not None}
     queue, batch, ages = [], [], []
     for r in st["running"]:
         if r["phase"] == "decode":
@@ -48,23 +56,22 @@ def replica_stats(engine, servicer, *, name: str, cost_model_json: str = "", ser
     queue += [[a.prompt_tokens, a.rank] for _, a in servicer._queued(st["running"])]
     pool, page_rank = st["adapters"], max(1, engine.config.lora_page_rank)
     busy = set(pool["pinned"]) | set(pool["in_use"])
-    evictable = sum(-(-ranks.get(n, 0) // page_rank) for n in pool["on_device"] if n not in busy)
+    evictable = sum(-(-specs[n].rank // page_rank) for n in pool["on_device"]
+                    if n not in busy and n in specs)
+    ranks = sum(a.rank for a in specs.values())
     kv = st["kv_cache"]
     return {"name": name, "time": time.time(), "serving": serving, "queue": queue, "batch": batch,
-            "decode_ages": ages, "adapters": ranks, "resident": list(pool["on_device"]),
-            "loading": list(pool["loading"]), "pages_free": pool["pages_free"] + evictable,
-            "page_rank": page_rank, "kv_pages_free": kv["pages_free"], "kv_page_size": kv["page_size"],
+            "decode_ages": ages, "registered": pool["adapters"], "in_host": sorted(where),
+            "resident": list(pool["on_device"]), "loading": list(pool["loading"]),
+            "pages_free": pool["pages_free"] + evictable, "page_rank": page_rank,
+            "read_bytes_per_s": pool["read_bytes_per_s"],
+            "read_latency_s": pool["read_latency_ms"] / 1e3,
+            # A file's bytes per unit of rank, from those in memory (0 until one is).
+            "read_bytes_per_rank": sum(a.file_bytes for a in specs.values()) / ranks if ranks else 0.0,
+            "kv_pages_free": kv["pages_free"], "kv_page_size": kv["page_size"],
             "max_batch": engine.config.max_batch_size, "max_seq_len": engine.runner.seq_len,
             "cost_model": cost_model_json, "finished_count": st["finished"]["count"],
             "recent_outputs": st["finished"]["recent_output_tokens"]}
-
-
-def _ranks(engine, version: int) -> dict[str, int]:
-    """{name: rank} of the engine's adapters, listed again only when its registry changed."""
-    cached = _RANKS.get(engine)
-    if cached is None or cached[0] != version:
-        cached = _RANKS[engine] = (version, {n: a.rank for n, a in engine.adapters.items()})
-    return cached[1]
 
 
 def new_outputs(stats: dict, seen: int) -> tuple[list[int], int]:
@@ -96,7 +103,12 @@ def worker_state(stats: dict, cost, dispatched: list[Dispatch] = ()) -> policies
         queue=[tuple(q) for q in stats["queue"]] + late, batch=[tuple(b) for b in stats["batch"]],
         decode_ages=list(stats["decode_ages"]), resident=set(stats["resident"]),
         pages_free=stats["pages_free"], page_rank=stats["page_rank"],
-        kv_free_rows=stats["kv_pages_free"] * stats["kv_page_size"], max_batch=stats["max_batch"])
+        kv_free_rows=stats["kv_pages_free"] * stats["kv_page_size"], max_batch=stats["max_batch"],
+        # The host tier, where the replica reports it: adapters not in it are read from disk.
+        in_host=set(stats["in_host"]) if "in_host" in stats else None,
+        read_bytes_per_s=float(stats.get("read_bytes_per_s", 0.0)),
+        read_latency_s=float(stats.get("read_latency_s", 0.0)),
+        read_bytes_per_rank=float(stats.get("read_bytes_per_rank", 0.0)))
 
 
 class CostModels:
