@@ -48,6 +48,20 @@ MODEL = "carajax-demo"
 LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz      "))
 
 
+def routing_stats(engine) -> dict:
+    """What a replica publishes for routers, its time and size: Ray's routing stats
+    (`cluster.routing.replica_stats`) and the gRPC worker's Stats message."""
+    from carajax.cluster import routing
+    from carajax.server.worker import CaraServeServicer
+
+    servicer = CaraServeServicer(engine, name="bench")
+    ray_stats = routing.replica_stats(engine, servicer, name="bench")
+    return {"ray_ms": timed(lambda: routing.replica_stats(engine, servicer, name="bench")),
+            "ray_json_bytes": len(json.dumps(ray_stats)),
+            "grpc_ms": timed(lambda: servicer.Stats(None, None)),
+            "grpc_bytes": servicer.Stats(None, None).ByteSize()}
+
+
 def rss_bytes() -> int:
     """Resident memory of this process (VmRSS), in bytes."""
     with open("/proc/self/status") as f:
@@ -204,6 +218,7 @@ def main() -> None:
     rss_registered = rss_bytes()
     stats = engine.stats()
     stats_n = {"ms": timed(engine.stats), "json_bytes": len(json.dumps(stats, default=str))}
+    routing_n = routing_stats(engine)
     # TTFT per tier, first: the registry as registration left it (the host budget's worth of
     # adapters in host memory, none on the device).
     tier_ids, _ = draw_adapters(args.tier_requests, n, args.zipf, RANKS, seed=args.seed + 2)
@@ -224,6 +239,7 @@ def main() -> None:
     for name in names[:100]:
         small.add_adapter(name, paths[name])
     stats_100 = {"ms": timed(small.stats), "json_bytes": len(json.dumps(small.stats(), default=str))}
+    routing_100 = routing_stats(small)
     serve(small, step_texts, step_adapters, args.max_tokens)
     _, _, host_ms_100 = serve(small, step_texts, step_adapters, args.max_tokens)
     small.close()
@@ -265,6 +281,7 @@ def main() -> None:
                 "served_bytes": rss_served, "growth_bytes": growth,
                 "growth_over_budget": growth / budget},
         "stats": {"at_n": stats_n, "at_100": stats_100},
+        "routing_stats": {"at_n": routing_n, "at_100": routing_100},
         "host_ms_per_step": {"at_n": host_ms_n, "at_100": host_ms_100,
                              "ratio": host_ms_n / host_ms_100 if host_ms_100 else None,
                              "zipf_run_at_n": host_ms_zipf},
@@ -290,6 +307,10 @@ def main() -> None:
                        f"{budget / 2**20:.0f} MiB budget"),
         ("stats() at N / at 100", f"{stats_n['ms']:.2f} ms, {stats_n['json_bytes']} B / "
                                   f"{stats_100['ms']:.2f} ms, {stats_100['json_bytes']} B"),
+        ("routing stats at N / at 100 (Ray; gRPC Stats)",
+         f"{routing_n['ray_ms']:.2f} ms, {routing_n['ray_json_bytes']} B; {routing_n['grpc_ms']:.2f} ms, "
+         f"{routing_n['grpc_bytes']} B / {routing_100['ray_ms']:.2f} ms, "
+         f"{routing_100['ray_json_bytes']} B; {routing_100['grpc_ms']:.2f} ms, {routing_100['grpc_bytes']} B"),
         ("host ms per step at N / 100", f"{host_ms_n:.2f} / {host_ms_100:.2f} "
                                         f"({result['host_ms_per_step']['ratio']:.2f}x)"),
         (f"{args.requests} Zipf requests", f"{wall:.1f} s, {pool['reads']} disk reads, "
