@@ -85,7 +85,9 @@ def run_case(name, T, lens, seg_ranks, *, d, repeats, rng, peak):
         plan = jnp_ops.compact_plan(starts, lens, slots, ranks, table, PAGE_RANK, T)
         use = jnp_ops.prefill_uses_compact(plan, lens, slots, ranks, table, PAGE_RANK,
                                            TOKEN_BLOCK)
-        return jax.lax.cond(use, lambda: jnp_ops.sgmv_compact(*args, page_table=table, plan=plan),
+        most = jnp_ops.prefill_compact_max_pages(T, SEGMENTS, PAGES_PER_SLOT, TOKEN_BLOCK)
+        return jax.lax.cond(use, lambda: jnp_ops.sgmv_compact(*args, page_table=table, plan=plan,
+                                                              max_pages=most),
                             lambda: blocked(*args)), use
 
     want = np.asarray(blocked(*args))

@@ -310,7 +310,8 @@ def main() -> None:
         ("routing stats at N / at 100 (Ray; gRPC Stats)",
          f"{routing_n['ray_ms']:.2f} ms, {routing_n['ray_json_bytes']} B; {routing_n['grpc_ms']:.2f} ms, "
          f"{routing_n['grpc_bytes']} B / {routing_100['ray_ms']:.2f} ms, "
-         f"{routing_100['ray_json_bytes']} B; {routing_100['grpc_ms']:.2f} ms, {routing_100['grpc_bytes']} B"),
+         f"{routing_100['ray_json_bytes']} B; {routing_100['grpc_ms']:.2f} ms, "
+         f"{routing_100['grpc_bytes']} B"),
         ("host ms per step at N / 100", f"{host_ms_n:.2f} / {host_ms_100:.2f} "
                                         f"({result['host_ms_per_step']['ratio']:.2f}x)"),
         (f"{args.requests} Zipf requests", f"{wall:.1f} s, {pool['reads']} disk reads, "

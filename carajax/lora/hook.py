@@ -160,8 +160,10 @@ class BatchLora:
                 return jax.lax.cond(
                     jnp_ops.prefill_uses_compact(plan, lens, slots, ranks, table, pr,
                                                  PREFILL_TOKEN_BLOCK),
-                    lambda: jnp_ops.sgmv_compact(x, a, b, starts, lens, slots, ranks, scales,
-                                                 page_table=table, plan=plan),
+                    lambda: jnp_ops.sgmv_compact(
+                        x, a, b, starts, lens, slots, ranks, scales, page_table=table, plan=plan,
+                        max_pages=jnp_ops.prefill_compact_max_pages(
+                            x.shape[0], len(slots), table.shape[1], PREFILL_TOKEN_BLOCK)),
                     lambda: jnp_ops.sgmv_blocked(x, a, b, starts, lens, slots, ranks, scales,
                                                  page_table=table,
                                                  token_block=PREFILL_TOKEN_BLOCK))

@@ -114,23 +114,33 @@ def sgmv_blocked(
 BLOCKED_UNIT_COST = 2.6  # blocked unit / compact unit
 
 
+def prefill_compact_max_pages(T: int, G: int, n: int, token_block: int) -> int:
+    """The most pages (rounded as `sgmv_compact` rounds them) with which the compact form can
+    still win a prefill step of T tokens in G segments: beyond it, `prefill_uses_compact` says
+    blocked whatever the ranks, so those branches need not be compiled (static)."""
+    blocked_most = num_query_blocks(T, G, token_block) * token_block * page_sizes(n, 2)[-1]
+    return max(1, int(BLOCKED_UNIT_COST * blocked_most / T))
+
+
 def prefill_uses_compact(plan: CompactPlan, seg_lens, seg_slots, ranks, page_table,
                          page_rank: int, token_block: int) -> jax.Array:  # bool []
     """Whether a step with prefill chunks runs `sgmv_compact` rather than `sgmv_blocked`:
     the form with the smaller estimated work at the step's real adapters and ranks (the
-    page counts each rounds up to: `page_sizes`)."""
+    page counts each rounds up to: `page_sizes`). Never beyond `prefill_compact_max_pages`."""
     T = plan.tok_slot.shape[0]
     G = seg_slots.shape[0]
     S, n = page_table.shape
     live = (seg_slots >= 0) & (seg_lens > 0)
     need = jnp.max(jnp.where(live, -(-ranks[jnp.maximum(seg_slots, 0)] // page_rank), 0))
+
     def rounded(k, sizes):  # the branch a `lax.switch` over `sizes` runs for k pages
         sizes = jnp.asarray(sizes)
         return sizes[jnp.sum(sizes < k)]
 
-    compact = T * rounded(plan.count, page_sizes(min(S, G) * n))
+    k = rounded(plan.count, page_sizes(min(S, G) * n))  # the compact form's pages
     blocked = num_query_blocks(T, G, token_block) * token_block * rounded(need, page_sizes(n, 2))
-    return compact < BLOCKED_UNIT_COST * blocked
+    return ((T * k < BLOCKED_UNIT_COST * blocked)
+            & (k <= prefill_compact_max_pages(T, G, n, token_block)))
 
 
 def token_slots(seg_starts: jax.Array, seg_lens: jax.Array, seg_slots: jax.Array,
@@ -196,7 +206,7 @@ def compact_plan(seg_starts, seg_lens, seg_slots, ranks, page_table, page_rank: 
     return CompactPlan(pages, owner, row0, count, token_slots(seg_starts, seg_lens, seg_slots, T))
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("max_pages",))
 def sgmv_compact(
     x: jax.Array,  # [T, d_in]
     a: jax.Array,  # paged: [P, page_rank, d_in]
@@ -209,6 +219,7 @@ def sgmv_compact(
     *,
     page_table: jax.Array,  # int32 [S, r_max // page_rank]
     plan: CompactPlan | None = None,  # the step's, with `page_table`'s page ids; None: built here
+    max_pages: int | None = None,  # static: compile no branch above it (see `prefill_compact_sizes`)
 ) -> jax.Array:  # [T, d_out]
     """The same op as `sgmv_blocked`, against the step's distinct adapters' own pages at once:
 
@@ -246,6 +257,8 @@ def sgmv_compact(
         return jnp.dot(xa, B, precision=jax.lax.Precision.HIGHEST)
 
     sizes = page_sizes(min(S, seg_slots.shape[0]) * n)  # at most G distinct slots
+    if max_pages is not None:
+        sizes = tuple(k for k in sizes if k <= max_pages) or sizes[:1]
     branch = jnp.sum(jnp.asarray(sizes) < plan.count)  # the smallest size that holds `count`
     y = jax.lax.switch(branch, [functools.partial(gathered, k) for k in sizes])
     return y.astype(x.dtype)
