@@ -11,6 +11,7 @@ Its adapter root holds copies of the demo adapters; one test adds adapters to it
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import time
@@ -187,6 +188,9 @@ def _replica_states(app: str) -> dict:
     return dict(serve.status().applications[app].deployments["CarajaxReplica"].replica_states)
 
 
+@pytest.mark.skipif(os.environ.get("CARAJAX_RAY_AUTOSCALING") != "1",
+                    reason="~30-80 s on 2 cores (new replicas start JAX engines); "
+                           "set CARAJAX_RAY_AUTOSCALING=1")
 def test_autoscaling_adds_replicas_under_load_and_removes_them_after(cluster):
     """Serve's autoscaling drives our replicas (issue 27): bounds 1..3 and a target of one
     request in flight per replica. Twelve clients sending long completions back to back hold
@@ -269,7 +273,7 @@ def test_a_replica_killed_mid_stream(cluster):
 
     def complete(_):
         r = httpx.post(f"{cluster.url}/completions", json=whole, timeout=120, headers=AUTH)
-        return r.status_code, r.json()
+        return r.status_code, r.json(), r.headers.get("x-carajax-replica", "").split("#")[-1]
 
     def stream(_):
         with httpx.stream("POST", f"{cluster.url}/completions", json=stream_body, timeout=60,
@@ -297,21 +301,26 @@ def test_a_replica_killed_mid_stream(cluster):
         results = [f.result() for f in wholes]
         streamed = [f.result() for f in streams]
     assert most >= 6  # twelve over two replicas: the victim held at least six, four of them whole
-    for status, out in results:  # every one answered in full, on whichever replica
+    for status, out, _ in results:  # every one answered in full, on whichever replica
         assert status == 200, out
         assert out["usage"]["completion_tokens"] == 400
+    # Under load a few of the victim's requests may finish in the moment before the kill: they
+    # were answered by the victim itself (its name in the header), the others were retried.
+    done_before = sum(replica == uid for _, _, replica in results)
     cut = 0
     for replica, lines in streamed:
         assert lines[-1] == "data: [DONE]"
-        if replica == uid:  # the victim's: an error event, no hang
-            cut += 1
-            assert any('"error"' in x and "failed mid-stream" in x for x in lines)
+        cut_here = any('"error"' in x and "failed mid-stream" in x for x in lines)
+        if replica == uid:  # the victim's: an error event, no hang (or whole, if it ended first)
+            cut += cut_here
+            done_before += not cut_here
         else:
             assert not any('"error"' in x for x in lines)  # the survivor's: whole
     after = httpx.get(router_url, timeout=10).json()["failover"]
     delta = {k: after[k] - before[k] for k in after}
     assert delta["streams_cut"] == cut and delta["failed"] == 0
-    assert delta["recovered"] == most - cut and delta["retried"] >= most - cut, (delta, held)
+    lost = most - cut - done_before  # the victim's whole requests in flight at the kill
+    assert lost >= 1 and delta["recovered"] == lost and delta["retried"] >= lost, (delta, held)
     assert time.monotonic() - t0 < 60
     for word in WORDS:  # the survivor (or the restarted replica) serves
         r = httpx.post(f"{cluster.url}/completions", timeout=120, headers=AUTH,
