@@ -15,16 +15,17 @@ measured float32 matmul peak of this process (a 512 x 2048 x 2048 `jnp.dot`).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The machine record is bench_step's (this script's directory is on sys.path when it runs).
+from bench_step import machine_info
 
 from carajax.lora import jnp_ops
 
@@ -120,11 +121,7 @@ def main(argv=None) -> int:
         print(f"| {r['case']} | {r['blocked_ms']:.2f} | {r['compact_ms']:.2f} | "
               f"{r['chosen_ms']:.2f} ({r['chosen_form']}) | {r['floor_ms']:.3f} | "
               f"{r['max_abs_diff']:.1e} |")
-    commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip()
-    dirty = os.popen("git status --porcelain 2>/dev/null").read().strip()
-    out = {"date": datetime.date.today().isoformat(), "git_commit": commit + ("+" if dirty else ""),
-           "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-           "jax": jax.__version__, "matmul_peak_gflops": peak, "d": args.d,
+    out = {"machine": machine_info(), "matmul_peak_gflops": peak, "d": args.d,
            "repeats": args.repeats, "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -58,7 +58,7 @@ def replica_stats(engine, servicer, *, name: str, cost_model_json: str = "", ser
     busy = set(pool["pinned"]) | set(pool["in_use"])
     evictable = sum(-(-specs[n].rank // page_rank) for n in pool["on_device"]
                     if n not in busy and n in specs)
-    ranks = sum(a.rank for a in specs.values())
+    rank_sum = sum(a.rank for a in specs.values())
     kv = st["kv_cache"]
     return {"name": name, "time": time.time(), "serving": serving, "queue": queue, "batch": batch,
             "decode_ages": ages, "registered": pool["adapters"], "in_host": sorted(where),
@@ -67,7 +67,8 @@ def replica_stats(engine, servicer, *, name: str, cost_model_json: str = "", ser
             "read_bytes_per_s": pool["read_bytes_per_s"],
             "read_latency_s": pool["read_latency_ms"] / 1e3,
             # A file's bytes per unit of rank, from those in memory (0 until one is).
-            "read_bytes_per_rank": sum(a.file_bytes for a in specs.values()) / ranks if ranks else 0.0,
+            "read_bytes_per_rank": (sum(a.file_bytes for a in specs.values()) / rank_sum
+                                    if rank_sum else 0.0),
             "kv_pages_free": kv["pages_free"], "kv_page_size": kv["page_size"],
             "max_batch": engine.config.max_batch_size, "max_seq_len": engine.runner.seq_len,
             "cost_model": cost_model_json, "finished_count": st["finished"]["count"],

@@ -38,7 +38,7 @@ from carajax.engine.request import Request
 from carajax.engine.sampling import sample_tokens
 from carajax.engine.step_shapes import PREFILL_BLOCK, bucket
 from carajax.engine.step_shapes import query_block as step_query_block
-from carajax.lora.hook import BatchLora, jnp_form, resolve_lora_impl, step_compact_plan
+from carajax.lora.hook import BatchLora, resolve_lora_impl, step_compact_plan
 from carajax.models.llama import Llama, PagedKVCache, StepBatch, dense_batch, output_logits
 
 # Incremented at trace time only: one count per compiled variant.
@@ -373,9 +373,10 @@ class ModelRunner:
                      tied=self.tied), cache
 
     def _compact(self, batch: StepBatch, seg_slots, use_lora: bool):
-        """The compact LoRA form's plan when this step shape runs it (else None)."""
-        T, S = batch.tokens.shape[0], seg_slots.shape[0]
-        if not use_lora or self.lora_impl != "reference" or jnp_form(T, S) != "compact":
+        """The step's compact-form LoRA plan, built once per step rather than in every layer,
+        where the jnp forms run (decode shapes run the compact form, prefill shapes may: see
+        `jnp_ops.prefill_uses_compact`); else None."""
+        if not use_lora or self.lora_impl != "reference":
             return None
         return _compact_plan(self.pool.weights, batch, seg_slots)
 

@@ -143,17 +143,14 @@ class BatchLora:
         a, b = a.reshape(L * P, *a.shape[2:]), b.reshape(L * P, *b.shape[2:])
         table = w.page_table + layer * P  # [S, r_max // pr]
         meta = (self.seg_starts, self.seg_lens, self.seg_slots, ranks, scales, table)
-        if form == "compact":
+        if form is not None:  # both jnp forms may run the compact one: its plan, this layer's pages
             plan = self._compact_plan(x.shape[0])
-            plan = dataclasses.replace(plan, pages=plan.pages + layer * P)  # this layer's pages
-
+            plan = dataclasses.replace(plan, pages=plan.pages + layer * P)
+        if form == "compact":
             def op(x, a, b, starts, lens, slots, ranks, scales, table):  # decode-like steps
                 return jnp_ops.sgmv_compact(x, a, b, starts, lens, slots, ranks, scales,
                                             page_table=table, plan=plan)
         elif form == "blocked":
-            plan = self._compact_plan(x.shape[0])
-            plan = dataclasses.replace(plan, pages=plan.pages + layer * P)
-
             def op(x, a, b, starts, lens, slots, ranks, scales, table):  # prefill chunks
                 # Blocks of one sequence each, unless the step's adapters are few and small
                 # enough that the compact form's plain GEMMs cost less (`prefill_uses_compact`).

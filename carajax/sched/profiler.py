@@ -432,9 +432,10 @@ def _notes(impl: str, seq_len: int, r_max: int) -> list[str]:
             "adapters a step uses (never the pool's max_lora_rank "
             f"{r_max}): a step of up to 4 padded tokens per sequence slot (decode-like) gathers the "
             "step's distinct adapters' pages, their count rounded up to a power of 4, for two "
-            "GEMMs over all its tokens (jnp_ops.sgmv_compact); a longer step runs blocks of 64 "
-            "tokens of one sequence each (ceil(T / 64) + max_batch_size blocks), each at the "
-            "step's largest page count rounded up to a power of two (jnp_ops.sgmv_blocked). Only "
+            "GEMMs over all its tokens (jnp_ops.sgmv_compact); a longer step runs that form or "
+            "blocks of 64 tokens of one sequence each (ceil(T / 64) + max_batch_size blocks), each "
+            "at the step's largest page count rounded up to a power of two (jnp_ops.sgmv_blocked), "
+            "whichever costs less for its adapters (jnp_ops.prefill_uses_compact). Only "
             "one kernel mode was profiled, labelled 'padded'. Profile with --impl "
             "interpret/pallas to compare the kernels.")
     if jax.devices()[0].platform == "cpu":
