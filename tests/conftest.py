@@ -20,6 +20,14 @@ from carajax.config import ModelConfig
 # the servers tests start (subprocesses inherit this) skip it unless a test asks for it.
 os.environ.setdefault("CARAJAX_COST_MODEL", "none")
 
+# Tests compile far more than they compute (tiny models, an engine or two per test, most steps
+# run a few times): XLA:CPU's LLVM back end at -O0 compiles ~25% faster (test_engine.py 90 ->
+# 73 s here); the few compute-bound tests (SmolLM2) run slower. Set before JAX starts its backend;
+# the servers and subprocesses tests start inherit it. Logits move by ~1e-6 (tests/tp_check.py).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    _flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
+
 # One persistent compilation cache for the whole run: each test file drops JAX's in-memory
 # caches (below), and most files, the servers and subprocesses they start included (they
 # inherit the variable), compile the same few engines' step variants. Shared by the xdist workers

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 
+import jax
 import pytest
 from flax import nnx
 
@@ -154,7 +155,9 @@ def test_training_an_adapter_lowers_its_loss_and_saves_what_the_engine_serves(tm
     tokens, mask = D.encode_batch(words, task.fn)
     graphdef, base = nnx.split(model)
     untrained = D.DenseLora(D.init_lora(model.config, task.rank, cfg.seed), 2.0)
-    first = float(D.masked_loss(D.forward(graphdef, base, tokens, untrained), tokens, mask))
+    # jit: op by op, the paged forward dispatches (and compiles) each op alone, ~8 s here.
+    first = float(jax.jit(lambda p: D.masked_loss(D.forward(graphdef, p, tokens, untrained), tokens,
+                                                  mask))(base))
     lora, alpha, losses = D.train_adapter(model, task, cfg)
     assert alpha / task.rank == 2.0 and len(losses) == cfg.steps
     assert losses[0] == pytest.approx(first, rel=0.5)  # the first step starts from chance
@@ -178,7 +181,8 @@ def test_a_trained_base_saves_exactly_what_was_trained(tmp_path):
     weights.save_hf(model, tmp_path)
     loaded = weights.load_hf(tmp_path)
     tokens, _ = D.encode_batch(["hello", "world"], demo.ECHO.fn)
-    trained_logits = D.forward(*nnx.split(model), tokens)
-    assert float(abs(trained_logits - D.forward(*nnx.split(loaded), tokens)).max()) < 1e-5
+    forward = jax.jit(D.forward, static_argnums=0)  # op by op it takes ~8 s here
+    trained_logits = forward(*nnx.split(model), tokens)
+    assert float(abs(trained_logits - forward(*nnx.split(loaded), tokens)).max()) < 1e-5
     assert float(abs(model.inv_freq.value - weights.random_model(config).inv_freq.value).max()) == 0
 

@@ -55,7 +55,11 @@ def test_a_replica_profiles_its_own_engine_once_and_publishes_the_model(replicas
     first = make(cost_model="auto")
     assert profiles == [first.engine]  # in place: the serving engine itself, not a second one
     published = cm.CostModel.from_json(first.record_routing_stats()["cost_model"])
-    assert published.rank_aware and published.model_name == "carajax-demo"
+    # Fitted here, on this engine (whether its rank terms come out above 0 on a tiny model is up to
+    # the timings: a busy 2-core CI box fitted them to 0 once; the router then prices the replica
+    # with its default, tested below).
+    assert published.model_name == "carajax-demo" and "cpu" in published.device.lower()
+    assert published.source.startswith("--cost-model auto") and max(published.prefill.coef) > 0
     monkeypatch.delenv("CARAJAX_COST_MODEL", raising=False)
     second = make(cost_model=None)  # the default is auto
     assert len(profiles) == 1  # same device, model and engine shape: read from the cache

