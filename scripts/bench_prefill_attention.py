@@ -1,4 +1,5 @@
-"""Prefill attention, the form the engine runs against the form it replaced, in one process.
+"""Prefill attention, the form the engine runs against the form it replaced, in one process;
+then the two forms of its own-keys part and the choice between them.
 
     python scripts/bench_prefill_attention.py [--heads 9 --kv-heads 3 --head-dim 64] [--repeats 30]
         [--out results/bench_prefill_attention.json]
@@ -9,6 +10,10 @@ of the flat step (causal diagonals, `_chunk_attention`) and the earlier context 
 whole context through the pages in per-sequence query blocks of Bq rows (`_paged_walk`,
 causal=True, up to S empty blocks and the full square of a prompt). Both run jitted on the same
 device arrays (median of --repeats after 8 warm calls); the outputs are compared.
+
+Second table: `_chunk_attention` (the causal attention over the step's own keys) in its diagonals
+form, its rows form and `auto` (`chunk_uses_rows`, the form it picks), on the same steps and on
+more prompt mixes (OWN_CASES); `auto` should be within noise of the faster of the two.
 
 Floor: the step's causal multiply-adds (QK^T and PV, 4 FLOPs per query-key pair per head dim)
 over the measured float32 matmul peak of this process (a 512 x 2048 x 2048 `jnp.dot`).
@@ -40,6 +45,12 @@ CASES = [
     ("16 prompts x 64", [64] * 16, [0] * 16, 64),
     ("2nd 256-chunk of 512", [512], [256], 64),
     ("128-token prompt + 15 decodes at 300", [128] + [300] * 15, [0] + [299] * 15, 16),
+]
+# More prompt mixes for the own-keys forms only (name, prompt lengths): the choice's boundary.
+OWN_CASES = [
+    ("2 prompts x 256", [256] * 2), ("8 prompts x 64", [64] * 8), ("448 + 64", [448, 64]),
+    ("384 + 128", [384, 128]), ("16 prompts x 32", [32] * 16), ("1 prompt x 1024", [1024]),
+    ("2 prompts x 512", [512] * 2), ("4 prompts x 256", [256] * 4),
 ]
 
 
@@ -118,15 +129,48 @@ def main(argv=None):
                          speedup=t_old / t_new, floor_ms=floor, rel_error=err))
         print(f"{name:38s} {t_old:18.2f} {t_new:15.2f} {t_old / t_new:8.2f}x {floor:9.2f} "
               f"{err:8.1e}", flush=True)
+    own_rows = own_keys_forms(args, shape, peak)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                        machine=platform.processor() or platform.machine(),
                        cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
                        load_average=os.getloadavg(), matmul_peak_gflops=peak, **shape,
-                       chunk_block=A.CHUNK_BLOCK, rows=rows), f, indent=1)
+                       chunk_block=A.CHUNK_BLOCK, row_block=A.ROW_BLOCK,
+                       rows_unit_cost=A.ROWS_UNIT_COST, rows=rows, own_keys=own_rows), f, indent=1)
     print(f"wrote {args.out}")
-    return 0 if all(r["rel_error"] < 1e-5 for r in rows) else 1
+    return 0 if all(r["rel_error"] < 1e-5 for r in rows + own_rows) else 1
+
+
+def own_keys_forms(args, shape, peak) -> list[dict]:
+    """`_chunk_attention` on each step's own keys: diagonals, rows, auto (and which auto took)."""
+    print(f"\n{'own keys of the step':38s} {'diagonals ms':>13s} {'rows ms':>8s} {'auto ms':>8s} "
+          f"{'auto took':>10s} {'floor ms':>9s} {'rel err':>8s}")
+    precision = jax.lax.Precision.HIGHEST
+    out = []
+    cases = [(n, lens) for n, lens, earlier, _ in CASES if not any(earlier)] + OWN_CASES
+    for name, lens in cases:
+        (q, k_pages, v_pages, tables, seq_lens, starts), pairs = make_step(lens, [0] * len(lens), **shape)
+        T = q.shape[0]
+        seg, k, v = A._own_keys(k_pages, v_pages, tables, seq_lens * 0, starts, T)
+        qs = q * (1 / math.sqrt(q.shape[-1]))
+        step = (qs, k, v, seg)
+        times, outs = {}, {}
+        for form in ("diagonals", "rows", "auto"):
+            fn = jax.jit(lambda q, k, v, seg, form=form: A._normalise(
+                A._chunk_attention(q, k, v, seg, precision, form), q.dtype))
+            times[form] = median_ms(fn, step, args.repeats)
+            outs[form] = np.asarray(fn(*step))
+        took = "rows" if bool(A.chunk_uses_rows(seg, T)) else "diagonals"
+        err = max(float(np.linalg.norm(outs[f] - outs["diagonals"]) / np.linalg.norm(outs["diagonals"]))
+                  for f in ("rows", "auto"))
+        floor = 4 * pairs * args.heads * args.head_dim / peak / 1e6
+        out.append(dict(step=name, lens=lens, tokens=T, diagonals_ms=times["diagonals"],
+                        rows_ms=times["rows"], auto_ms=times["auto"], auto_took=took,
+                        faster=min(("diagonals", "rows"), key=times.get), floor_ms=floor, rel_error=err))
+        print(f"{name:38s} {times['diagonals']:13.2f} {times['rows']:8.2f} {times['auto']:8.2f} "
+              f"{took:>10s} {floor:9.2f} {err:8.1e}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

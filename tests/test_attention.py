@@ -149,15 +149,20 @@ def test_mixed_batch_matches_dense_loop(heads, kv_heads, query_block):
     np.testing.assert_array_equal(out[n_valid:], 0)
 
 
+@pytest.mark.parametrize("form", ["diagonals", "rows"])
 @pytest.mark.parametrize("chunk_block", [5, 8])
-def test_prefill_blocks_of_the_flat_step_match_dense_loop(monkeypatch, chunk_block):
+def test_prefill_blocks_of_the_flat_step_match_dense_loop(monkeypatch, chunk_block, form):
     """A step with prefill chunks attends its own keys in blocks of the flat step, across
-    sequence boundaries (query block i against key block i - d, diagonals no sequence spans
-    skipped), and the earlier context through the pages; small blocks make every part run:
-    several diagonals, skipped ones, a sequence spanning blocks, a padded last block (5)."""
+    sequence boundaries, in either form (diagonals: query block i against key block i - d,
+    diagonals no sequence spans skipped; rows: each query block against every key before it),
+    and the earlier context through the pages; small blocks make every part run: several
+    diagonals, skipped ones, a sequence spanning blocks, a padded last block (5)."""
     from carajax.models import attention
 
     monkeypatch.setattr(attention, "CHUNK_BLOCK", chunk_block)
+    monkeypatch.setattr(attention, "ROW_BLOCK", 2 * chunk_block)
+    # The choice forced through its cost: the rows form free, or never worth it.
+    monkeypatch.setattr(attention, "ROWS_UNIT_COST", 0.0 if form == "rows" else 1e9)
     specs = MIXED + [(20, 20), (30, 11)]  # a long fresh prompt; a second chunk of a prompt
     case = make_case(np.random.default_rng(4), specs, page_size=8, heads=8, kv_heads=2,
                      num_tokens=48, num_cols=8, num_pages=64)
@@ -166,6 +171,27 @@ def test_prefill_blocks_of_the_flat_step_match_dense_loop(monkeypatch, chunk_blo
     n_valid = case.query_starts[-1]
     assert rel_error(out[:n_valid], naive_attention(case)[:n_valid]) <= F32_TOL
     np.testing.assert_array_equal(out[n_valid:], 0)
+
+
+def test_own_keys_form_follows_the_block_pairs_each_would_compute():
+    """The rows form (every key before each 128-row block: the causal triangle) where the
+    diagonals form would compute more 64 x 64 block pairs than 0.4 x the triangle's: long
+    prompts take rows, many short ones diagonals, steps over 512 tokens always diagonals."""
+    from carajax.models.attention import chunk_uses_rows
+
+    def takes_rows(prompts, T=None):
+        seg = np.repeat(np.arange(len(prompts)), prompts).astype(np.int32)
+        T = T or len(seg)
+        seg = np.concatenate([seg, len(prompts) + np.arange(T - len(seg), dtype=np.int32)])
+        return bool(chunk_uses_rows(jnp.asarray(seg), T))
+
+    assert takes_rows([512])  # 36 pairs > 0.4 x 40 (4 row blocks: 10 x 4 units)
+    assert takes_rows([256, 256])  # 8 + 7 + 6 + 5 = 26 pairs
+    assert takes_rows([448, 64]) and takes_rows([384, 128])
+    assert not takes_rows([128] * 4)  # 8 + 7 = 15 pairs <= 16
+    assert not takes_rows([64] * 8) and not takes_rows([32] * 16)
+    assert takes_rows([300], T=512)  # padding rows (their own sequences) count as short ones
+    assert not takes_rows([1024]) and not takes_rows([512, 512])  # over ROWS_MAX_TOKENS
 
 
 @pytest.mark.parametrize("query_block", [2, 8])

@@ -184,9 +184,20 @@ def paged_attention_reference(
     return jnp.where((jnp.arange(T) < query_starts[S])[:, None, None], out, 0)  # padding rows: 0
 
 
-# Rows of the flat step attended together by `_chunk_attention` (capped by T). Measured (2-core
-# CPU, 9 / 3 heads, head_dim 64): one 512-token prompt 64 / 128 / 256 rows: see BENCHMARKS.md.
+# Rows of the flat step attended together by `_chunk_attention`'s diagonals form (capped by T).
+# Measured (2-core CPU, 9 / 3 heads, head_dim 64): one 512-token prompt 64 / 128 / 256 rows: see
+# BENCHMARKS.md.
 CHUNK_BLOCK = 64
+# Query rows per block of its rows form (capped by T): each block against every key before it,
+# in one product per block. 8 heads x 64: one 512-token prompt 4.7 / 3.2 / 4.1 ms at 64 / 128 / 256.
+ROW_BLOCK = 128
+# The rows form's cost per 64 x 64 query-key block pair, in units of the diagonals form's (one
+# big product per query block against a few small ones per diagonal and an online softmax
+# update each). Measured with scripts/bench_prefill_attention.py (BENCHMARKS.md).
+ROWS_UNIT_COST = 0.4
+# Steps of more tokens never take the rows form: at 1024 its [heads, 128, 1024] score blocks fall
+# out of cache (one 1024-token prompt: rows 25 ms, no faster than diagonals; 4 x 256: 22 vs 10).
+ROWS_MAX_TOKENS = 512
 
 State = tuple[jax.Array, jax.Array, jax.Array]  # running max, sum, weighted values (float32)
 
@@ -208,24 +219,110 @@ def _own_keys(k_pages, v_pages, block_tables, earlier, query_starts, T):
     return seg, k_pages.reshape(flat)[slot], v_pages.reshape(flat)[slot]  # [T], [T, K, D] x 2
 
 
-def _chunk_attention(q, k, v, seg, precision) -> State:  # q [T, H, D], k, v [T, K, D]
-    """Causal attention of the step's rows over the step's own keys, in blocks of the flat
-    order: query block i against key block i - d, for every diagonal d that any block pair
-    shares a sequence on (a `lax.cond` skips the others). Returns the softmax state per row,
-    [T, K, G], [T, K, G], [T, K, G, D]."""
+def _chunk_attention(q, k, v, seg, precision, form: str = "auto") -> State:  # q [T, H, D], k, v [T, K, D]
+    """Causal attention of the step's rows over the step's own keys (`seg` [T]: each row's
+    sequence, non-decreasing), in one of two exact forms, chosen per step by
+    `chunk_uses_rows` (form="auto") or forced ("diagonals", "rows"):
+      * diagonals: blocks of CHUNK_BLOCK rows of the flat order, query block i against key block
+        i - d for every diagonal d that any block pair shares a sequence on (a `lax.cond` skips
+        the others): little work when the step holds many short prompts;
+      * rows: blocks of ROW_BLOCK query rows, each against every key before it in one product
+        and one softmax: the whole causal triangle, in fewer, larger products (a long prompt).
+    Returns the softmax state per row, [T, K, G], [T, K, G], [T, K, G, D]."""
+    if form not in ("auto", "diagonals", "rows"):
+        raise ValueError(f"form must be auto, diagonals or rows, got {form!r}")
+    if form == "rows":
+        return _row_blocks(q, k, v, seg, precision)
+    if form == "diagonals" or q.shape[0] > ROWS_MAX_TOKENS:
+        return _diagonal_blocks(q, k, v, seg, precision)
+    return jax.lax.cond(chunk_uses_rows(seg, q.shape[0]),
+                        lambda *a: _row_blocks(*a, precision),
+                        lambda *a: _diagonal_blocks(*a, precision), q, k, v, seg)
+
+
+def _padded(q, k, v, seg, B):
+    """Padding rows up to a multiple of B (T is a power of two in the engine; other callers get
+    padding rows of sequence -1, sliced off at the end)."""
+    T = q.shape[0]
+    pad = -(-T // B) * B - T
+    if pad:
+        q = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
+        k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (k, v))
+        seg = jnp.concatenate([seg, jnp.full((pad,), -1, jnp.int32)])
+    return q, k, v, seg
+
+
+def _diagonal_pairs(sb) -> list[jax.Array]:
+    """Per diagonal d of the [nq, B] block-sequence ids: whether any query block i shares a
+    sequence with key block i - d (d = 0 always; sequences are contiguous and ids
+    non-decreasing, so it is enough that a key block ends at or after its query block's first
+    sequence; padding rows: -1 / > S)."""
+    nq = sb.shape[0]
+    return [jnp.bool_(True)] + [jnp.any((sb[:nq - d, -1] >= sb[d:, 0]) & (sb[d:, 0] >= 0))
+                                for d in range(1, nq)]
+
+
+def chunk_uses_rows(seg: jax.Array, T: int) -> jax.Array:
+    """Whether `_chunk_attention` takes its rows form for a step whose rows have sequences `seg`
+    [T]: the block pairs the diagonals form would compute (64 x 64 units: query blocks times
+    each diagonal it needs), against the rows form's fixed causal triangle of ROW_BLOCK blocks
+    at ROWS_UNIT_COST. One 512-token prompt: 36 pairs against 0.4 x 40 (rows); 8 prompts of
+    64: 8 (diagonals). Steps over ROWS_MAX_TOKENS never take the rows form."""
+    if T > ROWS_MAX_TOKENS:
+        return jnp.bool_(False)
+    B = min(CHUNK_BLOCK, T)
+    nq = -(-T // B)
+    sb = jnp.pad(seg, (0, nq * B - T), constant_values=-1).reshape(nq, B)
+    needed = jnp.stack(_diagonal_pairs(sb)).astype(jnp.float32)  # [nq]
+    diagonals = jnp.sum(needed * (nq - jnp.arange(nq)) * (B / 64) ** 2)
+    R = min(ROW_BLOCK, T)
+    nr = -(-T // R)
+    rows = nr * (nr + 1) / 2 * (R / 64) ** 2
+    return ROWS_UNIT_COST * rows < diagonals
+
+
+def _row_blocks(q, k, v, seg, precision) -> State:
+    """The rows form of `_chunk_attention`: query block i (ROW_BLOCK rows) against keys
+    [0, (i + 1) ROW_BLOCK), masked to its rows' own sequences and causal, in one product and one
+    softmax each (static shapes: block i's key length is static)."""
+    T, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    R = min(ROW_BLOCK, T)
+    q, k, v, seg = _padded(q, k, v, seg, R)
+    qg = q.reshape(q.shape[0], kv_heads, group, head_dim)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    ms, totals, accs = [], [], []
+    for i in range(q.shape[0] // R):
+        L = (i + 1) * R
+        s = jnp.einsum("qkgd,lkd->kgql", qg[i * R:L], k[:L], preferred_element_type=jnp.float32,
+                       precision=precision)  # [K, G, R, L]
+        rows, cols = i * R + jnp.arange(R), jnp.arange(L)
+        visible = (seg[i * R:L, None] == seg[None, :L]) & (rows[:, None] >= cols[None, :])
+        s = jnp.where(visible, s, -jnp.inf)  # every row sees itself: the max is finite
+        m = jnp.max(s, axis=-1)  # [K, G, R]
+        e = jnp.exp(s - m[..., None])
+        totals.append(jnp.sum(e, axis=-1))
+        accs.append(jnp.einsum("kgql,lkd->kgqd", e.astype(v.dtype), v[:L],
+                               preferred_element_type=jnp.float32, precision=precision))
+        ms.append(m)
+    m, total, acc = (jnp.concatenate(x, axis=2) for x in (ms, totals, accs))  # [K, G, T', ...]
+    m, total = (x.transpose(2, 0, 1)[:T] for x in (m, total))
+    return m, total, acc.transpose(2, 0, 1, 3)[:T]
+
+
+def _diagonal_blocks(q, k, v, seg, precision) -> State:
+    """The diagonals form of `_chunk_attention`."""
     T, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
     B = min(CHUNK_BLOCK, T)
-    nq = -(-T // B)
-    pad = nq * B - T
-    if pad:  # T is a power of two in the engine; other callers get padding rows that see nothing
-        q = jnp.pad(q, ((0, pad), (0, 0), (0, 0)))
-        k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (k, v))
-        seg = jnp.concatenate([seg, jnp.full((pad,), -1, jnp.int32)])
+    q, k, v, seg = _padded(q, k, v, seg, B)
+    nq = q.shape[0] // B
     qb = q.reshape(nq, B, kv_heads, group, head_dim)
     kb, vb = k.reshape(nq, B, kv_heads, head_dim), v.reshape(nq, B, kv_heads, head_dim)
     sb = seg.reshape(nq, B)
+    needed = _diagonal_pairs(sb)
     row = jnp.arange(B)
     state = (jnp.full((nq, kv_heads, group, B), -jnp.inf, jnp.float32),
              jnp.zeros((nq, kv_heads, group, B), jnp.float32),
@@ -242,10 +339,8 @@ def _chunk_attention(q, k, v, seg, precision) -> State:  # q [T, H, D], k, v [T,
             return tuple(x.at[d:].set(u) for x, u in zip(state, upd))
         if d == 0:
             state = attend(state)
-        else:  # a diagonal is needed when some key block ends at or after its query block's
-            # first sequence (sequences are contiguous, ids non-decreasing); padding: -1 / > S
-            needed = jnp.any((sb[:nq - d, -1] >= sb[d:, 0]) & (sb[d:, 0] >= 0))
-            state = jax.lax.cond(needed, attend, lambda s: s, state)
+        else:
+            state = jax.lax.cond(needed[d], attend, lambda s: s, state)
     m, total, acc = (x.transpose(0, 3, 1, 2, *range(4, x.ndim)) for x in state)
     m, total = (x.reshape(nq * B, kv_heads, group)[:T] for x in (m, total))
     return m, total, acc.reshape(nq * B, kv_heads, group, head_dim)[:T]
