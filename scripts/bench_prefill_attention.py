@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from carajax.models import attention as A
+from carajax.models import attention_blocks as AB
 
 # (name, per-sequence context length, per-sequence context written by earlier steps, Bq)
 CASES = [
@@ -79,7 +80,7 @@ def per_sequence_blocks(q, k_pages, v_pages, tables, seq_lens, starts, *, query_
     qs = q * (1 / math.sqrt(q.shape[-1]))
     state = A._paged_walk(qs, k_pages, v_pages, tables, seq_lens, seq_lens, starts, query_block,
                           causal=True, precision=jax.lax.Precision.HIGHEST)
-    return A._normalise(state, q.dtype)
+    return AB._normalise(state, q.dtype)
 
 
 def median_ms(fn, args, repeats):
@@ -136,8 +137,8 @@ def main(argv=None):
                        machine=platform.processor() or platform.machine(),
                        cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
                        load_average=os.getloadavg(), matmul_peak_gflops=peak, **shape,
-                       chunk_block=A.CHUNK_BLOCK, row_block=A.ROW_BLOCK,
-                       rows_unit_cost=A.ROWS_UNIT_COST, rows=rows, own_keys=own_rows), f, indent=1)
+                       chunk_block=AB.CHUNK_BLOCK, row_block=AB.ROW_BLOCK,
+                       rows_unit_cost=AB.ROWS_UNIT_COST, rows=rows, own_keys=own_rows), f, indent=1)
     print(f"wrote {args.out}")
     return 0 if all(r["rel_error"] < 1e-5 for r in rows + own_rows) else 1
 
@@ -157,11 +158,11 @@ def own_keys_forms(args, shape, peak) -> list[dict]:
         step = (qs, k, v, seg)
         times, outs = {}, {}
         for form in ("diagonals", "rows", "auto"):
-            fn = jax.jit(lambda q, k, v, seg, form=form: A._normalise(
-                A._chunk_attention(q, k, v, seg, precision, form), q.dtype))
+            fn = jax.jit(lambda q, k, v, seg, form=form: AB._normalise(
+                AB._chunk_attention(q, k, v, seg, precision, form), q.dtype))
             times[form] = median_ms(fn, step, args.repeats)
             outs[form] = np.asarray(fn(*step))
-        took = "rows" if bool(A.chunk_uses_rows(seg, T)) else "diagonals"
+        took = "rows" if bool(AB.chunk_uses_rows(seg, T)) else "diagonals"
         err = max(float(np.linalg.norm(outs[f] - outs["diagonals"]) / np.linalg.norm(outs["diagonals"]))
                   for f in ("rows", "auto"))
         floor = 4 * pairs * args.heads * args.head_dim / peak / 1e6

@@ -505,7 +505,7 @@ def categorize(module: str, stack) -> str:
             return "norm"
         if func == "output_logits":
             return "lm_head"
-        if base == "attention.py" or base.startswith("paged_attention") \
+        if base in ("attention.py", "attention_blocks.py") or base.startswith("paged_attention") \
                 or "paged_attention" in func:
             return "attention"
         if func == "apply_rope":

@@ -157,12 +157,12 @@ def test_prefill_blocks_of_the_flat_step_match_dense_loop(monkeypatch, chunk_blo
     diagonals no sequence spans skipped; rows: each query block against every key before it),
     and the earlier context through the pages; small blocks make every part run: several
     diagonals, skipped ones, a sequence spanning blocks, a padded last block (5)."""
-    from carajax.models import attention
+    from carajax.models import attention_blocks
 
-    monkeypatch.setattr(attention, "CHUNK_BLOCK", chunk_block)
-    monkeypatch.setattr(attention, "ROW_BLOCK", 2 * chunk_block)
+    monkeypatch.setattr(attention_blocks, "CHUNK_BLOCK", chunk_block)
+    monkeypatch.setattr(attention_blocks, "ROW_BLOCK", 2 * chunk_block)
     # The choice forced through its cost: the rows form free, or never worth it.
-    monkeypatch.setattr(attention, "ROWS_UNIT_COST", 0.0 if form == "rows" else 1e9)
+    monkeypatch.setattr(attention_blocks, "ROWS_UNIT_COST", 0.0 if form == "rows" else 1e9)
     specs = MIXED + [(20, 20), (30, 11)]  # a long fresh prompt; a second chunk of a prompt
     case = make_case(np.random.default_rng(4), specs, page_size=8, heads=8, kv_heads=2,
                      num_tokens=48, num_cols=8, num_pages=64)
@@ -177,7 +177,7 @@ def test_own_keys_form_follows_the_block_pairs_each_would_compute():
     """The rows form (every key before each 128-row block: the causal triangle) where the
     diagonals form would compute more 64 x 64 block pairs than 0.4 x the triangle's: long
     prompts take rows, many short ones diagonals, steps over 512 tokens always diagonals."""
-    from carajax.models.attention import chunk_uses_rows
+    from carajax.models.attention_blocks import chunk_uses_rows
 
     def takes_rows(prompts, T=None):
         seg = np.repeat(np.arange(len(prompts)), prompts).astype(np.int32)
