@@ -1,9 +1,10 @@
 """Tensor-parallel checks, run by tests/test_tensor_parallel.py in a subprocess.
 
 XLA_FLAGS (the CPU device count) must be set before JAX initialises, so these checks cannot run
-in the pytest process. Prints one JSON object: per tp, full-sequence logits with and without
-adapters of mixed ranks, greedy tokens under `cached`, `wait` (tp=2) and `cpu_assist`
-(tp=4), the pool's shardings, and the collectives in the compiled decode and prefill steps; at
+in the pytest process. Prints one JSON object: per tp, greedy tokens (`cached` at tp=1 and 2,
+`wait` at tp=2, `cpu_assist` at tp=4), the pool's shardings and the collectives in the compiled
+decode and prefill steps; full-sequence logits with and without adapters of mixed ranks at tp=1
+and 2 (tp=4 runs one engine only, to keep this check short); at
 tp=2 also logits and collectives with the Pallas kernels (interpret mode) run per shard, and
 the Triton kernels under the mesh lowered for CUDA.
 
