@@ -103,12 +103,12 @@ def shard_params(state, mesh: Mesh):
 
 
 def cache_sharding(mesh: Mesh) -> NamedSharding:
-    """Paged KV cache [layers, pages, page_size, kv_heads, head_dim]: sharded by KV heads."""
-    return NamedSharding(mesh, P(None, None, None, AXIS, None))
+    """Paged KV cache [layers, pages, kv_heads, page_size, head_dim]: sharded by KV heads."""
+    return NamedSharding(mesh, P(None, None, AXIS, None, None))
 
 
 def shard_cache(cache, mesh: Mesh):
-    """A PagedKVCache (any pytree of [L, pages, page_size, kv_heads, head_dim]) placed by KV heads."""
+    """A PagedKVCache (any pytree of [L, pages, kv_heads, page_size, head_dim]) placed by KV heads."""
     return jax.device_put(cache, jax.tree_util.tree_map(lambda _: cache_sharding(mesh), cache))
 
 

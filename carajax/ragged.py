@@ -25,7 +25,7 @@ def checked_layout(q, k_pages, block_tables, seq_lens, query_starts
     seq_lens = jnp.asarray(seq_lens, jnp.int32)
     query_starts = jnp.asarray(query_starts, jnp.int32)
     block_tables = jnp.asarray(block_tables, jnp.int32)
-    heads, kv_heads, S = q.shape[1], k_pages.shape[2], block_tables.shape[0]
+    heads, kv_heads, S = q.shape[1], k_pages.shape[1], block_tables.shape[0]
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     if query_starts.shape != (S + 1,) or seq_lens.shape != (S,):

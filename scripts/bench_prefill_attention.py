@@ -62,8 +62,8 @@ def make_step(lens, earlier, *, heads, kv_heads, head_dim, page_size=16, S=16, s
     P = -(-max(lens) // page_size) + 1
     N = S * P + 1
     q = rng.standard_normal((T, heads, head_dim), np.float32)
-    k_pages = rng.standard_normal((N, page_size, kv_heads, head_dim), np.float32)
-    v_pages = rng.standard_normal((N, page_size, kv_heads, head_dim), np.float32)
+    k_pages = rng.standard_normal((N, kv_heads, page_size, head_dim), np.float32)
+    v_pages = rng.standard_normal((N, kv_heads, page_size, head_dim), np.float32)
     tables = np.zeros((S, P), np.int32)
     for s in range(len(lens)):
         tables[s] = 1 + s * P + rng.permutation(P)

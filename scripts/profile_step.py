@@ -1007,7 +1007,7 @@ def isolated_parts(engine, model, inputs, wl: Workload, runs: int) -> dict:
     run("attention", attn, q3, cache.k, cache.v, bt, sl, qs)
     # The KV write, in place (the step donates the cache): a copy of the cache, donated back.
     try:
-        N, ps = cache.k.shape[1], cache.k.shape[2]
+        N, ps = cache.k.shape[1], cache.k.shape[3]
         slots = jnp.asarray(b.slots)
 
         def kvw(kf, vf, k, v, slots):

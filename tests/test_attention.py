@@ -41,8 +41,8 @@ GARBAGE = 50.0
 
 class Case(NamedTuple):
     q: np.ndarray  # [T, heads, D]; rows past query_starts[S] are NaN
-    k_pages: np.ndarray  # [N, page_size, kv_heads, D]
-    v_pages: np.ndarray  # [N, page_size, kv_heads, D]
+    k_pages: np.ndarray  # [N, kv_heads, page_size, D]
+    v_pages: np.ndarray  # [N, kv_heads, page_size, D]
     block_tables: np.ndarray  # int32 [S, P]
     seq_lens: np.ndarray  # int32 [S]
     query_starts: np.ndarray  # int32 [S + 1]
@@ -71,8 +71,8 @@ def make_case(rng, specs, *, page_size, heads, kv_heads, head_dim=16, dtype=np.f
 
     perm = rng.permutation(N)  # sequence pages neither contiguous nor in order
     block_tables = rng.integers(0, N, size=(len(specs), P)).astype(np.int32)  # garbage entries
-    k_pages = np.full((N, page_size, kv_heads, head_dim), GARBAGE)
-    v_pages = np.full((N, page_size, kv_heads, head_dim), -GARBAGE)
+    k_pages = np.full((N, kv_heads, page_size, head_dim), GARBAGE)
+    v_pages = np.full((N, kv_heads, page_size, head_dim), -GARBAGE)
     ctx_k, ctx_v, next_page = [], [], 0
     for s, (seq_len, _) in enumerate(specs):
         block_tables[s, :pages_of[s]] = perm[next_page:next_page + pages_of[s]]
@@ -80,8 +80,8 @@ def make_case(rng, specs, *, page_size, heads, kv_heads, head_dim=16, dtype=np.f
         k = rng.standard_normal((seq_len, kv_heads, head_dim))
         v = rng.standard_normal((seq_len, kv_heads, head_dim))
         for p in range(seq_len):
-            k_pages[block_tables[s, p // page_size], p % page_size] = k[p]
-            v_pages[block_tables[s, p // page_size], p % page_size] = v[p]
+            k_pages[block_tables[s, p // page_size], :, p % page_size] = k[p]
+            v_pages[block_tables[s, p // page_size], :, p % page_size] = v[p]
         ctx_k.append(k)
         ctx_v.append(v)
 
@@ -298,16 +298,16 @@ def test_write_pages_follows_block_tables_and_drops_out_of_range():
     rng = np.random.default_rng(4)
     k = rng.standard_normal((T, kv_heads, D)).astype(np.float32)
     v = rng.standard_normal((T, kv_heads, D)).astype(np.float32)
-    zeros = jnp.zeros((N, page_size, kv_heads, D))
+    zeros = jnp.zeros((N, kv_heads, page_size, D))
     k_pages, v_pages = jax.jit(write_pages)(zeros, zeros, k, v, np.array(slots, np.int32))
     k_pages, v_pages = np.asarray(k_pages), np.asarray(v_pages)
 
     expected_k, expected_v = np.zeros_like(k_pages), np.zeros_like(v_pages)
     for t, (s, p) in enumerate(tokens):
         page, offset = block_tables[s, p // page_size], p % page_size
-        np.testing.assert_array_equal(k_pages[page, offset], k[t])
-        np.testing.assert_array_equal(v_pages[page, offset], v[t])
-        expected_k[page, offset], expected_v[page, offset] = k[t], v[t]
+        np.testing.assert_array_equal(k_pages[page, :, offset], k[t])
+        np.testing.assert_array_equal(v_pages[page, :, offset], v[t])
+        expected_k[page, :, offset], expected_v[page, :, offset] = k[t], v[t]
     # Nothing else was written: in particular slot -1 did not wrap to the pool's last slot.
     np.testing.assert_array_equal(k_pages, expected_k)
     np.testing.assert_array_equal(v_pages, expected_v)
@@ -343,7 +343,7 @@ def test_write_then_attend_in_a_jitted_layer_scan():
                     t = case.query_starts[s] + p - (seq_len - n)
                     k_new[t], v_new[t] = c.ctx_k[s][p], c.ctx_v[s][p]
                 else:
-                    kp[page, off], vp[page, off] = c.ctx_k[s][p], c.ctx_v[s][p]
+                    kp[page, :, off], vp[page, :, off] = c.ctx_k[s][p], c.ctx_v[s][p]
         qs.append(c.q)
         kps.append(kp)
         vps.append(vp)
@@ -505,8 +505,8 @@ def test_kernel_lowers_to_triton_for_nvidia(dtype):
     sds = jax.ShapeDtypeStruct
     N, page_size, D, P = 1024, 16, 128, 128
     for T, S, heads, kv_heads, bq in ((32, 32, 32, 32, 1), (512, 8, 32, 8, 64)):
-        args = (sds((T, heads, D), dtype), sds((N, page_size, kv_heads, D), dtype),
-                sds((N, page_size, kv_heads, D), dtype), sds((S, P), jnp.int32),
+        args = (sds((T, heads, D), dtype), sds((N, kv_heads, page_size, D), dtype),
+                sds((N, kv_heads, page_size, D), dtype), sds((S, P), jnp.int32),
                 sds((S,), jnp.int32), sds((S + 1,), jnp.int32))
         fn = functools.partial(paged_attention_pallas, query_block=bq)
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

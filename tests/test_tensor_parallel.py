@@ -112,7 +112,7 @@ def test_placement_and_collectives(tp_results, tp):
     # Per-layer kernels [d_in, d_out]: q column-parallel, o row-parallel.
     assert specs["q_kernel"] == str(P(None, "tp"))
     assert specs["o_kernel"] == str(P("tp", None))
-    assert specs["cache"] == str(P(None, None, None, "tp"))  # [L, pages, page, KV heads, dim]
+    assert specs["cache"] == str(P(None, None, "tp"))  # [L, pages, KV heads, page, dim]
     assert specs["pool_a_q"] == str(P()) and specs["pool_b_q"] == str(P(None, None, "tp"))
     assert specs["pool_a_down"] == str(P(None, None, None, "tp")) and specs["pool_b_down"] == str(P())
     hlo = tp_results[tp]["hlo"]

@@ -119,7 +119,7 @@ def _layer(graphdef, state, layer, x, cache: PagedKVCache, batch: StepBatch, inv
     _TRACES["step"] += 1
     blk = nnx.merge(graphdef.value, state)
     L, N = cache.k.shape[:2]
-    k_flat = cache.k.reshape(L * N, *cache.k.shape[2:])  # [L * N, page, kv_heads, head_dim]
+    k_flat = cache.k.reshape(L * N, *cache.k.shape[2:])  # [L * N, kv_heads, page, head_dim]
     v_flat = cache.v.reshape(L * N, *cache.v.shape[2:])
     cpu = (bridge, cpu_rows, cpu_ids) if bridge is not None else None
     hook = _hook(lora, batch, seg_slots, cpu, use_lora, impl, pad, compact)

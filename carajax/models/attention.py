@@ -8,8 +8,8 @@ decode tokens share one step without padding every sequence to the longest one.
 
 Layout (S sequences, T query tokens, N pages of `page_size` positions):
     q             [T, heads, head_dim]                    the step's queries, sequence after sequence
-    k_pages       [N, page_size, kv_heads, head_dim]      the key pool (this step's keys already in it)
-    v_pages       [N, page_size, kv_heads, head_dim]      the value pool
+    k_pages       [N, kv_heads, page_size, head_dim]      the key pool (this step's keys already in it)
+    v_pages       [N, kv_heads, page_size, head_dim]      the value pool
     block_tables  int32 [S, P]                            context position p of sequence s lives in
                                                           page block_tables[s, p // page_size] at
                                                           offset p % page_size
@@ -21,6 +21,14 @@ pure-jnp reference here (what CPUs run, and what a kernel is tested against) and
 kernel behind the same signature (`paged_attention_pallas.py`, issue 17); the reference's dense
 block pieces (products, online softmax, the step's own keys) are in `attention_blocks.py`.
 `write_pages` puts a step's keys and values into the pools.
+
+Why head-major pages (kv head before position, FlashInfer's "HND"): a page of one kv head is a
+contiguous [page_size, head_dim] tile, so a gathered page is already in the order the score and
+value products batch over (sequence, kv head); position-major pages needed a copy into that
+order, or (decode) a product per (sequence, kv head) pair of one query row. Measured (2-core
+CPU, float32, 16 sequences, 8 / 8 heads, head_dim 64, a decode step's attention per layer):
+context 64 / 100 / 500 / 1000, 1.03 / 1.62 / 6.52 / 14.8 ms position-major -> 0.58 / 0.75 /
+3.65 / 6.73 head-major. Writes stay cheap: 512 tokens, 0.11 -> 0.15 ms.
 """
 
 from __future__ import annotations
@@ -52,18 +60,16 @@ IMPLS = ("auto", "reference", "pallas", "interpret")
 # Keys are walked in chunks of this many pages (128 positions at page size 16): small enough
 # that a chunk's gathered keys and values stay in cache, large enough to amortise the loop.
 KV_CHUNK_PAGES = 8
-# Decode steps (one query a block) walk smaller chunks: less of the last chunk is masked
-# padding. Measured (2-core CPU, XLA:CPU, float32, 16 sequences, 8 heads, head_dim 64, a
-# 128-page table): context 80, chunks of 1 / 2 / 4 / 8 pages 1.9 / 1.35 / 2.0 / 2.8 ms;
-# context 1000: 12.6 / 14.1 / 13.1 / 16.2 ms; 8 sequences of 9 / 3 heads at 300: 1.5 / 1.1 /
-# 1.2 / 1.0 ms. Prefill blocks (64 queries) want 8: 1 sequence of 512, 32 / 21 / 17 / 16 ms.
-KV_CHUNK_PAGES_DECODE = 2
+# Decode steps (one query a block) walk one page at a time: a gathered page is already
+# [kv_heads, page_size, head_dim], while a chunk of several pages needs a copy to put each kv
+# head's positions side by side. Prefill blocks (64 queries) want 8 (fewer, larger products).
+KV_CHUNK_PAGES_DECODE = 1
 
 
 def paged_attention(
     q: jax.Array,  # [T, heads, head_dim]
-    k_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
-    v_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
+    k_pages: jax.Array,  # [N, kv_heads, page_size, head_dim]
+    v_pages: jax.Array,  # [N, kv_heads, page_size, head_dim]
     block_tables: jax.Array,  # int32 [S, P]
     seq_lens: jax.Array,  # int32 [S]
     query_starts: jax.Array,  # int32 [S + 1]
@@ -128,8 +134,8 @@ def _kernel_fits(q) -> bool:
 
 def paged_attention_reference(
     q: jax.Array,  # [T, heads, head_dim]
-    k_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
-    v_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
+    k_pages: jax.Array,  # [N, kv_heads, page_size, head_dim]
+    v_pages: jax.Array,  # [N, kv_heads, page_size, head_dim]
     block_tables: jax.Array,  # int32 [S, P]
     seq_lens: jax.Array,  # int32 [S]
     query_starts: jax.Array,  # int32 [S + 1]
@@ -198,7 +204,7 @@ def _own_keys(k_pages, v_pages, block_tables, earlier, query_starts, T):
     """Each query row's sequence (padding rows get distinct ids past S, so they see only
     themselves) and the keys and values this step wrote for it, read back from the pools."""
     S = block_tables.shape[0]
-    N, page_size, kv_heads, head_dim = k_pages.shape
+    N, kv_heads, page_size, head_dim = k_pages.shape
     t = jnp.arange(T, dtype=jnp.int32)
     s = jnp.clip(jnp.searchsorted(query_starts, t, side="right").astype(jnp.int32) - 1, 0, S - 1)
     used = t < query_starts[S]
@@ -206,9 +212,8 @@ def _own_keys(k_pages, v_pages, block_tables, earlier, query_starts, T):
     pos = earlier[s] + t - query_starts[s]  # [T] context position of row t
     page = jnp.take_along_axis(block_tables[s], (pos // page_size)[:, None], axis=1,
                                mode="clip")[:, 0]
-    slot = jnp.where(used, page * page_size + pos % page_size, 0)  # [T]
-    flat = (N * page_size, kv_heads, head_dim)
-    return seg, k_pages.reshape(flat)[slot], v_pages.reshape(flat)[slot]  # [T], [T, K, D] x 2
+    page, offset = jnp.where(used, page, 0), jnp.where(used, pos % page_size, 0)  # [T] each
+    return seg, k_pages[page, :, offset], v_pages[page, :, offset]  # [T], [T, K, D] x 2
 
 
 def _paged_walk(q, k_pages, v_pages, block_tables, seq_lens, limits, query_starts, bq, *,
@@ -219,7 +224,7 @@ def _paged_walk(q, k_pages, v_pages, block_tables, seq_lens, limits, query_start
     rows (the others come out empty: max -inf, sum 0), `num_tokens` (static) bounding their
     tokens (default T). Returns [T, K, G], [T, K, G], [T, K, G, D]."""
     T, heads, head_dim = q.shape
-    _, page_size, kv_heads, _ = k_pages.shape
+    _, kv_heads, page_size, _ = k_pages.shape
     S, P = block_tables.shape
     group = heads // kv_heads
     seq, row0, length, pos0 = plan_query_blocks(seq_lens, query_starts, num_tokens or T, bq,
@@ -246,8 +251,11 @@ def _paged_walk(q, k_pages, v_pages, block_tables, seq_lens, limits, query_start
 
     def attend(state, c):  # one chunk of keys into the running softmax
         pages = jnp.take(tables, c, axis=1)  # [NB, cp]
-        kc = jnp.take(k_pages, pages, axis=0, mode="clip").reshape(nb, C, kv_heads, head_dim)
-        vc = jnp.take(v_pages, pages, axis=0, mode="clip").reshape(nb, C, kv_heads, head_dim)
+        kc, vc = (jnp.take(x, pages, axis=0, mode="clip")  # [NB, cp, K, page, D]
+                  for x in (k_pages, v_pages))
+        if cp > 1:  # each kv head's positions side by side (one page: already so)
+            kc, vc = (x.transpose(0, 2, 1, 3, 4) for x in (kc, vc))
+        kc, vc = (x.reshape(nb, kv_heads, C, head_dim) for x in (kc, vc))
         s = _scores(qb, kc.astype(q.dtype), precision)  # [NB, K, G, Bq, C]
         kpos = c * C + jnp.arange(C, dtype=jnp.int32)
         visible = valid[:, :, None] & (kpos < limit[:, None, None])  # [NB, Bq, C]
@@ -287,20 +295,21 @@ def _paged_walk(q, k_pages, v_pages, block_tables, seq_lens, limits, query_start
 
 
 def write_pages(
-    k_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
-    v_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
+    k_pages: jax.Array,  # [N, kv_heads, page_size, head_dim]
+    v_pages: jax.Array,  # [N, kv_heads, page_size, head_dim]
     k: jax.Array,  # [T, kv_heads, head_dim]
     v: jax.Array,  # [T, kv_heads, head_dim]
     slots: jax.Array,  # int32 [T]: page * page_size + offset, or out of range to drop
 ) -> tuple[jax.Array, jax.Array]:  # the updated pools
     """Write token t's key and value at pool slot slots[t]. Slots outside [0, N * page_size)
     (e.g. -1 for padding tokens) are dropped. Slots of valid tokens must be distinct."""
-    shape = k_pages.shape
-    n_slots = shape[0] * shape[1]
-    # mode="drop" alone would wrap negative indices (-1 is the last slot): send them past the end.
+    N, _, page_size, _ = k_pages.shape
     slots = jnp.asarray(slots, jnp.int32)
-    slots = jnp.where(slots < 0, n_slots, slots)
-    flat = (n_slots,) + shape[2:]  # a free reshape: pages are contiguous
-    k_pages = k_pages.reshape(flat).at[slots].set(k.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.reshape(flat).at[slots].set(v.astype(v_pages.dtype), mode="drop")
-    return k_pages.reshape(shape), v_pages.reshape(shape)
+    # mode="drop" alone would wrap negative indices (-1 is the last slot): send them past the end.
+    page = jnp.where(slots < 0, N, slots // page_size)
+    offset = slots % page_size
+    # Token t's kv head h goes to [page, h, offset]: the two index arrays, split by the head
+    # slice, put the token axis first, so the update is [T, K, D] as given.
+    k_pages = k_pages.at[page, :, offset].set(k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[page, :, offset].set(v.astype(v_pages.dtype), mode="drop")
+    return k_pages, v_pages

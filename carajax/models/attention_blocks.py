@@ -103,11 +103,11 @@ def _row_blocks(q, k, v, seg, precision) -> State:
     R = min(ROW_BLOCK, T)
     q, k, v, seg = _padded(q, k, v, seg, R)
     qg = q.reshape(q.shape[0], kv_heads, group, head_dim)
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    k, v = (x.astype(q.dtype).transpose(1, 0, 2) for x in (k, v))  # [K, T', D]: head-major
     ms, totals, accs = [], [], []
     for i in range(q.shape[0] // R):
         L = (i + 1) * R
-        s = jnp.einsum("qkgd,lkd->kgql", qg[i * R:L], k[:L], preferred_element_type=jnp.float32,
+        s = jnp.einsum("qkgd,kld->kgql", qg[i * R:L], k[:, :L], preferred_element_type=jnp.float32,
                        precision=precision)  # [K, G, R, L]
         rows, cols = i * R + jnp.arange(R), jnp.arange(L)
         visible = (seg[i * R:L, None] == seg[None, :L]) & (rows[:, None] >= cols[None, :])
@@ -115,7 +115,7 @@ def _row_blocks(q, k, v, seg, precision) -> State:
         m = jnp.max(s, axis=-1)  # [K, G, R]
         e = jnp.exp(s - m[..., None])
         totals.append(jnp.sum(e, axis=-1))
-        accs.append(jnp.einsum("kgql,lkd->kgqd", e.astype(v.dtype), v[:L],
+        accs.append(jnp.einsum("kgql,kld->kgqd", e.astype(v.dtype), v[:, :L],
                                preferred_element_type=jnp.float32, precision=precision))
         ms.append(m)
     m, total, acc = (jnp.concatenate(x, axis=2) for x in (ms, totals, accs))  # [K, G, T', ...]
@@ -132,7 +132,7 @@ def _diagonal_blocks(q, k, v, seg, precision) -> State:
     q, k, v, seg = _padded(q, k, v, seg, B)
     nq = q.shape[0] // B
     qb = q.reshape(nq, B, kv_heads, group, head_dim)
-    kb, vb = k.reshape(nq, B, kv_heads, head_dim), v.reshape(nq, B, kv_heads, head_dim)
+    kb, vb = (x.reshape(nq, B, kv_heads, head_dim).transpose(0, 2, 1, 3) for x in (k, v))  # [nq, K, B, D]
     sb = seg.reshape(nq, B)
     needed = _diagonal_pairs(sb)
     row = jnp.arange(B)
@@ -159,7 +159,7 @@ def _diagonal_blocks(q, k, v, seg, precision) -> State:
 
 
 def _online_update(state: State, s, vb, precision) -> State:
-    """One block of scores s [..., Bq, L] and values vb [NB, L, K, D] into the running softmax."""
+    """One block of scores s [..., Bq, L] and values vb [NB, K, L, D] into the running softmax."""
     m, total, acc = state
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     # A row with nothing visible yet keeps max -inf: shift by 0 so exp(-inf) = 0, not NaN.
@@ -185,40 +185,13 @@ def _normalise(state: State, dtype) -> jax.Array:  # [T, K, G, D] -> [T, heads, 
     return out.reshape(out.shape[0], -1, out.shape[-1]).astype(dtype)
 
 
-def _block_diagonal(rows_per_kv_head: int) -> bool:
-    """XLA:CPU runs a matmul batched over (block, kv head) as one small product per pair; with a
-    single query row per kv head (decode, no GQA) that is a GEMV, and one GEMM per block against
-    all kv heads side by side (block-diagonal queries, kv_heads x the multiply-adds) is faster
-    (values of 16 blocks x 128 keys x 8 heads: 0.38 vs 0.63 ms); with 16 rows or more the
-    einsum wins (2-4x). GPUs batch small GEMMs well and keep the einsum; so do several devices
-    (tensor parallel shards the kv heads; a product over all of them would need collectives)."""
-    return (rows_per_kv_head == 1 and jax.default_backend() == "cpu"
-            and jax.device_count() == 1)
+def _scores(qb, kb, precision):  # [NB, Bq, K, G, D], [NB, K, L, D] -> f32 [NB, K, G, Bq, L]
+    """Keys head-major (the pools' layout): the product is batched over (block, kv head), both
+    leading in kb, so XLA:CPU runs it without first copying the keys into that order."""
+    return jnp.einsum("bqkgd,bkld->bkgql", qb, kb, preferred_element_type=jnp.float32,
+                      precision=precision)
 
 
-def _scores(qb, kb, precision):  # [NB, Bq, K, G, D], [NB, L, K, D] -> f32 [NB, K, G, Bq, L]
-    if not _block_diagonal(qb.shape[1] * qb.shape[3]):
-        return jnp.einsum("bqkgd,blkd->bkgql", qb, kb, preferred_element_type=jnp.float32,
-                          precision=precision)
-    nb, bq, kvh, group, d = qb.shape
-    eye = jnp.eye(kvh, dtype=qb.dtype)
-    # Query (q, k, g) sees only its own kv head's d columns of the [L, K * D] keys.
-    qbd = (qb[:, :, :, :, None, :] * eye[:, None, :, None]).reshape(nb, bq * kvh * group, kvh * d)
-    s = jnp.einsum("bhe,ble->bhl", qbd, kb.reshape(nb, kb.shape[1], kvh * d),
-                   preferred_element_type=jnp.float32, precision=precision)  # [NB, Bq*K*G, L]
-    return s.reshape(nb, bq, kvh, group, -1).transpose(0, 2, 3, 1, 4)
-
-
-def _weighted_values(probs, vb, precision):  # [NB, K, G, Bq, L], [NB, L, K, D] -> [NB, K, G, Bq, D]
-    if not _block_diagonal(probs.shape[2] * probs.shape[3]):
-        return jnp.einsum("bkgql,blkd->bkgqd", probs, vb, preferred_element_type=jnp.float32,
-                          precision=precision)
-    nb, kvh, group, bq, L = probs.shape
-    d = vb.shape[-1]
-    p = probs.transpose(0, 3, 1, 2, 4).reshape(nb, bq * kvh * group, L)
-    full = jnp.einsum("bhl,ble->bhe", p, vb.reshape(nb, L, kvh * d),
-                      preferred_element_type=jnp.float32, precision=precision)
-    full = full.reshape(nb, bq, kvh, group, kvh, d)  # every head against every kv head's values
-    k = jnp.arange(kvh)
-    own = full[:, :, k, :, k, :]  # [K, NB, Bq, G, D]: each head's own kv head
-    return own.transpose(1, 0, 3, 2, 4)
+def _weighted_values(probs, vb, precision):  # [NB, K, G, Bq, L], [NB, K, L, D] -> [NB, K, G, Bq, D]
+    return jnp.einsum("bkgql,bkld->bkgqd", probs, vb, preferred_element_type=jnp.float32,
+                      precision=precision)

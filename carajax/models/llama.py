@@ -9,7 +9,7 @@ matmuls (measured: a 4-layer decode step of 16 tokens, hidden 512, 21.6 ms scann
 over per-layer arrays; 512 tokens 162 vs 90 ms; static slices of stacked arrays were worse
 still, 49.8 ms). The price is compile time, which grows with depth.
 
-Keys and values live in pages (`PagedKVCache`: `[L, pages, page_size, kv_heads, head_dim]`); a
+Keys and values live in pages (`PagedKVCache`: `[L, pages, kv_heads, page_size, head_dim]`); a
 sequence's block table names its pages. The forward sees the cache as one flat pool of
 `L * pages` pages (a free reshape) and layer l's tables are offset by `l * pages`, so each layer
 writes and reads only the pages the batch uses, in place.
@@ -51,12 +51,12 @@ class PagedKVCache:
     """Keys and values of every layer in fixed-size pages; a page holds `page_size` positions
     of one sequence. Which pages a sequence owns is host bookkeeping (`carajax.engine.kv_pages`)."""
 
-    k: jax.Array  # [L, num_pages, page_size, kv_heads, head_dim]
-    v: jax.Array  # [L, num_pages, page_size, kv_heads, head_dim]
+    k: jax.Array  # [L, num_pages, kv_heads, page_size, head_dim]: head-major (see attention.py)
+    v: jax.Array  # [L, num_pages, kv_heads, page_size, head_dim]
 
     @classmethod
     def zeros(cls, config: ModelConfig, num_pages: int, page_size: int, dtype) -> PagedKVCache:
-        shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
@@ -65,7 +65,7 @@ class PagedKVCache:
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 @jax.tree_util.register_dataclass
@@ -195,7 +195,7 @@ class Attention(nnx.Module):
         v = v.reshape(T, self.kv_heads, self.head_dim)
         # This layer's pages are [layer * N, (layer + 1) * N) of the flat pool.
         offset = layer * pages_per_layer
-        page_size = k_flat.shape[1]
+        page_size = k_flat.shape[2]
         slots = jnp.where(batch.slots >= 0, batch.slots + offset * page_size, -1)
         k_flat, v_flat = write_pages(k_flat, v_flat, k, v, slots)
         out = paged_attention(q, k_flat, v_flat, batch.block_tables + offset, batch.seq_lens,
@@ -263,7 +263,7 @@ class Llama(nnx.Module):
         x = self.embed_tokens.value[batch.tokens]  # [T, d]
         inv_freq = self.inv_freq.value
         L, N = cache.k.shape[:2]
-        k_flat = cache.k.reshape(L * N, *cache.k.shape[2:])  # [L * N, page, kv_heads, head_dim]
+        k_flat = cache.k.reshape(L * N, *cache.k.shape[2:])  # [L * N, kv_heads, page, head_dim]
         v_flat = cache.v.reshape(L * N, *cache.v.shape[2:])
         for layer, block in enumerate(self.layers):  # unrolled: see the module docstring
             x, k_flat, v_flat = block(x, layer, batch, k_flat, v_flat, N, inv_freq, lora,

@@ -19,7 +19,7 @@ their own end, not the sequence's.
 
 Memory access: the pools are viewed as flat row matrices (free reshapes of contiguous arrays),
     q        [T * heads, D]                        row t * heads + head
-    k, v     [N * page_size * kv_heads, D]         row (page * page_size + offset) * kv_heads + kv head
+    k, v     [N * kv_heads * page_size, D]         row (page * kv_heads + kv head) * page_size + offset
     tables   [S * P]                               entry s * P + p // page_size
 so every load is one gather of whole D-wide rows, `ref[rows, :]`, which Triton lowers to a
 pointer tensor: a chunk of keys is `block_k` rows picked through the block table, wherever their
@@ -120,7 +120,7 @@ def _kernel(seq_ref, row0_ref, len_ref, pos0_ref, seq_lens_ref, tables_ref, q_re
         k_ok = kpos < end
         entry = jnp.where(k_ok, s * table_width + kpos // page_size, 0)
         page = plgpu.load(tables_ref.at[entry], mask=k_ok, other=0)  # [BK] int32
-        krow = (page * page_size + kpos % page_size) * kv_heads + h  # [BK] rows of the pools
+        krow = (page * kv_heads + h) * page_size + kpos % page_size  # [BK] rows of the pools
         kv_at = _rows(krow, head_dim)
         k = plgpu.load(k_ref.at[kv_at], mask=k_ok[:, None], other=0)  # [BK, D]
         v = plgpu.load(v_ref.at[kv_at], mask=k_ok[:, None], other=0)  # [BK, D]
@@ -147,8 +147,8 @@ def _kernel(seq_ref, row0_ref, len_ref, pos0_ref, seq_lens_ref, tables_ref, q_re
                                              "num_stages"))
 def paged_attention_pallas(
     q: jax.Array,  # [T, heads, head_dim]
-    k_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
-    v_pages: jax.Array,  # [N, page_size, kv_heads, head_dim]
+    k_pages: jax.Array,  # [N, kv_heads, page_size, head_dim]
+    v_pages: jax.Array,  # [N, kv_heads, page_size, head_dim]
     block_tables: jax.Array,  # int32 [S, P]
     seq_lens: jax.Array,  # int32 [S]
     query_starts: jax.Array,  # int32 [S + 1]
@@ -169,7 +169,7 @@ def paged_attention_pallas(
     seq_lens, query_starts, block_tables = checked_layout(q, k_pages, block_tables, seq_lens,
                                                          query_starts)
     T, heads, head_dim = q.shape
-    N, page_size, kv_heads, _ = k_pages.shape
+    N, kv_heads, page_size, _ = k_pages.shape
     S, P = block_tables.shape
     if head_dim != _pow2_at_least(head_dim):
         raise ValueError(f"the Pallas paged attention needs head_dim a power of two >= {MIN_TILE}, "
@@ -193,8 +193,8 @@ def paged_attention_pallas(
         sm_scale=1 / math.sqrt(head_dim))
     args = (seq, row0, length, pos0, seq_lens, block_tables.reshape(S * P),
             q.reshape(T * heads, head_dim),
-            k_pages.reshape(N * page_size * kv_heads, head_dim),
-            v_pages.reshape(N * page_size * kv_heads, head_dim),
+            k_pages.reshape(N * kv_heads * page_size, head_dim),
+            v_pages.reshape(N * kv_heads * page_size, head_dim),
             jnp.zeros((T * heads, head_dim), q.dtype))  # the output's initial value
     out = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((T * heads, head_dim), q.dtype), grid=(nb, kv_heads),
