@@ -262,8 +262,8 @@ def attention_bench(args, config, bw: float, res: dict, save) -> None:
             N = batch * sp + 1
             P = -(-(max(args.contexts) + 1) // ps)
             key = jax.random.key(1)
-            k = jax.random.normal(key, (N, ps, kvh, hd), dtype)
-            v = jax.random.normal(jax.random.fold_in(key, 1), (N, ps, kvh, hd), dtype)
+            k = jax.random.normal(key, (N, kvh, ps, hd), dtype)
+            v = jax.random.normal(jax.random.fold_in(key, 1), (N, kvh, ps, hd), dtype)
             T = max(batch, 8)
             q = jax.random.normal(jax.random.fold_in(key, 2), (T, H, hd), dtype)
             tables = np.zeros((batch, P), np.int32)

@@ -155,7 +155,7 @@ def attention_candidates(shapes: EngineShapes, shape_class: str, forms: Iterable
     num_pages = 1 + used * per_seq
     dt = jnp.dtype(s.dtype)
     q = jnp.asarray(rng.standard_normal((T, s.heads, s.head_dim)), dt)
-    kv = [jnp.asarray(rng.standard_normal((num_pages, s.page_size, s.kv_heads, s.head_dim)), dt)
+    kv = [jnp.asarray(rng.standard_normal((num_pages, s.kv_heads, s.page_size, s.head_dim)), dt)
           for _ in range(2)]
     seq_lens = np.where(n > 0, s.context, 0).astype(np.int32)
     starts = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
