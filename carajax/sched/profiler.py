@@ -51,6 +51,7 @@ from carajax.lora.adapter import LoraAdapter, LoraModule
 from carajax.lora.hook import resolve_lora_impl
 from carajax.lora.pool import AdapterPool, PoolFullError
 from carajax.models import hub
+from carajax.models.attention import KV_CHUNK_PAGES, decode_chunk_pages
 from carajax.sched import cost_model as cm
 
 FORMAT = "carajax.profile/v1"
@@ -407,7 +408,7 @@ def _measure(session: _Session, grid: ProfileGrid, kernel: str, seed: int, tick,
     return rows
 
 
-def _notes(impl: str, seq_len: int, r_max: int) -> list[str]:
+def _notes(impl: str, seq_len: int, r_max: int, kv_heads: int) -> list[str]:
     notes = [
         "seconds: median of `repeats` timed ModelRunner.run(Schedule) calls (forward + sampling, "
         "jax.block_until_ready), after `warmup` untimed calls that include compilation; timed "
@@ -419,8 +420,9 @@ def _notes(impl: str, seq_len: int, r_max: int) -> list[str]:
         "mixed rows: batch_size decodes (context_per_request cached each) plus one prefill chunk "
         "of `chunk` prompt tokens at offset context_per_request from one more request (the last "
         "of `ranks`), run as one Schedule, decodes first: the engine's fused step.",
-        f"Attention walks each query block's KV pages in chunks (of 2 pages on decode-only steps, "
-        f"8 with prefill chunks) and skips the chunks past the step's longest context, so a step's "
+        f"Attention walks each query block's KV pages (head-major pages) in chunks (of "
+        f"{decode_chunk_pages(kv_heads)} on decode-only steps, {KV_CHUNK_PAGES} with "
+        f"prefill chunks) and skips the chunks past the step's longest context, so a step's "
         f"attention cost follows the longest context it reads, not the KV capacity "
         f"(seq_len {seq_len}).",
         "load_time: pool.load_now from the host tier (host page layout + jax.device_put + "
@@ -458,7 +460,8 @@ def _metadata(mcfg: ModelConfig, *, t0: float, load_before, dtype: str, lora_imp
         "model_params": mcfg.num_params(), "dtype": dtype, "lora_impl_requested": lora_impl,
         "lora_impl": impl, "kernels_profiled": list(kernels), "seq_len": seq_len,
         "lora_page_rank": cfg.lora_page_rank, "max_lora_rank": cfg.max_lora_rank, "seed": seed,
-        "grid": dataclasses.asdict(grid), "notes": _notes(impl, seq_len, cfg.max_lora_rank),
+        "grid": dataclasses.asdict(grid), "notes": _notes(impl, seq_len, cfg.max_lora_rank,
+                                                        mcfg.num_kv_heads),
     }
 
 
