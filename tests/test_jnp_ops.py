@@ -20,6 +20,7 @@ from carajax.lora.jnp_ops import (
     prefill_uses_compact,
     sgmv_blocked,
     sgmv_compact,
+    sgmv_compact_group,
 )
 from carajax.lora.kernels import sgmv_reference
 from tests.conftest import assert_close
@@ -125,6 +126,39 @@ def test_compact_form_ignores_stale_rows_of_slots_no_segment_uses():
     for st_, ln, sl, want in ((starts, lens, slots, ref), (starts3, lens3, slots_none, ref3)):
         assert_close(sgmv_compact(x, pa, pb, st_, ln, sl, ranks, scales, page_table=stale), want)
     assert np.any(np.asarray(ref))
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_projections_sharing_x_in_one_group_equal_each_alone(seed):
+    """q/k/v (or gate/up) as one `sgmv_compact_group`: the same pages (one table), their own
+    ranks (rank 0 for some slots: no delta), scales and output widths (GQA's k/v are narrower
+    than q), each equal to the reference of that projection alone."""
+    rng = np.random.default_rng(seed)
+    T, S, r_max, pr, d_in = 16, 6, 64, 16, 40
+    x, a, b, ranks, scales = make_inputs(seed, T, d_in, 48, S, r_max)
+    pa, pb, table = paginate(a, b, ranks, pr, seed)  # the slot's pages, shared by the group
+    owned = [(s, k, table[s, k]) for s in range(S) for k in range(-(-int(ranks[s]) // pr))]
+    starts, lens, slots = step_segments(rng, [1] * 10, S)
+    pages_a, pages_b, mod_ranks, mod_scales, refs = [pa], [pb], [ranks], [scales], []
+    for d_out, cut in ((16, 2), (16, 3)):  # two narrower projections, ranks below the slot's
+        _, a2, b2, _, sc2 = make_inputs(seed + d_out + cut, T, d_in, d_out, S, r_max)
+        r2 = np.asarray(ranks) // cut  # some slots 0: no delta from this projection
+        pa2 = rng.standard_normal(pa.shape).astype(np.float32) * 100  # garbage where unowned
+        pb2 = rng.standard_normal((pb.shape[0], d_out, pr)).astype(np.float32) * 100
+        for s, k, page in owned:
+            rows = slice(k * pr, (k + 1) * pr)
+            pa2[page], pb2[page] = np.asarray(a2)[s, rows], np.asarray(b2)[s, :, rows]
+        pages_a.append(pa2), pages_b.append(pb2), mod_ranks.append(r2), mod_scales.append(sc2)
+    for pa_m, pb_m, r_m, sc_m in zip(pages_a, pages_b, mod_ranks, mod_scales):
+        refs.append(sgmv_reference(x, pa_m, pb_m, starts, lens, slots, r_m, sc_m,
+                                   page_table=table))
+    got = sgmv_compact_group(x, tuple(pages_a), tuple(pages_b), starts, lens, slots,
+                             tuple(map(np.asarray, mod_ranks)), tuple(mod_scales),
+                             page_table=table)
+    assert [y.shape for y in got] == [(T, 48), (T, 16), (T, 16)]
+    for y, ref in zip(got, refs):
+        assert_close(y, ref)
+        assert np.any(np.asarray(ref))
 
 
 def test_the_hook_picks_compact_for_decodes_and_blocks_for_prefill_chunks():

@@ -118,8 +118,12 @@ class BatchLora:
 
     def __call__(self, layer: int, modules: tuple[str, ...], x: jax.Array
                  ) -> tuple[jax.Array | None, ...]:
-        ys = [None if self.weights is None or m not in self.weights.a
-              else self._device(layer, m, x) for m in modules]
+        present = [m for m in modules if self.weights is not None and m in self.weights.a]
+        if len(present) > 1 and self._groups(x):
+            got = dict(zip(present, self._device_group(layer, tuple(present), x)))
+        else:
+            got = {m: self._device(layer, m, x) for m in present}
+        ys = [got.get(m) for m in modules]
         if self.cpu is not None:  # one host callback for all projections sharing x
             bridge, rows, cpu_ids = self.cpu  # [C], [C]; padding rows are >= T
             T = x.shape[0]
@@ -128,6 +132,33 @@ class BatchLora:
             ys = [(jnp.zeros((T, c.shape[-1]), x.dtype) if y is None else y)
                   .at[rows].add(c[:, 0].astype(x.dtype), mode="drop") for y, c in zip(ys, cs)]
         return tuple(ys)
+
+    def _groups(self, x: jax.Array) -> bool:
+        """Whether projections sharing x run as one `sgmv_compact_group` (static): the jnp
+        compact form on one device (tensor parallel shards each projection its own way)."""
+        return (self.impl == "reference" and self.weights.mesh is None
+                and jnp_form(x.shape[0], len(self.seg_slots)) == "compact")
+
+    def _device_group(self, layer: int, modules: tuple[str, ...], x: jax.Array
+                      ) -> tuple[jax.Array, ...]:
+        """`_device`'s compact form for several projections that read x: one A GEMM for all."""
+        w = self.weights
+        L, P = w.a[modules[0]].shape[:2]
+        a = tuple(w.a[m].reshape(L * P, *w.a[m].shape[2:]) for m in modules)  # this layer: offset
+        b = tuple(w.b[m].reshape(L * P, *w.b[m].shape[2:]) for m in modules)
+        ranks = tuple(w.ranks[m][layer] for m in modules)  # [S] each
+        scales = tuple(w.scales[m][layer] for m in modules)
+        plan = self._compact_plan(x.shape[0])
+        plan = dataclasses.replace(plan, pages=plan.pages + layer * P)
+        table = w.page_table + layer * P
+        slot = jnp.maximum(self.seg_slots, 0)
+        used = jnp.any((self.seg_slots >= 0) & (jnp.max(jnp.stack([r[slot] for r in ranks]), 0) > 0))
+        return jax.lax.cond(
+            used,
+            lambda: jnp_ops.sgmv_compact_group(x, a, b, self.seg_starts, self.seg_lens,
+                                               self.seg_slots, ranks, scales, page_table=table,
+                                               plan=plan),
+            lambda: tuple(jnp.zeros((x.shape[0], bm.shape[1]), x.dtype) for bm in b))
 
     def _device(self, layer: int, module: str, x: jax.Array) -> jax.Array:
         w = self.weights
