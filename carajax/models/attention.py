@@ -215,7 +215,7 @@ def _own_keys(k_pages, v_pages, block_tables, earlier, query_starts, T):
     """Each query row's sequence (padding rows get distinct ids past S, so they see only
     themselves) and the keys and values this step wrote for it, read back from the pools."""
     S = block_tables.shape[0]
-    N, kv_heads, page_size, head_dim = k_pages.shape
+    page_size = k_pages.shape[2]
     t = jnp.arange(T, dtype=jnp.int32)
     s = jnp.clip(jnp.searchsorted(query_starts, t, side="right").astype(jnp.int32) - 1, 0, S - 1)
     used = t < query_starts[S]
