@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -387,20 +388,30 @@ def routed(server):
              "--policy", "round_robin", "--port", "0", "--http-port", "0", "--host", "127.0.0.1",
              "--poll-interval", "0.1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            # PYTHONFAULTHANDLER: SIGABRT dumps every thread's stack, should the drain ever hang.
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONFAULTHANDLER": "1"})
+        lines, reader = [], None
         try:
-            lines = []
             for line in proc.stdout:  # the ready line, after any warnings
                 lines.append(line)
                 if m := re.search(r"OpenAI HTTP on (http://\S+)", line):
                     break
             else:
                 pytest.fail("carajax route did not start:\n" + "".join(lines))
+            # Keep reading its output: a full pipe would block the router's next write.
+            reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+            reader.start()
             yield m.group(1), proc, (w0, w1)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)  # its threads' stacks, into `lines`
+                proc.wait(timeout=10)
+                if reader is not None:
+                    reader.join(timeout=5)
+                pytest.fail("carajax route did not exit within 30 s of SIGTERM:\n" + "".join(lines[-200:]))
             finally:
                 if proc.poll() is None:
                     proc.kill()
