@@ -17,10 +17,12 @@ from carajax.lora.jnp_ops import (
     compact_pages,
     compact_plan,
     page_sizes,
+    prefill_plan,
     prefill_uses_compact,
     sgmv_blocked,
     sgmv_compact,
     sgmv_compact_group,
+    sgmv_prefill_group,
 )
 from carajax.lora.kernels import sgmv_reference
 from tests.conftest import assert_close
@@ -52,6 +54,9 @@ def check(seed, lengths, T, S=6, r_max=64, pr=16, blocks=(1, 3, 16, 64), fixed_p
     for tb in blocks:
         got = sgmv_blocked(x, pa, pb, starts, lens, slots, ranks, scales, page_table=table,
                            token_block=tb)
+        assert_close(got, ref)
+        (got,) = sgmv_prefill_group(x, (pa,), (pb,), starts, lens, slots, (ranks,), (scales,),
+                                    page_table=table, token_block=tb)
         assert_close(got, ref)
     pad = np.arange(T) >= starts[-1] + lens[-1]
     assert not np.any(np.asarray(ref)[pad])  # padding tokens get no delta
@@ -159,6 +164,56 @@ def test_projections_sharing_x_in_one_group_equal_each_alone(seed):
     for y, ref in zip(got, refs):
         assert_close(y, ref)
         assert np.any(np.asarray(ref))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decodes_beside_prefill_chunks_split_off_equal_the_reference(seed):
+    """A step with prefill chunks and decodes (`sgmv_prefill_group`): the decodes gathered and
+    run apart, the chunks in their own form, for q/k/v-like projections of their own ranks (some
+    0) and widths: each equals `sgmv_reference` of the whole step, in every row."""
+    rng = np.random.default_rng(seed)
+    T, S, r_max, pr, d_in = 160, 8, 64, 16, 40
+    lengths = [1, 1, 37, 1, 70, 1, 1, 2]  # decodes, chunks and a 2-token chunk, in any order
+    x, a, b, ranks, scales = make_inputs(seed, T, d_in, 48, S, r_max)
+    pa, pb, table = paginate(a, b, ranks, pr, seed)
+    owned = [(s, k, table[s, k]) for s in range(S) for k in range(-(-int(ranks[s]) // pr))]
+    starts, lens, slots = step_segments(rng, lengths, S)
+    slots[:2] = [0, 3]  # at least one decode and one chunk with an adapter
+    slots[4] = 5
+    pages_a, pages_b, mod_ranks, mod_scales = [pa], [pb], [np.asarray(ranks)], [scales]
+    for d_out, cut in ((16, 2), (24, 3)):
+        _, a2, b2, _, sc2 = make_inputs(seed + d_out, T, d_in, d_out, S, r_max)
+        pa2 = rng.standard_normal(pa.shape).astype(np.float32) * 100  # garbage where unowned
+        pb2 = rng.standard_normal((pb.shape[0], d_out, pr)).astype(np.float32) * 100
+        for s, k, page in owned:
+            rows = slice(k * pr, (k + 1) * pr)
+            pa2[page], pb2[page] = np.asarray(a2)[s, rows], np.asarray(b2)[s, :, rows]
+        pages_a.append(pa2), pages_b.append(pb2), mod_scales.append(sc2)
+        mod_ranks.append(np.asarray(ranks) // cut)
+    got = sgmv_prefill_group(x, tuple(pages_a), tuple(pages_b), starts, lens, slots,
+                             tuple(mod_ranks), tuple(mod_scales), page_table=table, token_block=16)
+    for y, pa_m, pb_m, r_m, sc_m in zip(got, pages_a, pages_b, mod_ranks, mod_scales):
+        ref = sgmv_reference(x, pa_m, pb_m, starts, lens, slots, r_m, sc_m, page_table=table)
+        assert np.any(np.asarray(ref)[starts[np.asarray(lens) == 1]])  # the decodes get deltas
+        assert_close(y, ref)
+
+
+def test_the_chunks_form_is_chosen_by_the_chunks_adapters_alone():
+    """15 decodes on 15 adapters beside one 497-token chunk on a rank-64 adapter: together they
+    need 64 pages (blocked wins); split, the chunk's 4 pages make the compact form the cheaper,
+    and the decodes' 28 pages go to their own 16-row batch."""
+    S, pr, r_max, T, G = 16, 16, 64, 512, 16
+    ranks = np.array([8, 16, 32, 64] * 4, np.int32)
+    lens = np.array([1] * 15 + [497], np.int32)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
+    slots = np.arange(G, dtype=np.int32)
+    table = np.arange(S * r_max // pr, dtype=np.int32).reshape(S, r_max // pr)
+    plan = prefill_plan(starts, lens, slots, ranks, table, pr, T)
+    assert (int(plan.prompt.count), int(plan.decode.count)) == (4, 28)
+    assert np.asarray(plan.rows).tolist() == list(range(15)) + [T]
+    assert bool(prefill_uses_compact(plan.prompt, lens, plan.prompt_slots, ranks, table, pr, 64))
+    whole = compact_plan(starts, lens, slots, ranks, table, pr, T)
+    assert not bool(prefill_uses_compact(whole, lens, slots, ranks, table, pr, 64))
 
 
 def test_the_hook_picks_compact_for_decodes_and_blocks_for_prefill_chunks():

@@ -137,11 +137,12 @@ def test_prefill_collectives(tp_results, tp):
     # rank-sized, in both forms a prefill step may take (`jnp_ops.prefill_uses_compact`): x A
     # per token block [5 blocks, 64 tokens, 16 or 32 rank rows] in the two branches of the
     # blocked form's page-count switch, and [64 tokens, K x 16] in the compact form's (K = 1,
-    # 4, 8), never hidden-sized (hidden 64: the K = 4 branch's sum is f32[64,64] too).
+    # 4, 8), never hidden-sized (hidden 64: the K = 4 branch's sum is f32[64,64] too); and the
+    # same of the step's decodes, run apart (`jnp_ops.sgmv_prefill_group`): [4 rows, K x 16].
     hlo = tp_results[tp]["hlo_prefill"]
     assert hlo["all_gather_ops"] == 0 and hlo["all_gather"] == []
     want = (["f32[5,64,16]", "f32[5,64,32]"] * 2 + ["f32[64,16]", "f32[64,64]", "f32[64,128]"] * 2
-            + ["f32[64,64]"] * 2)
+            + ["f32[4,16]", "f32[4,64]", "f32[4,128]"] * 2 + ["f32[64,64]"] * 2)
     assert sorted(hlo["all_reduce_shapes"]) == sorted(want)
 
 

@@ -79,13 +79,17 @@ def table_choice(T: int, G: int, r_max: int) -> str:
     return "reference" if table is None else table.choose(T, G, r_max)
 
 
-def step_compact_plan(weights, seg_starts, seg_lens, seg_slots, T: int) -> jnp_ops.CompactPlan:
-    """The compact form's plan of a step (layer 0's page ids): each slot's pages up to its
-    largest rank over every projection and layer (they share pages)."""
+def step_compact_plan(weights, seg_starts, seg_lens, seg_slots, T: int
+                      ) -> jnp_ops.CompactPlan | jnp_ops.PrefillPlan:
+    """The jnp forms' plan of a step (layer 0's page ids): each slot's pages up to its largest
+    rank over every projection and layer (they share pages). A decode-like step's is the compact
+    form's (`CompactPlan`); a step with prefill chunks gets its decodes and its chunks planned
+    apart (`PrefillPlan`), as `jnp_form` says."""
     slot_ranks = functools.reduce(jnp.maximum, [r.max(axis=0) for r in weights.ranks.values()])
     pr = next(iter(weights.a.values())).shape[2]
-    return jnp_ops.compact_plan(seg_starts, seg_lens, seg_slots, slot_ranks, weights.page_table,
-                                pr, T)
+    make = (jnp_ops.compact_plan if jnp_form(T, seg_slots.shape[0]) == "compact"
+            else jnp_ops.prefill_plan)
+    return make(seg_starts, seg_lens, seg_slots, slot_ranks, weights.page_table, pr, T)
 
 
 class BatchLora:
@@ -105,12 +109,12 @@ class BatchLora:
         self.impl = impl
         self.pad_to_max_rank = pad_to_max_rank
         self.cpu = cpu
-        # The compact form's plan: given (the runner builds it once per step), or built at the
+        # The jnp forms' plan: given (the runner builds it once per step), or built at the
         # first projection that needs it.
-        self._compact: jnp_ops.CompactPlan | None = compact
+        self._compact: jnp_ops.CompactPlan | jnp_ops.PrefillPlan | None = compact
 
-    def _compact_plan(self, T: int) -> jnp_ops.CompactPlan:
-        """The step's compact plan, built once per step (`step_compact_plan`)."""
+    def _compact_plan(self, T: int) -> jnp_ops.CompactPlan | jnp_ops.PrefillPlan:
+        """The step's jnp plan, built once per step (`step_compact_plan`)."""
         if self._compact is None:
             self._compact = step_compact_plan(self.weights, self.seg_starts, self.seg_lens,
                                               self.seg_slots, T)
@@ -134,30 +138,41 @@ class BatchLora:
         return tuple(ys)
 
     def _groups(self, x: jax.Array) -> bool:
-        """Whether projections sharing x run as one `sgmv_compact_group` (static): the jnp
-        compact form on one device (tensor parallel shards each projection its own way)."""
-        return (self.impl == "reference" and self.weights.mesh is None
-                and jnp_form(x.shape[0], len(self.seg_slots)) == "compact")
+        """Whether projections sharing x run as one jnp group op (static): the jnp forms on one
+        device (tensor parallel shards each projection its own way)."""
+        return self.impl == "reference" and self.weights.mesh is None
+
+    def _layer_plan(self, layer: int, T: int, P: int):
+        """The step's jnp plan with this layer's page ids (layer l's pages are [l * P, (l + 1)
+        * P) of the flat pool)."""
+        plan = self._compact_plan(T)
+        if isinstance(plan, jnp_ops.PrefillPlan):
+            return dataclasses.replace(
+                plan, decode=dataclasses.replace(plan.decode, pages=plan.decode.pages + layer * P),
+                prompt=dataclasses.replace(plan.prompt, pages=plan.prompt.pages + layer * P))
+        return dataclasses.replace(plan, pages=plan.pages + layer * P)
 
     def _device_group(self, layer: int, modules: tuple[str, ...], x: jax.Array
                       ) -> tuple[jax.Array, ...]:
-        """`_device`'s compact form for several projections that read x: one A GEMM for all."""
+        """`_device`'s jnp forms for several projections that read x: one A GEMM for all where
+        they run the compact form."""
         w = self.weights
         L, P = w.a[modules[0]].shape[:2]
         a = tuple(w.a[m].reshape(L * P, *w.a[m].shape[2:]) for m in modules)  # this layer: offset
         b = tuple(w.b[m].reshape(L * P, *w.b[m].shape[2:]) for m in modules)
         ranks = tuple(w.ranks[m][layer] for m in modules)  # [S] each
         scales = tuple(w.scales[m][layer] for m in modules)
-        plan = self._compact_plan(x.shape[0])
-        plan = dataclasses.replace(plan, pages=plan.pages + layer * P)
+        plan = self._layer_plan(layer, x.shape[0], P)
         table = w.page_table + layer * P
+        meta = (self.seg_starts, self.seg_lens, self.seg_slots, ranks, scales)
+        if isinstance(plan, jnp_ops.PrefillPlan):  # its own conds skip what no segment uses
+            return jnp_ops.sgmv_prefill_group(x, a, b, *meta, page_table=table, plan=plan,
+                                              token_block=PREFILL_TOKEN_BLOCK)
         slot = jnp.maximum(self.seg_slots, 0)
         used = jnp.any((self.seg_slots >= 0) & (jnp.max(jnp.stack([r[slot] for r in ranks]), 0) > 0))
         return jax.lax.cond(
             used,
-            lambda: jnp_ops.sgmv_compact_group(x, a, b, self.seg_starts, self.seg_lens,
-                                               self.seg_slots, ranks, scales, page_table=table,
-                                               plan=plan),
+            lambda: jnp_ops.sgmv_compact_group(x, a, b, *meta, page_table=table, plan=plan),
             lambda: tuple(jnp.zeros((x.shape[0], bm.shape[1]), x.dtype) for bm in b))
 
     def _device(self, layer: int, module: str, x: jax.Array) -> jax.Array:
@@ -174,27 +189,20 @@ class BatchLora:
         a, b = a.reshape(L * P, *a.shape[2:]), b.reshape(L * P, *b.shape[2:])
         table = w.page_table + layer * P  # [S, r_max // pr]
         meta = (self.seg_starts, self.seg_lens, self.seg_slots, ranks, scales, table)
-        if form is not None:  # both jnp forms may run the compact one: its plan, this layer's pages
-            plan = self._compact_plan(x.shape[0])
-            plan = dataclasses.replace(plan, pages=plan.pages + layer * P)
+        if form is not None:  # the step's jnp plan, this layer's pages
+            plan = self._layer_plan(layer, x.shape[0], P)
         if form == "compact":
             def op(x, a, b, starts, lens, slots, ranks, scales, table):  # decode-like steps
                 return jnp_ops.sgmv_compact(x, a, b, starts, lens, slots, ranks, scales,
                                             page_table=table, plan=plan)
         elif form == "blocked":
             def op(x, a, b, starts, lens, slots, ranks, scales, table):  # prefill chunks
-                # Blocks of one sequence each, unless the step's adapters are few and small
-                # enough that the compact form's plain GEMMs cost less (`prefill_uses_compact`).
-                return jax.lax.cond(
-                    jnp_ops.prefill_uses_compact(plan, lens, slots, ranks, table, pr,
-                                                 PREFILL_TOKEN_BLOCK),
-                    lambda: jnp_ops.sgmv_compact(
-                        x, a, b, starts, lens, slots, ranks, scales, page_table=table, plan=plan,
-                        max_pages=jnp_ops.prefill_compact_max_pages(
-                            x.shape[0], len(slots), table.shape[1], PREFILL_TOKEN_BLOCK)),
-                    lambda: jnp_ops.sgmv_blocked(x, a, b, starts, lens, slots, ranks, scales,
-                                                 page_table=table,
-                                                 token_block=PREFILL_TOKEN_BLOCK))
+                # The decodes beside them apart; the chunks in blocks of one sequence each,
+                # unless their adapters are few and small enough that the compact form's plain
+                # GEMMs cost less (`jnp_ops.sgmv_prefill_group`).
+                return jnp_ops.sgmv_prefill_group(x, (a,), (b,), starts, lens, slots, (ranks,),
+                                                  (scales,), page_table=table, plan=plan,
+                                                  token_block=PREFILL_TOKEN_BLOCK)[0]
         else:
             # A table's kernel off a GPU (tests) can only run interpreted.
             sgmv = _ops(impl, self.pad_to_max_rank,

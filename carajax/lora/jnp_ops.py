@@ -289,3 +289,90 @@ def sgmv_compact_group(
     branch = jnp.sum(jnp.asarray(sizes) < plan.count)  # the smallest size that holds `count`
     ys = jax.lax.switch(branch, [functools.partial(gathered, k) for k in sizes])
     return tuple(y.astype(x.dtype) for y in ys)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefillPlan:
+    """A step with prefill chunks, split in two (`sgmv_prefill_group`): its one-token segments
+    (the decodes that run beside the chunks) as a compact batch of their own, and the chunks,
+    whose form is chosen by their own adapters. Built once per step (`prefill_plan`)."""
+
+    rows: jax.Array  # int32 [G]: segment g's decode row in the step; T where g is no decode
+    decode_slots: jax.Array  # int32 [G]: segment g's slot where it is a decode, else -1
+    decode: CompactPlan  # the decodes' adapters, over the G gathered rows (row g: segment g)
+    prompt_slots: jax.Array  # int32 [G]: seg_slots with the decodes' set to -1
+    prompt: CompactPlan  # the chunks' adapters, over the step's T rows
+
+
+def prefill_plan(seg_starts, seg_lens, seg_slots, ranks, page_table, page_rank: int,
+                 T: int) -> PrefillPlan:
+    """The step's `PrefillPlan`; `ranks` [S] as in `compact_plan`."""
+    G = seg_slots.shape[0]
+    one = seg_lens == 1
+    rows = jnp.where(one, seg_starts, T).astype(jnp.int32)
+    decode_slots = jnp.where(one, seg_slots, -1)
+    prompt_slots = jnp.where(one, -1, seg_slots)
+    decode = compact_plan(jnp.arange(G, dtype=jnp.int32), one.astype(jnp.int32), decode_slots,
+                          ranks, page_table, page_rank, G)
+    prompt = compact_plan(seg_starts, seg_lens, prompt_slots, ranks, page_table, page_rank, T)
+    return PrefillPlan(rows, decode_slots, decode, prompt_slots, prompt)
+
+
+@functools.partial(jax.jit, static_argnames=("token_block",))
+def sgmv_prefill_group(
+    x: jax.Array,  # [T, d_in]
+    a: tuple[jax.Array, ...],  # per projection, paged: [P, page_rank, d_in]
+    b: tuple[jax.Array, ...],  # per projection, paged: [P, d_out_m, page_rank]
+    seg_starts: jax.Array,  # int32 [G]
+    seg_lens: jax.Array,  # int32 [G]
+    seg_slots: jax.Array,  # int32 [G]; -1: no LoRA
+    ranks: tuple[jax.Array, ...],  # per projection, int32 [S]
+    scales: tuple[jax.Array, ...],  # per projection, float32 [S]
+    *,
+    page_table: jax.Array,  # int32 [S, r_max // page_rank]
+    plan: PrefillPlan | None = None,  # the step's; None: built here
+    token_block: int = 64,
+) -> tuple[jax.Array, ...]:  # per projection [T, d_out_m]
+    """The LoRA deltas of a step with prefill chunks, for projections that read the same x.
+    Its decodes (one-token segments) are gathered into [G, d_in] and run the compact form over
+    their own adapters (`sgmv_compact_group`: one A GEMM for all projections); the chunks run
+    the cheaper of the compact and blocked forms for THEIR adapters (`prefill_uses_compact`).
+
+    Why split: together, each decode took a whole block of the blocked form (15 decodes beside
+    a 497-token chunk: 24 blocks of 64 rows at the step's largest rank, 15 of them one row
+    each), or made the compact form multiply every chunk token by every decode's adapter."""
+    T, d_in = x.shape
+    G = seg_slots.shape[0]
+    pr = a[0].shape[1]
+    if plan is None:
+        plan = prefill_plan(seg_starts, seg_lens, seg_slots, jnp.max(jnp.stack(ranks), axis=0),
+                            page_table, pr, T)
+
+    def live(slots, rm):  # whether some segment of `slots` has this projection
+        return jnp.any((slots >= 0) & (rm[jnp.maximum(slots, 0)] > 0))
+
+    xd = x.at[plan.rows].get(mode="fill", fill_value=0)  # [G, d_in]
+    decodes = jax.lax.cond(
+        jnp.any(jnp.stack([live(plan.decode_slots, rm) for rm in ranks])),
+        lambda: sgmv_compact_group(xd, a, b, jnp.arange(G, dtype=jnp.int32),
+                                   (plan.rows < T).astype(jnp.int32), plan.decode_slots, ranks,
+                                   scales, page_table=page_table, plan=plan.decode),
+        lambda: tuple(jnp.zeros((G, bm.shape[1]), x.dtype) for bm in b))
+    most = prefill_compact_max_pages(T, G, page_table.shape[1], token_block)
+    ys = []
+    for am, bm, rm, sm, yd in zip(a, b, ranks, scales, decodes):
+        args = (x, am, bm, seg_starts, seg_lens, plan.prompt_slots, rm, sm)
+
+        def chunks(args=args, rm=rm):
+            return jax.lax.cond(
+                prefill_uses_compact(plan.prompt, seg_lens, plan.prompt_slots, rm, page_table, pr,
+                                     token_block),
+                lambda: sgmv_compact(*args, page_table=page_table, plan=plan.prompt,
+                                     max_pages=most),
+                lambda: sgmv_blocked(*args, page_table=page_table, token_block=token_block))
+
+        yp = jax.lax.cond(live(plan.prompt_slots, rm), chunks,
+                          lambda bm=bm: jnp.zeros((T, bm.shape[1]), x.dtype))
+        ys.append(yp.at[plan.rows].add(yd, mode="drop"))
+    return tuple(ys)
