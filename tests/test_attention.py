@@ -207,6 +207,48 @@ def test_prompts_continuing_from_earlier_steps_beside_decodes(query_block):
     np.testing.assert_array_equal(out[n_valid:], 0)
 
 
+def test_gradients_through_continuing_prompts_match_a_dense_formulation():
+    """Training differentiates the paged attention (carajax.demo.train): the gradients w.r.t.
+    the queries and both pools, on a step whose prompts continue from earlier steps (their
+    earlier context walked one (block, chunk) pair at a time, a while_loop, whose reverse mode
+    is the batched walk's), equal those of a dense jnp formulation of the definition."""
+    specs = [(40, 7), (1, 1), (33, 9), (12, 1), (16, 16)]
+    case = make_case(np.random.default_rng(7), specs, page_size=8, heads=4, kv_heads=2,
+                     num_tokens=40, num_cols=6, num_pages=24)
+    n_valid = int(case.query_starts[-1])
+    q = np.where(np.isnan(case.q), 0, case.q)
+    w = np.random.default_rng(8).standard_normal(q[:n_valid].shape).astype(np.float32)
+
+    def paged(q, k_pages, v_pages):
+        out = paged_attention(q, k_pages, v_pages, *case.args()[3:], impl="reference",
+                              query_block=8)
+        return jnp.sum(out[:n_valid] * w)
+
+    def dense(q, k_pages, v_pages):  # each sequence's context gathered by its (static) pages
+        total, group = 0.0, q.shape[1] // k_pages.shape[1]
+        for s, seq_len in enumerate(case.seq_lens):
+            start, end = int(case.query_starts[s]), int(case.query_starts[s + 1])
+            pages = case.block_tables[s, :-(-int(seq_len) // 8)]
+            k = k_pages[pages].transpose(0, 2, 1, 3).reshape(-1, k_pages.shape[1], 16)[:seq_len]
+            v = v_pages[pages].transpose(0, 2, 1, 3).reshape(-1, k_pages.shape[1], 16)[:seq_len]
+            k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
+            qs = q[start:end]
+            scores = jnp.einsum("thd,lhd->htl", qs, k) / 4.0  # sqrt(head_dim 16)
+            pos = seq_len - (end - start) + jnp.arange(end - start)
+            scores = jnp.where(jnp.arange(seq_len)[None, None, :] <= pos[None, :, None], scores,
+                               -jnp.inf)
+            out = jnp.einsum("htl,lhd->thd", jax.nn.softmax(scores, axis=-1), v)
+            total += jnp.sum(out * w[start:end])
+        return total
+
+    args = (q, case.k_pages, case.v_pages)
+    got = jax.jit(jax.grad(paged, argnums=(0, 1, 2)))(*args)
+    want = jax.jit(jax.grad(dense, argnums=(0, 1, 2)))(*args)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(want[1]).max()) > 0.1  # the pools' gradients are not trivially zero
+
+
 def test_query_block_does_not_change_the_result():
     # The shapes of the GQA case above, so that most compiles are reused.
     case = make_case(np.random.default_rng(1), MIXED, page_size=8, heads=8, kv_heads=2,

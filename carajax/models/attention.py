@@ -33,6 +33,7 @@ context 64 / 100 / 500 / 1000, 1.03 / 1.62 / 6.52 / 14.8 ms position-major -> 0.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -264,36 +265,16 @@ def _paged_walk(q, k_pages, v_pages, block_tables, seq_lens, limits, query_start
     tables = jnp.take(block_tables, seq, axis=0)  # [NB, P]
     tables = jnp.pad(tables, ((0, 0), (0, chunks * cp - P))).reshape(nb, chunks, cp)
     limit = limits[seq]  # [NB]
-    longest = jnp.max(jnp.where(length > 0, limit, 0))
     C = cp * page_size  # positions per chunk
-
-    def attend(state, c):  # one chunk of keys into the running softmax
-        pages = jnp.take(tables, c, axis=1)  # [NB, cp]
-        kc, vc = (jnp.take(x, pages, axis=0, mode="clip")  # [NB, cp, K, page, D]
-                  for x in (k_pages, v_pages))
-        if cp > 1:  # each kv head's positions side by side (one page: already so)
-            kc, vc = (x.transpose(0, 2, 1, 3, 4) for x in (kc, vc))
-        kc, vc = (x.reshape(nb, kv_heads, C, head_dim) for x in (kc, vc))
-        s = _scores(qb, kc.astype(q.dtype), precision)  # [NB, K, G, Bq, C]
-        kpos = c * C + jnp.arange(C, dtype=jnp.int32)
-        visible = valid[:, :, None] & (kpos < limit[:, None, None])  # [NB, Bq, C]
-        if causal:
-            visible &= kpos <= qpos[:, :, None]
-        s = jnp.where(visible[:, None, None], s, -jnp.inf)
-        return _online_update(state, s, vc.astype(q.dtype), precision)
-
-    def step(state, c):
-        # Chunks past the longest context of the batch cost nothing (only the taken branch runs).
-        return jax.lax.cond(c * C < longest, attend, lambda state, c: state, state, c), None
-
     init = (jnp.full((nb, kv_heads, group, bq), -jnp.inf, jnp.float32),
             jnp.zeros((nb, kv_heads, group, bq), jnp.float32),
             jnp.zeros((nb, kv_heads, group, bq, head_dim), jnp.float32))
     if by_items:
-        m, total, acc = _walk_items(init, qb, k_pages, v_pages, tables, limit, length, valid,
+        m, total, acc = _walk_pairs(init, qb, k_pages, v_pages, tables, limit, length, valid,
                                     C, precision)
     else:
-        (m, total, acc), _ = jax.lax.scan(step, init, jnp.arange(chunks, dtype=jnp.int32))
+        m, total, acc = _walk_chunks(init, qb, k_pages, v_pages, tables, limit, length, valid,
+                                     qpos if causal else None, C, precision)
     # Back to rows by a gather (XLA:CPU runs a scatter element by element: 6 ms for a 1024-row
     # step's values): row t is row (t - start) % bq of its sequence's block (t - start) // bq.
     t = jnp.arange(T, dtype=jnp.int32)
@@ -314,6 +295,62 @@ def _paged_walk(q, k_pages, v_pages, block_tables, seq_lens, limits, query_start
         return jnp.where(used.reshape((T,) + (1,) * (rows.ndim - 1)), rows, fill)
 
     return to_rows(m, -jnp.inf), to_rows(total, 0.0), to_rows(acc, 0.0)
+
+
+def _walk_chunks(state: State, qb, k_pages, v_pages, tables, limit, length, valid, qpos, C: int,
+                 precision) -> State:
+    """`_paged_walk`'s blocks walked together, chunk after chunk up to the longest limit of
+    the step; `qpos` [NB, Bq] (or None): causal, each query sees keys up to its position. Shapes
+    as in `_walk_items`."""
+    nb, chunks, cp = tables.shape
+    kv_heads, page_size, head_dim = k_pages.shape[1:]
+    longest = jnp.max(jnp.where(length > 0, limit, 0))
+
+    def attend(state, c):  # one chunk of keys into the running softmax
+        pages = jnp.take(tables, c, axis=1)  # [NB, cp]
+        kc, vc = (jnp.take(x, pages, axis=0, mode="clip")  # [NB, cp, K, page, D]
+                  for x in (k_pages, v_pages))
+        if cp > 1:  # each kv head's positions side by side (one page: already so)
+            kc, vc = (x.transpose(0, 2, 1, 3, 4) for x in (kc, vc))
+        kc, vc = (x.reshape(nb, kv_heads, C, head_dim) for x in (kc, vc))
+        s = _scores(qb, kc.astype(qb.dtype), precision)  # [NB, K, G, Bq, C]
+        kpos = c * C + jnp.arange(C, dtype=jnp.int32)
+        visible = valid[:, :, None] & (kpos < limit[:, None, None])  # [NB, Bq, C]
+        if qpos is not None:
+            visible &= kpos <= qpos[:, :, None]
+        s = jnp.where(visible[:, None, None], s, -jnp.inf)
+        return _online_update(state, s, vc.astype(qb.dtype), precision)
+
+    def step(state, c):
+        # Chunks past the longest context of the batch cost nothing (only the taken branch runs).
+        return jax.lax.cond(c * C < longest, attend, lambda state, c: state, state, c), None
+
+    return jax.lax.scan(step, state, jnp.arange(chunks, dtype=jnp.int32))[0]
+
+
+# `_walk_items` is a while_loop, which reverse-mode differentiation cannot go through; its
+# gradient is the batched walk's (the same function): training through the serving forward
+# (carajax.demo.train) differentiates the paged attention.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _walk_pairs(state: State, qb, k_pages, v_pages, tables, limit, length, valid, C: int,
+                precision) -> State:
+    return _walk_items(state, qb, k_pages, v_pages, tables, limit, length, valid, C, precision)
+
+
+def _walk_pairs_fwd(state, qb, k_pages, v_pages, tables, limit, length, valid, C, precision):
+    out = _walk_items(state, qb, k_pages, v_pages, tables, limit, length, valid, C, precision)
+    return out, (state, qb, k_pages, v_pages, tables, limit, length, valid)
+
+
+def _walk_pairs_bwd(C, precision, res, ct):
+    state, qb, k_pages, v_pages, tables, limit, length, valid = res
+    _, vjp = jax.vjp(lambda st, q, k, v: _walk_chunks(st, q, k, v, tables, limit, length, valid,
+                                                     None, C, precision),
+                     state, qb, k_pages, v_pages)
+    return (*vjp(ct), None, None, None, None)
+
+
+_walk_pairs.defvjp(_walk_pairs_fwd, _walk_pairs_bwd)
 
 
 def _walk_items(state: State, qb, k_pages, v_pages, tables, limit, length, valid, C: int,
