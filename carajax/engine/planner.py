@@ -47,7 +47,7 @@ from carajax.engine.request import Phase, QueueFullError, Request, RequestOutput
 # Under a time-per-token target, prompts still get this many tokens per step.
 MIN_PREFILL_SHARE = 16
 # `auto`: a queued cold request joins the step (which then waits for its copy) when the copy's
-# predicted time left is at most this fraction of a recent step. Planned while the step before
+# predicted time left is under this fraction of a recent step. Planned while the step before
 # runs (async scheduling), such a copy lands about when the step launches: little or no stall.
 # Left queued, the request would join one or two steps later. Checked once a step, so a window
 # of one step is the smallest that catches most landings (half a step caught about half).
@@ -379,7 +379,9 @@ class BatchPlanner:
         if self.config.cold_start != "auto" or self.pool.where(req.adapter) != "loading":
             return False
         step_s = self.step_times.recent_seconds()
-        if step_s is None or self.pool.copy_seconds(req.adapter) > JOIN_LANDING_FRACTION * step_s:
+        # Strictly under the window: a window of 0 never joins, even a copy predicted to have
+        # landed that the pool has not yet seen land (its real copy may still be running).
+        if step_s is None or self.pool.copy_seconds(req.adapter) >= JOIN_LANDING_FRACTION * step_s:
             return False
         self.joined_on_landing += 1
         return True
