@@ -303,7 +303,7 @@ def _walk_chunks(state: State, qb, k_pages, v_pages, tables, limit, length, vali
     the step; `qpos` [NB, Bq] (or None): causal, each query sees keys up to its position. Shapes
     as in `_walk_items`."""
     nb, chunks, cp = tables.shape
-    kv_heads, page_size, head_dim = k_pages.shape[1:]
+    kv_heads, _, head_dim = k_pages.shape[1:]
     longest = jnp.max(jnp.where(length > 0, limit, 0))
 
     def attend(state, c):  # one chunk of keys into the running softmax
@@ -362,8 +362,8 @@ def _walk_items(state: State, qb, k_pages, v_pages, tables, limit, length, valid
     blocks x 4 chunks where 10 blocks need 16 pairs (measured: such steps cost ~2x a fresh
     512-token chunk). qb [NB, Bq, K, G, D], tables [NB, chunks, cp], limit / length [NB],
     valid [NB, Bq]."""
-    nb, bq = valid.shape
-    kv_heads, page_size, head_dim = k_pages.shape[1:]
+    nb = valid.shape[0]
+    kv_heads, _, head_dim = k_pages.shape[1:]
     n_chunks = jnp.where(length > 0, (limit + C - 1) // C, 0)  # [NB]
     ends = jnp.cumsum(n_chunks)  # [NB]
 
